@@ -1,0 +1,18 @@
+"""crystal_ext: fused kernels and training for CrystaL latent reasoning in VLMs.
+
+Fused ops (compiled C++/CUDA, with plain-PyTorch twins in crystal_ext.reference):
+  attention_alignment_loss(q, k, layout, scale=None)
+"""
+
+from crystal_ext._extension import build_info, extension_available, extension_error
+from crystal_ext import reference
+from crystal_ext.ops.attention_alignment_loss import attention_alignment_loss
+
+__all__ = [
+    "attention_alignment_loss",
+    "build_info",
+    "extension_available",
+    "extension_error",
+    "reference",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,62 @@
+"""Plain-PyTorch references of the fused ops, written for clarity, with the fused ops'
+signatures. The tests compare every fused op with its reference; the benchmarks time both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from crystal_ext.layout import D, E, dual_path_mask, validate_layout
+
+RENORM_EPS = 1e-8
+
+
+def _check_qk(q: torch.Tensor, k: torch.Tensor, op: str) -> None:
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"{op}: q must be 4-D [batch, heads, length, head_dim]")
+    if not isinstance(k, torch.Tensor) or k.dim() != 4:
+        raise ValueError(f"{op}: k must be 4-D [batch, kv_heads, length, head_dim]")
+    if k.dtype != q.dtype:
+        raise ValueError(f"{op}: k must have the dtype of q ({q.dtype}), got {k.dtype}")
+    if k.device != q.device:
+        raise RuntimeError(f"{op}: k must be on the device of q ({q.device}), got {k.device}")
+    if (k.shape[0], k.shape[2], k.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]):
+        raise ValueError(f"{op}: k {list(k.shape)} does not match q {list(q.shape)} in batch, "
+                         "length or head_dim")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{op}: the heads of q ({q.shape[1]}) must be a multiple of the "
+                         f"kv_heads of k ({k.shape[1]})")
+
+
+def attention_alignment_loss(
+    q: torch.Tensor, k: torch.Tensor, layout: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """CrystaL's attention-alignment loss, computed the obvious way (dense [B, H, L, L]).
+
+    For each sample: attention probabilities of the last layer with the dual-path mask,
+    averaged over heads; rows E (teacher, detached) and F (student), columns D; each row
+    renormalised over D (m / (m.sum() + 1e-8)); KL(teacher || student) with 'batchmean'
+    (sum / |E|). The result is the mean over samples, returned in float32 (float64 for
+    float64 inputs). Arithmetic runs in the input dtype, like a plain PyTorch model would.
+    """
+    op = "reference.attention_alignment_loss"
+    _check_qk(q, k, op)
+    batch, heads, length, head_dim = q.shape
+    rows = validate_layout(layout, batch, length, op)
+    scale = head_dim**-0.5 if scale is None else scale
+    k_per_head = k.repeat_interleave(heads // k.shape[1], dim=1)
+    scores = torch.matmul(q, k_per_head.transpose(-1, -2)) * scale
+    visible = dual_path_mask(layout.to(q.device), length)[:, None]  # [B, 1, L, L]
+    # finfo.min rather than -inf: padding rows see nothing and must not turn into NaN.
+    probs = scores.masked_fill(~visible, torch.finfo(scores.dtype).min).softmax(dim=-1)
+    per_sample = []
+    for b, r in enumerate(rows):
+        (d0, d1), (e0, e1), (f0, f1) = r[2 * D : 2 * D + 2], r[2 * E : 2 * E + 2], r[10:12]
+        teacher = probs[b, :, e0:e1, d0:d1].mean(dim=0)
+        student = probs[b, :, f0:f1, d0:d1].mean(dim=0)
+        teacher = (teacher / (teacher.sum(-1, keepdim=True) + RENORM_EPS)).detach()
+        student = student / (student.sum(-1, keepdim=True) + RENORM_EPS)
+        per_sample.append(F.kl_div(student.log(), teacher, reduction="batchmean"))
+    out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.stack(per_sample).to(out_dtype).mean()

@@ -1,0 +1,135 @@
+// Input validation of attention_alignment_loss, shared by the CPU and CUDA entry points.
+// Every message names the argument and what was expected. Shape and value problems raise
+// ValueError (TORCH_CHECK_VALUE); device problems RuntimeError (TORCH_CHECK).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "attention_alignment_loss.h"
+
+namespace crystal_ext {
+namespace attention_alignment {
+
+struct Problem {
+  int64_t batch, heads, kv_heads, length, head_dim;
+  std::vector<Segments> segments;  // one per sample, read from the layout (on the host)
+  int64_t max_answer = 0;          // max |E| over the batch
+  int64_t max_latent = 0;          // max |D| over the batch
+  int64_t max_keys[2] = {0, 0};    // max path_key_count per path
+  at::Tensor layout_cpu;           // int64 [B, 6, 2], contiguous, on the CPU
+};
+
+inline const char* segment_name(int s) {
+  static const char* names[6] = {"A (prefix)",       "B (corrupted image + prompt)",
+                                 "C (intact image + prompt)", "D (latent block)",
+                                 "E (answer, intact path)",   "F (answer, corrupted path)"};
+  return names[s];
+}
+
+inline void check_layout_values(const at::Tensor& layout_cpu, int64_t length) {
+  const int64_t batch = layout_cpu.size(0);
+  const int64_t* l = layout_cpu.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t* row = l + b * 12;
+    TORCH_CHECK_VALUE(row[0] == 0, "attention_alignment_loss: layout[", b,
+                      "]: segment A must start at 0, got start ", row[0]);
+    for (int s = 0; s < 6; ++s) {
+      const int64_t start = row[2 * s], end = row[2 * s + 1];
+      TORCH_CHECK_VALUE(start <= end, "attention_alignment_loss: layout[", b, "]: segment ",
+                        segment_name(s), " has start ", start, " > end ", end);
+      if (s < 5) {
+        TORCH_CHECK_VALUE(end == row[2 * s + 2], "attention_alignment_loss: layout[", b,
+                          "]: segments must be contiguous end to end, but ", segment_name(s),
+                          " ends at ", end, " and ", segment_name(s + 1), " starts at ",
+                          row[2 * s + 2]);
+      }
+    }
+    TORCH_CHECK_VALUE(row[11] <= length, "attention_alignment_loss: layout[", b,
+                      "]: segment F ends at ", row[11], ", beyond the sequence length ", length,
+                      " of q and k");
+    const Segments seg = load_segments(row);
+    TORCH_CHECK_VALUE(seg.b1 - seg.b0 == seg.c1 - seg.c0, "attention_alignment_loss: layout[",
+                      b, "]: |B| must equal |C| (both paths see the same prompt), got |B|=",
+                      seg.b1 - seg.b0, " and |C|=", seg.c1 - seg.c0);
+    TORCH_CHECK_VALUE(seg.n_latent() >= 1, "attention_alignment_loss: layout[", b,
+                      "]: segment D (latent block) is empty; at least one latent token is "
+                      "needed");
+    TORCH_CHECK_VALUE(seg.n_answer() >= 1, "attention_alignment_loss: layout[", b,
+                      "]: segment E (answer) is empty; at least one answer token is needed");
+    TORCH_CHECK_VALUE(seg.f1 - seg.f0 == seg.n_answer(), "attention_alignment_loss: layout[",
+                      b, "]: |E| must equal |F| (F copies the answer), got |E|=",
+                      seg.n_answer(), " and |F|=", seg.f1 - seg.f0);
+  }
+}
+
+inline Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& layout,
+                            double scale) {
+  TORCH_CHECK_VALUE(q.dim() == 4, "attention_alignment_loss: q must be 4-D "
+                    "[batch, heads, length, head_dim], got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 4, "attention_alignment_loss: k must be 4-D "
+                    "[batch, kv_heads, length, head_dim], got shape ", k.sizes());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf ||
+                        dt == at::kDouble,
+                    "attention_alignment_loss: q must be float32, bfloat16, float16 or "
+                    "float64, got ", dt);
+  TORCH_CHECK_VALUE(k.scalar_type() == dt, "attention_alignment_loss: k must have the dtype of "
+                    "q (", dt, "), got ", k.scalar_type());
+  TORCH_CHECK(k.device() == q.device(), "attention_alignment_loss: k must be on the device of q (",
+              q.device(), "), got ", k.device());
+  TORCH_CHECK(layout.device().is_cpu() || layout.device() == q.device(),
+              "attention_alignment_loss: layout must be on the CPU or on the device of q (",
+              q.device(), "), got ", layout.device());
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "attention_alignment_loss: k has batch ", k.size(0),
+                    " but q has batch ", q.size(0));
+  TORCH_CHECK_VALUE(k.size(2) == q.size(2), "attention_alignment_loss: k has length ", k.size(2),
+                    " but q has length ", q.size(2));
+  TORCH_CHECK_VALUE(k.size(3) == q.size(3), "attention_alignment_loss: k has head_dim ",
+                    k.size(3), " but q has head_dim ", q.size(3));
+  TORCH_CHECK_VALUE(q.size(1) >= 1 && k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
+                    "attention_alignment_loss: the heads of q (", q.size(1),
+                    ") must be a positive multiple of the kv_heads of k (", k.size(1), ")");
+  TORCH_CHECK_VALUE(q.size(0) >= 1, "attention_alignment_loss: the batch must hold at least "
+                    "one sample, got q of shape ", q.sizes());
+  TORCH_CHECK_VALUE(q.size(3) >= 1, "attention_alignment_loss: head_dim must be >= 1");
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "attention_alignment_loss: scale must "
+                    "be a positive finite number, got ", scale);
+  TORCH_CHECK_VALUE(layout.scalar_type() == at::kLong, "attention_alignment_loss: layout must "
+                    "be int64 (torch.long), got ", layout.scalar_type());
+  TORCH_CHECK_VALUE(layout.dim() == 3 && layout.size(0) == q.size(0) && layout.size(1) == 6 &&
+                        layout.size(2) == 2,
+                    "attention_alignment_loss: layout must have shape [batch=", q.size(0),
+                    ", 6, 2] ((start, end) of segments A..F), got ", layout.sizes());
+
+  Problem p;
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.kv_heads = k.size(1);
+  p.length = q.size(2);
+  p.head_dim = q.size(3);
+  p.layout_cpu = layout.to(at::kCPU).contiguous();
+  check_layout_values(p.layout_cpu, p.length);
+  const int64_t* l = p.layout_cpu.data_ptr<int64_t>();
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const Segments seg = load_segments(l + b * 12);
+    p.segments.push_back(seg);
+    p.max_answer = std::max(p.max_answer, seg.n_answer());
+    p.max_latent = std::max(p.max_latent, seg.n_latent());
+    for (int path = 0; path < 2; ++path)
+      p.max_keys[path] = std::max(p.max_keys[path], path_key_count(seg, path));
+  }
+  return p;
+}
+
+inline void check_saved_lse(const at::Tensor& lse, const Problem& p) {
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads &&
+                        lse.size(2) == p.length,
+                    "attention_alignment_loss backward: lse must have shape [", p.batch, ", ",
+                    p.heads, ", ", p.length, "], got ", lse.sizes());
+}
+
+}  // namespace attention_alignment
+}  // namespace crystal_ext

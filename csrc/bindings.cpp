@@ -1,0 +1,72 @@
+// The crystal_ext._C module: operator schemas (torch.library, so torch.compile and opcheck see
+// the ops) and a pybind11 module with build facts and direct entry points.
+// Kernels register themselves beside their code: csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef CRYSTAL_TORCH_VERSION
+#define CRYSTAL_TORCH_VERSION "unknown"
+#endif
+
+#ifdef CRYSTAL_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+TORCH_LIBRARY(crystal_ext, m) {
+  // Returns (loss, lse): the scalar loss (float32; float64 for float64 inputs) and the
+  // log-sum-exp of every aligned row and head, [B, H, L] (zero on the other rows), which the
+  // backward reuses.
+  m.def("attention_alignment_loss_fwd(Tensor q, Tensor k, Tensor layout, float scale) "
+        "-> (Tensor, Tensor)");
+  // Returns (grad_q, grad_k).
+  m.def("attention_alignment_loss_bwd(Tensor grad_loss, Tensor q, Tensor k, Tensor layout, "
+        "Tensor lse, float scale) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_built_against"] = CRYSTAL_TORCH_VERSION;
+  info["cpu_kernels"] = true;
+#ifdef CRYSTAL_WITH_CUDA
+  info["cuda_kernels"] = true;
+  info["cuda_built_against"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                               std::to_string((CUDART_VERSION % 1000) / 10);
+#ifdef CRYSTAL_CUDA_ARCH_LIST
+  info["cuda_arch_list"] = CRYSTAL_CUDA_ARCH_LIST;
+#else
+  info["cuda_arch_list"] = "";
+#endif
+#else
+  info["cuda_kernels"] = false;
+  info["cuda_built_against"] = pybind11::none();
+  info["cuda_arch_list"] = "";
+#endif
+  return info;
+}
+
+// Direct entry points through the dispatcher (the same kernels torch.ops.crystal_ext reaches).
+std::tuple<at::Tensor, at::Tensor> attention_alignment_loss_forward(const at::Tensor& q,
+                                                                    const at::Tensor& k,
+                                                                    const at::Tensor& layout,
+                                                                    double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("crystal_ext::attention_alignment_loss_fwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(q, k, layout, scale);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "crystal_ext compiled kernels";
+  m.def("build_info", &build_info, "Facts about how this extension was compiled");
+  m.def("attention_alignment_loss_forward", &attention_alignment_loss_forward,
+        "Fused attention-alignment loss, forward: (loss, lse). Prefer "
+        "crystal_ext.attention_alignment_loss, which adds autograd.",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("layout"), pybind11::arg("scale"));
+}

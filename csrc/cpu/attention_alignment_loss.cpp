@@ -1,0 +1,248 @@
+// CPU kernel of the fused attention-alignment loss.
+//
+// Work is split into (sample, kv head) tasks run by at::parallel_for. A task gathers the
+// g = H / Hkv query heads that share kv head j, for the aligned rows of one path (E or F),
+// and multiplies them with the keys that path may see (one GEMM, no repeated keys for
+// grouped-query attention, no L x L matrix). Each row's log-sum-exp, probabilities and
+// gradients come from the shared header, so these tests cover the maths the CUDA kernel runs.
+// Peak workspace is one [g * |E|, keys] score block per thread.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "attention_alignment_loss.h"
+#include "attention_alignment_loss_checks.h"
+
+namespace crystal_ext {
+namespace attention_alignment {
+namespace {
+
+at::ScalarType accumulate_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Packed columns of the path's visible keys, in order.
+at::Tensor key_columns(const Segments& seg, int path) {
+  const int64_t n = path_key_count(seg, path);
+  at::Tensor idx = at::empty({n}, at::kLong);
+  int64_t* out = idx.data_ptr<int64_t>();
+  for (int64_t t = 0; t < n; ++t) out[t] = path_key_column(seg, path, t);
+  return idx;
+}
+
+// Query rows of the g heads of kv group j for the path's aligned rows: [g * |E|, d] in acc.
+at::Tensor group_queries(const at::Tensor& q, int64_t b, int64_t j, int64_t g,
+                         const Segments& seg, int path, at::ScalarType acc) {
+  const int64_t n = seg.n_answer();
+  return q.select(0, b)
+      .narrow(0, j * g, g)
+      .narrow(1, path_row(seg, path, 0), n)
+      .to(acc)
+      .reshape({g * n, q.size(3)});
+}
+
+at::Tensor group_keys(const at::Tensor& k, int64_t b, int64_t j, const at::Tensor& columns,
+                      at::ScalarType acc) {
+  return k.select(0, b).select(0, j).index_select(0, columns).to(acc);
+}
+
+// Adds the per-head latent probabilities of the path's aligned rows into
+// mass[b, j, path, i, :] (contiguous [B, Hkv, 2, maxE, maxD]). `scores` is [g * |E|, n_keys]
+// and `latent_offset` the position of the first D key among its columns. When
+// `write_lse` is true the rows' log-sum-exp (over their visible prefix) is computed and
+// stored in lse[b, h, row]; otherwise it is read from there.
+template <typename acc_t>
+void accumulate_latent_mass(const at::Tensor& scores, int64_t latent_offset, bool write_lse,
+                            const Problem& p, int64_t b, int64_t j, int path, acc_t* lse,
+                            acc_t* mass) {
+  const Segments& seg = p.segments[b];
+  const int64_t g = p.heads / p.kv_heads;
+  const int64_t n_answer = seg.n_answer(), n_latent = seg.n_latent();
+  const int64_t n_keys = scores.size(1);
+  const acc_t* s = scores.data_ptr<acc_t>();
+  for (int64_t hh = 0; hh < g; ++hh) {
+    const int64_t h = j * g + hh;
+    for (int64_t i = 0; i < n_answer; ++i) {
+      const acc_t* row = s + (hh * n_answer + i) * n_keys;
+      acc_t& row_lse = lse[(b * p.heads + h) * p.length + path_row(seg, path, i)];
+      if (write_lse) {
+        acc_t m, z;
+        lse_init(m, z);
+        row_lse_partial(row, visible_key_count(seg, path, i), 0, 1, m, z);
+        row_lse = lse_finish(m, z);
+      }
+      acc_t* out = mass + (((b * p.kv_heads + j) * 2 + path) * p.max_answer + i) * p.max_latent;
+      for (int64_t c = 0; c < n_latent; ++c)
+        out[c] += key_probability(row[latent_offset + c], row_lse);
+    }
+  }
+}
+
+// Head-mean latent masses [B, 2, maxE, maxD] from the per-kv-group partial sums.
+at::Tensor head_mean(const at::Tensor& mass_per_group, int64_t heads) {
+  return mass_per_group.sum(1).div_(static_cast<double>(heads)).contiguous();
+}
+
+template <typename acc_t>
+acc_t batch_loss(const at::Tensor& mass, const Problem& p) {
+  const acc_t* m = mass.data_ptr<acc_t>();
+  acc_t total = acc_t(0);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const Segments& seg = p.segments[b];
+    acc_t sample = acc_t(0);
+    for (int64_t i = 0; i < seg.n_answer(); ++i) {
+      const acc_t* teacher = m + ((b * 2 + 0) * p.max_answer + i) * p.max_latent;
+      const acc_t* student = m + ((b * 2 + 1) * p.max_answer + i) * p.max_latent;
+      sample += pair_kl(teacher, student, seg.n_latent());
+    }
+    total += sample / acc_t(seg.n_answer());  // 'batchmean' within the sample
+  }
+  return total / acc_t(p.batch);  // mean over samples
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                               const at::Tensor& layout, double scale) {
+  const Problem p = check_inputs(q_in, k_in, layout, scale);
+  TORCH_CHECK(q_in.device().is_cpu(), "attention_alignment_loss: CPU kernel called with q on ",
+              q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  const auto acc = accumulate_type(q.scalar_type());
+  const int64_t g = p.heads / p.kv_heads;
+  at::Tensor lse = at::zeros({p.batch, p.heads, p.length}, q.options().dtype(acc));
+  at::Tensor mass = at::zeros({p.batch, p.kv_heads, 2, p.max_answer, p.max_latent},
+                              q.options().dtype(acc));
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES(acc, "attention_alignment_loss_fwd_cpu", [&] {
+    scalar_t* lse_ptr = lse.data_ptr<scalar_t>();
+    scalar_t* mass_ptr = mass.data_ptr<scalar_t>();
+    at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / p.kv_heads, j = task % p.kv_heads;
+        const Segments& seg = p.segments[b];
+        for (int path = 0; path < 2; ++path) {
+          const at::Tensor qg = group_queries(q, b, j, g, seg, path, acc);
+          const at::Tensor kg = group_keys(k, b, j, key_columns(seg, path), acc);
+          const at::Tensor scores = at::mm(qg, kg.t()).mul_(scale);
+          accumulate_latent_mass<scalar_t>(scores, path_latent_offset(seg, path), true, p, b, j,
+                                           path, lse_ptr, mass_ptr);
+        }
+      }
+    });
+    loss = at::scalar_tensor(batch_loss<scalar_t>(head_mean(mass, p.heads), p),
+                             q.options().dtype(acc));
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
+                                                const at::Tensor& q_in, const at::Tensor& k_in,
+                                                const at::Tensor& layout,
+                                                const at::Tensor& lse_in, double scale) {
+  const Problem p = check_inputs(q_in, k_in, layout, scale);
+  check_saved_lse(lse_in, p);
+  TORCH_CHECK(q_in.device().is_cpu(), "attention_alignment_loss: CPU kernel called with q on ",
+              q_in.device());
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "attention_alignment_loss backward: grad_loss must "
+                    "be a scalar, got shape ", grad_loss.sizes());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  const auto acc = accumulate_type(q.scalar_type());
+  const at::Tensor lse = lse_in.to(acc).contiguous();
+  const int64_t g = p.heads / p.kv_heads;
+  at::Tensor dq = at::zeros_like(q);
+  at::Tensor dk = at::zeros_like(k);
+  at::Tensor mass = at::zeros({p.batch, p.kv_heads, 2, p.max_answer, p.max_latent},
+                              q.options().dtype(acc));
+  at::Tensor grad_mass = at::zeros({p.batch, p.max_answer, p.max_latent}, q.options().dtype(acc));
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "attention_alignment_loss_bwd_cpu", [&] {
+    scalar_t* lse_ptr = const_cast<scalar_t*>(lse.data_ptr<scalar_t>());
+    scalar_t* mass_ptr = mass.data_ptr<scalar_t>();
+    const scalar_t go = grad_loss.to(at::kCPU).to(acc).item<scalar_t>();
+
+    // 1. Latent masses of both paths from the saved log-sum-exp: only the D columns.
+    at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / p.kv_heads, j = task % p.kv_heads;
+        const Segments& seg = p.segments[b];
+        const at::Tensor latent_cols = at::arange(seg.d0, seg.d1, at::kLong);
+        const at::Tensor kg = group_keys(k, b, j, latent_cols, acc);
+        for (int path = 0; path < 2; ++path) {
+          const at::Tensor scores =
+              at::mm(group_queries(q, b, j, g, seg, path, acc), kg.t()).mul_(scale);
+          accumulate_latent_mass<scalar_t>(scores, 0, false, p, b, j, path, lse_ptr, mass_ptr);
+        }
+      }
+    });
+
+    // 2. dLoss / dp for each student row and latent key (the same for every head: 1/H of
+    //    dLoss / d(mean over heads)).
+    const at::Tensor mean_mass = head_mean(mass, p.heads);
+    const scalar_t* mm_ptr = mean_mass.data_ptr<scalar_t>();
+    scalar_t* gm_ptr = grad_mass.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const Segments& seg = p.segments[b];
+      const scalar_t coef = go / scalar_t(p.batch * seg.n_answer() * p.heads);
+      for (int64_t i = 0; i < seg.n_answer(); ++i) {
+        const scalar_t* teacher = mm_ptr + ((b * 2 + 0) * p.max_answer + i) * p.max_latent;
+        const scalar_t* student = mm_ptr + ((b * 2 + 1) * p.max_answer + i) * p.max_latent;
+        pair_kl_grad(teacher, student, seg.n_latent(), coef,
+                     gm_ptr + (b * p.max_answer + i) * p.max_latent);
+      }
+    }
+
+    // 3. Student rows: recompute the scores, turn them into score gradients in place, then
+    //    two GEMMs give dq (F rows) and dk (the keys path 1 sees).
+    at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / p.kv_heads, j = task % p.kv_heads;
+        const Segments& seg = p.segments[b];
+        const int path = 1;
+        const int64_t n_answer = seg.n_answer(), n_latent = seg.n_latent();
+        const at::Tensor columns = key_columns(seg, path);
+        const at::Tensor qg = group_queries(q, b, j, g, seg, path, acc);
+        const at::Tensor kg = group_keys(k, b, j, columns, acc);
+        at::Tensor scores = at::mm(qg, kg.t()).mul_(scale);
+        const int64_t n_keys = scores.size(1);
+        const int64_t offset = path_latent_offset(seg, path);
+        scalar_t* s = scores.data_ptr<scalar_t>();
+        for (int64_t hh = 0; hh < g; ++hh) {
+          const int64_t h = j * g + hh;
+          for (int64_t i = 0; i < n_answer; ++i) {
+            scalar_t* row = s + (hh * n_answer + i) * n_keys;
+            const scalar_t row_lse = lse_ptr[(b * p.heads + h) * p.length + path_row(seg, path, i)];
+            const scalar_t* grad_p = gm_ptr + (b * p.max_answer + i) * p.max_latent;
+            scalar_t delta = scalar_t(0);
+            for (int64_t c = 0; c < n_latent; ++c)
+              delta += key_probability(row[offset + c], row_lse) * grad_p[c];
+            const int64_t visible = visible_key_count(seg, path, i);
+            for (int64_t t = 0; t < n_keys; ++t) {
+              if (t >= visible) {
+                row[t] = scalar_t(0);
+                continue;
+              }
+              const int64_t c = t - offset;
+              const scalar_t gp = (c >= 0 && c < n_latent) ? grad_p[c] : scalar_t(0);
+              row[t] = score_grad(key_probability(row[t], row_lse), gp, delta,
+                                  static_cast<scalar_t>(scale));
+            }
+          }
+        }
+        const at::Tensor dq_rows = at::mm(scores, kg).view({g, n_answer, p.head_dim});
+        dq.select(0, b).narrow(0, j * g, g).narrow(1, seg.f0, n_answer).copy_(dq_rows);
+        const at::Tensor dk_rows = at::mm(scores.t(), qg);
+        dk.select(0, b).select(0, j).index_copy_(0, columns, dk_rows.to(dk.scalar_type()));
+      }
+    });
+  });
+  return {dq, dk};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(crystal_ext, CPU, m) {
+  m.impl("attention_alignment_loss_fwd", &forward_cpu);
+  m.impl("attention_alignment_loss_bwd", &backward_cpu);
+}
+
+}  // namespace attention_alignment
+}  // namespace crystal_ext
