@@ -60,3 +60,45 @@ def attention_alignment_loss(
         per_sample.append(F.kl_div(student.log(), teacher, reduction="batchmean"))
     out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.stack(per_sample).to(out_dtype).mean()
+
+
+def lm_head_losses(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_rows: torch.Tensor,
+    student_rows: torch.Tensor,
+    pair_sample: torch.Tensor,
+    topk_fraction: float = 0.1,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CrystaL's LM-head losses with the full logits materialised.
+
+    hidden [N, Hd], weight [V, Hd], bias [V] or None, targets [N] (-100 ignored; row i
+    predicts targets[i]); pair i = (teacher_rows[i], student_rows[i]) of sample pair_sample[i].
+    Returns (ce, kl):
+      ce = mean cross entropy over rows whose target is not -100;
+      kl = per pair KL(softmax(z_teacher) || softmax(z_student)) (teacher detached); per
+           sample the mean of its top k = max(1, int(topk_fraction * n_pairs)) pairs; then
+           the mean over samples that have pairs.
+    No targeted rows (or no pairs) gives a zero ce (or kl) that still backpropagates.
+    Logits are computed in float32 (float64 for float64 inputs).
+    """
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = F.linear(hidden, weight, bias).to(acc)  # [N, V]
+    targeted = targets != -100
+    if targeted.any():
+        ce = F.cross_entropy(logits, targets, ignore_index=-100)
+    else:
+        ce = logits.sum() * 0.0
+    if teacher_rows.numel() == 0:
+        return ce, logits.sum() * 0.0
+    teacher = logits[teacher_rows].detach().log_softmax(-1)
+    student = logits[student_rows].log_softmax(-1)
+    pair_kl = (teacher.exp() * (teacher - student)).sum(-1)  # [M]
+    per_sample = []
+    for sample in pair_sample.unique(sorted=True).tolist():
+        values = pair_kl[pair_sample == sample]
+        k = max(1, int(topk_fraction * values.numel()))
+        per_sample.append(values.topk(k).values.mean())
+    return ce, torch.stack(per_sample).mean()
