@@ -51,6 +51,17 @@ def attention_alignment_loss(
             "attention_alignment_loss: q must be 4-D [batch, heads, length, head_dim], got "
             f"{getattr(q, 'shape', type(q).__name__)}"
         )
+    # Device checks before dispatch: a layout on another device would otherwise pick that
+    # device's kernel (or the fake kernel, for "meta") instead of failing.
+    if isinstance(k, torch.Tensor) and k.device != q.device:
+        raise RuntimeError(
+            f"attention_alignment_loss: k must be on the device of q ({q.device}), got {k.device}"
+        )
+    if isinstance(layout, torch.Tensor) and layout.device.type != "cpu" and layout.device != q.device:
+        raise RuntimeError(
+            "attention_alignment_loss: layout must be on the CPU or on the device of q "
+            f"({q.device}), got {layout.device}"
+        )
     if scale is None:
         scale = q.shape[-1] ** -0.5
     loss, _lse = torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, layout, float(scale))
