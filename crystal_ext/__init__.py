@@ -16,3 +16,8 @@ __all__ = [
     "reference",
 ]
 __version__ = "0.1.0"
+
+# Dual-path model (issue 4): attention composed from torch SDPA on gathered paths.
+from crystal_ext.dual_path_attention import dual_path_attention  # noqa: E402
+
+__all__ += ["dual_path_attention"]
