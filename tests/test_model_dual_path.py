@@ -187,3 +187,19 @@ def test_qwen2_vl_runs_through_the_same_attention():
     loss = crystal_objective(model, batch, lm_head_losses=reference.lm_head_losses)
     loss.loss.backward()
     assert torch.isfinite(loss.loss) and loss.kl_attn > 0
+
+
+def test_peft_wrapped_model_trains_lora_merger_and_new_rows():
+    from crystal_ext.latent_tokens import apply_lora, train_new_rows_only
+
+    model, batch = _setup()
+    peft_model = apply_lora(copy.deepcopy(model))
+    vocab = peft_model.get_input_embeddings().weight.shape[0]
+    mats = train_new_rows_only(peft_model, list(range(vocab - 8, vocab)))  # the 4 latents + 4 markers
+    crystal_objective(peft_model, batch, lm_head_losses=reference.lm_head_losses).loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n and "visual" in n and g is not None for n, g in grads.items())
+    assert any("lora_B" in n and "language_model" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
+    assert any("merger" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
+    for m in mats:
+        assert m.grad[: vocab - 8].abs().sum() == 0 and m.grad[vocab - 8 :].abs().sum() > 0
