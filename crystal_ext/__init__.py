@@ -16,3 +16,14 @@ __all__ = [
     "reference",
 ]
 __version__ = "0.1.0"
+
+# Dual-path model (issue 4): attention composed from torch SDPA on gathered paths.
+from crystal_ext.dual_path_attention import dual_path_attention  # noqa: E402
+
+__all__ += ["dual_path_attention"]
+
+# Dual-path model (issue 4): registration with transformers (imported lazily inside
+# register_dual_path_attention, so crystal_ext itself does not need transformers).
+from crystal_ext.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention  # noqa: E402
+
+__all__ += ["ATTN_IMPLEMENTATION", "register_dual_path_attention"]

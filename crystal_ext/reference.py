@@ -102,3 +102,33 @@ def lm_head_losses(
         k = max(1, int(topk_fraction * values.numel()))
         per_sample.append(values.topk(k).values.mean())
     return ce, torch.stack(per_sample).mean()
+
+
+def dual_path_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dual-path attention with the dense [B, 1, L, L] mask: softmax(q k^T scale + mask) v.
+
+    q [B, H, L, d], k and v [B, Hkv, L, d] (kv heads repeated per query head here, for
+    clarity); returns [B, H, L, d] in q's dtype, with zeros on padding rows (after F.end).
+    """
+    op = "reference.dual_path_attention"
+    _check_qk(q, k, op)
+    if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype:
+        raise ValueError(f"{op}: v must be a tensor with the shape and dtype of k")
+    batch, heads, length, head_dim = q.shape
+    validate_layout(layout, batch, length, op)
+    scale = head_dim**-0.5 if scale is None else scale
+    groups = heads // k.shape[1]
+    k_per_head = k.repeat_interleave(groups, dim=1)
+    v_per_head = v.repeat_interleave(groups, dim=1)
+    visible = dual_path_mask(layout.to(q.device), length)[:, None]  # [B, 1, L, L]
+    scores = torch.matmul(q, k_per_head.transpose(-1, -2)) * scale
+    probs = scores.masked_fill(~visible, torch.finfo(scores.dtype).min).softmax(dim=-1)
+    # Padding rows see nothing: finfo.min makes them a uniform average, so zero them.
+    probs = probs * visible.any(-1, keepdim=True)
+    return torch.matmul(probs, v_per_head)

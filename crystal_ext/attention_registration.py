@@ -1,0 +1,80 @@
+"""Plugging dual-path attention into a stock transformers model through its public registries.
+
+After `register_dual_path_attention()`, `model.set_attn_implementation("crystal_dual_path")`
+(or `from_pretrained(..., attn_implementation="crystal_dual_path")`) switches a stock
+Qwen2-VL / Qwen2.5-VL to it. Per call, the caller passes two forward kwargs:
+
+  crystal_layout   int64 [batch, 6, 2] (crystal_ext.layout)
+  crystal_outputs  a dict; the last text decoder layer writes "attention_alignment_loss" in it
+
+transformers forwards unknown model kwargs down to every attention call (the text layers
+and, in Qwen2-VL models, the vision tower's blocks), so no global state is involved.
+
+Which calls are ours: text decoder attention modules, recognised by structure (a `layer_idx`
+and `is_causal=True`; the vision tower's attention has neither), with a layout present.
+Everything else (the vision tower, or a text call without a layout, e.g. `generate`) runs
+transformers' own SDPA attention, so the same model still works as a plain model.
+
+Both registries need the name: the model asks the AttentionMaskInterface for a mask
+function, and an unknown name makes the text layers receive attention_mask=None silently.
+We register transformers' `sdpa_mask`: with no 2-D padding mask it returns None for a
+causal model (no L x L mask is built); the dual-path calls ignore the mask anyway, since
+the layout already says which positions are padding.
+"""
+
+from __future__ import annotations
+
+import crystal_ext
+from crystal_ext.dual_path_attention import dual_path_attention
+
+ATTN_IMPLEMENTATION = "crystal_dual_path"
+LAYOUT_KWARG = "crystal_layout"
+OUTPUTS_KWARG = "crystal_outputs"
+ALIGNMENT_LOSS_KEY = "attention_alignment_loss"
+
+
+def is_text_decoder_attention(module) -> bool:
+    return getattr(module, "layer_idx", None) is not None and getattr(module, "is_causal", False) is True
+
+
+def _is_last_layer(module) -> bool:
+    config = module.config
+    return module.layer_idx == getattr(config, "num_hidden_layers", None) - 1
+
+
+def crystal_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """An AttentionInterface function: q [B, H, L, d], k/v [B, Hkv, L, d] -> ([B, L, H, d], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layout = kwargs.pop(LAYOUT_KWARG, None)
+    outputs = kwargs.pop(OUTPUTS_KWARG, None)
+    if layout is None or not is_text_decoder_attention(module):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if dropout:
+        raise NotImplementedError(
+            f"{ATTN_IMPLEMENTATION}: attention dropout ({dropout}) is not supported; set the config's "
+            "attention_dropout to 0"
+        )
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError(f"{ATTN_IMPLEMENTATION}: sliding-window layers are not supported")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(
+            f"{ATTN_IMPLEMENTATION}: a dual-path layout needs the whole packed sequence in one call "
+            f"(queries {query.shape[2]} != keys {key.shape[2]}); do not pass a cache when training"
+        )
+    layout = layout.to(device="cpu")  # validated and turned into indices on the host
+    out = dual_path_attention(query, key, value, layout, scale=scaling)
+    if outputs is not None and _is_last_layer(module):
+        outputs[ALIGNMENT_LOSS_KEY] = crystal_ext.attention_alignment_loss(query, key, layout, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_dual_path_attention(name: str = ATTN_IMPLEMENTATION) -> str:
+    """Register the attention function and its mask function under `name` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, crystal_attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name

@@ -1,0 +1,141 @@
+"""Latent tokens and what is trained (DESIGN.md section 1).
+
+- K (default 8) latent tokens plus the think/answer markers are added to the tokenizer as
+  special tokens (one id each, never split); the model's embedding and LM head grow to fit.
+- With the base frozen, only the rows of the newly added tokens are trained in the
+  embedding and LM-head matrices: a gradient hook zeroes the other rows' gradients, and
+  `parameter_groups` keeps those two matrices out of weight decay (AdamW's decoupled decay
+  would otherwise shrink the frozen rows even with a zero gradient; Adam's update of a row
+  whose gradient was always zero is exactly zero).
+- LoRA through peft with the published defaults (r=16, alpha=32, dropout 0.01) on every
+  linear layer of the language model and of the vision tower's blocks; the vision-language
+  merger is trained in full (peft `modules_to_save`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+LORA_DEFAULTS = dict(r=16, lora_alpha=32, lora_dropout=0.01)
+
+
+def latent_token_strings(k: int) -> list[str]:
+    return [f"<|latent_{i}|>" for i in range(k)]
+
+
+@dataclass(frozen=True)
+class LatentTokens:
+    """Ids of the added tokens. `new_ids` are the rows this run trains in the embedding and LM head."""
+
+    latent_ids: tuple[int, ...]
+    think_open: int
+    think_close: int
+    answer_open: int
+    answer_close: int
+    new_ids: tuple[int, ...]
+
+
+def add_latent_tokens(tokenizer, model: nn.Module | None = None, k: int = 8) -> LatentTokens:
+    """Add the K latent tokens and the markers to `tokenizer` and grow `model`'s embeddings.
+
+    The embedding (and an untied LM head) is resized only when the tokenizer outgrows it
+    (Qwen's matrices carry spare rows). Rows of the added tokens start at the mean of the
+    rows of the tokens the tokenizer had before, so the new tokens start "average" instead
+    of random.
+    """
+    if k < 1:
+        raise ValueError(f"add_latent_tokens: k must be >= 1, got {k}")
+    old_len = len(tokenizer)
+    wanted = latent_token_strings(k) + [THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE]
+    present = set(tokenizer.get_vocab())
+    # add_tokens(special_tokens=True) rather than add_special_tokens: same effect (never split),
+    # and its signature is the same in transformers 4 and 5.
+    tokenizer.add_tokens(wanted, special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids(wanted)
+    new_ids = tuple(i for tok, i in zip(wanted, ids) if tok not in present)
+    if model is not None:
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        _init_new_rows(model, new_ids, old_len)
+    return LatentTokens(tuple(ids[:k]), *ids[k:], new_ids=new_ids)
+
+
+@torch.no_grad()
+def _init_new_rows(model: nn.Module, new_ids, old_len: int) -> None:
+    if not new_ids:
+        return
+    rows = torch.tensor(new_ids, dtype=torch.long)
+    for matrix in _row_matrices(model):
+        matrix[rows.to(matrix.device)] = matrix[:old_len].mean(0, keepdim=True)
+
+
+def _row_matrices(model: nn.Module) -> list[torch.Tensor]:
+    """The embedding weight and the LM-head weight (once if they are tied)."""
+    mats = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not mats[0]:
+        mats.append(head.weight)
+    return mats
+
+
+def train_new_rows_only(model: nn.Module, new_ids) -> list[torch.Tensor]:
+    """Make the embedding and LM-head weights trainable in the rows `new_ids` only.
+
+    Call it after `apply_lora` (peft freezes every base weight). Returns the two matrices
+    (give them to `parameter_groups`' no-decay group). The full-size gradient is still
+    materialised: a memory cost of two [V, Hd] gradients and optimiser states.
+    """
+    if not new_ids:
+        raise ValueError("train_new_rows_only: new_ids is empty; nothing would be trained")
+    mats = _row_matrices(model)
+    for weight in mats:
+        keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        keep[torch.tensor(list(new_ids), device=weight.device)] = 1
+        weight.requires_grad_(True)
+        weight.register_hook(lambda grad, keep=keep: grad * keep)
+    return mats
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, no_decay: list[torch.Tensor] = ()):
+    """AdamW groups: every trainable parameter with `weight_decay`, except `no_decay` (row-masked matrices)."""
+    skip = {id(p) for p in no_decay}
+    decay = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": [p for p in no_decay if p.requires_grad], "weight_decay": 0.0},
+    ]
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Names of the linear layers of the language model and of the vision tower's blocks.
+
+    Chosen by structure (module type and parent), not by a per-model name list, so Qwen2-VL
+    (fc1/fc2 in the vision MLP) and Qwen2.5-VL (gate/up/down) are both covered; the merger
+    and the LM head are left out.
+    """
+    backbone = getattr(model, model.base_model_prefix, model)
+    language = getattr(backbone, "language_model", None)
+    visual = getattr(backbone, "visual", None)
+    if language is None or visual is None:
+        raise ValueError(
+            f"lora_target_modules: {type(model).__name__} has no language_model/visual submodules "
+            "(expected a Qwen2-VL-family model)"
+        )
+    inside = {id(m) for m in language.modules()} | {id(m) for m in visual.blocks.modules()}
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside]
+
+
+def apply_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.01):
+    """Wrap `model` with peft LoRA (published defaults); the merger is trained in full."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_modules(model),
+        modules_to_save=["merger"], bias="none",
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,83 @@
+"""Latent tokens: tokenizer and embeddings grow, only new rows train, peft LoRA defaults."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+
+from crystal_ext.latent_tokens import (
+    ANSWER_CLOSE, THINK_OPEN, add_latent_tokens, apply_lora, parameter_groups, train_new_rows_only,
+)
+from dual_path_helpers import tiny_qwen25vl, tiny_tokenizer
+
+
+@pytest.fixture()
+def setup():
+    tok = tiny_tokenizer()
+    old_len = len(tok)
+    model = tiny_qwen25vl(tok)
+    old_embed = model.get_input_embeddings().weight.detach().clone()
+    lat = add_latent_tokens(tok, model, k=8)
+    return tok, model, lat, old_len, old_embed
+
+
+def test_tokens_added_as_single_ids_and_matrices_resized(setup):
+    tok, model, lat, old_len, old_embed = setup
+    assert len(lat.latent_ids) == 8 and len(set(lat.new_ids)) == 12
+    assert set(lat.new_ids) == set(range(old_len, old_len + 12))
+    assert tok(f"{THINK_OPEN}<|latent_3|>{ANSWER_CLOSE}").input_ids == [lat.think_open, lat.latent_ids[3], lat.answer_close]
+    for m in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        assert m.shape[0] == len(tok)
+    emb = model.get_input_embeddings().weight
+    torch.testing.assert_close(emb[:old_len], old_embed)
+    torch.testing.assert_close(emb[lat.new_ids[0]], old_embed.mean(0))
+
+
+def test_adding_twice_adds_nothing_new(setup):
+    tok, model, lat, _, _ = setup
+    again = add_latent_tokens(tok, model, k=8)
+    assert again.new_ids == () and again.latent_ids == lat.latent_ids
+
+
+def test_lora_defaults_targets_and_merger(setup):
+    _, model, lat, _, _ = setup
+    peft_model = apply_lora(model)
+    assert isinstance(peft_model, PeftModel)
+    cfg = peft_model.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (16, 32, 0.01)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("language_model.layers.0.self_attn.q_proj.lora_A" in n for n in trainable)
+    assert any("language_model.layers.1.mlp.down_proj.lora_B" in n for n in trainable)
+    assert any("visual.blocks.0.attn.qkv.lora_A" in n for n in trainable)
+    assert any("visual.merger" in n and "modules_to_save" in n for n in trainable)
+    assert not any("lm_head" in n or "embed_tokens" in n for n in trainable)
+    assert not any("merger" in n and "lora_" in n for n in trainable)
+
+
+def test_only_new_rows_train(setup):
+    tok, model, lat, old_len, _ = setup
+    peft_model = apply_lora(model)
+    mats = train_new_rows_only(peft_model, lat.new_ids)
+    before = [m.detach().clone() for m in mats]
+    opt = torch.optim.AdamW(parameter_groups(peft_model, 0.1, mats), lr=1e-2)
+    ids = torch.tensor([[1, 9, lat.think_open, *lat.latent_ids, lat.think_close, 15, 2]])
+    for _ in range(2):
+        out = peft_model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        for m in mats:
+            assert m.grad[:old_len].abs().sum() == 0
+            assert m.grad[list(lat.new_ids)].abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+    for m, b in zip(mats, before):
+        torch.testing.assert_close(m[:old_len], b[:old_len], rtol=0, atol=0)
+        assert (m[list(lat.new_ids)] - b[list(lat.new_ids)]).abs().sum() > 0
+
+
+def test_bad_arguments(setup):
+    tok, model, _, _, _ = setup
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        add_latent_tokens(tok, model, k=0)
+    with pytest.raises(ValueError, match="new_ids is empty"):
+        train_new_rows_only(model, ())

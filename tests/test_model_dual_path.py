@@ -1,0 +1,205 @@
+"""A stock tiny Qwen2.5-VL through crystal_dual_path vs the same model run eager with the
+explicit dense dual-path mask; the objective's parts vs a plain composition of the formulas."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as Fn
+from PIL import Image
+
+import crystal_ext
+from crystal_ext import reference
+from crystal_ext.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
+from crystal_ext.latent_tokens import add_latent_tokens
+from crystal_ext.layout import dual_path_mask
+from crystal_ext.objective import crystal_objective, intact_path_batch
+from crystal_ext.packing import IGNORE, DualPathCollator, DualPathPacker, Example, model_rope_index
+from dual_path_helpers import tiny_qwen25vl, tiny_tokenizer
+
+pytestmark = pytest.mark.skipif(not crystal_ext.extension_available(),
+                                reason="the fused attention-alignment loss needs the compiled extension")
+
+
+def _image(seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+
+
+@functools.cache
+def _setup(cls_name="Qwen2_5_VLForConditionalGeneration"):
+    import transformers
+
+    register_dual_path_attention()
+    tok = tiny_tokenizer()
+    lat = add_latent_tokens(tok, None, k=4)
+    model = tiny_qwen25vl(tok, attn_implementation=ATTN_IMPLEMENTATION, cls=getattr(transformers, cls_name))
+    packer = DualPathPacker(tok, lat, model_rope_index(model), image_size=56, system="you are a helpful assistant")
+    batch = DualPathCollator(packer, tok.pad_token_id)([
+        Example("a", _image(0), "what is the shape", "red circle"),
+        Example("b", _image(1), "how many", "two red square blue triangle green circle three"),
+        Example("c", _image(2), "what colour", "blue"),
+    ])
+    return model, batch
+
+
+def _eager_run(model, batch):
+    """The stock model, eager attention, the dense dual-path mask as a 4-D additive mask; returns
+    (last hidden states, last layer's rotated q and k) without any crystal_ext code in the forward."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mq
+
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    length = batch["input_ids"].shape[1]
+    mask = dual_path_mask(batch["layout"], length)[:, None]
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    captured = {}
+    last = eager.model.language_model.layers[-1].self_attn
+
+    def grab(module, args, kwargs):  # recompute q, k exactly as the layer does (q/k are not exposed)
+        h = kwargs["hidden_states"]
+        b, n, _ = h.shape
+        q = module.q_proj(h).view(b, n, -1, module.head_dim).transpose(1, 2)
+        k = module.k_proj(h).view(b, n, -1, module.head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        captured["q"], captured["k"] = mq.apply_rotary_pos_emb(q, k, cos, sin)
+
+    handle = last.register_forward_pre_hook(grab, with_kwargs=True)
+    out = eager(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                position_ids=batch["position_ids"], attention_mask=additive, output_hidden_states=True)
+    handle.remove()
+    return eager, out, captured
+
+
+def _plain_losses(logits, q, k, batch, scale):
+    """The published formulas, written out with full logits and dense attention probabilities."""
+    targets, layout = batch["targets"], batch["layout"]
+    ce = Fn.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    length = targets.shape[1]
+    mask = dual_path_mask(layout, length)[:, None]
+    kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    probs = (q @ kk.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
+    kl_pred, kl_attn = [], []
+    for b, r in enumerate(layout.reshape(-1, 12).tolist()):
+        (d0, d1), (e0, e1), (f0, f1) = r[6:8], r[8:10], r[10:12]
+        t = logits[b, e0:e1].detach().log_softmax(-1)
+        s = logits[b, f0:f1].log_softmax(-1)
+        per_row = (t.exp() * (t - s)).sum(-1)
+        kl_pred.append(per_row.topk(max(1, int(0.1 * per_row.numel()))).values.mean())
+        tm = probs[b, :, e0:e1, d0:d1].mean(0)
+        sm = probs[b, :, f0:f1, d0:d1].mean(0)
+        tm = (tm / (tm.sum(-1, keepdim=True) + 1e-8)).detach()
+        sm = sm / (sm.sum(-1, keepdim=True) + 1e-8)
+        kl_attn.append(Fn.kl_div(sm.log(), tm, reduction="batchmean"))
+    return ce, torch.stack(kl_pred).mean(), torch.stack(kl_attn).mean()
+
+
+def _real_rows(batch):
+    return batch["targets"].new_tensor([[i < int(r[5, 1]) for i in range(batch["targets"].shape[1])]
+                                        for r in batch["layout"]]).bool()
+
+
+def test_hidden_states_match_eager_with_dense_mask():
+    model, batch = _setup()
+    ours = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       image_grid_thw=batch["image_grid_thw"], position_ids=batch["position_ids"],
+                       crystal_layout=batch["layout"], crystal_outputs={}).last_hidden_state
+    _, out, _ = _eager_run(model, batch)
+    real = _real_rows(batch)
+    assert real.sum() < real.numel()  # the batch has padding
+    torch.testing.assert_close(ours[real], out.hidden_states[-1][real], rtol=1e-5, atol=1e-5)
+
+
+def test_objective_parts_loss_and_gradients_match_plain_composition():
+    model, batch = _setup()
+    ours_model = copy.deepcopy(model)
+    ours = crystal_objective(ours_model, batch, lm_head_losses=reference.lm_head_losses)
+    ours.loss.backward()
+    eager, out, cap = _eager_run(model, batch)
+    scale = eager.model.language_model.layers[-1].self_attn.scaling
+    ce, kl_pred, kl_attn = _plain_losses(out.logits, cap["q"], cap["k"], batch, scale)
+    for got, want in ((ours.ce, ce), (ours.kl_pred, kl_pred), (ours.kl_attn, kl_attn)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert ours.kl_pred > 0 and ours.kl_attn > 0
+    (ce + kl_pred + kl_attn).backward()
+    torch.testing.assert_close(ours.loss, (ce + kl_pred + kl_attn).detach(), rtol=1e-5, atol=1e-6)
+    named = dict(eager.named_parameters())
+    checked = 0
+    for name, p in ours_model.named_parameters():
+        want = named[name].grad
+        if p.grad is None and want is None:
+            continue
+        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        checked += 1
+    assert checked > 20 and ours_model.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_lambdas_weight_the_parts():
+    model, batch = _setup()
+    a = crystal_objective(model, batch, lm_head_losses=reference.lm_head_losses, lambda_pred=0.5, lambda_attn=3.0)
+    torch.testing.assert_close(a.loss, a.ce + 0.5 * a.kl_pred + 3.0 * a.kl_attn)
+
+
+def test_baseline_is_plain_sft_on_the_intact_path():
+    model, batch = _setup()
+    base = crystal_objective(model, batch, crystal=False, lm_head_losses=reference.lm_head_losses)
+    single = intact_path_batch(batch)
+    stock = copy.deepcopy(model)
+    stock.set_attn_implementation("sdpa")
+    logits = stock(input_ids=single["input_ids"], pixel_values=single["pixel_values"],
+                   image_grid_thw=single["image_grid_thw"], attention_mask=single["attention_mask"],
+                   mm_token_type_ids=(single["input_ids"] == stock.config.image_token_id).long()).logits
+    # The stock model numbers positions itself here: the baseline's path-1 ids must agree with it.
+    want = Fn.cross_entropy(logits.flatten(0, 1), single["targets"].flatten(), ignore_index=IGNORE)
+    torch.testing.assert_close(base.ce, want, rtol=1e-5, atol=1e-6)
+    assert base.loss is base.ce and base.kl_pred == 0 and base.kl_attn == 0
+    assert single["pixel_values"].shape[0] * 2 == batch["pixel_values"].shape[0]
+
+
+def test_switching_with_set_attn_implementation_and_plain_calls():
+    model, batch = _setup()
+    m = copy.deepcopy(model)
+    m.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="set_attn_implementation"):
+        crystal_objective(m, batch, lm_head_losses=reference.lm_head_losses)
+    m.set_attn_implementation(ATTN_IMPLEMENTATION)
+    assert m.config.text_config._attn_implementation == ATTN_IMPLEMENTATION
+    crystal_objective(m, batch, lm_head_losses=reference.lm_head_losses)
+    # Without a layout the model is an ordinary causal model (e.g. for generate).
+    ids = batch["input_ids"][:1, :10]
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("sdpa")
+    torch.testing.assert_close(m(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_missing_fused_lm_head_losses_is_a_clear_error(monkeypatch):
+    model, batch = _setup()
+    monkeypatch.delattr(crystal_ext, "lm_head_losses", raising=False)
+    with pytest.raises(RuntimeError, match="lm_head_losses.*not available"):
+        crystal_objective(model, batch)
+
+
+def test_qwen2_vl_runs_through_the_same_attention():
+    model, batch = _setup("Qwen2VLForConditionalGeneration")
+    loss = crystal_objective(model, batch, lm_head_losses=reference.lm_head_losses)
+    loss.loss.backward()
+    assert torch.isfinite(loss.loss) and loss.kl_attn > 0
+
+
+def test_peft_wrapped_model_trains_lora_merger_and_new_rows():
+    from crystal_ext.latent_tokens import apply_lora, train_new_rows_only
+
+    model, batch = _setup()
+    peft_model = apply_lora(copy.deepcopy(model))
+    vocab = peft_model.get_input_embeddings().weight.shape[0]
+    mats = train_new_rows_only(peft_model, list(range(vocab - 8, vocab)))  # the 4 latents + 4 markers
+    crystal_objective(peft_model, batch, lm_head_losses=reference.lm_head_losses).loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n and "visual" in n and g is not None for n, g in grads.items())
+    assert any("lora_B" in n and "language_model" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
+    assert any("merger" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
+    for m in mats:
+        assert m.grad[: vocab - 8].abs().sum() == 0 and m.grad[vocab - 8 :].abs().sum() > 0
