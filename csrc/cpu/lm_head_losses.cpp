@@ -177,15 +177,21 @@ struct Forward {
           for (int64_t d = 0; d < Hd; ++d) e[d] *= inv_z;
         }
       });
-      // d ce / d h_r = (E_r - W_t) / n_targeted, for the chunk's targeted rows.
-      for (int64_t j = 0; j < R; ++j) {
-        if (target[j] == kIgnoreIndex) continue;
-        const at::Tensor wt = weight.select(0, target[j]).to(acc).contiguous();
-        const acc_t* w = wt.data_ptr<acc_t>();
-        const acc_t* e = e_ptr + j * Hd;
-        acc_t* g = g_ptr + chunk_rows[j] * Hd;
-        for (int64_t d = 0; d < Hd; ++d) g[d] = ce_hidden_grad(e[d], w[d], inv_n);
-      }
+      // d ce / d h_r = (E_r - W_t) / n_targeted, for the chunk's targeted rows (the target
+      // rows of W gathered once, in acc_t).
+      std::vector<int64_t> safe_target(R);
+      for (int64_t j = 0; j < R; ++j) safe_target[j] = target[j] == kIgnoreIndex ? 0 : target[j];
+      const at::Tensor wt = weight.index_select(0, long_tensor(safe_target)).to(acc).contiguous();
+      const acc_t* wt_ptr = wt.data_ptr<acc_t>();
+      at::parallel_for(0, R, 16, [&](int64_t rb, int64_t re) {
+        for (int64_t j = rb; j < re; ++j) {
+          if (target[j] == kIgnoreIndex) continue;
+          const acc_t* w = wt_ptr + j * Hd;
+          const acc_t* e = e_ptr + j * Hd;
+          acc_t* g = g_ptr + chunk_rows[j] * Hd;
+          for (int64_t d = 0; d < Hd; ++d) g[d] = ce_hidden_grad(e[d], w[d], inv_n);
+        }
+      });
     }
 
     if (has_pairs) {
