@@ -29,7 +29,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.conftest import require_fused_ops
+from bench_utils import require_fused_ops
 
 SHAPES = {
     "small": dict(n=97, hd=64, vocab=5003, n_pairs=12),
