@@ -1,8 +1,9 @@
 """Benchmark helpers: peak-memory measurement on CPU and CUDA, and the fused-op guard.
 
-Peak memory of a call is the highest amount of tensor memory allocated above what was
-allocated when the call started: on CUDA from torch.cuda.max_memory_allocated, on the CPU
-from the allocation events of the torch profiler (profile_memory=True), replayed in order.
+Peak memory of a call is the highest amount of tensor memory allocated by the call and alive
+at once: on CUDA from torch.cuda.max_memory_allocated above the starting point, on the CPU
+from the allocation events of the torch profiler (profile_memory=True), replayed in order
+(frees of memory allocated before the call do not lower it).
 """
 
 from __future__ import annotations
@@ -16,17 +17,29 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence the profiler's start/s
 
 
 def _cpu_peak_bytes(fn) -> int:
+    from collections import Counter
+
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     events.sort(key=lambda e: e.start_ns())
+    # The events carry sizes but no addresses, and a free of a block allocated before the
+    # window (e.g. last step's .grad released by zero_grad) may appear: count a free only
+    # when an allocation of that size made inside the window is still outstanding.
+    outstanding: Counter = Counter()
     current = peak = 0
     for e in events:
-        if e.device_type() != torch.autograd.DeviceType.CPU:
-            continue
-        current += e.nbytes()
+        size = e.nbytes()
+        if size > 0:
+            outstanding[size] += 1
+        elif size < 0:
+            if outstanding[-size] == 0:
+                continue
+            outstanding[-size] -= 1
+        current += size
         peak = max(peak, current)
     return peak
 
