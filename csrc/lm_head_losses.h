@@ -67,7 +67,9 @@ CRYSTAL_HD T lse_finish(T m, T z) {
 // Term of A (the KL cross term) for one vocabulary entry of a pair.
 template <typename T>
 CRYSTAL_HD T kl_cross_term(T teacher_unnormalised_prob, T z_teacher, T z_student) {
-  return teacher_unnormalised_prob * (z_teacher - z_student);
+  // 0 * (-inf - -inf) would be NaN for a vocabulary entry both rows exclude (-inf bias).
+  return teacher_unnormalised_prob == T(0) ? T(0)
+                                           : teacher_unnormalised_prob * (z_teacher - z_student);
 }
 
 // ---- losses per row / pair ----

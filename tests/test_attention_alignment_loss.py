@@ -140,6 +140,29 @@ def test_opcheck():
     )
 
 
+def test_opcheck_backward_with_transposed_q():
+    """Models hand q as a transposed view ([B, L, H, d] memory): the fake kernel must give the
+    real kernel's (contiguous) gradient strides."""
+    layout = make_layout(MIXED_SAMPLES)
+    q, k = random_qk(3, 4, 2, needed_length(MIXED_SAMPLES), 8, seed=6)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    _, lse = torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, layout, 0.3)
+    grad = torch.tensor(1.0)
+    torch.library.opcheck(
+        torch.ops.crystal_ext.attention_alignment_loss_bwd.default, (grad, q, k, layout, lse, 0.3)
+    )
+
+
+def test_long_rows():
+    samples = [(40, 150, 40, 60), (3, 11, 2, 5)]
+    layout = make_layout(samples)
+    q, k = random_qk(2, 8, 2, needed_length(samples) + 7, 64, dtype=torch.float64, seed=31)
+    got = loss_and_grads(fused, q, k, layout)
+    want = loss_and_grads(ref, q, k, layout)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
 def test_torch_compile_traces_the_op():
     layout = make_layout(MIXED_SAMPLES)
     q, k = random_qk(3, 4, 2, needed_length(MIXED_SAMPLES), 8, seed=4)
@@ -312,6 +335,23 @@ def test_cuda_matches_cpu_kernel_float64():
     gpu = loss_and_grads(fused, q.cuda(), k.cuda(), layout)
     for a, b in zip(gpu, cpu):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_long_rows_use_every_lane():
+    """More than 32 keys and latents per row, so each lane of a warp handles several."""
+    samples = [(40, 150, 40, 60), (3, 11, 2, 5)]
+    layout = make_layout(samples)
+    q, k = random_qk(2, 8, 2, needed_length(samples) + 7, 64, dtype=torch.float64, seed=31)
+    cpu = loss_and_grads(fused, q, k, layout)
+    gpu = loss_and_grads(fused, q.cuda(), k.cuda(), layout.cuda())
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
+    first = loss_and_grads(fused, q.cuda().float(), k.cuda().float(), layout)
+    again = loss_and_grads(fused, q.cuda().float(), k.cuda().float(), layout)
+    for a, b in zip(first, again):  # deterministic: bitwise equal
+        assert torch.equal(a, b)
 
 
 @cuda_only

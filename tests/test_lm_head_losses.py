@@ -290,3 +290,38 @@ def test_cuda_opcheck_and_edge_cases():
     fused = run(crystal_ext.lm_head_losses, empty)
     assert fused[0].item() == 0.0 and fused[1].item() == 0.0
     assert torch.count_nonzero(fused[2]) == 0
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("shape", [
+    (40, 64, 70001, [10, 6]),   # three vocabulary blocks on the GPU: the cross-block rescale
+    (5000, 32, 1000, [20, 7]),  # two row chunks of 4096
+], ids=["three-vocab-blocks", "two-row-chunks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_multi_block_and_chunk(shape, dtype):
+    n, hd, vocab, pairs = shape
+    prob = make_problem(n, hd, vocab, pairs, bias=True, seed=5, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gold = run(reference.lm_head_losses, prob, 0.3, dtype=torch.float64)
+    fused = run(crystal_ext.lm_head_losses, prob, 0.3, dtype=dtype)
+    ref = run(reference.lm_head_losses, prob, 0.3, dtype=dtype)
+    for name, f, r, g in zip(["ce", "kl", "d hidden", "d weight", "d bias"], fused, ref, gold):
+        if g is None:
+            continue
+        if dtype == torch.float32:
+            assert _err(f, g) <= 1e-4 * g.double().norm().item() + 1e-9, name
+        else:
+            assert _err(f, g) <= 2 * _err(r, g) + 1e-6 * g.abs().max().item(), name
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_matches_cpu_kernel_float64():
+    prob = make_problem(37, 16, 3001, [9, 4], bias=True, seed=3)
+    cpu = run(crystal_ext.lm_head_losses, prob, 0.5, dtype=torch.float64)
+    gpu_prob = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in prob.items()}
+    gpu = run(crystal_ext.lm_head_losses, gpu_prob, 0.5, dtype=torch.float64)
+    for a, b in zip(gpu, cpu):
+        if b is not None:
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)

@@ -82,7 +82,8 @@ if _extension.extension_available():
 
     @torch.library.register_fake("crystal_ext::attention_alignment_loss_bwd")
     def _backward_fake(grad_loss, q, k, layout, lse, scale):
-        return torch.empty_like(q), torch.empty_like(k)
+        # Contiguous, like the real kernels' outputs (q is often a transposed view).
+        return q.new_empty(q.shape), k.new_empty(k.shape)
 
     def _setup_context(ctx, inputs, output):
         q, k, layout, scale = inputs

@@ -117,8 +117,8 @@ if _extension.extension_available():
                        student_rows, pair_sample, topk_fraction, grad_hidden_ce,
                        grad_hidden_kl, lse, kl_coef, grad_hidden, grad_weight, grad_bias):
         return (
-            torch.empty_like(hidden) if grad_hidden else hidden.new_empty((0,)),
-            torch.empty_like(weight) if grad_weight else weight.new_empty((0,)),
+            hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty((0,)),
+            weight.new_empty(weight.shape) if grad_weight else weight.new_empty((0,)),
             weight.new_empty((weight.shape[0],)) if grad_bias else weight.new_empty((0,)),
         )
 

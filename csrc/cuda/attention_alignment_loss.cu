@@ -156,6 +156,7 @@ __global__ void score_grad_kernel(acc_t* __restrict__ scores, const int64_t* __r
   for (int64_t c = lane; c < n_latent; c += kWarpSize)
     delta += key_probability(row[offset + c], row_lse) * gp[c];
   delta = warp_sum(delta);  // every lane has read its latent scores before any write below
+  __syncwarp();            // ... and say so explicitly
   const int64_t visible = visible_key_count(seg, path, i);
   for (int64_t t = lane; t < max_keys; t += kWarpSize) {
     if (t >= visible) {

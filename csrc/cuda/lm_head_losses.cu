@@ -26,8 +26,10 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxChunkRows = 4096;
 constexpr int64_t kBlockElements = int64_t(1) << 23;  // S block of about 32 MB in fp32
 
-int64_t vocab_block(int64_t rows, int64_t vocab) {
+int64_t vocab_block(int64_t rows, int64_t vocab, int64_t hidden_dim) {
   int64_t vb = kBlockElements / std::max<int64_t>(rows, 1);
+  // bf16/fp16 weight blocks are copied to fp32: keep that copy near kBlockElements too.
+  vb = std::min<int64_t>(vb, 2 * kBlockElements / std::max<int64_t>(hidden_dim, 1));
   vb = std::max<int64_t>(1024, std::min<int64_t>(32768, vb / 256 * 256));
   return std::min(vb, vocab);
 }
@@ -269,7 +271,7 @@ struct ForwardCuda {
     const bool half = hidden.scalar_type() == at::kHalf || hidden.scalar_type() == at::kBFloat16;
     const at::Tensor h = half ? hidden.index_select(0, rows_dev).contiguous()
                               : hidden.index_select(0, rows_dev).to(acc).contiguous();
-    const int64_t Vb = vocab_block(R, V);
+    const int64_t Vb = vocab_block(R, V, Hd);
     const at::Tensor s_buf = at::empty({R * Vb}, opts), p_buf = at::empty({R * Vb}, opts);
     at::Tensor expect = grad_hidden ? at::zeros({R, Hd}, opts) : at::Tensor();
     at::Tensor run_max = at::full({R}, -std::numeric_limits<double>::infinity(), opts);
@@ -443,8 +445,9 @@ void weight_grad_sweep_cuda(const Problem& p, const at::Tensor& hidden, const at
   const at::Tensor h = half ? hidden.index_select(0, logit_rows_dev).contiguous()
                             : hidden.index_select(0, logit_rows_dev).to(acc).contiguous();
   const at::Tensor hd = hidden.index_select(0, to_device_long(d_hidden_rows, dev)).to(acc).contiguous();
-  const at::Tensor gce = g_ce.to(acc).contiguous(), gkl = g_kl.to(acc).contiguous();
-  const int64_t Vb = vocab_block(std::max(Q, n_d), V);
+  // The upstream gradients may arrive as CPU scalars in a direct op call: the kernels read them.
+  const at::Tensor gce = g_ce.to(dev, acc).contiguous(), gkl = g_kl.to(dev, acc).contiguous();
+  const int64_t Vb = vocab_block(std::max(Q, n_d), V, hidden.size(1));
   const at::Tensor s_buf = at::empty({Q * Vb}, opts), d_buf = at::empty({n_d * Vb}, opts);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t v0 = 0; v0 < V; v0 += Vb) {
