@@ -19,7 +19,7 @@ import torch
 
 import crystal_ext
 from crystal_ext import reference
-from conftest import peak_memory_bytes, require_fused_ops
+from bench_utils import peak_memory_bytes, require_fused_ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from alignment_cases import make_layout, random_qk  # noqa: E402

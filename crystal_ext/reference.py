@@ -82,7 +82,9 @@ def lm_head_losses(
            sample the mean of its top k = max(1, int(topk_fraction * n_pairs)) pairs; then
            the mean over samples that have pairs.
     No targeted rows (or no pairs) gives a zero ce (or kl) that still backpropagates.
-    Logits are computed in float32 (float64 for float64 inputs).
+    The logits come out of the linear layer in the input dtype (rounded to bf16/fp16 for
+    bf16/fp16 inputs, as in a plain model) and are then upcast: the softmax, the losses and
+    the logit gradients run in float32 (float64 for float64 inputs).
     """
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits = F.linear(hidden, weight, bias).to(acc)  # [N, V]

@@ -23,6 +23,20 @@ TORCH_LIBRARY(crystal_ext, m) {
   // Returns (grad_q, grad_k).
   m.def("attention_alignment_loss_bwd(Tensor grad_loss, Tensor q, Tensor k, Tensor layout, "
         "Tensor lse, float scale) -> (Tensor, Tensor)");
+  // LM-head losses (crystal_ext/ops/lm_head_losses.py). Returns (ce, kl, grad_hidden_ce,
+  // grad_hidden_kl, lse, kl_coef): the two scalar losses (float32; float64 for float64
+  // inputs), d ce / d hidden and d kl / d hidden ([N, Hd] in the accumulate dtype, or [0]
+  // when grad_hidden is false), each row's log-sum-exp [N] (zero on rows without logits) and
+  // each pair's d kl / d KL_i [M] (zero for pairs outside the top k).
+  m.def("lm_head_losses_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+        "Tensor teacher_rows, Tensor student_rows, Tensor pair_sample, float topk_fraction, "
+        "bool grad_hidden) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Returns (grad_hidden, grad_weight, grad_bias); each is [0] when not requested.
+  m.def("lm_head_losses_bwd(Tensor grad_ce, Tensor grad_kl, Tensor hidden, Tensor weight, "
+        "Tensor? bias, Tensor targets, Tensor teacher_rows, Tensor student_rows, "
+        "Tensor pair_sample, float topk_fraction, Tensor grad_hidden_ce, Tensor grad_hidden_kl, "
+        "Tensor lse, Tensor kl_coef, bool grad_hidden, bool grad_weight, bool grad_bias) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -1,0 +1,81 @@
+"""The published way of computing one CrystaL step, in plain PyTorch, for comparison only.
+
+Same stock model, same batch, same loss as crystal_ext.objective.crystal_objective, computed
+as the authors' code does:
+  - every text layer: SDPA with the dense [B, 1, L, L] additive dual-path mask;
+  - the last layer: additionally the full [B, H, L, L] attention probabilities, from which
+    the alignment loss reads the E/F rows and D columns;
+  - the full fp32 logits [B, L, V], for the cross entropy and again (as log-softmax copies of
+    the E and F rows) for the prediction KL.
+The one difference from the published code: the alignment loss covers every sample of the
+batch (theirs takes sample 0 only), so that both compute the same number.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from crystal_ext.attention_registration import is_text_decoder_attention
+from crystal_ext.layout import D, E, dual_path_mask
+from crystal_ext.objective import CrystalLoss, _parts
+from crystal_ext.packing import IGNORE
+
+PUBLISHED_ATTN = "crystal_published_dense"
+PROBS_KWARG = "published_outputs"
+
+
+def published_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    slot = kwargs.pop(PROBS_KWARG, None)
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                 scaling=scaling, **kwargs)
+    if slot is not None and is_text_decoder_attention(module):
+        if module.layer_idx == module.config.num_hidden_layers - 1:
+            keys = repeat_kv(key, query.shape[1] // key.shape[1])
+            scores = torch.matmul(query, keys.transpose(-1, -2)) * scaling + attention_mask
+            slot["probs"] = scores.softmax(dim=-1)  # [B, H, L, L]
+    return out
+
+
+def register_published_attention() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PUBLISHED_ATTN, published_attention)
+    AttentionMaskInterface.register(PUBLISHED_ATTN, sdpa_mask)
+    return PUBLISHED_ATTN
+
+
+def published_step_loss(model, batch, topk_fraction=0.1, lambda_pred=1.0, lambda_attn=1.0) -> CrystalLoss:
+    """CE + lambda_pred * KL_pred + lambda_attn * KL_attn the published way (see module doc).
+    The model's text attention must be PUBLISHED_ATTN (register_published_attention())."""
+    _, backbone, head = _parts(model)
+    input_ids, targets, layout = batch["input_ids"], batch["targets"], batch["layout"]
+    length = input_ids.shape[1]
+    dtype = head.weight.dtype
+    visible = dual_path_mask(layout, length)[:, None].to(input_ids.device)
+    additive = torch.zeros(visible.shape, dtype=dtype, device=input_ids.device)
+    additive = additive.masked_fill(~visible, torch.finfo(dtype).min)
+    slot: dict = {}
+    hidden = backbone(input_ids=input_ids, pixel_values=batch["pixel_values"],
+                      image_grid_thw=batch["image_grid_thw"], position_ids=batch["position_ids"],
+                      attention_mask=additive, use_cache=False, **{PROBS_KWARG: slot}).last_hidden_state
+    logits = head(hidden).float()  # [B, L, V], fp32
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten().to(logits.device), ignore_index=IGNORE)
+    probs = slot["probs"]
+    kl_pred, kl_attn = [], []
+    for b, r in enumerate(layout.reshape(-1, 12).tolist()):
+        (d0, d1), (e0, e1), (f0, f1) = r[2 * D : 2 * D + 2], r[2 * E : 2 * E + 2], r[10:12]
+        teacher = logits[b, e0:e1].detach().log_softmax(-1)
+        student = logits[b, f0:f1].log_softmax(-1)
+        per_row = (teacher.exp() * (teacher - student)).sum(-1)
+        kl_pred.append(per_row.topk(max(1, int(topk_fraction * per_row.numel()))).values.mean())
+        t = probs[b, :, e0:e1, d0:d1].float().mean(0)
+        s = probs[b, :, f0:f1, d0:d1].float().mean(0)
+        t = (t / (t.sum(-1, keepdim=True) + 1e-8)).detach()
+        s = s / (s.sum(-1, keepdim=True) + 1e-8)
+        kl_attn.append(F.kl_div(s.log(), t, reduction="batchmean"))
+    kl_pred, kl_attn = torch.stack(kl_pred).mean(), torch.stack(kl_attn).mean()
+    return CrystalLoss(ce + lambda_pred * kl_pred + lambda_attn * kl_attn, ce, kl_pred, kl_attn)

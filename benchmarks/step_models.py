@@ -1,0 +1,76 @@
+"""Models and batches for the whole-step benchmarks (ours vs the published recipe).
+
+`tiny`: the test suite's tiny Qwen2.5-VL (hidden 64, 2 layers).
+`qwen7b_attn`: Qwen2.5-VL-7B's attention shape (hidden 3584, 28 heads, 4 kv heads,
+head_dim 128) and vocabulary (152,064) with few layers and a small MLP and vision tower, so
+one step fits this CPU; images of 448x448 give 256 visual tokens each, like the recipe.
+Embedding and LM head are frozen (as in the recipe, where only new rows train), the rest
+trains.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from dual_path_helpers import WORDS, tiny_qwen25vl, tiny_tokenizer  # noqa: E402
+
+from crystal_ext.latent_tokens import add_latent_tokens  # noqa: E402
+from crystal_ext.packing import DualPathCollator, DualPathPacker, Example, model_rope_index  # noqa: E402
+
+
+def qwen7b_attention_model(tokenizer, layers=2, vocab=152064, intermediate=1024, attn="sdpa"):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(vocab_size=vocab, hidden_size=3584, intermediate_size=intermediate,
+                num_hidden_layers=layers, num_attention_heads=28, num_key_value_heads=4,
+                max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                tie_word_embeddings=False, bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                pad_token_id=ids("<|endoftext|>"))
+    vision = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=3584,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                  fullatt_block_indexes=[0], window_size=112)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                              video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                              vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.float32)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    model.get_output_embeddings().weight.requires_grad_(False)
+    return model
+
+
+def _image(seed, size):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _words(n, seed):
+    rng = np.random.default_rng(seed)
+    return " ".join(rng.choice(WORDS[7:], size=n))
+
+
+def build(shape: str, attn: str, batch_size: int = 1):
+    """(model, batch) for `shape` in {"tiny", "qwen7b_L700", "qwen7b_L1400"}."""
+    tok = tiny_tokenizer()
+    if shape == "tiny":
+        latent = add_latent_tokens(tok, None, k=4)
+        model = tiny_qwen25vl(tok, attn_implementation=attn).train()
+        image, question, answer = 56, 6, 8
+    else:
+        latent = add_latent_tokens(tok, None, k=10)  # |D| = 12 with the think markers
+        model = qwen7b_attention_model(tok, attn=attn).train()
+        # L ~ 700: 448 px (256 visual tokens), |E| = |F| = 48; L ~ 1400: 644 px (529 tokens).
+        image, question, answer = (448, 25, 42) if shape == "qwen7b_L700" else (644, 40, 70)
+    packer = DualPathPacker(tok, latent, model_rope_index(model), image_size=image, max_length=4096)
+    examples = [Example(f"ex{i}", _image(i, image), _words(question, i), _words(answer, 100 + i))
+                for i in range(batch_size)]
+    batch = DualPathCollator(packer, tok.pad_token_id)(examples)
+    return model, batch

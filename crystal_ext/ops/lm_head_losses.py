@@ -1,0 +1,160 @@
+r"""Fused LM-head losses (CrystaL's cross entropy and top-k prediction alignment), as a torch
+custom op that never materialises the [N, V] logits.
+
+Maths. Row r of hidden has logits z_r = W h_r + b (W the LM head [V, Hd]). With
+lse_r = log sum_v exp(z_rv) and p_r = softmax(z_r):
+
+  ce   = (1/|T|) sum_{r in T} (lse_r - z_{r, t_r}),     T = rows whose target is not -100
+  KL_i = sum_v p_{a_i v} (z_{a_i v} - z_{s_i v}) - lse_{a_i} + lse_{s_i}
+         for pair i = (teacher row a_i, student row s_i), the teacher detached
+  kl   = (1/|S|) sum_{samples s} (1/k_s) sum_{i in top-k_s} KL_i,
+         k_s = max(1, int(topk_fraction * n_pairs_of_s)),  S = samples that have pairs.
+
+Gradients. With the expectation E_r = sum_v p_rv W_v (a vector of size Hd):
+
+  d ce / d h_r  = (E_r - W_{t_r}) / |T|
+  d kl / d h_s  = sum_{kept i with s_i = s} c_i (E_{s_i} - E_{a_i}),   c_i = 1 / (k_s |S|)
+  d ce / d W    = (1/|T|) sum_r (p_r - onehot(t_r)) h_r^T,   d ce / d b = column sums of the same
+  d kl / d W    = sum_{kept i} c_i (p_{s_i} - p_{a_i}) h_{s_i}^T,  d kl / d b likewise.
+
+How it is computed (csrc/lm_head_losses.h, csrc/cpu/, csrc/cuda/). The forward sweeps the
+vocabulary in blocks for the rows that need logits (each row once, even when it is a CE row
+and a teacher or student row), keeping for each row an online log-sum-exp (running max m,
+running sum Z) and the running expectation O_r = sum_v exp(z_rv - m_r) W_v, rescaled like Z
+when the max grows (the flash-attention trick with W as the value matrix), and for each pair
+the cross term A_i = sum_v exp(z_av - m_a) (z_av - z_sv). At the end E_r = O_r / Z_r and
+KL_i = A_i / Z_a - lse_a + lse_s. So one sweep (two GEMMs per block: logits, then P W) gives
+both losses and d ce / d hidden and every pair's d KL_i / d hidden, before the top-k selection
+is known; the selection then only chooses the coefficients c_i. Logits, softmax statistics
+and gradients are accumulated in float32 (float64 for float64 inputs) even for bf16/fp16
+inputs. The backward multiplies the saved d ce / d hidden and d kl / d hidden ([N, Hd] each,
+float32) by the two upstream gradients: no logits are recomputed for hidden. Only when weight
+or bias requires grad does the backward sweep the vocabulary once more, for the CE rows and
+the kept pairs' rows only, using the saved lse; with a frozen head nothing of that runs.
+
+Edge cases: no targeted rows gives ce = 0 and no pairs gives kl = 0; both still
+backpropagate (zero gradients). Pairs may share rows; a row may be a teacher in one pair and
+a student in another; ties in the top-k are broken towards the earlier pair.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crystal_ext import _extension
+
+_OP = "crystal_ext::lm_head_losses_fwd"
+
+
+def lm_head_losses(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_rows: torch.Tensor,
+    student_rows: torch.Tensor,
+    pair_sample: torch.Tensor,
+    topk_fraction: float = 0.1,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CrystaL's LM-head losses without materialising the logits.
+
+    Args:
+        hidden: [N, Hd] final hidden states, float32 / bfloat16 / float16 (float64 for tests).
+        weight: [V, Hd] LM-head weight, same dtype and device.
+        targets: int64 [N]; row i predicts targets[i] (already shifted); -100 is ignored.
+        teacher_rows, student_rows: int64 [M], row indices into hidden; pair i is
+            (teacher_rows[i], student_rows[i]).
+        pair_sample: int64 [M], the sample each pair belongs to (any integer labels).
+        topk_fraction: per sample keep k = max(1, int(topk_fraction * n_pairs)) pairs; (0, 1].
+        bias: optional [V] LM-head bias.
+
+    Returns:
+        (ce, kl): scalars in float32 (float64 for float64 inputs). ce is the mean cross
+        entropy over targeted rows (0 when there are none); kl the mean over samples of the
+        mean of each sample's top-k pair KLs (0 when there are no pairs). Gradients reach
+        hidden, and weight / bias only when they require grad.
+    """
+    _extension.require_fused("lm_head_losses", hidden, weight)
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise ValueError("lm_head_losses: hidden and weight must be tensors")
+    ce, kl, *_ = torch.ops.crystal_ext.lm_head_losses_fwd(
+        hidden,
+        weight,
+        bias,
+        targets,
+        teacher_rows,
+        student_rows,
+        pair_sample,
+        float(topk_fraction),
+        bool(torch.is_grad_enabled() and hidden.requires_grad),
+    )
+    return ce, kl
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if _extension.extension_available():
+
+    @torch.library.register_fake(_OP)
+    def _forward_fake(hidden, weight, bias, targets, teacher_rows, student_rows, pair_sample,
+                      topk_fraction, grad_hidden):
+        acc = _accumulate_dtype(hidden.dtype)
+        n = hidden.shape[0]
+        grad_shape = tuple(hidden.shape) if grad_hidden else (0,)
+        return (
+            hidden.new_empty((), dtype=acc),
+            hidden.new_empty((), dtype=acc),
+            hidden.new_empty(grad_shape, dtype=acc),
+            hidden.new_empty(grad_shape, dtype=acc),
+            hidden.new_empty((n,), dtype=acc),
+            hidden.new_empty((teacher_rows.shape[0],), dtype=acc),
+        )
+
+    @torch.library.register_fake("crystal_ext::lm_head_losses_bwd")
+    def _backward_fake(grad_ce, grad_kl, hidden, weight, bias, targets, teacher_rows,
+                       student_rows, pair_sample, topk_fraction, grad_hidden_ce,
+                       grad_hidden_kl, lse, kl_coef, grad_hidden, grad_weight, grad_bias):
+        return (
+            torch.empty_like(hidden) if grad_hidden else hidden.new_empty((0,)),
+            torch.empty_like(weight) if grad_weight else weight.new_empty((0,)),
+            weight.new_empty((weight.shape[0],)) if grad_bias else weight.new_empty((0,)),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        (hidden, weight, bias, targets, teacher_rows, student_rows, pair_sample,
+         topk_fraction, grad_hidden) = inputs
+        _ce, _kl, grad_hidden_ce, grad_hidden_kl, lse, kl_coef = output
+        ctx.grad_hidden = bool(grad_hidden)
+        ctx.has_bias = bias is not None
+        ctx.topk_fraction = topk_fraction
+        ctx.save_for_backward(hidden, weight, bias, targets, teacher_rows, student_rows,
+                              pair_sample, grad_hidden_ce, grad_hidden_kl, lse, kl_coef)
+
+    def _backward(ctx, grad_ce, grad_kl, *_unused):
+        (hidden, weight, bias, targets, teacher_rows, student_rows, pair_sample,
+         grad_hidden_ce, grad_hidden_kl, lse, kl_coef) = ctx.saved_tensors
+        need_hidden = ctx.needs_input_grad[0]
+        need_weight = ctx.needs_input_grad[1]
+        need_bias = ctx.has_bias and ctx.needs_input_grad[2]
+        if need_hidden and not ctx.grad_hidden:
+            raise RuntimeError(
+                "lm_head_losses: hidden did not require grad when the forward ran, so its "
+                "gradient was not prepared; set requires_grad before calling the op"
+            )
+        if not (need_hidden or need_weight or need_bias):
+            return (None,) * 9
+        gh, gw, gb = torch.ops.crystal_ext.lm_head_losses_bwd(
+            grad_ce, grad_kl, hidden, weight, bias, targets, teacher_rows, student_rows,
+            pair_sample, ctx.topk_fraction, grad_hidden_ce, grad_hidden_kl, lse, kl_coef,
+            bool(need_hidden), bool(need_weight), bool(need_bias),
+        )
+        return (
+            gh if need_hidden else None,
+            gw if need_weight else None,
+            gb if need_bias else None,
+            None, None, None, None, None, None,
+        )
+
+    torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)

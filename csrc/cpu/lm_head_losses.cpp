@@ -1,0 +1,381 @@
+// CPU kernel of the fused LM-head losses (cross entropy + top-k paired KL).
+//
+// Forward: the rows that need logits (CE rows, teacher rows, student rows; each once) are cut
+// into row chunks (the first chunk holds every paired row, so a pair's two rows are always in
+// the same chunk) and the vocabulary into blocks of Vb entries. For each (chunk, block):
+//   S = H_chunk W_blk^T (+ b_blk)          one ATen GEMM, fp32 (fp64 for fp64 inputs)
+//   rows  (at::parallel_for): online max / sum, P = exp(S - running max), target logit,
+//                             rescale of the running expectation O
+//   pairs (at::parallel_for): KL cross term A += sum_v P_teacher (S_teacher - S_student)
+//   O += P W_blk                           one ATen GEMM (only when hidden needs a gradient)
+// so the forward does exactly two GEMM passes over the head (the same as a plain
+// linear + cross-entropy forward and its hidden-gradient backward) and ends with the losses
+// AND d ce / d hidden, d KL_i / d hidden for every pair (csrc/lm_head_losses.h). The top-k
+// selection then only picks coefficients; the backward multiplies by the upstream gradients
+// and never recomputes logits for hidden. Only when weight (or bias) requires grad does the
+// backward sweep the vocabulary again (logits of the CE rows and of the kept pairs' rows,
+// with the saved lse), one more GEMM for d weight per block: nothing of that runs for a
+// frozen head.
+//
+// Workspace: two [rows_in_chunk, Vb] fp32 blocks (S and P, about 4 MB each), the running
+// expectation [rows_in_chunk, Hd] fp32, an fp32 copy of the chunk's hidden rows and, for
+// bf16/fp16, one fp32 weight block. Never [N, V].
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "lm_head_losses.h"
+#include "lm_head_losses_checks.h"
+
+namespace crystal_ext {
+namespace lm_head {
+namespace {
+
+constexpr int64_t kMaxChunkRows = 2048;
+constexpr int64_t kBlockElements = int64_t(1) << 20;  // S block of about 4 MB in fp32
+
+// Vocabulary block: about kBlockElements logits per block, a multiple of 128, in [256, 8192].
+int64_t vocab_block(int64_t rows, int64_t vocab) {
+  int64_t vb = kBlockElements / std::max<int64_t>(rows, 1);
+  vb = std::max<int64_t>(256, std::min<int64_t>(8192, vb / 128 * 128));
+  return std::min(vb, vocab);
+}
+
+at::Tensor long_tensor(const std::vector<int64_t>& v) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
+  std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
+  return t;
+}
+
+// Contiguous [rows, cols] view of the front of a flat buffer (reused across blocks).
+at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
+  return flat.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+template <typename acc_t>
+struct Forward {
+  const Problem& p;
+  const at::Tensor& hidden;  // contiguous, input dtype
+  const at::Tensor& weight;  // contiguous, input dtype
+  const c10::optional<at::Tensor>& bias;
+  double topk_fraction;
+  bool grad_hidden;
+  at::ScalarType acc;
+
+  // outputs
+  acc_t ce = acc_t(0), kl = acc_t(0);
+  at::Tensor lse, coef, grad_ce, grad_kl;
+
+  void run() {
+    const auto opts = hidden.options().dtype(acc);
+    lse = at::zeros({p.n_rows}, opts);
+    coef = at::zeros({p.n_pairs}, opts);
+    grad_ce = grad_hidden ? at::zeros({p.n_rows, p.hidden_dim}, opts) : at::empty({0}, opts);
+    grad_kl = grad_hidden ? at::zeros({p.n_rows, p.hidden_dim}, opts) : at::empty({0}, opts);
+    double ce_sum = 0.0;
+    for (const auto& chunk : row_chunks(p, kMaxChunkRows)) ce_sum += run_chunk(chunk.first, chunk.second);
+    ce = p.n_targeted > 0 ? static_cast<acc_t>(ce_sum / static_cast<double>(p.n_targeted))
+                          : acc_t(0);
+  }
+
+  // Returns the sum of the chunk's CE terms.
+  double run_chunk(int64_t begin, int64_t end) {
+    const int64_t R = end - begin, Hd = p.hidden_dim, V = p.vocab;
+    const auto opts = hidden.options().dtype(acc);
+    const std::vector<int64_t> chunk_rows(p.rows.begin() + begin, p.rows.begin() + end);
+    const at::Tensor h = hidden.index_select(0, long_tensor(chunk_rows)).to(acc).contiguous();
+    const int64_t Vb = vocab_block(R, V);
+    const at::Tensor s_buf = at::empty({R * Vb}, opts), p_buf = at::empty({R * Vb}, opts);
+    at::Tensor expect = grad_hidden ? at::zeros({R, Hd}, opts) : at::Tensor();
+    std::vector<acc_t> run_max(R, neg_inf<acc_t>()), run_sum(R, acc_t(0)),
+        alpha(R, acc_t(0)), target_logit(R, acc_t(0));
+    std::vector<int64_t> target(R);
+    const int64_t* tg = p.targets_cpu.data_ptr<int64_t>();
+    for (int64_t j = 0; j < R; ++j) target[j] = tg[chunk_rows[j]];
+    // Pairs live in the first chunk (their rows come first in p.rows).
+    const bool has_pairs = begin == 0 && p.n_pairs > 0;
+    std::vector<acc_t> cross(has_pairs ? p.n_pairs : 0, acc_t(0));
+    std::vector<int64_t> pair_t, pair_s;
+    if (has_pairs) {
+      const int64_t* te = p.teacher_cpu.data_ptr<int64_t>();
+      const int64_t* st = p.student_cpu.data_ptr<int64_t>();
+      for (int64_t i = 0; i < p.n_pairs; ++i) {
+        pair_t.push_back(p.local[te[i]]);
+        pair_s.push_back(p.local[st[i]]);
+      }
+    }
+
+    for (int64_t v0 = 0; v0 < V; v0 += Vb) {
+      const int64_t vb = std::min(Vb, V - v0);
+      const at::Tensor w = weight.narrow(0, v0, vb).to(acc);  // no copy for fp32 / fp64
+      at::Tensor S = front(s_buf, R, vb), P = front(p_buf, R, vb);
+      if (bias.has_value() && bias->defined()) {
+        at::addmm_out(S, bias->narrow(0, v0, vb).to(acc), h, w.t());
+      } else {
+        at::mm_out(S, h, w.t());
+      }
+      acc_t* s_ptr = S.data_ptr<acc_t>();
+      acc_t* p_ptr = P.data_ptr<acc_t>();
+      acc_t* e_ptr = grad_hidden ? expect.data_ptr<acc_t>() : nullptr;
+      at::parallel_for(0, R, 16, [&](int64_t rb, int64_t re) {
+        for (int64_t j = rb; j < re; ++j) {
+          const acc_t* s = s_ptr + j * vb;
+          acc_t* pr = p_ptr + j * vb;
+          acc_t bmax = run_max[j];
+          for (int64_t v = 0; v < vb; ++v) bmax = s[v] > bmax ? s[v] : bmax;
+          const acc_t a = block_rescale(run_max[j], bmax);
+          acc_t sum = acc_t(0);
+          for (int64_t v = 0; v < vb; ++v) {
+            pr[v] = unnormalised_prob(s[v], bmax);
+            sum += pr[v];
+          }
+          run_sum[j] = run_sum[j] * a + sum;
+          run_max[j] = bmax;
+          alpha[j] = a;
+          if (target[j] >= v0 && target[j] < v0 + vb) target_logit[j] = s[target[j] - v0];
+          if (e_ptr != nullptr && a != acc_t(1)) {
+            acc_t* e = e_ptr + j * Hd;
+            for (int64_t d = 0; d < Hd; ++d) e[d] *= a;
+          }
+        }
+      });
+      if (has_pairs) {
+        at::parallel_for(0, p.n_pairs, 4, [&](int64_t ib, int64_t ie) {
+          for (int64_t i = ib; i < ie; ++i) {
+            const acc_t* st = s_ptr + pair_t[i] * vb;
+            const acc_t* ss = s_ptr + pair_s[i] * vb;
+            const acc_t* pt = p_ptr + pair_t[i] * vb;
+            acc_t sum = acc_t(0);
+            for (int64_t v = 0; v < vb; ++v) sum += kl_cross_term(pt[v], st[v], ss[v]);
+            cross[i] = cross[i] * alpha[pair_t[i]] + sum;
+          }
+        });
+      }
+      if (grad_hidden) expect.addmm_(P, w);
+    }
+
+    // Finish: lse, CE terms, expectations E = O / Z.
+    acc_t* lse_ptr = lse.data_ptr<acc_t>();
+    std::vector<acc_t> chunk_lse(R);
+    double ce_sum = 0.0;
+    for (int64_t j = 0; j < R; ++j) {
+      chunk_lse[j] = lse_finish(run_max[j], run_sum[j]);
+      lse_ptr[chunk_rows[j]] = chunk_lse[j];
+      if (target[j] != kIgnoreIndex) ce_sum += static_cast<double>(ce_row(chunk_lse[j], target_logit[j]));
+    }
+    if (grad_hidden) {
+      acc_t* e_ptr = expect.data_ptr<acc_t>();
+      acc_t* g_ptr = grad_ce.data_ptr<acc_t>();
+      const acc_t inv_n = p.n_targeted > 0 ? acc_t(1) / acc_t(p.n_targeted) : acc_t(0);
+      at::parallel_for(0, R, 16, [&](int64_t rb, int64_t re) {
+        for (int64_t j = rb; j < re; ++j) {
+          acc_t* e = e_ptr + j * Hd;
+          const acc_t inv_z = acc_t(1) / run_sum[j];
+          for (int64_t d = 0; d < Hd; ++d) e[d] *= inv_z;
+        }
+      });
+      // d ce / d h_r = (E_r - W_t) / n_targeted, for the chunk's targeted rows (the target
+      // rows of W gathered once, in acc_t).
+      std::vector<int64_t> safe_target(R);
+      for (int64_t j = 0; j < R; ++j) safe_target[j] = target[j] == kIgnoreIndex ? 0 : target[j];
+      const at::Tensor wt = weight.index_select(0, long_tensor(safe_target)).to(acc).contiguous();
+      const acc_t* wt_ptr = wt.data_ptr<acc_t>();
+      at::parallel_for(0, R, 16, [&](int64_t rb, int64_t re) {
+        for (int64_t j = rb; j < re; ++j) {
+          if (target[j] == kIgnoreIndex) continue;
+          const acc_t* w = wt_ptr + j * Hd;
+          const acc_t* e = e_ptr + j * Hd;
+          acc_t* g = g_ptr + chunk_rows[j] * Hd;
+          for (int64_t d = 0; d < Hd; ++d) g[d] = ce_hidden_grad(e[d], w[d], inv_n);
+        }
+      });
+    }
+
+    if (has_pairs) {
+      std::vector<acc_t> pair_kl_values(p.n_pairs);
+      for (int64_t i = 0; i < p.n_pairs; ++i)
+        pair_kl_values[i] = pair_kl(cross[i], run_sum[pair_t[i]], chunk_lse[pair_t[i]],
+                                    chunk_lse[pair_s[i]]);
+      acc_t* c = coef.data_ptr<acc_t>();
+      kl = static_cast<acc_t>(select_topk(p, pair_kl_values.data(), topk_fraction, c));
+      if (grad_hidden) {
+        // d KL / d h_s = sum over kept pairs i with student s of coef_i (E_s - E_teacher).
+        const acc_t* e_ptr = expect.data_ptr<acc_t>();
+        acc_t* g_ptr = grad_kl.data_ptr<acc_t>();
+        const int64_t* st = p.student_cpu.data_ptr<int64_t>();
+        for (int64_t i = 0; i < p.n_pairs; ++i) {
+          if (c[i] == acc_t(0)) continue;
+          const acc_t* es = e_ptr + pair_s[i] * Hd;
+          const acc_t* et = e_ptr + pair_t[i] * Hd;
+          acc_t* g = g_ptr + st[i] * Hd;
+          for (int64_t d = 0; d < Hd; ++d) g[d] += kl_hidden_grad(es[d], et[d], c[i]);
+        }
+      }
+    }
+    return ce_sum;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& hidden_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
+    const at::Tensor& targets, const at::Tensor& teacher_rows, const at::Tensor& student_rows,
+    const at::Tensor& pair_sample, double topk_fraction, bool grad_hidden) {
+  const Problem p = check_inputs(hidden_in, weight_in, bias_in, targets, teacher_rows,
+                                 student_rows, pair_sample, topk_fraction);
+  TORCH_CHECK(hidden_in.device().is_cpu(), "lm_head_losses: CPU kernel called with hidden on ",
+              hidden_in.device());
+  const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
+  c10::optional<at::Tensor> bias;
+  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->contiguous();
+  const auto acc = accumulate_type(hidden.scalar_type());
+  at::Tensor ce, kl, lse, coef, grad_ce, grad_kl;
+  AT_DISPATCH_FLOATING_TYPES(acc, "lm_head_losses_fwd_cpu", [&] {
+    Forward<scalar_t> f{p, hidden, weight, bias, topk_fraction, grad_hidden, acc};
+    f.run();
+    ce = at::scalar_tensor(f.ce, hidden.options().dtype(acc));
+    kl = at::scalar_tensor(f.kl, hidden.options().dtype(acc));
+    lse = f.lse;
+    coef = f.coef;
+    grad_ce = f.grad_ce;
+    grad_kl = f.grad_kl;
+  });
+  return {ce, kl, grad_ce, grad_kl, lse, coef};
+}
+
+// d weight and d bias: one more sweep over the vocabulary for the CE rows and the kept pairs'
+// rows only, with the saved lse, writing each vocabulary block of the gradients once.
+template <typename acc_t>
+void weight_grad_sweep(const Problem& p, const at::Tensor& hidden, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& coef_t,
+                       const at::Tensor& lse_t, acc_t g_ce, acc_t g_kl, at::ScalarType acc,
+                       at::Tensor* grad_weight, at::Tensor* grad_bias) {
+  const int64_t* tg = p.targets_cpu.data_ptr<int64_t>();
+  const int64_t* te = p.teacher_cpu.data_ptr<int64_t>();
+  const int64_t* st = p.student_cpu.data_ptr<int64_t>();
+  const acc_t* coef = coef_t.data_ptr<acc_t>();
+  const acc_t* lse = lse_t.data_ptr<acc_t>();
+  // Rows whose logits are needed, and the rows of the logit-gradient matrix D.
+  std::vector<int64_t> logit_rows, local(p.n_rows, -1);
+  auto add = [&](int64_t r) {
+    if (local[r] < 0) {
+      local[r] = static_cast<int64_t>(logit_rows.size());
+      logit_rows.push_back(r);
+    }
+  };
+  std::vector<int64_t> d_hidden_rows;  // hidden row multiplying each D row
+  std::vector<int64_t> ce_rows, kept;
+  for (int64_t r = 0; r < p.n_rows; ++r)
+    if (tg[r] != kIgnoreIndex) ce_rows.push_back(r);
+  for (int64_t i = 0; i < p.n_pairs; ++i)
+    if (coef[i] != acc_t(0)) kept.push_back(i);
+  for (int64_t r : ce_rows) { add(r); d_hidden_rows.push_back(r); }
+  for (int64_t i : kept) { add(te[i]); add(st[i]); d_hidden_rows.push_back(st[i]); }
+  const int64_t Q = static_cast<int64_t>(logit_rows.size());
+  const int64_t n_ce = static_cast<int64_t>(ce_rows.size());
+  const int64_t n_d = static_cast<int64_t>(d_hidden_rows.size());
+  const int64_t V = p.vocab;
+  const auto opts = hidden.options().dtype(acc);
+  if (n_d == 0) {  // nothing targeted and no pairs: zero gradients
+    if (grad_weight) *grad_weight = at::zeros_like(weight);
+    if (grad_bias) *grad_bias = at::zeros({V}, weight.options());
+    return;
+  }
+  // Every vocabulary block of the gradients is written exactly once below.
+  if (grad_weight) *grad_weight = at::empty_like(weight);
+  if (grad_bias) *grad_bias = at::empty({V}, opts);
+  const at::Tensor h = hidden.index_select(0, long_tensor(logit_rows)).to(acc).contiguous();
+  const at::Tensor hd = hidden.index_select(0, long_tensor(d_hidden_rows)).to(acc).contiguous();
+  const int64_t Vb = vocab_block(std::max(Q, n_d), V);
+  const at::Tensor s_buf = at::empty({Q * Vb}, opts), d_buf = at::empty({n_d * Vb}, opts);
+  const acc_t ce_coef = p.n_targeted > 0 ? g_ce / acc_t(p.n_targeted) : acc_t(0);
+  for (int64_t v0 = 0; v0 < V; v0 += Vb) {
+    const int64_t vb = std::min(Vb, V - v0);
+    const at::Tensor w = weight.narrow(0, v0, vb).to(acc);
+    at::Tensor S = front(s_buf, Q, vb), D = front(d_buf, n_d, vb);
+    if (bias.has_value() && bias->defined()) {
+      at::addmm_out(S, bias->narrow(0, v0, vb).to(acc), h, w.t());
+    } else {
+      at::mm_out(S, h, w.t());
+    }
+    const acc_t* s_ptr = S.data_ptr<acc_t>();
+    acc_t* d_ptr = D.data_ptr<acc_t>();
+    at::parallel_for(0, n_d, 16, [&](int64_t jb, int64_t je) {
+      for (int64_t j = jb; j < je; ++j) {
+        acc_t* drow = d_ptr + j * vb;
+        if (j < n_ce) {
+          const int64_t r = ce_rows[j];
+          const acc_t* s = s_ptr + local[r] * vb;
+          const int64_t t = tg[r] - v0;
+          for (int64_t v = 0; v < vb; ++v)
+            drow[v] = ce_logit_grad(softmax_prob(s[v], lse[r]), v == t, ce_coef);
+        } else {
+          const int64_t i = kept[j - n_ce];
+          const acc_t* ss = s_ptr + local[st[i]] * vb;
+          const acc_t* sa = s_ptr + local[te[i]] * vb;
+          const acc_t c = g_kl * coef[i];
+          for (int64_t v = 0; v < vb; ++v)
+            drow[v] = kl_logit_grad(softmax_prob(ss[v], lse[st[i]]),
+                                    softmax_prob(sa[v], lse[te[i]]), c);
+        }
+      }
+    });
+    if (grad_weight) grad_weight->narrow(0, v0, vb).copy_(at::mm(D.t(), hd));
+    if (grad_bias) grad_bias->narrow(0, v0, vb).copy_(D.sum(0));
+  }
+  if (grad_bias) *grad_bias = grad_bias->to(weight.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_ce, const at::Tensor& grad_kl, const at::Tensor& hidden_in,
+    const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
+    const at::Tensor& targets, const at::Tensor& teacher_rows, const at::Tensor& student_rows,
+    const at::Tensor& pair_sample, double topk_fraction, const at::Tensor& grad_hidden_ce,
+    const at::Tensor& grad_hidden_kl, const at::Tensor& lse_in, const at::Tensor& coef_in,
+    bool grad_hidden, bool grad_weight, bool grad_bias) {
+  const Problem p = check_inputs(hidden_in, weight_in, bias_in, targets, teacher_rows,
+                                 student_rows, pair_sample, topk_fraction);
+  TORCH_CHECK(hidden_in.device().is_cpu(), "lm_head_losses: CPU kernel called with hidden on ",
+              hidden_in.device());
+  TORCH_CHECK_VALUE(grad_ce.numel() == 1 && grad_kl.numel() == 1,
+                    "lm_head_losses backward: grad_ce and grad_kl must be scalars");
+  const auto acc = accumulate_type(hidden_in.scalar_type());
+  at::Tensor gh, gw, gb;
+  if (grad_hidden) {
+    TORCH_CHECK_VALUE(grad_hidden_ce.sizes() == hidden_in.sizes() &&
+                          grad_hidden_kl.sizes() == hidden_in.sizes(),
+                      "lm_head_losses backward: the saved hidden gradients must have the shape "
+                      "of hidden ", hidden_in.sizes());
+    gh = (grad_hidden_ce * grad_ce.to(acc) + grad_hidden_kl * grad_kl.to(acc))
+             .to(hidden_in.scalar_type());
+  } else {
+    gh = at::empty({0}, hidden_in.options());
+  }
+  if (grad_weight || grad_bias) {
+    const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
+    c10::optional<at::Tensor> bias;
+    if (bias_in.has_value() && bias_in->defined()) bias = bias_in->contiguous();
+    const at::Tensor lse = lse_in.to(acc).contiguous(), coef = coef_in.to(acc).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(acc, "lm_head_losses_bwd_cpu", [&] {
+      weight_grad_sweep<scalar_t>(p, hidden, weight, bias, coef, lse,
+                                  grad_ce.to(acc).item<scalar_t>(),
+                                  grad_kl.to(acc).item<scalar_t>(), acc,
+                                  grad_weight ? &gw : nullptr, grad_bias ? &gb : nullptr);
+    });
+  }
+  if (!gw.defined()) gw = at::empty({0}, weight_in.options());
+  if (!gb.defined()) gb = at::empty({0}, weight_in.options());
+  return {gh, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(crystal_ext, CPU, m) {
+  m.impl("lm_head_losses_fwd", &forward_cpu);
+  m.impl("lm_head_losses_bwd", &backward_cpu);
+}
+
+}  // namespace lm_head
+}  // namespace crystal_ext

@@ -1,0 +1,519 @@
+// CUDA kernel of the fused LM-head losses. Same algorithm as csrc/cpu/lm_head_losses.cpp
+// (see its header comment and csrc/lm_head_losses.h): rows that need logits in row chunks,
+// the vocabulary in blocks; per block the logits GEMM (ATen / cuBLAS on the current stream;
+// bf16/fp16 inputs use the bf16/fp16 GEMM with float32 output, so the logits are never
+// rounded to bf16), then our kernels for the online softmax statistics and the KL cross term,
+// then the expectation GEMM O += P W_blk in float32. The per-row and per-pair arithmetic comes
+// from the shared header. The top-k selection runs on the host on the [M] pair KLs (one small
+// device-to-host copy, like the index checks).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "lm_head_losses.h"
+#include "lm_head_losses_checks.h"
+
+namespace crystal_ext {
+namespace lm_head {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxChunkRows = 4096;
+constexpr int64_t kBlockElements = int64_t(1) << 23;  // S block of about 32 MB in fp32
+
+int64_t vocab_block(int64_t rows, int64_t vocab) {
+  int64_t vb = kBlockElements / std::max<int64_t>(rows, 1);
+  vb = std::max<int64_t>(1024, std::min<int64_t>(32768, vb / 256 * 256));
+  return std::min(vb, vocab);
+}
+
+at::Tensor to_device_long(const std::vector<int64_t>& v, const at::Device& device) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
+  std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
+  return t.to(device, /*non_blocking=*/false);
+}
+
+at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
+  return flat.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// ---- block reductions (kThreads threads) ----
+
+template <typename T>
+__device__ T warp_max(T x) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const T y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = y > x ? y : x;
+  }
+  return x;
+}
+
+template <typename T>
+__device__ T warp_sum(T x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Reduces x over the block; every thread gets the result. `shared` holds kThreads / 32 values.
+template <typename T, bool kMax>
+__device__ T block_reduce(T x, T* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  x = kMax ? warp_max(x) : warp_sum(x);
+  __syncthreads();  // shared may still be read by a previous reduction
+  if (lane == 0) shared[warp] = x;
+  __syncthreads();
+  T r = shared[0];
+  for (int w = 1; w < kThreads / 32; ++w) r = kMax ? (shared[w] > r ? shared[w] : r) : r + shared[w];
+  return r;
+}
+
+// One block per row of the chunk: bias, online max / sum, P = exp(S - max), target logit and
+// the rescale of the running expectation row.
+template <typename acc_t>
+__global__ void row_block_kernel(acc_t* __restrict__ S, acc_t* __restrict__ P,
+                                 const acc_t* __restrict__ bias, int64_t vb, int64_t v0,
+                                 const int64_t* __restrict__ target, acc_t* __restrict__ run_max,
+                                 acc_t* __restrict__ run_sum, acc_t* __restrict__ alpha,
+                                 acc_t* __restrict__ target_logit, acc_t* __restrict__ expect,
+                                 int64_t hidden_dim) {
+  __shared__ acc_t shared[kThreads / 32];
+  const int64_t j = blockIdx.x;
+  acc_t* s = S + j * vb;
+  acc_t* pr = P + j * vb;
+  const acc_t old_max = run_max[j];
+  acc_t m = old_max;
+  for (int64_t v = threadIdx.x; v < vb; v += kThreads) {
+    acc_t z = s[v];
+    if (bias != nullptr) {
+      z += bias[v];
+      s[v] = z;
+    }
+    m = z > m ? z : m;
+  }
+  m = block_reduce<acc_t, true>(m, shared);
+  acc_t sum = acc_t(0);
+  for (int64_t v = threadIdx.x; v < vb; v += kThreads) {
+    const acc_t e = unnormalised_prob(s[v], m);
+    pr[v] = e;
+    sum += e;
+  }
+  sum = block_reduce<acc_t, false>(sum, shared);
+  const acc_t a = block_rescale(old_max, m);
+  if (expect != nullptr && a != acc_t(1)) {
+    acc_t* e = expect + j * hidden_dim;
+    for (int64_t d = threadIdx.x; d < hidden_dim; d += kThreads) e[d] *= a;
+  }
+  if (threadIdx.x == 0) {
+    run_sum[j] = run_sum[j] * a + sum;
+    run_max[j] = m;
+    alpha[j] = a;
+    const int64_t t = target[j] - v0;
+    if (t >= 0 && t < vb) target_logit[j] = s[t];
+  }
+}
+
+// One block per pair: A_i = A_i * alpha_teacher + sum_v P_teacher (S_teacher - S_student).
+template <typename acc_t>
+__global__ void pair_cross_kernel(const acc_t* __restrict__ S, const acc_t* __restrict__ P,
+                                  int64_t vb, const int64_t* __restrict__ pair_t,
+                                  const int64_t* __restrict__ pair_s,
+                                  const acc_t* __restrict__ alpha, acc_t* __restrict__ cross) {
+  __shared__ acc_t shared[kThreads / 32];
+  const int64_t i = blockIdx.x;
+  const acc_t* st = S + pair_t[i] * vb;
+  const acc_t* ss = S + pair_s[i] * vb;
+  const acc_t* pt = P + pair_t[i] * vb;
+  acc_t sum = acc_t(0);
+  for (int64_t v = threadIdx.x; v < vb; v += kThreads) sum += kl_cross_term(pt[v], st[v], ss[v]);
+  sum = block_reduce<acc_t, false>(sum, shared);
+  if (threadIdx.x == 0) cross[i] = cross[i] * alpha[pair_t[i]] + sum;
+}
+
+// One block per row: lse, CE term, E = O / Z, d ce / d h for targeted rows.
+template <typename scalar_t, typename acc_t>
+__global__ void row_finish_kernel(const int64_t* __restrict__ rows,
+                                  const int64_t* __restrict__ target,
+                                  const acc_t* __restrict__ run_max,
+                                  const acc_t* __restrict__ run_sum,
+                                  const acc_t* __restrict__ target_logit, acc_t* __restrict__ lse,
+                                  acc_t* __restrict__ ce_terms, acc_t* __restrict__ expect,
+                                  const scalar_t* __restrict__ weight, acc_t inv_n,
+                                  acc_t* __restrict__ grad_ce, int64_t hidden_dim) {
+  const int64_t j = blockIdx.x;
+  const acc_t l = lse_finish(run_max[j], run_sum[j]);
+  const int64_t t = target[j];
+  if (threadIdx.x == 0) {
+    lse[rows[j]] = l;
+    ce_terms[j] = t == kIgnoreIndex ? acc_t(0) : ce_row(l, target_logit[j]);
+  }
+  if (expect == nullptr) return;
+  acc_t* e = expect + j * hidden_dim;
+  const acc_t inv_z = acc_t(1) / run_sum[j];
+  for (int64_t d = threadIdx.x; d < hidden_dim; d += kThreads) {
+    const acc_t ed = e[d] * inv_z;
+    e[d] = ed;
+    if (t != kIgnoreIndex)
+      grad_ce[rows[j] * hidden_dim + d] =
+          ce_hidden_grad(ed, static_cast<acc_t>(weight[t * hidden_dim + d]), inv_n);
+  }
+}
+
+template <typename acc_t>
+__global__ void pair_kl_kernel(const acc_t* __restrict__ cross, const int64_t* __restrict__ pair_t,
+                               const int64_t* __restrict__ pair_s, const int64_t* __restrict__ rows,
+                               const acc_t* __restrict__ run_sum, const acc_t* __restrict__ lse,
+                               acc_t* __restrict__ out, int64_t n_pairs) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n_pairs) return;
+  const int64_t a = pair_t[i], s = pair_s[i];
+  out[i] = pair_kl(cross[i], run_sum[a], lse[rows[a]], lse[rows[s]]);
+}
+
+// One block per pair: d kl / d h_student += coef_i (E_s - E_teacher); pairs may share a
+// student row, hence the atomics.
+template <typename acc_t>
+__global__ void kl_grad_kernel(const acc_t* __restrict__ expect, const int64_t* __restrict__ pair_t,
+                               const int64_t* __restrict__ pair_s,
+                               const int64_t* __restrict__ student_rows,
+                               const acc_t* __restrict__ coef, acc_t* __restrict__ grad_kl,
+                               int64_t hidden_dim) {
+  const int64_t i = blockIdx.x;
+  const acc_t c = coef[i];
+  if (c == acc_t(0)) return;
+  const acc_t* es = expect + pair_s[i] * hidden_dim;
+  const acc_t* et = expect + pair_t[i] * hidden_dim;
+  acc_t* g = grad_kl + student_rows[i] * hidden_dim;
+  for (int64_t d = threadIdx.x; d < hidden_dim; d += kThreads)
+    atomicAdd(g + d, kl_hidden_grad(es[d], et[d], c));
+}
+
+// Logit gradients of one vocabulary block for the weight / bias sweep: rows [0, n_ce) are CE
+// rows, the rest kept pairs.
+template <typename acc_t>
+__global__ void logit_grad_kernel(const acc_t* __restrict__ S, int64_t vb, int64_t v0,
+                                  const acc_t* __restrict__ bias, int64_t n_ce,
+                                  const int64_t* __restrict__ d_a,  // CE: local row; KL: student
+                                  const int64_t* __restrict__ d_b,  // CE: target; KL: teacher
+                                  const acc_t* __restrict__ d_lse_a,
+                                  const acc_t* __restrict__ d_lse_b,
+                                  const acc_t* __restrict__ d_coef,
+                                  const acc_t* __restrict__ grad_ce,
+                                  const acc_t* __restrict__ grad_kl, acc_t* __restrict__ D) {
+  const int64_t j = blockIdx.x;
+  acc_t* drow = D + j * vb;
+  const acc_t* sa = S + d_a[j] * vb;
+  if (j < n_ce) {
+    const acc_t c = grad_ce[0] * d_coef[j];
+    const int64_t t = d_b[j] - v0;
+    for (int64_t v = threadIdx.x; v < vb; v += kThreads) {
+      const acc_t z = sa[v] + (bias ? bias[v] : acc_t(0));
+      drow[v] = ce_logit_grad(softmax_prob(z, d_lse_a[j]), v == t, c);
+    }
+  } else {
+    const acc_t c = grad_kl[0] * d_coef[j];
+    const acc_t* sb = S + d_b[j] * vb;
+    for (int64_t v = threadIdx.x; v < vb; v += kThreads) {
+      const acc_t bv = bias ? bias[v] : acc_t(0);
+      drow[v] = kl_logit_grad(softmax_prob(sa[v] + bv, d_lse_a[j]),
+                              softmax_prob(sb[v] + bv, d_lse_b[j]), c);
+    }
+  }
+}
+
+// Logits of rows h [R, Hd] (input dtype) against weight rows [v0, v0 + vb), in acc_t.
+void block_logits(at::Tensor& S, const at::Tensor& h, const at::Tensor& w_blk, at::ScalarType acc) {
+  if (h.scalar_type() == at::kHalf || h.scalar_type() == at::kBFloat16) {
+    S.copy_(at::mm(h, w_blk.t(), acc));  // fp32 output of the half-precision GEMM
+  } else {
+    at::mm_out(S, h, w_blk.t());
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct ForwardCuda {
+  const Problem& p;
+  const at::Tensor& hidden;
+  const at::Tensor& weight;
+  const c10::optional<at::Tensor>& bias;
+  double topk_fraction;
+  bool grad_hidden;
+  at::ScalarType acc;
+  at::Tensor lse, coef, grad_ce, grad_kl, ce_terms, pair_kl_dev;
+  double kl = 0.0;
+
+  void run() {
+    const auto opts = hidden.options().dtype(acc);
+    lse = at::zeros({p.n_rows}, opts);
+    coef = at::zeros({p.n_pairs}, opts);
+    grad_ce = grad_hidden ? at::zeros({p.n_rows, p.hidden_dim}, opts) : at::empty({0}, opts);
+    grad_kl = grad_hidden ? at::zeros({p.n_rows, p.hidden_dim}, opts) : at::empty({0}, opts);
+    ce_terms = at::zeros({static_cast<int64_t>(p.rows.size())}, opts);
+    for (const auto& chunk : row_chunks(p, kMaxChunkRows)) run_chunk(chunk.first, chunk.second);
+  }
+
+  void run_chunk(int64_t begin, int64_t end) {
+    const int64_t R = end - begin, Hd = p.hidden_dim, V = p.vocab;
+    const auto opts = hidden.options().dtype(acc);
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const std::vector<int64_t> chunk_rows(p.rows.begin() + begin, p.rows.begin() + end);
+    std::vector<int64_t> chunk_targets(R);
+    const int64_t* tg = p.targets_cpu.data_ptr<int64_t>();
+    for (int64_t j = 0; j < R; ++j) chunk_targets[j] = tg[chunk_rows[j]];
+    const at::Tensor rows_dev = to_device_long(chunk_rows, hidden.device());
+    const at::Tensor target_dev = to_device_long(chunk_targets, hidden.device());
+    const bool half = hidden.scalar_type() == at::kHalf || hidden.scalar_type() == at::kBFloat16;
+    const at::Tensor h = half ? hidden.index_select(0, rows_dev).contiguous()
+                              : hidden.index_select(0, rows_dev).to(acc).contiguous();
+    const int64_t Vb = vocab_block(R, V);
+    const at::Tensor s_buf = at::empty({R * Vb}, opts), p_buf = at::empty({R * Vb}, opts);
+    at::Tensor expect = grad_hidden ? at::zeros({R, Hd}, opts) : at::Tensor();
+    at::Tensor run_max = at::full({R}, -std::numeric_limits<double>::infinity(), opts);
+    at::Tensor run_sum = at::zeros({R}, opts), alpha = at::zeros({R}, opts),
+               target_logit = at::zeros({R}, opts);
+    const bool has_pairs = begin == 0 && p.n_pairs > 0;
+    at::Tensor cross, pair_t_dev, pair_s_dev;
+    if (has_pairs) {
+      std::vector<int64_t> pt(p.n_pairs), ps(p.n_pairs);
+      const int64_t* te = p.teacher_cpu.data_ptr<int64_t>();
+      const int64_t* st = p.student_cpu.data_ptr<int64_t>();
+      for (int64_t i = 0; i < p.n_pairs; ++i) {
+        pt[i] = p.local[te[i]];
+        ps[i] = p.local[st[i]];
+      }
+      pair_t_dev = to_device_long(pt, hidden.device());
+      pair_s_dev = to_device_long(ps, hidden.device());
+      cross = at::zeros({p.n_pairs}, opts);
+    }
+    acc_t* e_ptr = grad_hidden ? expect.data_ptr<acc_t>() : nullptr;
+
+    for (int64_t v0 = 0; v0 < V; v0 += Vb) {
+      const int64_t vb = std::min(Vb, V - v0);
+      const at::Tensor w_blk = weight.narrow(0, v0, vb);
+      at::Tensor S = front(s_buf, R, vb), P = front(p_buf, R, vb);
+      block_logits(S, h, w_blk, acc);
+      at::Tensor b_blk;
+      if (bias.has_value() && bias->defined()) b_blk = bias->narrow(0, v0, vb).to(acc).contiguous();
+      row_block_kernel<acc_t><<<R, kThreads, 0, stream>>>(
+          S.data_ptr<acc_t>(), P.data_ptr<acc_t>(), b_blk.defined() ? b_blk.data_ptr<acc_t>() : nullptr,
+          vb, v0, target_dev.data_ptr<int64_t>(), run_max.data_ptr<acc_t>(),
+          run_sum.data_ptr<acc_t>(), alpha.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>(),
+          e_ptr, Hd);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (has_pairs) {
+        pair_cross_kernel<acc_t><<<p.n_pairs, kThreads, 0, stream>>>(
+            S.data_ptr<acc_t>(), P.data_ptr<acc_t>(), vb, pair_t_dev.data_ptr<int64_t>(),
+            pair_s_dev.data_ptr<int64_t>(), alpha.data_ptr<acc_t>(), cross.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (grad_hidden) expect.addmm_(P, w_blk.to(acc));
+    }
+
+    const acc_t inv_n = p.n_targeted > 0 ? acc_t(1) / acc_t(p.n_targeted) : acc_t(0);
+    row_finish_kernel<scalar_t, acc_t><<<R, kThreads, 0, stream>>>(
+        rows_dev.data_ptr<int64_t>(), target_dev.data_ptr<int64_t>(), run_max.data_ptr<acc_t>(),
+        run_sum.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+        ce_terms.data_ptr<acc_t>() + begin, e_ptr, weight.data_ptr<scalar_t>(), inv_n,
+        grad_hidden ? grad_ce.data_ptr<acc_t>() : nullptr, Hd);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    if (has_pairs) {
+      at::Tensor pair_kl_values = at::empty({p.n_pairs}, opts);
+      const int threads = 128;
+      pair_kl_kernel<acc_t><<<(p.n_pairs + threads - 1) / threads, threads, 0, stream>>>(
+          cross.data_ptr<acc_t>(), pair_t_dev.data_ptr<int64_t>(), pair_s_dev.data_ptr<int64_t>(),
+          rows_dev.data_ptr<int64_t>(), run_sum.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+          pair_kl_values.data_ptr<acc_t>(), p.n_pairs);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const at::Tensor kl_host = pair_kl_values.to(at::kCPU);  // synchronises: [M] values
+      at::Tensor coef_host = at::zeros({p.n_pairs}, kl_host.options());
+      kl = select_topk(p, kl_host.data_ptr<acc_t>(), topk_fraction, coef_host.data_ptr<acc_t>());
+      coef.copy_(coef_host);
+      if (grad_hidden) {
+        const at::Tensor student_dev = p.student_cpu.to(hidden.device());
+        kl_grad_kernel<acc_t><<<p.n_pairs, kThreads, 0, stream>>>(
+            e_ptr, pair_t_dev.data_ptr<int64_t>(), pair_s_dev.data_ptr<int64_t>(),
+            student_dev.data_ptr<int64_t>(), coef.data_ptr<acc_t>(), grad_kl.data_ptr<acc_t>(), Hd);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& hidden_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
+    const at::Tensor& targets, const at::Tensor& teacher_rows, const at::Tensor& student_rows,
+    const at::Tensor& pair_sample, double topk_fraction, bool grad_hidden) {
+  const Problem p = check_inputs(hidden_in, weight_in, bias_in, targets, teacher_rows,
+                                 student_rows, pair_sample, topk_fraction);
+  TORCH_CHECK(hidden_in.is_cuda(), "lm_head_losses: CUDA kernel called with hidden on ",
+              hidden_in.device());
+  const c10::cuda::CUDAGuard guard(hidden_in.device());
+  const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
+  c10::optional<at::Tensor> bias;
+  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->contiguous();
+  const auto acc = accumulate_type(hidden.scalar_type());
+  at::Tensor ce, kl, lse, coef, grad_ce, grad_kl;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(),
+                                  "lm_head_losses_fwd_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    ForwardCuda<scalar_t, acc_t> f{p, hidden, weight, bias, topk_fraction, grad_hidden, acc};
+    f.run();
+    ce = p.n_targeted > 0 ? f.ce_terms.sum().div_(static_cast<double>(p.n_targeted))
+                          : at::zeros({}, hidden.options().dtype(acc));
+    kl = at::full({}, f.kl, hidden.options().dtype(acc));
+    lse = f.lse;
+    coef = f.coef;
+    grad_ce = f.grad_ce;
+    grad_kl = f.grad_kl;
+  });
+  return {ce, kl, grad_ce, grad_kl, lse, coef};
+}
+
+template <typename acc_t>
+void weight_grad_sweep_cuda(const Problem& p, const at::Tensor& hidden, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& coef_dev,
+                            const at::Tensor& lse_dev, const at::Tensor& g_ce,
+                            const at::Tensor& g_kl, at::ScalarType acc, at::Tensor* grad_weight,
+                            at::Tensor* grad_bias) {
+  const int64_t* tg = p.targets_cpu.data_ptr<int64_t>();
+  const int64_t* te = p.teacher_cpu.data_ptr<int64_t>();
+  const int64_t* st = p.student_cpu.data_ptr<int64_t>();
+  const at::Tensor coef_host = coef_dev.to(at::kCPU);
+  const at::Tensor lse_host = lse_dev.to(at::kCPU);
+  const acc_t* coef = coef_host.data_ptr<acc_t>();
+  const acc_t* lse = lse_host.data_ptr<acc_t>();
+  std::vector<int64_t> logit_rows, local(p.n_rows, -1);
+  auto add = [&](int64_t r) {
+    if (local[r] < 0) {
+      local[r] = static_cast<int64_t>(logit_rows.size());
+      logit_rows.push_back(r);
+    }
+  };
+  std::vector<int64_t> d_hidden_rows, d_a, d_b;
+  std::vector<acc_t> d_lse_a, d_lse_b, d_coef;
+  const acc_t inv_n = p.n_targeted > 0 ? acc_t(1) / acc_t(p.n_targeted) : acc_t(0);
+  for (int64_t r = 0; r < p.n_rows; ++r) {
+    if (tg[r] == kIgnoreIndex) continue;
+    add(r);
+    d_hidden_rows.push_back(r);
+    d_a.push_back(local[r]);
+    d_b.push_back(tg[r]);
+    d_lse_a.push_back(lse[r]);
+    d_lse_b.push_back(acc_t(0));
+    d_coef.push_back(inv_n);
+  }
+  const int64_t n_ce = static_cast<int64_t>(d_hidden_rows.size());
+  for (int64_t i = 0; i < p.n_pairs; ++i) {
+    if (coef[i] == acc_t(0)) continue;
+    add(te[i]);
+    add(st[i]);
+    d_hidden_rows.push_back(st[i]);
+    d_a.push_back(local[st[i]]);
+    d_b.push_back(local[te[i]]);
+    d_lse_a.push_back(lse[st[i]]);
+    d_lse_b.push_back(lse[te[i]]);
+    d_coef.push_back(coef[i]);
+  }
+  const int64_t n_d = static_cast<int64_t>(d_hidden_rows.size());
+  const int64_t Q = static_cast<int64_t>(logit_rows.size()), V = p.vocab;
+  const auto opts = hidden.options().dtype(acc);
+  if (n_d == 0) {
+    if (grad_weight) *grad_weight = at::zeros_like(weight);
+    if (grad_bias) *grad_bias = at::zeros({V}, weight.options());
+    return;
+  }
+  if (grad_weight) *grad_weight = at::empty_like(weight);
+  if (grad_bias) *grad_bias = at::empty({V}, opts);
+  const auto dev = hidden.device();
+  auto to_dev_acc = [&](const std::vector<acc_t>& v) {
+    at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, opts.device(at::kCPU));
+    std::copy(v.begin(), v.end(), t.data_ptr<acc_t>());
+    return t.to(dev);
+  };
+  const at::Tensor d_a_dev = to_device_long(d_a, dev), d_b_dev = to_device_long(d_b, dev);
+  const at::Tensor d_lse_a_dev = to_dev_acc(d_lse_a), d_lse_b_dev = to_dev_acc(d_lse_b),
+                   d_coef_dev = to_dev_acc(d_coef);
+  const bool half = hidden.scalar_type() == at::kHalf || hidden.scalar_type() == at::kBFloat16;
+  const at::Tensor logit_rows_dev = to_device_long(logit_rows, dev);
+  const at::Tensor h = half ? hidden.index_select(0, logit_rows_dev).contiguous()
+                            : hidden.index_select(0, logit_rows_dev).to(acc).contiguous();
+  const at::Tensor hd = hidden.index_select(0, to_device_long(d_hidden_rows, dev)).to(acc).contiguous();
+  const at::Tensor gce = g_ce.to(acc).contiguous(), gkl = g_kl.to(acc).contiguous();
+  const int64_t Vb = vocab_block(std::max(Q, n_d), V);
+  const at::Tensor s_buf = at::empty({Q * Vb}, opts), d_buf = at::empty({n_d * Vb}, opts);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t v0 = 0; v0 < V; v0 += Vb) {
+    const int64_t vb = std::min(Vb, V - v0);
+    const at::Tensor w_blk = weight.narrow(0, v0, vb);
+    at::Tensor S = front(s_buf, Q, vb), D = front(d_buf, n_d, vb);
+    block_logits(S, h, w_blk, acc);
+    at::Tensor b_blk;
+    if (bias.has_value() && bias->defined()) b_blk = bias->narrow(0, v0, vb).to(acc).contiguous();
+    logit_grad_kernel<acc_t><<<n_d, kThreads, 0, stream>>>(
+        S.data_ptr<acc_t>(), vb, v0, b_blk.defined() ? b_blk.data_ptr<acc_t>() : nullptr, n_ce,
+        d_a_dev.data_ptr<int64_t>(), d_b_dev.data_ptr<int64_t>(), d_lse_a_dev.data_ptr<acc_t>(),
+        d_lse_b_dev.data_ptr<acc_t>(), d_coef_dev.data_ptr<acc_t>(), gce.data_ptr<acc_t>(),
+        gkl.data_ptr<acc_t>(), D.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (grad_weight) grad_weight->narrow(0, v0, vb).copy_(at::mm(D.t(), hd));
+    if (grad_bias) grad_bias->narrow(0, v0, vb).copy_(D.sum(0));
+  }
+  if (grad_bias) *grad_bias = grad_bias->to(weight.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_ce, const at::Tensor& grad_kl, const at::Tensor& hidden_in,
+    const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
+    const at::Tensor& targets, const at::Tensor& teacher_rows, const at::Tensor& student_rows,
+    const at::Tensor& pair_sample, double topk_fraction, const at::Tensor& grad_hidden_ce,
+    const at::Tensor& grad_hidden_kl, const at::Tensor& lse_in, const at::Tensor& coef_in,
+    bool grad_hidden, bool grad_weight, bool grad_bias) {
+  TORCH_CHECK(hidden_in.is_cuda(), "lm_head_losses: CUDA kernel called with hidden on ",
+              hidden_in.device());
+  TORCH_CHECK_VALUE(grad_ce.numel() == 1 && grad_kl.numel() == 1,
+                    "lm_head_losses backward: grad_ce and grad_kl must be scalars");
+  const c10::cuda::CUDAGuard guard(hidden_in.device());
+  const auto acc = accumulate_type(hidden_in.scalar_type());
+  at::Tensor gh, gw, gb;
+  if (grad_hidden) {
+    TORCH_CHECK_VALUE(grad_hidden_ce.sizes() == hidden_in.sizes() &&
+                          grad_hidden_kl.sizes() == hidden_in.sizes(),
+                      "lm_head_losses backward: the saved hidden gradients must have the shape "
+                      "of hidden ", hidden_in.sizes());
+    gh = (grad_hidden_ce * grad_ce.to(acc) + grad_hidden_kl * grad_kl.to(acc))
+             .to(hidden_in.scalar_type());
+  } else {
+    gh = at::empty({0}, hidden_in.options());
+  }
+  if (grad_weight || grad_bias) {
+    const Problem p = check_inputs(hidden_in, weight_in, bias_in, targets, teacher_rows,
+                                   student_rows, pair_sample, topk_fraction);
+    const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
+    c10::optional<at::Tensor> bias;
+    if (bias_in.has_value() && bias_in->defined()) bias = bias_in->contiguous();
+    const at::Tensor lse = lse_in.to(acc).contiguous(), coef = coef_in.to(acc).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(acc, "lm_head_losses_bwd_cuda", [&] {
+      weight_grad_sweep_cuda<scalar_t>(p, hidden, weight, bias, coef, lse, grad_ce, grad_kl,
+                                       acc, grad_weight ? &gw : nullptr,
+                                       grad_bias ? &gb : nullptr);
+    });
+  }
+  if (!gw.defined()) gw = at::empty({0}, weight_in.options());
+  if (!gb.defined()) gb = at::empty({0}, weight_in.options());
+  return {gh, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(crystal_ext, CUDA, m) {
+  m.impl("lm_head_losses_fwd", &forward_cuda);
+  m.impl("lm_head_losses_bwd", &backward_cuda);
+}
+
+}  // namespace lm_head
+}  // namespace crystal_ext

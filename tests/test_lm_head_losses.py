@@ -1,0 +1,292 @@
+"""crystal_ext.lm_head_losses: fused op vs crystal_ext.reference.lm_head_losses, gradcheck,
+opcheck, edge cases and bad inputs. CUDA tests run only where a GPU is visible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import crystal_ext
+from crystal_ext import reference
+
+pytestmark = pytest.mark.skipif(
+    not crystal_ext.extension_available(), reason="compiled extension unavailable"
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+
+
+def make_problem(n, hd, vocab, pairs_per_sample, *, dtype=torch.float32, bias=False,
+                 ignore_fraction=0.3, seed=0, device="cpu", weight_grad=True, scale=1.0):
+    """Random inputs. Pairs of one sample use distinct rows where possible."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, hd, generator=g, dtype=torch.float64) * scale
+    weight = torch.randn(vocab, hd, generator=g, dtype=torch.float64) / hd**0.5 * 2
+    b = torch.randn(vocab, generator=g, dtype=torch.float64) if bias else None
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[torch.rand(n, generator=g) < ignore_fraction] = -100
+    teacher, student, sample = [], [], []
+    for s, count in enumerate(pairs_per_sample):
+        for _ in range(count):
+            teacher.append(int(torch.randint(0, n, (1,), generator=g)))
+            student.append(int(torch.randint(0, n, (1,), generator=g)))
+            sample.append(s * 3 + 1)  # arbitrary labels
+    idx = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return dict(
+        hidden=hidden.to(device=device, dtype=dtype),
+        weight=weight.to(device=device, dtype=dtype),
+        bias=None if b is None else b.to(device=device, dtype=dtype),
+        targets=targets.to(device),
+        teacher_rows=idx(teacher),
+        student_rows=idx(student),
+        pair_sample=idx(sample),
+        weight_grad=weight_grad,
+    )
+
+
+def run(fn, prob, topk=0.1, dtype=None, g_ce=0.7, g_kl=1.3):
+    """Forward + backward of g_ce * ce + g_kl * kl; returns (ce, kl, d hidden, d weight, d bias)."""
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+    hidden = cast(prob["hidden"]).detach().requires_grad_()
+    weight = cast(prob["weight"]).detach().requires_grad_(prob["weight_grad"])
+    bias = None if prob["bias"] is None else cast(prob["bias"]).detach().requires_grad_()
+    ce, kl = fn(hidden, weight, prob["targets"], prob["teacher_rows"], prob["student_rows"],
+                prob["pair_sample"], topk, bias=bias)
+    (g_ce * ce + g_kl * kl).backward()
+    return ce.detach(), kl.detach(), hidden.grad, weight.grad, None if bias is None else bias.grad
+
+
+SHAPES = [
+    # (N, Hd, V, pairs per sample, bias, ignore_fraction)
+    (1, 5, 7, [1], False, 0.0),  # N=1, M=1 (the pair is the row with itself: KL = 0)
+    (9, 6, 301, [1], True, 0.3),  # M=1
+    (23, 13, 1001, [5, 1, 12], False, 0.3),  # several samples, different pair counts
+    (23, 13, 1001, [5, 1, 12], True, 0.3),
+    (11, 8, 9001, [4, 7], True, 0.2),  # V over two vocabulary blocks (8192 + 809)
+    (2100, 4, 131, [30, 3], False, 0.5),  # two row chunks (2048 rows each at most)
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-Hd{s[1]}-V{s[2]}-M{sum(s[3])}")
+@pytest.mark.parametrize("weight_grad", [True, False], ids=["head-trained", "head-frozen"])
+def test_matches_reference_fp32(shape, weight_grad):
+    n, hd, vocab, pairs, bias, ignore = shape
+    prob = make_problem(n, hd, vocab, pairs, bias=bias, ignore_fraction=ignore,
+                        weight_grad=weight_grad, seed=n + vocab)
+    topk = 0.5
+    fused = run(crystal_ext.lm_head_losses, prob, topk)
+    ref = run(reference.lm_head_losses, prob, topk)
+    for name, a, b in zip(["ce", "kl"], fused[:2], ref[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name}")
+    for name, a, b in zip(["d hidden", "d weight", "d bias"], fused[2:], ref[2:]):
+        if b is None:
+            assert a is None, name
+            continue
+        scale = b.abs().max().item() + 1e-12
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * scale, msg=name)
+    if not weight_grad:
+        assert fused[3] is None
+
+
+def test_float64_exact_and_topk_fraction_one():
+    prob = make_problem(15, 7, 257, [6, 4], bias=True, dtype=torch.float64, seed=3)
+    fused = run(crystal_ext.lm_head_losses, prob, 1.0)
+    ref = run(reference.lm_head_losses, prob, 1.0)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert fused[0].dtype == torch.float64
+
+
+def _err(a, b):
+    return (a.double() - b.double()).norm().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_vs_float64(dtype):
+    """bf16/fp16: the fused op's error against a float64 run is at most twice the error of the
+    reference run in the same dtype (flash-attention's criterion)."""
+    prob = make_problem(40, 32, 2003, [10, 6], bias=True, seed=11)
+    gold = run(reference.lm_head_losses, prob, 0.3, dtype=torch.float64)
+    fused = run(crystal_ext.lm_head_losses, prob, 0.3, dtype=dtype)
+    ref = run(reference.lm_head_losses, prob, 0.3, dtype=dtype)
+    for name, f, r, g in zip(["ce", "kl", "d hidden", "d weight", "d bias"], fused, ref, gold):
+        assert f.dtype == (torch.float32 if name in ("ce", "kl") else dtype), name
+        assert _err(f, g) <= 2 * _err(r, g) + 1e-6 * g.abs().max().item(), (
+            name, _err(f, g), _err(r, g))
+
+
+def test_gradcheck_float64():
+    """The teacher is detached, so the KL is only a true function of the student side: check
+    it w.r.t. the non-teacher rows of hidden (teacher rows held constant, and not CE rows),
+    and the CE w.r.t. everything."""
+    prob = make_problem(9, 4, 37, [3, 2], bias=True, dtype=torch.float64, seed=5)
+    n_teacher = 3
+    teacher = torch.tensor([0, 1, 2, 1, 0])
+    student = torch.tensor([3, 4, 5, 6, 8])
+    targets = prob["targets"].clone()
+    targets[:n_teacher] = -100
+    targets[3:] = torch.tensor([1, 5, -100, 30, 2, 36])
+    const_rows = prob["hidden"][:n_teacher].clone()
+    var_rows = prob["hidden"][n_teacher:].clone().requires_grad_()
+    weight = prob["weight"].clone().requires_grad_()
+    bias = prob["bias"].clone().requires_grad_()
+
+    def losses(h_var, w, b):
+        h = torch.cat([const_rows, h_var])
+        return crystal_ext.lm_head_losses(h, w, targets, teacher, student, prob["pair_sample"],
+                                          0.5, bias=b)
+
+    assert torch.autograd.gradcheck(lambda h: losses(h, weight.detach(), bias.detach()),
+                                    (var_rows,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda h, w, b: losses(h, w, b)[0],
+                                    (var_rows, weight, bias), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda h: losses(h, weight.detach(), None),
+                                    (var_rows,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck(bias):
+    prob = make_problem(9, 5, 67, [3, 2], bias=bias, seed=2)
+    hidden = prob["hidden"].requires_grad_()
+    weight = prob["weight"].requires_grad_()
+    b = prob["bias"].requires_grad_() if bias else None
+    args = (hidden, weight, b, prob["targets"], prob["teacher_rows"], prob["student_rows"],
+            prob["pair_sample"], 0.5, True)
+    torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_fwd.default, args)
+
+
+def test_no_targets_and_no_pairs_give_zero_losses_that_backpropagate():
+    prob = make_problem(6, 4, 29, [], ignore_fraction=1.0, seed=1)
+    hidden = prob["hidden"].requires_grad_()
+    weight = prob["weight"].requires_grad_()
+    ce, kl = crystal_ext.lm_head_losses(hidden, weight, prob["targets"], prob["teacher_rows"],
+                                        prob["student_rows"], prob["pair_sample"])
+    assert ce.item() == 0.0 and kl.item() == 0.0
+    (ce + kl).backward()
+    assert torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
+    ref_ce, ref_kl = reference.lm_head_losses(prob["hidden"], prob["weight"], prob["targets"],
+                                              prob["teacher_rows"], prob["student_rows"],
+                                              prob["pair_sample"])
+    assert ref_ce.item() == 0.0 and ref_kl.item() == 0.0
+
+
+def test_only_one_loss_used_and_only_weight_requires_grad():
+    prob = make_problem(12, 6, 97, [4, 4], seed=4)
+    weight = prob["weight"].clone().requires_grad_()
+    ref_w = prob["weight"].clone().requires_grad_()
+    args = (prob["targets"], prob["teacher_rows"], prob["student_rows"], prob["pair_sample"], 0.5)
+    _, kl = crystal_ext.lm_head_losses(prob["hidden"], weight, *args)
+    kl.backward()
+    _, ref_kl = reference.lm_head_losses(prob["hidden"], ref_w, *args)
+    ref_kl.backward()
+    torch.testing.assert_close(weight.grad, ref_w.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_no_grad_forward_matches():
+    prob = make_problem(10, 6, 211, [5], seed=8)
+    args = [prob[k] for k in ("hidden", "weight", "targets", "teacher_rows", "student_rows",
+                              "pair_sample")]
+    with torch.no_grad():
+        ce, kl = crystal_ext.lm_head_losses(*args, 0.4)
+    ref_ce, ref_kl = reference.lm_head_losses(*args, 0.4)
+    torch.testing.assert_close(ce, ref_ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kl, ref_kl, rtol=1e-5, atol=1e-6)
+
+
+def _bad(**changes):
+    prob = make_problem(6, 4, 17, [2, 1], bias=True, seed=0)
+    prob.pop("weight_grad")
+    kwargs = dict(prob)
+    topk = changes.pop("topk_fraction", 0.1)
+    kwargs.update(changes)
+    return lambda: crystal_ext.lm_head_losses(
+        kwargs["hidden"], kwargs["weight"], kwargs["targets"], kwargs["teacher_rows"],
+        kwargs["student_rows"], kwargs["pair_sample"], topk, bias=kwargs["bias"])
+
+
+L = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+
+BAD_INPUTS = [
+    ("hidden-1d", dict(hidden=torch.randn(6)), ValueError, "hidden must be 2-D"),
+    ("hidden-int", dict(hidden=torch.ones(6, 4, dtype=torch.long)), ValueError, "hidden must be"),
+    ("weight-dtype", dict(weight=torch.randn(17, 4, dtype=torch.float64)), ValueError,
+     "weight must have the dtype"),
+    ("weight-hd", dict(weight=torch.randn(17, 5)), ValueError, "weight has hidden_dim 5"),
+    ("bias-shape", dict(bias=torch.randn(16)), ValueError, "bias must have shape"),
+    ("bias-dtype", dict(bias=torch.randn(17, dtype=torch.float64)), ValueError,
+     "bias must have the dtype"),
+    ("targets-len", dict(targets=L(1, 2, 3)), ValueError, "targets has 3 entries"),
+    ("targets-dtype", dict(targets=torch.zeros(6, dtype=torch.int32)), ValueError,
+     "targets must be int64"),
+    ("targets-range", dict(targets=L(0, 1, 17, 2, 3, 4)), ValueError, r"targets\[2\] = 17"),
+    ("targets-negative", dict(targets=L(0, 1, -1, 2, 3, 4)), ValueError, r"targets\[2\] = -1"),
+    ("teacher-range", dict(teacher_rows=L(0, 6, 1)), ValueError, r"teacher_rows\[1\] = 6"),
+    ("student-range", dict(student_rows=L(0, -1, 1)), ValueError, r"student_rows\[1\] = -1"),
+    ("student-len", dict(student_rows=L(0, 1)), ValueError, "student_rows has 2 entries"),
+    ("sample-len", dict(pair_sample=L(0, 1, 1, 1)), ValueError, "pair_sample has 4 entries"),
+    ("teacher-2d", dict(teacher_rows=L(0, 1, 2).view(3, 1)), ValueError,
+     "teacher_rows must be 1-D"),
+    ("topk-zero", dict(topk_fraction=0.0), ValueError, "topk_fraction must lie in"),
+    ("topk-big", dict(topk_fraction=1.5), ValueError, "topk_fraction must lie in"),
+    ("topk-nan", dict(topk_fraction=float("nan")), ValueError, "topk_fraction must lie in"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs(case):
+    _, changes, exc, match = case
+    with pytest.raises(exc, match=match):
+        _bad(**changes)()
+
+
+@pytest.mark.cuda
+@cuda
+def test_bad_device_mix():
+    with pytest.raises(RuntimeError, match="weight must be on the device of hidden"):
+        _bad(hidden=torch.randn(6, 4, device="cuda"))()
+
+
+# ---- CUDA ----
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-Hd{s[1]}-V{s[2]}-M{sum(s[3])}")
+def test_cuda_matches_reference_fp32(shape):
+    n, hd, vocab, pairs, bias, ignore = shape
+    prob = make_problem(n, hd, vocab, pairs, bias=bias, ignore_fraction=ignore, seed=n + vocab,
+                        device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fused = run(crystal_ext.lm_head_losses, prob, 0.5)
+    ref = run(reference.lm_head_losses, prob, 0.5)
+    for a, b in zip(fused[:2], ref[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused[2:], ref[2:]):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * (b.abs().max().item() + 1e-12))
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_error_vs_float64(dtype):
+    prob = make_problem(40, 64, 5003, [10, 6], bias=True, seed=11, device="cuda")
+    gold = run(reference.lm_head_losses, prob, 0.3, dtype=torch.float64)
+    fused = run(crystal_ext.lm_head_losses, prob, 0.3, dtype=dtype)
+    ref = run(reference.lm_head_losses, prob, 0.3, dtype=dtype)
+    for name, f, r, g in zip(["ce", "kl", "d hidden", "d weight", "d bias"], fused, ref, gold):
+        assert _err(f, g) <= 2 * _err(r, g) + 1e-6 * g.abs().max().item(), name
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_opcheck_and_edge_cases():
+    prob = make_problem(9, 5, 67, [3, 2], bias=True, seed=2, device="cuda")
+    args = (prob["hidden"].requires_grad_(), prob["weight"].requires_grad_(),
+            prob["bias"].requires_grad_(), prob["targets"], prob["teacher_rows"],
+            prob["student_rows"], prob["pair_sample"], 0.5, True)
+    torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_fwd.default, args)
+    empty = make_problem(6, 4, 29, [], ignore_fraction=1.0, seed=1, device="cuda")
+    fused = run(crystal_ext.lm_head_losses, empty)
+    assert fused[0].item() == 0.0 and fused[1].item() == 0.0
+    assert torch.count_nonzero(fused[2]) == 0
