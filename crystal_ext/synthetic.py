@@ -35,7 +35,7 @@ VOCABULARY = ["shape", "colour", *SHAPES, *COLOURS]
 
 
 def draw_example(seed: int, key: str, task: str = "shape", image_size: int = 112,
-                 size_range: tuple[int, int] = (24, 40)) -> tuple[Image.Image, str]:
+                 size_range: tuple[int, int] = (24, 40), jitter: int | None = None) -> tuple[Image.Image, str]:
     """(image, answer) of the example `key`: one shape of side/diameter in `size_range`, a random
     colour and position, on a light background with a little pixel noise (so the model cannot
     read the answer off a single constant pixel value)."""
@@ -49,8 +49,13 @@ def draw_example(seed: int, key: str, task: str = "shape", image_size: int = 112
     image = Image.new("RGB", (image_size, image_size), (grey, grey, grey))
     noise = Image.effect_noise((image_size, image_size), 8).convert("RGB")
     image = Image.blend(image, noise, 0.06)
-    x0 = rng.randint(2, image_size - size - 2)
-    y0 = rng.randint(2, image_size - size - 2)
+    if jitter is None:  # anywhere in the image
+        x0 = rng.randint(2, image_size - size - 2)
+        y0 = rng.randint(2, image_size - size - 2)
+    else:  # within `jitter` px of the centre
+        centre = (image_size - size) // 2
+        x0 = min(max(2, centre + rng.randint(-jitter, jitter)), image_size - size - 2)
+        y0 = min(max(2, centre + rng.randint(-jitter, jitter)), image_size - size - 2)
     fill = COLOURS[colour]
     draw = ImageDraw.Draw(image)
     if shape == "circle":

@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
               file=sys.stderr)
         raise SystemExit(2)
 
+    if cargs.cpu_threads:
+        torch.set_num_threads(cargs.cpu_threads)
     register_dual_path_attention()
     _log(f"building {'the embedded tiny model' if cargs.tiny else cargs.model}")
     model, processor, latent = build_model(cargs, targs)
