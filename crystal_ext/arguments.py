@@ -79,7 +79,10 @@ def recipe_defaults(tiny: bool) -> dict:
     """TrainingArguments defaults for the embedded run or the published recipe."""
     import torch
 
-    common = dict(lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.1, remove_unused_columns=False,
+    # use_cpu on a machine without a GPU: otherwise accelerate (1.15) initialises the process
+    # group under torchrun but leaves the Trainer in single-process mode, so every rank would
+    # train alone and write the same checkpoint files.
+    common = dict(use_cpu=not torch.cuda.is_available(), lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.1, remove_unused_columns=False,
                   report_to=["tensorboard"], save_strategy="steps", dataloader_num_workers=0,
                   ddp_find_unused_parameters=False, save_only_model=False)
     if tiny:
@@ -91,7 +94,7 @@ def recipe_defaults(tiny: bool) -> dict:
     gpu = torch.cuda.is_available()
     return {**common, "output_dir": "outputs/crystal", "max_steps": 4000, "learning_rate": 2e-4,
             "per_device_train_batch_size": 1, "logging_steps": 10, "save_steps": 500, "save_total_limit": 3,
-            "bf16": gpu and torch.cuda.is_bf16_supported(), "gradient_checkpointing": gpu}
+            "bf16": gpu and torch.cuda.is_bf16_supported(), "activation_checkpointing": gpu}
 
 
 def _given(argv: list[str], name: str) -> bool:
@@ -210,7 +213,11 @@ def check_model_available(model: str) -> None:
     cached = try_to_load_from_cache(model, "config.json")
     if isinstance(cached, str):
         return
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     try:
+        if offline:
+            raise ConnectionError("HF_HUB_OFFLINE is set")
         hf_hub_download(model, "config.json", etag_timeout=5)
     except Exception as exc:  # offline, unknown id, gated repo: all mean the same to the user
         raise ValueError(

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         model = apply_lora(model, r=cargs.lora_r, alpha=cargs.lora_alpha, dropout=cargs.lora_dropout)
         no_decay = tuple(train_new_rows_only(model, latent.new_ids))
         token_rows = {"ids": list(latent.new_ids)}
-        if targs.gradient_checkpointing:
+        if targs.activation_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trained"

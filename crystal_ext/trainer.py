@@ -226,9 +226,23 @@ class CrystalTrainer(Trainer):
             save_token_rows(_unwrap(self.model), self.token_rows["ids"], output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = model or self.model
+        full = os.path.isfile(os.path.join(resume_from_checkpoint, "model.safetensors")) or os.path.isfile(
+            os.path.join(resume_from_checkpoint, "model.safetensors.index.json"))
+        if full and not hasattr(target, "get_base_model") and not self.is_fsdp_enabled \
+                and not self.is_deepspeed_enabled:
+            # transformers 5.24 reloads checkpoint weights with a bare load_state_dict, but saves
+            # them through the model's key conversion (Qwen2.5-VL writes visual.* and model.*
+            # keys, the module has model.visual.*): nothing would be loaded, with only a warning
+            # (found by the kill-and-resume test). from_pretrained applies the conversion.
+            dtype = next(target.parameters()).dtype
+            loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype, attn_implementation="sdpa")
+            target.load_state_dict(loaded.state_dict(), strict=True)
+            del loaded
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.token_rows:
-            load_token_rows(model or self.model, resume_from_checkpoint)
+            load_token_rows(target, resume_from_checkpoint)
 
 
 def _row_matrices(model):
