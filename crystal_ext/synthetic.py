@@ -4,12 +4,14 @@ Every example is one shape on a plain background; the question asks about a deta
 Which task is the default was measured on the embedded 1.1 M-parameter model (2 CPU cores,
 batch 16, LR 1e-3 cosine; teacher-forced answer accuracy on 150 held-out examples):
   - "stripes" (default): "which way do the stripes go ?" -> horizontal / vertical / diagonal.
-    The shape (56-84 px, one colour) is filled with 3 px lines, period 7 px (a divisor of the
-    14 px patch, so every patch sees the same phase). Blur of radius 2-5 flattens the lines
-    (their contrast falls to about 20% at radius 2 and to nothing from radius 3), so the
-    corrupted path really lacks the answer. Learned: 61% after 200 steps, 100% after 600.
-    With 40-64 px shapes, or 2 px lines (period 4) and a random colour, it stayed at chance
-    for 300-500 steps: too slow for the 5-minute budget.
+    A large shape (72-100 px of the 112 px image, one colour) filled with thin lines: 3 px on,
+    4 px off (period 7 px, a divisor of the 14 px patch, so every patch sees the same phase).
+    The detail is the lines, not the shape: blur of radius 2-5 flattens them (their contrast
+    falls to ~20% at radius 2 and to nothing from radius 3), so the corrupted path really lacks
+    the answer. Learned: 100% after 200 steps (model seeds 0 and 42). Smaller shapes learn
+    late or not at all within the 800-step budget, and it depends on the seed: 56-84 px reached
+    61-66% at 200 steps with two seeds in a plain loop but stayed at chance for all 800 steps of
+    one Trainer run; 40-64 px, or 2 px lines with a random colour, stayed at chance for 300-500.
   - "shape": "what shape is in the image ?" (24-40 px circle / square / triangle). Blur rounds
     the corners, but the model stayed at chance for the 800 steps that fit the budget
     (DESIGN.md measured 100% only after ~2,800 single-path steps). Kept for longer runs.
@@ -36,7 +38,7 @@ from crystal_ext.packing import Example
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (225, 200, 30)}
 STRIPES = ("horizontal", "vertical", "diagonal")
-SIZES = {"stripes": (56, 84), "shape": (24, 40), "colour": (24, 40)}  # px, side / diameter of the shape
+SIZES = {"stripes": (72, 100), "shape": (24, 40), "colour": (24, 40)}  # px, side / diameter of the shape
 TASKS = {
     "stripes": "which way do the stripes go ?",
     "shape": "what shape is in the image ?",
