@@ -180,10 +180,6 @@ def validate(cargs: CrystalArguments, targs) -> None:
             check_data_path(cargs.eval_data)
         except ValueError as exc:
             bad(str(exc).replace("--data", "--eval_data"))
-    if cargs.data is None and cargs.model is not None:
-        # A real model on the synthetic task is allowed only with a word-compatible tokenizer;
-        # any tokenizer can spell the synthetic words, so this is fine.
-        pass
     if cargs.model is not None:
         check_model_available(cargs.model)
     from crystal_ext.trainer import last_complete_checkpoint, resolve_resume_checkpoint

@@ -201,9 +201,6 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         if cargs.num_pictures:
             from crystal_ext.pictures import draw_pictures
 
-            if cargs.no_crystal:
-                model_for_pictures = model.get_base_model() if hasattr(model, "get_base_model") else model
-                model_for_pictures.set_attn_implementation(ATTN_IMPLEMENTATION)
             examples = [held_out[i] for i in range(min(cargs.num_pictures, len(held_out)))]
             summary["pictures"] = draw_pictures(model, packer, examples, os.path.join(out, "pictures"))
     summary["checkpoints"] = sorted(os.path.join(out, n) for n in os.listdir(out) if n.startswith("checkpoint-"))

@@ -51,7 +51,7 @@ def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
     assert "adapter" not in " ".join(p.name for p in merged.iterdir())
     plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(merged).eval()
     peft_model, processor, run_config = load_trained(str(lora_run))
-    assert type(peft_model).__name__ == "PeftModelForCausalLM" or hasattr(peft_model, "merge_and_unload")
+    assert hasattr(peft_model, "merge_and_unload")  # a peft model: base + adapter + token rows
     ex = SyntheticVQA(2, "test", task=run_config["task"], image_size=run_config["image_size"])
     inputs = processor(text=[prompt_text(run_config["system_prompt"], ex[i].question) + "<think>" for i in range(2)],
                        images=[ex[i].image for i in range(2)], return_tensors="pt", padding=True)
