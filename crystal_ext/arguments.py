@@ -1,0 +1,223 @@
+"""Command-line arguments: CrystaL's own (`CrystalArguments`) next to transformers'
+`TrainingArguments`, parsed together by `HfArgumentParser`, validated before any heavy work.
+
+Two sets of defaults, chosen by whether `--model` is given:
+- the embedded default (no --model): a tiny model trained in full from random init on the
+  synthetic task; batch 16, LR 1e-3 (a random-init 1.5 M-parameter model needs a larger
+  rate than LoRA on a 7 B model), a step count and a time guard that fit 5 minutes on 2 cores;
+- a real model (--model): the published recipe (DESIGN.md section 1): LoRA r=16 alpha=32
+  dropout 0.01, LR 2e-4 cosine with 5% warm-up, weight decay 0.1, batch 1 per device,
+  4000 steps, bf16 and gradient checkpointing on GPUs, 448 px images.
+Both: 8 latent tokens, blur radius U(2, 5), top-10% KL, loss weights 1:1:1. Anything given on
+the command line wins over either set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from crystal_ext.corruption import KINDS
+
+TINY_OUTPUT_DIR = "outputs/crystal-tiny"
+TINY_MAX_STEPS = 800
+TINY_IMAGE_SIZE = 112
+REAL_IMAGE_SIZE = 448
+
+
+@dataclass
+class CrystalArguments:
+    model: str | None = field(default=None, metadata={
+        "help": "Local folder or hub id of a Qwen2-VL-family model (from_pretrained). Default: the embedded tiny model."})
+    data: str | None = field(default=None, metadata={
+        "help": "LLaVA-conversation .json/.jsonl, or a datasets save_to_disk folder. Default: the synthetic task."})
+    image_folder: str | None = field(default=None, metadata={
+        "help": "Folder that relative image paths of --data are relative to (default: the data file's folder)."})
+    eval_data: str | None = field(default=None, metadata={
+        "help": "Held-out data for the final evaluation (same formats as --data). Default with --data: none."})
+    task: str = field(default="stripes", metadata={
+        "help": "Synthetic task: stripes (default; blur removes the answer), shape, or colour (blur-proof control)."})
+    train_examples: int = field(default=100_000, metadata={"help": "Synthetic training examples."})
+    eval_examples: int = field(default=300, metadata={"help": "Held-out examples for the final evaluation."})
+    image_size: int | None = field(default=None, metadata={
+        "help": "Side of the square images (multiple of 28). Default 112 for the tiny model, 448 otherwise."})
+    num_latent_tokens: int = field(default=8, metadata={"help": "K latent tokens in the think block."})
+    corruption: str = field(default="blur", metadata={"help": f"Corruption of the second path: one of {KINDS}."})
+    blur_radius_min: float = field(default=2.0, metadata={"help": "Gaussian blur radius, lower end (uniform)."})
+    blur_radius_max: float = field(default=5.0, metadata={"help": "Gaussian blur radius, upper end."})
+    lambda_pred: float = field(default=1.0, metadata={"help": "Weight of the prediction-alignment KL."})
+    lambda_attn: float = field(default=1.0, metadata={"help": "Weight of the attention-alignment KL."})
+    topk_fraction: float = field(default=0.1, metadata={"help": "Fraction of answer rows kept by the top-k KL."})
+    no_crystal: bool = field(default=False, metadata={
+        "help": "Baseline: plain SFT on the intact path (same data, latent tokens and schedule), CE only."})
+    use_lora: bool | None = field(default=None, metadata={
+        "help": "LoRA on the language model and vision blocks (merger in full, new token rows only). "
+                "Default: on with --model, off for the tiny model (trained in full)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.01, metadata={"help": "LoRA dropout."})
+    max_length: int = field(default=4096, metadata={"help": "Longest packed dual-path sequence; longer ones are skipped."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System message (default: Qwen's)."})
+    max_train_minutes: float | None = field(default=None, metadata={
+        "help": "Stop (and save) after this many minutes of training. Default 3.75 for the tiny model, none otherwise."})
+    num_pictures: int = field(default=3, metadata={"help": "Held-out examples drawn as attention pictures."})
+    cpu_threads: int | None = field(default=None, metadata={
+        "help": "torch intra-op threads per process on the CPU. Default 1 for the tiny model (see README), "
+                "torch's own choice otherwise."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Allow an --output_dir that already holds checkpoints (they are removed when training starts)."})
+    lm_head_losses: str = field(default="fused", metadata={
+        "help": "fused (crystal_ext.lm_head_losses, the default) or reference (plain PyTorch, for debugging)."})
+
+    @property
+    def tiny(self) -> bool:
+        return self.model is None
+
+
+def recipe_defaults(tiny: bool) -> dict:
+    """TrainingArguments defaults for the embedded run or the published recipe."""
+    import torch
+
+    # use_cpu on a machine without a GPU: otherwise accelerate (1.15) initialises the process
+    # group under torchrun but leaves the Trainer in single-process mode, so every rank would
+    # train alone and write the same checkpoint files.
+    common = dict(use_cpu=not torch.cuda.is_available(), lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.1, remove_unused_columns=False,
+                  report_to=["tensorboard"], save_strategy="steps", dataloader_num_workers=0,
+                  ddp_find_unused_parameters=False, save_only_model=False)
+    if tiny:
+        # One loader worker draws and packs the next batch on the second core while the main
+        # process computes with one thread (packing is ~15% of a step).
+        return {**common, "output_dir": TINY_OUTPUT_DIR, "max_steps": TINY_MAX_STEPS, "learning_rate": 1e-3,
+                "dataloader_num_workers": 1,
+                "per_device_train_batch_size": 16, "logging_steps": 25, "save_steps": 300, "save_total_limit": 2}
+    gpu = torch.cuda.is_available()
+    return {**common, "output_dir": "outputs/crystal", "max_steps": 4000, "learning_rate": 2e-4,
+            "per_device_train_batch_size": 1, "logging_steps": 10, "save_steps": 500, "save_total_limit": 3,
+            "bf16": gpu and torch.cuda.is_bf16_supported(), "activation_checkpointing": gpu}
+
+
+def _given(argv: list[str], name: str) -> bool:
+    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+
+
+def parse_args(argv: list[str] | None = None):
+    """(CrystalArguments, TrainingArguments) from `argv` (default sys.argv[1:]), validated."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((CrystalArguments, TrainingArguments))
+    parser.set_defaults(**recipe_defaults(tiny=not _given(argv, "model")))
+    cargs, targs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        raise ValueError(f"unknown arguments: {' '.join(rest)} (see --help)")
+    if cargs.use_lora is None:
+        cargs.use_lora = not cargs.tiny
+    if cargs.image_size is None:
+        cargs.image_size = TINY_IMAGE_SIZE if cargs.tiny else REAL_IMAGE_SIZE
+    if cargs.max_train_minutes is None and cargs.tiny and not _given(argv, "max_steps"):
+        cargs.max_train_minutes = 3.75
+    if cargs.cpu_threads is None and cargs.tiny:
+        # Measured on the 2-core development machine while another process was busy: a step
+        # of the tiny model took 0.24 s with 1 thread and 10.8 s with 2 (OpenMP threads spin
+        # against the other process); idle, 2 threads gain little on a 1 M-parameter model.
+        cargs.cpu_threads = 1
+    if cargs.system_prompt is None:
+        # The tiny tokenizer is word-level and lower-case: its system text uses only its words.
+        cargs.system_prompt = "you are a helpful assistant ." if cargs.tiny else "You are a helpful assistant."
+    validate(cargs, targs)
+    return cargs, targs
+
+
+def validate(cargs: CrystalArguments, targs) -> None:
+    """Every check that needs no model or data loaded; raises ValueError saying what to change."""
+    from crystal_ext.synthetic import TASKS
+
+    def bad(msg):
+        raise ValueError(msg)
+
+    if cargs.num_latent_tokens < 1:
+        bad(f"--num_latent_tokens must be >= 1, got {cargs.num_latent_tokens}")
+    if cargs.corruption not in KINDS:
+        bad(f"--corruption must be one of {', '.join(KINDS)}, got {cargs.corruption!r}")
+    if not 0 < cargs.blur_radius_min <= cargs.blur_radius_max:
+        bad(f"--blur_radius_min/--blur_radius_max must satisfy 0 < min <= max, got "
+            f"{cargs.blur_radius_min}, {cargs.blur_radius_max}")
+    for name in ("lambda_pred", "lambda_attn"):
+        if getattr(cargs, name) < 0:
+            bad(f"--{name} must be >= 0, got {getattr(cargs, name)}")
+    if not 0 < cargs.topk_fraction <= 1:
+        bad(f"--topk_fraction must be in (0, 1], got {cargs.topk_fraction}")
+    if cargs.image_size <= 0 or cargs.image_size % 28:
+        bad(f"--image_size must be a positive multiple of 28 (patch 14 x merge 2), got {cargs.image_size}")
+    if cargs.use_lora and (cargs.lora_r < 1 or cargs.lora_alpha <= 0 or not 0 <= cargs.lora_dropout < 1):
+        bad(f"LoRA needs --lora_r >= 1, --lora_alpha > 0 and 0 <= --lora_dropout < 1, got "
+            f"{cargs.lora_r}, {cargs.lora_alpha}, {cargs.lora_dropout}")
+    if cargs.task not in TASKS:
+        bad(f"--task must be one of {', '.join(sorted(TASKS))}, got {cargs.task!r}")
+    if cargs.train_examples < 1 or cargs.eval_examples < 0:
+        bad("--train_examples must be >= 1 and --eval_examples >= 0")
+    if cargs.lm_head_losses not in ("fused", "reference"):
+        bad(f"--lm_head_losses must be fused or reference, got {cargs.lm_head_losses!r}")
+    if cargs.max_train_minutes is not None and cargs.max_train_minutes <= 0:
+        bad(f"--max_train_minutes must be > 0, got {cargs.max_train_minutes}")
+    if cargs.cpu_threads is not None and cargs.cpu_threads < 1:
+        bad(f"--cpu_threads must be >= 1, got {cargs.cpu_threads}")
+    if cargs.max_length < 16:
+        bad(f"--max_length must be >= 16, got {cargs.max_length}")
+    if targs.max_steps <= 0 and cargs.data is None:
+        bad("the synthetic data set is generated on the fly: give --max_steps > 0")
+    if cargs.image_folder is not None and not os.path.isdir(cargs.image_folder):
+        bad(f"--image_folder {cargs.image_folder}: no such folder")
+    if cargs.data is not None:
+        from crystal_ext.data import check_data_path
+
+        check_data_path(cargs.data)
+    if cargs.eval_data is not None:
+        from crystal_ext.data import check_data_path
+
+        try:
+            check_data_path(cargs.eval_data)
+        except ValueError as exc:
+            bad(str(exc).replace("--data", "--eval_data"))
+    if cargs.model is not None:
+        check_model_available(cargs.model)
+    from crystal_ext.trainer import last_complete_checkpoint, resolve_resume_checkpoint
+
+    resume = resolve_resume_checkpoint(targs.resume_from_checkpoint, targs.output_dir)
+    targs.resume_from_checkpoint = resume
+    if resume is None and not cargs.overwrite_output_dir and os.path.isdir(targs.output_dir):
+        stale = [n for n in os.listdir(targs.output_dir) if n.startswith("checkpoint-")]
+        if stale:
+            last = last_complete_checkpoint(targs.output_dir)
+            bad(f"--output_dir {targs.output_dir} already holds checkpoints ({len(stale)}): pass "
+                f"--resume_from_checkpoint last to continue{f' from {last}' if last else ''}, "
+                "--overwrite_output_dir to start over there, or another --output_dir")
+
+
+def check_model_available(model: str) -> None:
+    """Fail at once (not after minutes of set-up) when `--model` cannot be loaded."""
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            bad = f"--model {model}: the folder has no config.json (expected a save_pretrained folder)"
+            raise ValueError(bad)
+        return
+    if model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1):
+        raise ValueError(f"--model {model}: no such folder")
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "config.json")
+    if isinstance(cached, str):
+        return
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    try:
+        if offline:
+            raise ConnectionError("HF_HUB_OFFLINE is set")
+        hf_hub_download(model, "config.json", etag_timeout=5)
+    except Exception as exc:  # offline, unknown id, gated repo: all mean the same to the user
+        raise ValueError(
+            f"--model {model}: not a local folder and not in the Hugging Face cache, and it cannot be downloaded "
+            f"here ({type(exc).__name__}). On a machine with network run `hf download {model}` (it fills "
+            f"the cache, ~/.cache/huggingface) or `hf download {model} --local-dir PATH` and pass --model PATH."
+        ) from None

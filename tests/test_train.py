@@ -1,0 +1,191 @@
+"""`python -m crystal_ext.train`: the default run end to end, torchrun with 2 processes (gloo),
+kill-and-resume (SIGKILL during a checkpoint save), and argument validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+from PIL import Image
+
+import crystal_ext
+from train_helpers import FAST, loss_at, metrics, run
+
+pytestmark = pytest.mark.skipif(not crystal_ext.extension_available(),
+                                reason="training runs the compiled fused ops")
+
+
+def test_default_run_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    proc = run(["--max_steps", "24", "--save_steps", "12", "--logging_steps", "6", "--eval_examples", "12",
+                "--num_pictures", "2", "--output_dir", str(out)])
+    # checkpoints, each complete; the final model at the top
+    for step in (12, 24):
+        ckpt = out / f"checkpoint-{step}"
+        assert (ckpt / "crystal_checkpoint_complete.json").is_file()
+        assert (ckpt / "model.safetensors").is_file() and (ckpt / "optimizer.pt").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "crystal_config.json").is_file()
+    # metrics: JSONL with the objective's parts, and TensorBoard event files
+    train_logs = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in train_logs] == [6, 12, 18, 24]
+    for r in train_logs:
+        assert {"ce", "kl_pred", "kl_attn", "learning_rate"} <= set(r)
+        assert abs(r["loss"] - (r["ce"] + r["kl_pred"] + r["kl_attn"])) < 1e-3 * max(1.0, r["loss"])
+    assert train_logs[-1]["ce"] < train_logs[0]["ce"]
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    # evaluation and pictures
+    result = json.loads((out / "eval_results.json").read_text())
+    assert result["n"] == 12 and 0 <= result["accuracy_intact"] <= 1 and 0 <= result["accuracy_blurred"] <= 1
+    pictures = sorted((out / "pictures").glob("*.png"))
+    assert len(pictures) == 2
+    with Image.open(pictures[0]) as im:
+        assert im.format == "PNG" and im.width > 300
+    # it ends by saying where everything is
+    for needle in ("held-out accuracy", "checkpoints:", "metrics.jsonl", "tensorboard", "pictures:"):
+        assert needle in proc.stdout
+    assert str(pictures[0]) in proc.stdout or pictures[0].name in proc.stdout
+
+
+RECORD_PARAMETERS = """
+import os, sys
+import torch
+from transformers import TrainerCallback
+from crystal_ext.train import main
+
+
+class RecordParameters(TrainerCallback):
+    # Each rank writes a checksum of its parameters and of the examples it trained on: equal
+    # parameters after different examples means DDP synchronised the gradients.
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        total = sum(p.detach().double().sum().item() for p in model.parameters())
+        with open(os.path.join(args.output_dir, f"params_rank{args.process_index}.txt"), "w") as f:
+            f.write(repr(total))
+
+main(sys.argv[1:], extra_callbacks=[RecordParameters()])
+"""
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    script = tmp_path / "record.py"
+    script.write_text(RECORD_PARAMETERS)
+    run(["--standalone", "--nproc_per_node", "2", str(script), "--max_steps", "4", "--save_steps", "2",
+         "--per_device_train_batch_size", "4", "--output_dir", str(out), *FAST],
+        prefix=[sys.executable, "-m", "torch.distributed.run"])
+    ckpt = out / "checkpoint-4"
+    assert (ckpt / "crystal_checkpoint_complete.json").is_file()
+    assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()  # really 2 ranks
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    logs = [r for r in metrics(out) if "loss" in r]
+    assert len(logs) == 4  # one writer (rank 0), one line per step
+    rank0, rank1 = ((out / f"params_rank{r}.txt").read_text() for r in (0, 1))
+    assert rank0 == rank1  # gradients were all-reduced through the objective-as-forward
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+import transformers
+
+save_rng = transformers.Trainer._save_rng_state
+
+def killed_mid_save(self, output_dir):
+    # checkpoint-{step}'s model and optimizer are written; its RNG state, trainer state and
+    # completion marker are not: SIGKILL, as an out-of-memory killer or a pre-empted node would.
+    if self.state.global_step == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save_rng(self, output_dir)
+
+transformers.Trainer._save_rng_state = killed_mid_save
+from crystal_ext.train import main
+main(sys.argv[1:])
+"""
+
+
+def test_sigkill_during_save_then_resume_reaches_the_same_loss(tmp_path):
+    common = ["--max_steps", "9", "--save_steps", "3", "--per_device_train_batch_size", "4", *FAST]
+    run([*common, "--output_dir", str(tmp_path / "straight")])
+
+    out = tmp_path / "killed"
+    os.environ["KILL_AT_STEP"] = "6"
+    try:
+        proc = run([*common, "--output_dir", str(out)], prefix=[sys.executable, "-c", KILL_DURING_SAVE], check=False)
+    finally:
+        del os.environ["KILL_AT_STEP"]
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert (out / "checkpoint-3" / "crystal_checkpoint_complete.json").is_file()
+    partial = out / "checkpoint-6"
+    assert (partial / "model.safetensors").is_file()  # looks like a checkpoint ...
+    assert not (partial / "crystal_checkpoint_complete.json").exists()  # ... but is marked incomplete
+
+    refused = run([*common, "--output_dir", str(out), "--resume_from_checkpoint", str(partial)], check=False)
+    assert refused.returncode == 2
+    assert "incomplete" in refused.stderr and "checkpoint-3" in refused.stderr
+
+    proc = run([*common, "--output_dir", str(out), "--resume_from_checkpoint", "last"])
+    assert "resuming from" in proc.stdout and "checkpoint-3" in proc.stdout
+    assert (partial / "crystal_checkpoint_complete.json").is_file()  # rewritten whole by the resumed run
+    want = loss_at(tmp_path / "straight", 9)
+    assert abs(loss_at(out, 9) - want) <= 1e-5 * max(1.0, abs(want))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_latent_tokens", "0"], "--num_latent_tokens must be >= 1"),
+    (["--corruption", "smear"], "--corruption must be one of"),
+    (["--topk_fraction", "0"], "--topk_fraction must be in (0, 1]"),
+    (["--lambda_attn", "-1"], "--lambda_attn must be >= 0"),
+    (["--image_size", "100"], "multiple of 28"),
+    (["--blur_radius_min", "6"], "--blur_radius_min/--blur_radius_max"),
+    (["--data", "/nonexistent/train.json"], "no such file"),
+    (["--model", "/nonexistent/model"], "no such folder"),
+    (["--model", "crystal-ext-tests/no-such-model"], "hf download"),
+    (["--use_lora", "true", "--lora_r", "0"], "--lora_r >= 1"),
+    (["--lm_head_losses", "fast"], "fused or reference"),
+    (["--not_an_option", "1"], "unknown arguments"),
+])
+def test_argument_validation(args, message, tmp_path):
+    from crystal_ext.arguments import parse_args
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    with pytest.raises(ValueError) as err:
+        parse_args([*args, "--output_dir", str(tmp_path / "o")])
+    assert message in str(err.value)
+
+
+def test_validation_fails_fast_on_the_command_line(tmp_path):
+    model_dir = tmp_path / "empty_model"
+    model_dir.mkdir()
+    proc = run(["--model", str(model_dir)], check=False, timeout=60)
+    assert proc.returncode == 2 and "no config.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_output_dir_with_checkpoints_needs_resume_or_overwrite(tmp_path):
+    from crystal_ext.arguments import parse_args
+
+    (tmp_path / "checkpoint-5").mkdir()
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        parse_args(["--output_dir", str(tmp_path)])
+    _, targs = parse_args(["--output_dir", str(tmp_path), "--overwrite_output_dir"])
+    assert targs.resume_from_checkpoint is None
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "last"])
+
+
+def test_defaults_follow_the_recipe_for_a_real_model(tmp_path):
+    from crystal_ext.arguments import parse_args
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cargs, targs = parse_args(["--model", str(model), "--output_dir", str(tmp_path / "o")])
+    assert cargs.use_lora and (cargs.lora_r, cargs.lora_alpha, cargs.lora_dropout) == (16, 32, 0.01)
+    assert (cargs.num_latent_tokens, cargs.topk_fraction, cargs.lambda_pred, cargs.lambda_attn) == (8, 0.1, 1, 1)
+    assert (cargs.corruption, cargs.blur_radius_min, cargs.blur_radius_max, cargs.image_size) == ("blur", 2, 5, 448)
+    assert targs.learning_rate == 2e-4 and targs.lr_scheduler_type == "cosine" and targs.warmup_steps == 0.05
+    assert targs.weight_decay == 0.1 and targs.max_steps == 4000 and targs.per_device_train_batch_size == 1
+    tiny, ttargs = parse_args(["--output_dir", str(tmp_path / "t")])
+    assert not tiny.use_lora and tiny.image_size == 112 and ttargs.learning_rate == 1e-3
+    assert tiny.max_train_minutes is not None and ttargs.max_steps > 0

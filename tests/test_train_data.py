@@ -1,0 +1,99 @@
+"""The synthetic task, LLaVA / datasets loading, and the checkpoint helpers (no training)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from crystal_ext.data import load_examples
+from crystal_ext.synthetic import SHAPES, STRIPES, SyntheticVQA, TASKS, draw_example
+from crystal_ext.trainer import COMPLETE_MARKER, last_complete_checkpoint, resolve_resume_checkpoint
+
+
+def test_synthetic_is_deterministic_and_splits_are_disjoint():
+    a, b = SyntheticVQA(20, "train", seed=3), SyntheticVQA(20, "train", seed=3)
+    for i in range(20):
+        assert np.array_equal(np.asarray(a[i].image), np.asarray(b[i].image)) and a[i].answer == b[i].answer
+    test = SyntheticVQA(20, "test", seed=3)
+    train_pixels = {np.asarray(a[i].image).tobytes() for i in range(20)}
+    assert not train_pixels & {np.asarray(test[i].image).tobytes() for i in range(20)}
+    shapes = SyntheticVQA(300, "train", task="shape")
+    assert {shapes[i].answer for i in range(300)} == set(SHAPES)
+    stripes = SyntheticVQA(300, "train", task="stripes")
+    assert {stripes[i].answer for i in range(300)} == set(STRIPES)
+    assert a[0].image.size == (112, 112)
+
+
+def test_blur_removes_the_stripes():
+    from crystal_ext.corruption import CorruptionConfig, corrupt
+
+    def stripe_energy(image):  # mean absolute difference of neighbouring pixels, both directions
+        x = np.asarray(image.convert("L"), dtype=np.float32)
+        return np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean()
+
+    image, _ = draw_example(0, "k", "stripes")
+    energy = [stripe_energy(corrupt(image, CorruptionConfig(blur_radius=(r, r)), 0, "k")) for r in (2.0, 3.0, 5.0)]
+    # radius 2 leaves faint lines (period 7 px); from radius 3 on they are gone (what is left
+    # is the outline and the background noise)
+    assert energy[0] < 0.25 * stripe_energy(image) and max(energy[1:]) < 0.08 * stripe_energy(image)
+
+
+def test_synthetic_words_are_in_the_tiny_vocabulary():
+    from crystal_ext.tiny_model import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    for task, question in TASKS.items():
+        _, answer = draw_example(0, "k", task)
+        assert tok.unk_token_id not in tok(f"{question} {answer}", add_special_tokens=False).input_ids
+
+
+def _llava_records(folder):
+    Image.new("RGB", (40, 30), "red").save(folder / "a.png")
+    return [
+        {"id": "r1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                                         {"from": "gpt", "value": "Red"}]},
+        {"id": "r2", "conversations": [{"from": "human", "value": "no image"}, {"from": "gpt", "value": "x"}]},
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_llava_json_and_jsonl(tmp_path, fmt):
+    records = _llava_records(tmp_path)
+    path = tmp_path / f"train.{fmt}"
+    path.write_text(json.dumps(records) if fmt == "json" else "\n".join(json.dumps(r) for r in records))
+    ds = load_examples(str(path))
+    assert len(ds) == 2
+    ex = ds[0]
+    assert (ex.key, ex.question, ex.answer) == ("r1", "What colour?", "Red")
+    assert ex.image == str(tmp_path / "a.png")
+    assert ds[1].image is None  # the packer skips it with a warning
+
+
+def test_datasets_save_to_disk(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    Dataset.from_list(_llava_records(tmp_path)).save_to_disk(str(tmp_path / "single"))
+    ds = load_examples(str(tmp_path / "single"), image_folder=str(tmp_path))
+    assert ds[0].answer == "Red" and ds[0].image == str(tmp_path / "a.png")
+    qa = Dataset.from_list([{"question": "q?", "answer": "a", "image": str(tmp_path / "a.png")}])
+    DatasetDict({"train": qa, "test": qa}).save_to_disk(str(tmp_path / "dict"))
+    assert load_examples(str(tmp_path / "dict"), split="test")[0].question == "q?"
+
+
+def test_resume_resolution(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / COMPLETE_MARKER).write_text("{}")
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert resolve_resume_checkpoint("last", str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert resolve_resume_checkpoint(None, str(tmp_path)) is None
+    with pytest.raises(ValueError, match="incomplete.*checkpoint-4"):
+        resolve_resume_checkpoint(str(tmp_path / "checkpoint-6"), str(tmp_path))
+    with pytest.raises(ValueError, match="not a folder"):
+        resolve_resume_checkpoint(os.path.join(str(tmp_path), "nope"), str(tmp_path))
