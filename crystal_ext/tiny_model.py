@@ -49,6 +49,13 @@ def tiny_tokenizer():
 def tiny_processor(tokenizer, image_size: int = 112):
     """A Qwen2.5-VL processor around `tokenizer` whose image processor keeps `image_size`
     square images at that size (min = max pixels), i.e. (image_size / 28)^2 visual tokens."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        raise RuntimeError(
+            "the embedded default's Qwen2.5-VL processor needs torchvision (transformers 5): "
+            "pip install -e '.[train]' (or a torchvision matching your torch)"
+        )
     from transformers import Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
