@@ -5,7 +5,8 @@ After `register_dual_path_attention()`, `model.set_attn_implementation("crystal_
 Qwen2-VL / Qwen2.5-VL to it. Per call, the caller passes two forward kwargs:
 
   crystal_layout   int64 [batch, 6, 2] (crystal_ext.layout)
-  crystal_outputs  a dict; the last text decoder layer writes "attention_alignment_loss" in it
+  crystal_outputs  a fresh dict per forward; the last text decoder layer writes
+                   "attention_alignment_loss" in it (the first one caches the layout's indices there)
 
 transformers forwards unknown model kwargs down to every attention call (the text layers
 and, in Qwen2-VL models, the vision tower's blocks), so no global state is involved.
@@ -25,12 +26,13 @@ the layout already says which positions are padding.
 from __future__ import annotations
 
 import crystal_ext
-from crystal_ext.dual_path_attention import dual_path_attention
+from crystal_ext.dual_path_attention import DualPathPlan, dual_path_attention_planned
 
 ATTN_IMPLEMENTATION = "crystal_dual_path"
 LAYOUT_KWARG = "crystal_layout"
 OUTPUTS_KWARG = "crystal_outputs"
 ALIGNMENT_LOSS_KEY = "attention_alignment_loss"
+_PLAN_KEY = "_dual_path_plan"  # cached in the per-call output slot: built by the first text layer
 
 
 def is_text_decoder_attention(module) -> bool:
@@ -63,10 +65,15 @@ def crystal_attention_forward(module, query, key, value, attention_mask, scaling
             f"{ATTN_IMPLEMENTATION}: a dual-path layout needs the whole packed sequence in one call "
             f"(queries {query.shape[2]} != keys {key.shape[2]}); do not pass a cache when training"
         )
-    layout = layout.to(device="cpu")  # validated and turned into indices on the host
-    out = dual_path_attention(query, key, value, layout, scale=scaling)
+    # The layout is validated and turned into indices once per forward, not in every layer.
+    plan = outputs.get(_PLAN_KEY) if outputs is not None else None
+    if plan is None or not plan.matches(query):
+        plan = DualPathPlan(layout, query.shape[0], query.shape[2], query.device)
+        if outputs is not None:
+            outputs[_PLAN_KEY] = plan
+    out = dual_path_attention_planned(query, key, value, plan, scale=scaling)
     if outputs is not None and _is_last_layer(module):
-        outputs[ALIGNMENT_LOSS_KEY] = crystal_ext.attention_alignment_loss(query, key, layout, scaling)
+        outputs[ALIGNMENT_LOSS_KEY] = crystal_ext.attention_alignment_loss(query, key, plan.layout_cpu, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

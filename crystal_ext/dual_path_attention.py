@@ -94,6 +94,34 @@ def _causal_sdpa(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
+class DualPathPlan:
+    """What every layer of one forward needs from the layout: the validated layout on the CPU
+    and the gather / scatter-back indices on the compute device. Built once per forward (by
+    the first text layer, see crystal_ext.attention_registration), so the other layers do no
+    host work and, on a GPU, no device synchronisation."""
+
+    def __init__(self, layout: torch.Tensor, batch: int, length: int, device: torch.device):
+        self.layout_cpu = layout.to("cpu")
+        rows = validate_layout(self.layout_cpu, batch, length, _OP)
+        self.batch, self.length, self.device = batch, length, torch.device(device)
+        self.idx1, self.idx2, self.src = (t.to(device) for t in path_indices(rows, length))
+
+    def matches(self, q: torch.Tensor) -> bool:
+        return (q.shape[0], q.shape[2], q.device) == (self.batch, self.length, self.device)
+
+
+def dual_path_attention_planned(q, k, v, plan: DualPathPlan, scale: float | None = None) -> torch.Tensor:
+    """dual_path_attention with the layout work done beforehand (see DualPathPlan)."""
+    _check_qkv(q, k, v, _OP)
+    if not plan.matches(q):
+        raise ValueError(f"{_OP}: the plan was built for batch {plan.batch}, length {plan.length} on "
+                         f"{plan.device}, but q is {list(q.shape)} on {q.device}")
+    out1 = _causal_sdpa(_gather(q, plan.idx1), _gather(k, plan.idx1), _gather(v, plan.idx1), scale)
+    out2 = _causal_sdpa(_gather(q, plan.idx2), _gather(k, plan.idx2), _gather(v, plan.idx2), scale)
+    zero_row = q.new_zeros(q.shape[0], q.shape[1], 1, q.shape[3])
+    return _gather(torch.cat([out1, out2, zero_row], dim=2), plan.src)
+
+
 def dual_path_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -113,10 +141,5 @@ def dual_path_attention(
         [batch, heads, length, head_dim] in q's dtype; rows after F.end are zeros.
     """
     _check_qkv(q, k, v, _OP)
-    batch, _, length, _ = q.shape
-    rows = validate_layout(layout, batch, length, _OP)
-    idx1, idx2, src = (t.to(q.device) for t in path_indices(rows, length))
-    out1 = _causal_sdpa(_gather(q, idx1), _gather(k, idx1), _gather(v, idx1), scale)
-    out2 = _causal_sdpa(_gather(q, idx2), _gather(k, idx2), _gather(v, idx2), scale)
-    zero_row = q.new_zeros(batch, q.shape[1], 1, q.shape[3])
-    return _gather(torch.cat([out1, out2, zero_row], dim=2), src)
+    plan = DualPathPlan(layout, q.shape[0], q.shape[2], q.device)
+    return dual_path_attention_planned(q, k, v, plan, scale)

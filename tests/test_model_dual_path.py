@@ -203,3 +203,22 @@ def test_peft_wrapped_model_trains_lora_merger_and_new_rows():
     assert any("merger" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
     for m in mats:
         assert m.grad[: vocab - 8].abs().sum() == 0 and m.grad[vocab - 8 :].abs().sum() > 0
+
+
+def test_layout_is_planned_once_per_forward(monkeypatch):
+    """The layout's validation and indices (host work; a device sync on a GPU) happen once per
+    forward, not in every text layer."""
+    import crystal_ext.attention_registration as reg
+
+    model, batch = _setup()
+    built = []
+    original = reg.DualPathPlan
+
+    class Counting(original):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(reg, "DualPathPlan", Counting)
+    crystal_objective(model, batch, lm_head_losses=reference.lm_head_losses)
+    assert len(built) == 1 and model.config.text_config.num_hidden_layers > 1
