@@ -59,18 +59,27 @@ def _words(n, seed):
 
 def build(shape: str, attn: str, batch_size: int = 1):
     """(model, batch) for `shape` in {"tiny", "qwen7b_L700", "qwen7b_L1400"}."""
-    tok = tiny_tokenizer()
     if shape == "tiny":
+        tok = tiny_tokenizer()
         latent = add_latent_tokens(tok, None, k=4)
         model = tiny_qwen25vl(tok, attn_implementation=attn).train()
-        image, question, answer = 56, 6, 8
-    else:
-        latent = add_latent_tokens(tok, None, k=10)  # |D| = 12 with the think markers
-        model = qwen7b_attention_model(tok, attn=attn).train()
-        # L ~ 700: 448 px (256 visual tokens), |E| = |F| = 48; L ~ 1400: 644 px (529 tokens).
-        image, question, answer = (448, 25, 42) if shape == "qwen7b_L700" else (644, 40, 70)
+        return model, make_batch(model, tok, latent, 56, 6, 8, batch_size)
+    # L ~ 700: 448 px (256 visual tokens), |E| = |F| = 45; L ~ 1400: 644 px (529 tokens).
+    image, question, answer = (448, 25, 42) if shape == "qwen7b_L700" else (644, 40, 70)
+    return build_qwen7b_attention(attn, image, question, answer, batch_size=batch_size)
+
+
+def build_qwen7b_attention(attn: str, image: int, question: int, answer: int, vocab: int = 152064,
+                           batch_size: int = 1):
+    """The Qwen-7B-attention model and a batch with `answer` answer words (|E| = answer + 3)."""
+    tok = tiny_tokenizer()
+    latent = add_latent_tokens(tok, None, k=10)  # |D| = 12 with the think markers
+    model = qwen7b_attention_model(tok, vocab=vocab, attn=attn).train()
+    return model, make_batch(model, tok, latent, image, question, answer, batch_size)
+
+
+def make_batch(model, tok, latent, image, question, answer, batch_size):
     packer = DualPathPacker(tok, latent, model_rope_index(model), image_size=image, max_length=4096)
     examples = [Example(f"ex{i}", _image(i, image), _words(question, i), _words(answer, 100 + i))
                 for i in range(batch_size)]
-    batch = DualPathCollator(packer, tok.pad_token_id)(examples)
-    return model, batch
+    return DualPathCollator(packer, tok.pad_token_id)(examples)
