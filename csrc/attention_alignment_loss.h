@@ -13,26 +13,15 @@
 // Per pair i: KL(T_i || S_i) = sum_c T_c (log T_c - log S_c), with 0 log 0 = 0.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
-#include <limits>
 
-#if defined(__CUDACC__)
-#define CRYSTAL_HD __host__ __device__ __forceinline__
-#else
-#define CRYSTAL_HD inline
-#endif
+#include "common_math.h"
 
 namespace crystal_ext {
 namespace attention_alignment {
 
 // Added to the sum of latent masses before renormalising (the published formula).
 constexpr double kRenormEps = 1e-8;
-
-CRYSTAL_HD float exp_acc(float x) { return ::expf(x); }
-CRYSTAL_HD double exp_acc(double x) { return ::exp(x); }
-CRYSTAL_HD float log_acc(float x) { return ::logf(x); }
-CRYSTAL_HD double log_acc(double x) { return ::log(x); }
 
 struct Segments {
   int64_t a0, a1, b0, b1, c0, c1, d0, d1, e0, e1, f0, f1;
@@ -79,7 +68,7 @@ CRYSTAL_HD int64_t visible_key_count(const Segments& s, int path, int64_t i) {
 
 template <typename T>
 CRYSTAL_HD void lse_init(T& m, T& z) {
-  m = -std::numeric_limits<T>::infinity();
+  m = neg_inf<T>();
   z = T(0);
 }
 
@@ -95,8 +84,8 @@ CRYSTAL_HD void lse_push(T& m, T& z, T x) {
 
 template <typename T>
 CRYSTAL_HD void lse_merge(T& m, T& z, T m2, T z2) {
-  if (m2 == -std::numeric_limits<T>::infinity()) return;
-  if (m == -std::numeric_limits<T>::infinity()) {
+  if (m2 == neg_inf<T>()) return;
+  if (m == neg_inf<T>()) {
     m = m2;
     z = z2;
     return;
@@ -104,11 +93,6 @@ CRYSTAL_HD void lse_merge(T& m, T& z, T m2, T z2) {
   const T mx = m > m2 ? m : m2;
   z = z * exp_acc(m - mx) + z2 * exp_acc(m2 - mx);
   m = mx;
-}
-
-template <typename T>
-CRYSTAL_HD T lse_finish(T m, T z) {
-  return m + log_acc(z);
 }
 
 // Partial log-sum-exp of row[t] for t = lane, lane + stride, ... < n. The CPU calls it with

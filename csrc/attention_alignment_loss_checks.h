@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "attention_alignment_loss.h"
+#include "common_host.h"
 
 namespace crystal_ext {
 namespace attention_alignment {

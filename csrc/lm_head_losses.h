@@ -19,30 +19,14 @@
 // second sweep in the backward, only when they are wanted.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
-#include <limits>
 
-#if defined(__CUDACC__)
-#define CRYSTAL_HD __host__ __device__ __forceinline__
-#else
-#define CRYSTAL_HD inline
-#endif
+#include "common_math.h"
 
 namespace crystal_ext {
 namespace lm_head {
 
 constexpr int64_t kIgnoreIndex = -100;
-
-CRYSTAL_HD float exp_acc(float x) { return ::expf(x); }
-CRYSTAL_HD double exp_acc(double x) { return ::exp(x); }
-CRYSTAL_HD float log_acc(float x) { return ::logf(x); }
-CRYSTAL_HD double log_acc(double x) { return ::log(x); }
-
-template <typename T>
-CRYSTAL_HD T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
 
 // ---- online log-sum-exp over vocabulary blocks ----
 // Per block: new_max = max(m, block max); alpha = exp(m - new_max) rescales everything that
@@ -57,11 +41,6 @@ CRYSTAL_HD T block_rescale(T old_max, T new_max) {
 template <typename T>
 CRYSTAL_HD T unnormalised_prob(T z, T running_max) {
   return exp_acc(z - running_max);
-}
-
-template <typename T>
-CRYSTAL_HD T lse_finish(T m, T z) {
-  return m + log_acc(z);
 }
 
 // Term of A (the KL cross term) for one vocabulary entry of a pair.

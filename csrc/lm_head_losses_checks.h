@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "common_host.h"
 #include "lm_head_losses.h"
 
 namespace crystal_ext {
@@ -35,9 +36,6 @@ struct Problem {
   int64_t n_samples = 0;
 };
 
-inline at::ScalarType accumulate_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 inline void check_index_tensor(const at::Tensor& t, const char* name, const at::Tensor& hidden) {
   TORCH_CHECK_VALUE(t.dim() == 1, "lm_head_losses: ", name, " must be 1-D, got shape ",

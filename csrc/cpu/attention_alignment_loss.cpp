@@ -17,10 +17,6 @@ namespace crystal_ext {
 namespace attention_alignment {
 namespace {
 
-at::ScalarType accumulate_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Packed columns of the path's visible keys, in order.
 at::Tensor key_columns(const Segments& seg, int path) {
   const int64_t n = path_key_count(seg, path);

@@ -232,10 +232,6 @@ at::Tensor latent_mass(const at::Tensor& scores, const at::Tensor& layout, int p
   return prob.sum(1).div_(static_cast<double>(p.heads)).contiguous();  // [B, maxE, maxD]
 }
 
-at::ScalarType accumulate_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                 const at::Tensor& layout_in, double scale) {
   const Problem p = check_inputs(q_in, k_in, layout_in, scale);
