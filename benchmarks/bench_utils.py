@@ -9,6 +9,8 @@ from the allocation events of the torch profiler (profile_memory=True), replayed
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -59,6 +61,16 @@ def peak_memory_bytes(fn, device: str | torch.device = "cpu") -> int:
     if torch.device(device).type == "cuda":
         return _cuda_peak_bytes(fn)
     return _cpu_peak_bytes(fn)
+
+
+def median_seconds(fn, rounds: int) -> float:
+    """Median wall time of `rounds` calls of fn()."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def require_fused_ops() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from crystal_ext.attention_registration import is_text_decoder_attention
+from crystal_ext.attention_registration import _is_last_layer, is_text_decoder_attention
 from crystal_ext.layout import D, E, dual_path_mask
 from crystal_ext.objective import CrystalLoss, _parts
 from crystal_ext.packing import IGNORE
@@ -31,11 +31,10 @@ def published_attention(module, query, key, value, attention_mask, scaling=None,
     slot = kwargs.pop(PROBS_KWARG, None)
     out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                  scaling=scaling, **kwargs)
-    if slot is not None and is_text_decoder_attention(module):
-        if module.layer_idx == module.config.num_hidden_layers - 1:
-            keys = repeat_kv(key, query.shape[1] // key.shape[1])
-            scores = torch.matmul(query, keys.transpose(-1, -2)) * scaling + attention_mask
-            slot["probs"] = scores.softmax(dim=-1)  # [B, H, L, L]
+    if slot is not None and is_text_decoder_attention(module) and _is_last_layer(module):
+        keys = repeat_kv(key, query.shape[1] // key.shape[1])
+        scores = torch.matmul(query, keys.transpose(-1, -2)) * scaling + attention_mask
+        slot["probs"] = scores.softmax(dim=-1)  # [B, H, L, L]
     return out
 
 
@@ -46,6 +45,18 @@ def register_published_attention() -> str:
     AttentionInterface.register(PUBLISHED_ATTN, published_attention)
     AttentionMaskInterface.register(PUBLISHED_ATTN, sdpa_mask)
     return PUBLISHED_ATTN
+
+
+def published_step_loss_switched(model, batch) -> CrystalLoss:
+    """published_step_loss on a model set up for our attention: switches its attention
+    implementation to the published one for the call and back afterwards (same weights)."""
+    _, backbone, _ = _parts(model)
+    previous = backbone.config.get_text_config()._attn_implementation
+    model.set_attn_implementation(register_published_attention())
+    try:
+        return published_step_loss(model, batch)
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def published_step_loss(model, batch, topk_fraction=0.1, lambda_pred=1.0, lambda_attn=1.0) -> CrystalLoss:

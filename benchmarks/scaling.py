@@ -9,48 +9,27 @@ gradients). Growth with L is in test_crystal_step.py (L = 685 and 1317).
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import crystal_ext  # noqa: E402
-from bench_utils import peak_memory_bytes  # noqa: E402
+from bench_utils import median_seconds  # noqa: E402
 from crystal_ext.objective import crystal_objective  # noqa: E402
-from published_step import published_step_loss, register_published_attention  # noqa: E402
+from published_step import published_step_loss_switched  # noqa: E402
 import step_models  # noqa: E402
-
-
-def step(loss_fn, model, batch):
-    model.zero_grad(set_to_none=True)
-    loss_fn(model, batch).loss.backward()
+from step_models import peak_step_bytes, run_step  # noqa: E402
 
 
 def measure(loss_fn, model, batch, rounds=2):
-    step(loss_fn, model, batch)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        step(loss_fn, model, batch)
-        times.append(time.perf_counter() - start)
-    model.zero_grad(set_to_none=True)
-    peak = peak_memory_bytes(lambda: loss_fn(model, batch).loss.backward())
-    return statistics.median(times), peak
+    """(median seconds of a step after a warm-up, peak bytes of one step)."""
+    run_step(loss_fn, model, batch)
+    return median_seconds(lambda: run_step(loss_fn, model, batch), rounds), peak_step_bytes(loss_fn, model, batch)
 
 
 def main():
     crystal_ext.register_dual_path_attention()
-    published = register_published_attention()
-
-    def theirs(model, batch):
-        model.set_attn_implementation(published)
-        try:
-            return published_step_loss(model, batch)
-        finally:
-            model.set_attn_implementation(crystal_ext.ATTN_IMPLEMENTATION)
-
     print("| |E| = |F| | V | L | ours (s) | published (s) | speed-up | peak ours / published (MB) |")
     print("|---|---|---|---|---|---|---|")
     for answer, vocab in ((21, 152064), (45, 152064), (93, 152064), (45, 32768)):
@@ -58,7 +37,7 @@ def main():
                                                           vocab=vocab)
         e = int(batch["layout"][0, 4, 1] - batch["layout"][0, 4, 0])
         ours_s, ours_peak = measure(crystal_objective, model, batch)
-        theirs_s, theirs_peak = measure(theirs, model, batch)
+        theirs_s, theirs_peak = measure(published_step_loss_switched, model, batch)
         print(f"| {e} | {vocab} | {batch['input_ids'].shape[1]} | {ours_s:.2f} | {theirs_s:.2f} | "
               f"{theirs_s / ours_s:.2f}x | {ours_peak / 2**20:.0f} / {theirs_peak / 2**20:.0f} |", flush=True)
         del model, batch

@@ -20,6 +20,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from dual_path_helpers import WORDS, tiny_qwen25vl, tiny_tokenizer  # noqa: E402
 
+from bench_utils import peak_memory_bytes  # noqa: E402
 from crystal_ext.latent_tokens import add_latent_tokens  # noqa: E402
 from crystal_ext.packing import DualPathCollator, DualPathPacker, Example, model_rope_index  # noqa: E402
 
@@ -83,3 +84,17 @@ def make_batch(model, tok, latent, image, question, answer, batch_size):
     examples = [Example(f"ex{i}", _image(i, image), _words(question, i), _words(answer, 100 + i))
                 for i in range(batch_size)]
     return DualPathCollator(packer, tok.pad_token_id)(examples)
+
+
+def run_step(loss_fn, model, batch, zero_grad=True):
+    """One training step's forward + backward of loss_fn(model, batch).loss."""
+    if zero_grad:
+        model.zero_grad(set_to_none=True)
+    loss_fn(model, batch).loss.backward()
+
+
+def peak_step_bytes(loss_fn, model, batch):
+    """Peak memory of one step, its parameter gradients included (the previous step's are
+    released before the measured window opens)."""
+    model.zero_grad(set_to_none=True)
+    return peak_memory_bytes(lambda: run_step(loss_fn, model, batch, zero_grad=False))

@@ -9,9 +9,7 @@ benchmarking is enabled, so `--benchmark-disable` runs everything once as a smok
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ import torch
 
 import crystal_ext
 from crystal_ext import reference
-from bench_utils import peak_memory_bytes, require_fused_ops
+from bench_utils import median_seconds, peak_memory_bytes, require_fused_ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from alignment_cases import make_layout, random_qk  # noqa: E402
@@ -47,15 +45,6 @@ def make_inputs(shape_name, dtype):
 def forward_backward(fn, q, k, layout):
     loss = fn(q, k, layout)
     return torch.autograd.grad(loss, (q, k))
-
-
-def median_seconds(fn, rounds):
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def memory(fn, q, k, layout):

@@ -11,19 +11,17 @@ the time of the single-path SFT step. Asserted only when benchmarking is enabled
 
 from __future__ import annotations
 
-import copy
 import functools
-import statistics
-import time
 
 import pytest
 import torch
 
 import crystal_ext
-from bench_utils import peak_memory_bytes, require_fused_ops
+from bench_utils import median_seconds, require_fused_ops
 from crystal_ext.objective import crystal_objective
-from published_step import published_step_loss, register_published_attention
+from published_step import published_step_loss_switched
 import step_models
+from step_models import peak_step_bytes, run_step
 
 SHAPES = ["tiny", "qwen7b_L700", "qwen7b_L1400"]
 TARGET_SHAPES = ("qwen7b_L700", "qwen7b_L1400")
@@ -34,23 +32,7 @@ SPEEDUP_TARGET, MEMORY_TARGET, DUAL_PATH_PRICE = 2.0, 0.40, 2.0
 @functools.cache
 def prepared(shape):
     crystal_ext.register_dual_path_attention()
-    published = register_published_attention()
-    model, batch = step_models.build(shape, crystal_ext.ATTN_IMPLEMENTATION)
-    theirs = copy.copy(model)  # shares the weights; only the attention implementation differs
-    return model, theirs, published, batch
-
-
-def run_step(loss_fn, model, batch, zero_grad=True):
-    if zero_grad:
-        model.zero_grad(set_to_none=True)
-    loss_fn(model, batch).loss.backward()
-
-
-def peak_step_bytes(loss_fn, model, batch):
-    """Peak memory of one step, its parameter gradients included (the previous step's are
-    released before the measured window opens)."""
-    model.zero_grad(set_to_none=True)
-    return peak_memory_bytes(lambda: run_step(loss_fn, model, batch, zero_grad=False))
+    return step_models.build(shape, crystal_ext.ATTN_IMPLEMENTATION)
 
 
 def ours(model, batch):
@@ -61,38 +43,23 @@ def baseline(model, batch):
     return crystal_objective(model, batch, crystal=False)
 
 
-def published(model, batch, name):
-    model.set_attn_implementation(name)
-    try:
-        return published_step_loss(model, batch)
-    finally:
-        model.set_attn_implementation(crystal_ext.ATTN_IMPLEMENTATION)
-
-
-def seconds(fn, rounds):
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_ours_vs_published(benchmark, shape):
     require_fused_ops()
-    model, _, name, batch = prepared(shape)
+    model, batch = prepared(shape)
     run_ours = lambda: run_step(ours, model, batch)  # noqa: E731
-    run_theirs = lambda: run_step(lambda m, b: published(m, b, name), model, batch)  # noqa: E731
+    run_theirs = lambda: run_step(published_step_loss_switched, model, batch)  # noqa: E731
     benchmark.group = f"crystal step {shape}"
     benchmark.pedantic(run_ours, rounds=ROUNDS[shape], warmup_rounds=1)
     if benchmark.disabled:
         return
     run_theirs()
-    theirs_s = seconds(run_theirs, ROUNDS[shape])
-    ours_s = seconds(run_ours, ROUNDS[shape])
-    theirs_fn = lambda m, b: published(m, b, name)  # noqa: E731
-    ours_peak, theirs_peak = peak_step_bytes(ours, model, batch), peak_step_bytes(theirs_fn, model, batch)
+    theirs_s = median_seconds(run_theirs, ROUNDS[shape])
+    ours_s = median_seconds(run_ours, ROUNDS[shape])
+    ours_peak = peak_step_bytes(ours, model, batch)
+    theirs_peak = peak_step_bytes(published_step_loss_switched, model, batch)
     info = {
         "length": batch["input_ids"].shape[1],
         "ours_s": round(ours_s, 3), "published_s": round(theirs_s, 3),
@@ -109,24 +76,24 @@ def test_ours_vs_published(benchmark, shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_published(benchmark, shape):
-    model, _, name, batch = prepared(shape)
+    model, batch = prepared(shape)
     benchmark.group = f"crystal step {shape}"
-    benchmark.pedantic(lambda: run_step(lambda m, b: published(m, b, name), model, batch),
+    benchmark.pedantic(lambda: run_step(published_step_loss_switched, model, batch),
                        rounds=ROUNDS[shape], warmup_rounds=1)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dual_path_vs_single_path(benchmark, shape):
     require_fused_ops()
-    model, _, _, batch = prepared(shape)
+    model, batch = prepared(shape)
     run_dual = lambda: run_step(ours, model, batch)  # noqa: E731
     run_single = lambda: run_step(baseline, model, batch)  # noqa: E731
     benchmark.group = f"crystal step {shape} single path"
     benchmark.pedantic(run_single, rounds=ROUNDS[shape], warmup_rounds=1)
     if benchmark.disabled:
         return
-    dual_s = seconds(run_dual, ROUNDS[shape])
-    single_s = seconds(run_single, ROUNDS[shape])
+    dual_s = median_seconds(run_dual, ROUNDS[shape])
+    single_s = median_seconds(run_single, ROUNDS[shape])
     dual_peak, single_peak = peak_step_bytes(ours, model, batch), peak_step_bytes(baseline, model, batch)
     info = {
         "dual_s": round(dual_s, 3), "single_s": round(single_s, 3),

@@ -23,13 +23,11 @@ Timing thresholds live here, never in tests/.
 
 from __future__ import annotations
 
-import statistics
-import time
 
 import pytest
 import torch
 
-from bench_utils import require_fused_ops
+from bench_utils import median_seconds, require_fused_ops
 
 SHAPES = {
     "small": dict(n=97, hd=64, vocab=5003, n_pairs=12),
@@ -59,15 +57,6 @@ def _step(fn, problem):
     ce, kl = fn(h, weight, targets, teacher, student, sample, 0.1)
     (ce + kl).backward()
     return h.grad, weight.grad
-
-
-def _median_time(fn, rounds):
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 CASES = [
@@ -111,8 +100,8 @@ def test_lm_head_losses(benchmark, measure_peak_memory, shape, dtype, weight_gra
     fused()
     ref()
     matmul()  # warm-up
-    reference_s = _median_time(ref, rounds)
-    matmul_s = _median_time(matmul, rounds)
+    reference_s = median_seconds(ref, rounds)
+    matmul_s = median_seconds(matmul, rounds)
     benchmark.pedantic(fused, rounds=rounds, iterations=1, warmup_rounds=0)
     fused_s = benchmark.stats.stats.median
 
