@@ -24,6 +24,16 @@ SEGMENT_NAMES = (
 A, B, C, D, E, F = range(6)
 
 
+def segment_bounds(sizes) -> list[list[int]]:
+    """[[start, end]] of consecutive segments of the given sizes, starting at 0 (one sample's
+    layout rows from |A|..|F|)."""
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append([start, start + size])
+        start += size
+    return bounds
+
+
 def validate_layout(layout, batch: int, length: int, op: str = "crystal_ext") -> list[list[int]]:
     """Check a layout against the rules of DESIGN.md section 2 and return it as nested lists
     ([batch][12] ints). Raises ValueError naming `layout` and the broken rule."""

@@ -31,6 +31,7 @@ from PIL import Image
 
 from crystal_ext.corruption import CorruptionConfig, corrupt
 from crystal_ext.latent_tokens import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, LatentTokens
+from crystal_ext.layout import segment_bounds
 
 IGNORE = -100
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -131,10 +132,7 @@ class DualPathPacker:
         if length > self.max_length:
             raise SkipExample(f"packed length {length} (answer of {len(seg_e)} tokens) exceeds max_length "
                               f"{self.max_length}")
-        bounds, start = [], 0
-        for seg in segments:
-            bounds.append([start, start + len(seg)])
-            start += len(seg)
+        bounds = segment_bounds(map(len, segments))
         (_, a1), (b0, b1), (c0, c1), (d0, d1), (e0, e1), (f0, f1) = bounds
         input_ids = torch.tensor([t for seg in segments for t in seg])
         mm_types = (input_ids == self.image_pad).long()

@@ -29,6 +29,17 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, op: str) -> None:
                          f"kv_heads of k ({k.shape[1]})")
 
 
+def _dense_dual_path_probs(q, k, layout, scale):
+    """(attention probabilities [B, H, L, L] under the dual-path mask, the mask [B, 1, L, L]).
+    Grouped kv heads are repeated per query head here, for clarity."""
+    length = q.shape[2]
+    k_per_head = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = torch.matmul(q, k_per_head.transpose(-1, -2)) * scale
+    visible = dual_path_mask(layout.to(q.device), length)[:, None]
+    # finfo.min rather than -inf: padding rows see nothing and must not turn into NaN.
+    return scores.masked_fill(~visible, torch.finfo(scores.dtype).min).softmax(dim=-1), visible
+
+
 def attention_alignment_loss(
     q: torch.Tensor, k: torch.Tensor, layout: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
@@ -42,14 +53,10 @@ def attention_alignment_loss(
     """
     op = "reference.attention_alignment_loss"
     _check_qk(q, k, op)
-    batch, heads, length, head_dim = q.shape
+    batch, _, length, head_dim = q.shape
     rows = validate_layout(layout, batch, length, op)
     scale = head_dim**-0.5 if scale is None else scale
-    k_per_head = k.repeat_interleave(heads // k.shape[1], dim=1)
-    scores = torch.matmul(q, k_per_head.transpose(-1, -2)) * scale
-    visible = dual_path_mask(layout.to(q.device), length)[:, None]  # [B, 1, L, L]
-    # finfo.min rather than -inf: padding rows see nothing and must not turn into NaN.
-    probs = scores.masked_fill(~visible, torch.finfo(scores.dtype).min).softmax(dim=-1)
+    probs, _ = _dense_dual_path_probs(q, k, layout, scale)
     per_sample = []
     for b, r in enumerate(rows):
         (d0, d1), (e0, e1), (f0, f1) = r[2 * D : 2 * D + 2], r[2 * E : 2 * E + 2], r[10:12]
@@ -125,12 +132,7 @@ def dual_path_attention(
     batch, heads, length, head_dim = q.shape
     validate_layout(layout, batch, length, op)
     scale = head_dim**-0.5 if scale is None else scale
-    groups = heads // k.shape[1]
-    k_per_head = k.repeat_interleave(groups, dim=1)
-    v_per_head = v.repeat_interleave(groups, dim=1)
-    visible = dual_path_mask(layout.to(q.device), length)[:, None]  # [B, 1, L, L]
-    scores = torch.matmul(q, k_per_head.transpose(-1, -2)) * scale
-    probs = scores.masked_fill(~visible, torch.finfo(scores.dtype).min).softmax(dim=-1)
+    probs, visible = _dense_dual_path_probs(q, k, layout, scale)
     # Padding rows see nothing: finfo.min makes them a uniform average, so zero them.
     probs = probs * visible.any(-1, keepdim=True)
-    return torch.matmul(probs, v_per_head)
+    return torch.matmul(probs, v.repeat_interleave(heads // k.shape[1], dim=1))

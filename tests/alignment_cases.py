@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from crystal_ext.layout import segment_bounds
+
 
 def make_layout(samples: list[tuple[int, int, int, int]]) -> torch.Tensor:
     """Layout [batch, 6, 2] from (|A|, |B| = |C|, |D|, |E| = |F|) per sample."""
-    rows = []
-    for a, bc, d, e in samples:
-        sizes = [a, bc, bc, d, e, e]
-        start, row = 0, []
-        for size in sizes:
-            row.append([start, start + size])
-            start += size
-        rows.append(row)
+    rows = [segment_bounds([a, bc, bc, d, e, e]) for a, bc, d, e in samples]
     return torch.tensor(rows, dtype=torch.long)
 
 

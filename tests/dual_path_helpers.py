@@ -6,6 +6,8 @@ import random
 
 import torch
 
+from crystal_ext.layout import segment_bounds
+
 
 def random_layout(batch: int, rng: random.Random, max_seg: int = 6, pad: int = 3):
     """A random valid layout [batch, 6, 2] and the padded length it needs.
@@ -16,13 +18,9 @@ def random_layout(batch: int, rng: random.Random, max_seg: int = 6, pad: int = 3
     rows, ends = [], []
     for _ in range(batch):
         a, bc, d, e = rng.randint(0, max_seg), rng.randint(0, max_seg), rng.randint(1, 4), rng.randint(1, max_seg)
-        sizes = [a, bc, bc, d, e, e]
-        start, row = 0, []
-        for s in sizes:
-            row.append([start, start + s])
-            start += s
+        row = segment_bounds([a, bc, bc, d, e, e])
         rows.append(row)
-        ends.append(start)
+        ends.append(row[-1][1])
     length = max(ends) + rng.randint(0, pad)
     return torch.tensor(rows, dtype=torch.long), length
 
