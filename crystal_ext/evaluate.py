@@ -37,14 +37,22 @@ def _normalise(tokenizer, text: str) -> str:
 
 
 def extract_answer(tokenizer, ids: list[int]) -> str | None:
-    """The text between <answer> and </answer> (or the end) in generated ids, normalised."""
+    """The text between <answer> and </answer> (or the end of the turn) in generated ids, normalised.
+
+    Special tokens inside the answer are kept in the text, so an answer such as
+    `<answer><|latent_5|> horizontal</answer>` does not count as "horizontal": exact match means
+    the model wrote the answer and nothing else (decoding with skip_special_tokens=True would drop
+    a stray latent token and give the model a second try, which teacher-forced accuracy does not)."""
     open_id, close_id = tokenizer.convert_tokens_to_ids(["<answer>", "</answer>"])
     if open_id not in ids:
         return None
     ids = ids[ids.index(open_id) + 1:]
     if close_id in ids:
         ids = ids[: ids.index(close_id)]
-    return tokenizer.decode(ids, skip_special_tokens=True).strip().lower()
+    else:  # cut off: the answer ends with the turn (<|im_end|>) or the batch padding after it
+        ends = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+        ids = ids[: next((i for i, t in enumerate(ids) if t in ends), len(ids))]
+    return tokenizer.decode(ids, skip_special_tokens=False).strip().lower()
 
 
 @torch.no_grad()

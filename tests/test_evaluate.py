@@ -79,5 +79,12 @@ def test_extract_answer_and_prompt():
     assert extract_answer(tok, ids) == "triangle"
     assert extract_answer(tok, ids[:-1]) == "triangle"  # cut off before </answer>
     assert extract_answer(tok, ids[:3]) is None
+    end, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id
+    assert extract_answer(tok, ids[:-1] + [end, pad, pad]) == "triangle"  # the turn ended without </answer>
+    # A stray special token inside the answer is not the answer (skip_special_tokens used to drop
+    # it: a model writing "<answer><|latent_1|> triangle</answer>" was scored correct).
+    stray = ids[:5] + [lat.latent_ids[1]] + ids[5:]
+    assert extract_answer(tok, stray) not in (None, "triangle")
+    assert extract_answer(tok, ids[:5] + [lat.think_close] + ids[5:]) != "triangle"
     text = prompt_text("you are a helpful assistant .", "what shape is in the image ?")
     assert "<unk>" not in tok.decode(tok(text).input_ids)
