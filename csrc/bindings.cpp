@@ -14,6 +14,8 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include "cpu/gemm_bf16.h"
+
 TORCH_LIBRARY(crystal_ext, m) {
   // Returns (loss, lse): the scalar loss (float32; float64 for float64 inputs) and the
   // log-sum-exp of every aligned row and head, [B, H, L] (zero on the other rows), which the
@@ -45,6 +47,8 @@ pybind11::dict build_info() {
   pybind11::dict info;
   info["torch_built_against"] = CRYSTAL_TORCH_VERSION;
   info["cpu_kernels"] = true;
+  // Whether bf16 CPU GEMMs with fp32 output run on AVX512-BF16 here (csrc/cpu/gemm_bf16.h).
+  info["cpu_bf16_gemm"] = crystal_ext::cpu_gemm::bf16_gemm_available();
 #ifdef CRYSTAL_WITH_CUDA
   info["cuda_kernels"] = true;
   info["cuda_built_against"] = std::to_string(CUDART_VERSION / 1000) + "." +
@@ -74,6 +78,29 @@ std::tuple<at::Tensor, at::Tensor> attention_alignment_loss_forward(const at::Te
   return op.call(q, k, layout, scale);
 }
 
+// a [m, k] x B -> fp32 [m, n] through the CPU bf16 GEMM, for its tests: B = w^T for w [n, k]
+// (transposed=true, the logits GEMM) or B = w for w [k, n] (the expectation GEMM). With
+// `out` given, accumulates into it.
+at::Tensor cpu_gemm_bf16(const at::Tensor& a, const at::Tensor& w, bool transposed,
+                         const c10::optional<at::Tensor>& out) {
+  namespace g = crystal_ext::cpu_gemm;
+  TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.scalar_type() == at::kBFloat16 &&
+                  w.scalar_type() == at::kBFloat16 && a.device().is_cpu() && w.device().is_cpu(),
+              "cpu_gemm_bf16: a and w must be 2-D bf16 CPU tensors");
+  const at::Tensor wc = w.contiguous();
+  const g::PackedB b = transposed ? g::pack_transposed(wc) : g::pack(wc);
+  TORCH_CHECK(a.size(1) == b.k, "cpu_gemm_bf16: a has ", a.size(1), " columns, B has ", b.k,
+              " rows");
+  const at::Tensor a_op = g::a_operand(a);
+  at::Tensor c = out.has_value() ? *out : at::empty({a.size(0), b.n}, a.options().dtype(at::kFloat));
+  TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.size(0) == a.size(0) &&
+                  c.size(1) == b.n,
+              "cpu_gemm_bf16: out must be a contiguous float32 [", a.size(0), ", ", b.n, "]");
+  g::gemm_bf16_f32(a_op.data_ptr<at::BFloat16>(), a_op.size(1), a.size(0), b, c.data_ptr<float>(),
+                   b.n, /*accumulate=*/out.has_value());
+  return c;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -83,4 +110,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused attention-alignment loss, forward: (loss, lse). Prefer "
         "crystal_ext.attention_alignment_loss, which adds autograd.",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("layout"), pybind11::arg("scale"));
+  m.def("cpu_gemm_bf16", &cpu_gemm_bf16,
+        "Internal, for tests: a x B in bf16 with fp32 output on the CPU's AVX512-BF16 kernel",
+        pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("transposed"),
+        pybind11::arg("out") = pybind11::none());
 }

@@ -25,7 +25,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 def test_build_info_keys_and_values():
     info = crystal_ext.build_info()
     for key in ("torch_built_against", "torch_running", "cuda_built_against", "cpu_kernels",
-                "cuda_kernels", "cuda_arch_list", "gpu_visible", "extension_loaded"):
+                "cuda_kernels", "cuda_arch_list", "cpu_bf16_gemm", "gpu_visible", "extension_loaded"):
         assert key in info
     assert info["torch_running"] == torch.__version__
     assert info["gpu_visible"] == torch.cuda.is_available()

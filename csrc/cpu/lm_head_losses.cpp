@@ -17,16 +17,29 @@
 // with the saved lse), one more GEMM for d weight per block: nothing of that runs for a
 // frozen head.
 //
-// Workspace: two [rows_in_chunk, Vb] fp32 blocks (S and P, about 4 MB each), the running
-// expectation [rows_in_chunk, Hd] fp32, an fp32 copy of the chunk's hidden rows and, for
-// bf16/fp16, one fp32 weight block. Never [N, V].
+// bf16 inputs on a CPU with AVX512-BF16 take both GEMMs through csrc/cpu/gemm_bf16 (bf16
+// operands, fp32 accumulation and output) instead of an fp32 GEMM on converted copies: the
+// logits are the same fp32 values, at bf16 GEMM speed. There P enters the second GEMM as bf16,
+// as in FlashAttention's P V product; for the paired rows, whose KL gradient E_s - E_teacher
+// is a difference of nearly equal expectations, P is split into bf16 hi + lo parts (two
+// products, error ~2^-17 instead of 2^-9 relative) so that the difference keeps fp32 accuracy.
+// CRYSTAL_EXT_CPU_BF16_GEMM=0 turns the path off (fp32 GEMMs, as for fp16).
+//
+// Workspace: two [rows_in_chunk, Vb] fp32 blocks (S and P, about 4 MB each; P in bf16 on the
+// bf16 path, plus lo rows for the paired rows), the running expectation [rows_in_chunk, Hd]
+// fp32, a copy of the chunk's hidden rows and, for bf16/fp16 without the bf16 GEMM, one fp32
+// weight block (with it, the weight block packed twice in bf16). Never [N, V].
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "cpu/gemm_bf16.h"
 #include "lm_head_losses.h"
 #include "lm_head_losses_checks.h"
 
@@ -42,6 +55,13 @@ int64_t vocab_block(int64_t rows, int64_t vocab) {
   int64_t vb = kBlockElements / std::max<int64_t>(rows, 1);
   vb = std::max<int64_t>(256, std::min<int64_t>(8192, vb / 128 * 128));
   return std::min(vb, vocab);
+}
+
+// bf16 inputs take the bf16 GEMM path where the CPU has it (see the top of the file).
+bool use_bf16_gemm(const at::Tensor& hidden) {
+  if (hidden.scalar_type() != at::kBFloat16 || !cpu_gemm::bf16_gemm_available()) return false;
+  const char* env = std::getenv("CRYSTAL_EXT_CPU_BF16_GEMM");
+  return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
 at::Tensor long_tensor(const std::vector<int64_t>& v) {
@@ -86,17 +106,26 @@ struct Forward {
     const int64_t R = end - begin, Hd = p.hidden_dim, V = p.vocab;
     const auto opts = hidden.options().dtype(acc);
     const std::vector<int64_t> chunk_rows(p.rows.begin() + begin, p.rows.begin() + end);
-    const at::Tensor h = hidden.index_select(0, long_tensor(chunk_rows)).to(acc).contiguous();
     const int64_t Vb = vocab_block(R, V);
-    const at::Tensor s_buf = at::empty({R * Vb}, opts), p_buf = at::empty({R * Vb}, opts);
+    const at::Tensor s_buf = at::empty({R * Vb}, opts);
+    // Pairs live in the first chunk (their rows come first in p.rows).
+    const bool has_pairs = begin == 0 && p.n_pairs > 0;
+    // bf16 path: the hidden rows and P as bf16 A operands; P has n_lo more rows, the lo parts
+    // of the paired rows (local rows 0 .. n_lo - 1).
+    const bool bf16_gemm = std::is_same<acc_t, float>::value && use_bf16_gemm(hidden);
+    const int64_t n_lo = bf16_gemm && has_pairs ? p.n_paired_rows : 0;
+    const at::Tensor chunk_hidden = hidden.index_select(0, long_tensor(chunk_rows));
+    const at::Tensor h = bf16_gemm ? cpu_gemm::a_operand(chunk_hidden) : chunk_hidden.to(acc).contiguous();
+    const int64_t lda_p = bf16_gemm ? cpu_gemm::operand_lda(Vb) : Vb;
+    const at::Tensor p_buf = bf16_gemm ? at::empty({(R + n_lo) * lda_p}, hidden.options())
+                                       : at::empty({R * Vb}, opts);
+    cpu_gemm::PackedB packed_logits, packed_expect;
     at::Tensor expect = grad_hidden ? at::zeros({R, Hd}, opts) : at::Tensor();
     std::vector<acc_t> run_max(R, neg_inf<acc_t>()), run_sum(R, acc_t(0)),
         alpha(R, acc_t(0)), target_logit(R, acc_t(0));
     std::vector<int64_t> target(R);
     const int64_t* tg = p.targets_cpu.data_ptr<int64_t>();
     for (int64_t j = 0; j < R; ++j) target[j] = tg[chunk_rows[j]];
-    // Pairs live in the first chunk (their rows come first in p.rows).
-    const bool has_pairs = begin == 0 && p.n_pairs > 0;
     std::vector<acc_t> cross(has_pairs ? p.n_pairs : 0, acc_t(0));
     std::vector<int64_t> pair_t, pair_s;
     if (has_pairs) {
@@ -110,27 +139,54 @@ struct Forward {
 
     for (int64_t v0 = 0; v0 < V; v0 += Vb) {
       const int64_t vb = std::min(Vb, V - v0);
-      const at::Tensor w = weight.narrow(0, v0, vb).to(acc);  // no copy for fp32 / fp64
-      at::Tensor S = front(s_buf, R, vb), P = front(p_buf, R, vb);
-      if (bias.has_value() && bias->defined()) {
-        at::addmm_out(S, bias->narrow(0, v0, vb).to(acc), h, w.t());
+      at::Tensor S = front(s_buf, R, vb);
+      at::Tensor w;  // the weight block in acc_t (fp32 GEMM path only)
+      if (bf16_gemm) {
+        const at::Tensor w_bf16 = weight.narrow(0, v0, vb);
+        cpu_gemm::pack_transposed_into(w_bf16, &packed_logits);
+        cpu_gemm::gemm_bf16_f32(h.data_ptr<at::BFloat16>(), h.size(1), R, packed_logits,
+                                S.data_ptr<float>(), vb, /*accumulate=*/false);
+        if (bias.has_value() && bias->defined()) S.add_(bias->narrow(0, v0, vb).to(acc));
+        if (grad_hidden) cpu_gemm::pack_into(w_bf16, &packed_expect);
       } else {
-        at::mm_out(S, h, w.t());
+        w = weight.narrow(0, v0, vb).to(acc);  // no copy for fp32 / fp64
+        if (bias.has_value() && bias->defined()) {
+          at::addmm_out(S, bias->narrow(0, v0, vb).to(acc), h, w.t());
+        } else {
+          at::mm_out(S, h, w.t());
+        }
       }
       acc_t* s_ptr = S.data_ptr<acc_t>();
-      acc_t* p_ptr = P.data_ptr<acc_t>();
+      acc_t* p_ptr = bf16_gemm ? nullptr : p_buf.data_ptr<acc_t>();
+      at::BFloat16* p16_ptr = bf16_gemm ? p_buf.data_ptr<at::BFloat16>() : nullptr;
       acc_t* e_ptr = grad_hidden ? expect.data_ptr<acc_t>() : nullptr;
       at::parallel_for(0, R, 16, [&](int64_t rb, int64_t re) {
         for (int64_t j = rb; j < re; ++j) {
           const acc_t* s = s_ptr + j * vb;
-          acc_t* pr = p_ptr + j * vb;
           acc_t bmax = run_max[j];
           for (int64_t v = 0; v < vb; ++v) bmax = s[v] > bmax ? s[v] : bmax;
           const acc_t a = block_rescale(run_max[j], bmax);
           acc_t sum = acc_t(0);
-          for (int64_t v = 0; v < vb; ++v) {
-            pr[v] = unnormalised_prob(s[v], bmax);
-            sum += pr[v];
+          if (!bf16_gemm) {
+            acc_t* pr = p_ptr + j * vb;
+            for (int64_t v = 0; v < vb; ++v) {
+              pr[v] = unnormalised_prob(s[v], bmax);
+              sum += pr[v];
+            }
+          } else {
+            at::BFloat16* hi = p16_ptr + j * lda_p;
+            at::BFloat16* lo = j < n_lo ? p16_ptr + (R + j) * lda_p : nullptr;
+            for (int64_t v = 0; v < vb; ++v) {
+              const float pv = static_cast<float>(unnormalised_prob(s[v], bmax));
+              sum += pv;
+              hi[v] = at::BFloat16(pv);
+              if (lo != nullptr) lo[v] = at::BFloat16(pv - static_cast<float>(hi[v]));
+            }
+            // The A operand's pad columns meet zeros of B, but must not be NaN.
+            for (int64_t v = vb; v < lda_p; ++v) {
+              hi[v] = at::BFloat16(0.0f);
+              if (lo != nullptr) lo[v] = at::BFloat16(0.0f);
+            }
           }
           run_sum[j] = run_sum[j] * a + sum;
           run_max[j] = bmax;
@@ -147,14 +203,26 @@ struct Forward {
           for (int64_t i = ib; i < ie; ++i) {
             const acc_t* st = s_ptr + pair_t[i] * vb;
             const acc_t* ss = s_ptr + pair_s[i] * vb;
-            const acc_t* pt = p_ptr + pair_t[i] * vb;
+            // The teacher's unnormalised probabilities again, in acc_t (P may be bf16).
+            const acc_t t_max = run_max[pair_t[i]];
             acc_t sum = acc_t(0);
-            for (int64_t v = 0; v < vb; ++v) sum += kl_cross_term(pt[v], st[v], ss[v]);
+            for (int64_t v = 0; v < vb; ++v)
+              sum += kl_cross_term(unnormalised_prob(st[v], t_max), st[v], ss[v]);
             cross[i] = cross[i] * alpha[pair_t[i]] + sum;
           }
         });
       }
-      if (grad_hidden) expect.addmm_(P, w);
+      if (grad_hidden && bf16_gemm) {
+        if constexpr (std::is_same<acc_t, float>::value) {  // (bf16_gemm implies acc_t float)
+          // O += P_hi W for every row, then O += P_lo W for the paired rows (0 .. n_lo - 1).
+          cpu_gemm::gemm_bf16_f32(p16_ptr, lda_p, R, packed_expect, e_ptr, Hd, /*accumulate=*/true);
+          if (n_lo > 0)
+            cpu_gemm::gemm_bf16_f32(p16_ptr + R * lda_p, lda_p, n_lo, packed_expect, e_ptr, Hd,
+                                    /*accumulate=*/true);
+        }
+      } else if (grad_hidden) {
+        expect.addmm_(front(p_buf, R, vb), w);
+      }
     }
 
     // Finish: lse, CE terms, expectations E = O / Z.

@@ -1,0 +1,59 @@
+// bf16 x bf16 -> fp32 GEMM for the CPU kernels (x86-64 with AVX512-BF16).
+//
+// Why a hand-written GEMM: the fused LM-head losses need logits (and P W products) from bf16
+// inputs with fp32 OUTPUT, at bf16 speed. On the CPUs these kernels target, nothing reachable
+// from an extension provides that: ATen's CPU matmul has no fp32-out variant for bf16
+// (aten::mm.dtype is CUDA-only), at::native::mkldnn_matmul rejects an fp32 result for bf16
+// inputs, the oneDNN brgemm ukernel that ATen exposes (cpublas::brgemm) needs AMX, and the
+// MKL cblas_gemm_bf16bf16f32 bundled in libtorch_cpu runs at fp32 speed on AMD CPUs
+// (measured: 64 ms vs 26 ms for a bf16-out matmul of [708x896]x[896x8192]). Rounding the
+// logits to bf16 instead is the error the op must avoid (Liger-Kernel issue 1432).
+//
+// The kernel is the classic packed-B register-blocked GEMM: B is packed into panels of 32
+// columns in the VNNI pair layout that VDPBF16PS reads (for each pair of k: 32 columns x 2
+// values), A is read in place (row-major, k contiguous) and broadcast one k-pair at a time,
+// and a 14 x 32 block of C lives in 28 zmm accumulators. Products are exact in fp32 and
+// accumulate in fp32, so the result equals an fp32 GEMM of the same bf16 values up to the
+// order of summation.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace crystal_ext {
+namespace cpu_gemm {
+
+// True when this build has the kernel (x86-64) and the CPU runs AVX512-BF16 instructions.
+// Callers fall back to an fp32 GEMM otherwise.
+bool bf16_gemm_available();
+
+// B packed for gemm_bf16_f32: k x n, k padded to even with zeros, columns in panels of
+// kPanel (the last panel zero-padded). Panel j holds [k_pairs][kPanel][2] bf16.
+constexpr int64_t kPanel = 32;
+struct PackedB {
+  at::Tensor data;  // bf16, n_panels * k_pairs * kPanel * 2 elements
+  int64_t k = 0, n = 0, k_pairs = 0, n_panels = 0;
+};
+
+// B = w^T for w [n, k] row-major (the logits GEMM: hidden [m, k] x weight_block^T).
+PackedB pack_transposed(const at::Tensor& w);
+// B = w for w [k, n] row-major (the expectation GEMM: probabilities [m, k] x weight_block).
+PackedB pack(const at::Tensor& w);
+// Reuses `out` when it holds enough elements (the vocabulary loop packs a block per step).
+void pack_transposed_into(const at::Tensor& w, PackedB* out);
+void pack_into(const at::Tensor& w, PackedB* out);
+
+// c[m, b.n] (+)= a[m, b.k] * B, fp32 output with leading dimension ldc.
+// a: bf16 row-major with leading dimension lda >= 2 * b.k_pairs; when b.k is odd, column
+// b.k of every row must be readable (it meets a zero of B: make it a finite value, e.g. 0).
+void gemm_bf16_f32(const at::BFloat16* a, int64_t lda, int64_t m, const PackedB& b, float* c,
+                   int64_t ldc, bool accumulate);
+
+// Leading dimension for an A operand of k columns: even, and not a multiple of 2 KB.
+int64_t operand_lda(int64_t k);
+// Copy of a bf16 [m, k] matrix as an A operand: [m, operand_lda(k)], zeros after column k.
+at::Tensor a_operand(const at::Tensor& a);
+
+}  // namespace cpu_gemm
+}  // namespace crystal_ext

@@ -1,0 +1,65 @@
+"""The CPU bf16 x bf16 -> fp32 GEMM (csrc/cpu/gemm_bf16) that the fused LM-head losses use
+for bf16 inputs: exact against an fp32 GEMM of the same bf16 values (up to summation order)
+on every edge of its blocking. Skipped where the CPU has no AVX512-BF16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import crystal_ext
+from crystal_ext._extension import _C
+
+pytestmark = pytest.mark.skipif(
+    not crystal_ext.extension_available() or not crystal_ext.build_info()["cpu_bf16_gemm"],
+    reason="no compiled extension or no AVX512-BF16 on this CPU",
+)
+
+# (m, k, n): rows around the 14-row micro-kernel, n around the 32-column panel, odd k (pad
+# pair), k over one 4096-pair pass, and a k whose row stride is a multiple of 2 KB (padded).
+SIZES = [(1, 1, 1), (13, 7, 31), (14, 8, 32), (15, 9, 33), (29, 896, 100), (3, 8193, 17),
+         (30, 2048, 64), (2, 9000, 5)]
+
+
+@pytest.mark.parametrize("m,k,n", SIZES, ids=lambda v: str(v))
+@pytest.mark.parametrize("transposed", [True, False], ids=["w^T", "w"])
+def test_matches_fp32_gemm_of_the_same_values(m, k, n, transposed):
+    g = torch.Generator().manual_seed(m * 7 + k + n)
+    a = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16() if transposed else torch.randn(k, n, generator=g).bfloat16()
+    b = w.double().t() if transposed else w.double()
+    gold = a.double() @ b
+    got = _C.cpu_gemm_bf16(a, w, transposed)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    # fp32 accumulation of exact products: error ~ k * 2^-24 * sum |a b|.
+    bound = 4 * k * 2.0**-24 * (a.double().abs() @ b.abs()) + 1e-30
+    assert ((got.double() - gold).abs() <= bound).all()
+
+
+def test_accumulates_into_out():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(17, 40, generator=g).bfloat16()
+    w = torch.randn(40, 45, generator=g).bfloat16()
+    out = torch.randn(17, 45, generator=g)
+    expected = out.double() + a.double() @ w.double()
+    got = _C.cpu_gemm_bf16(a, w, False, out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_non_finite_values_propagate_and_pad_is_clean():
+    # An odd k pads A and B with a zero column / row: that pad must not inject NaN, while a
+    # real inf in the data must come through.
+    a = torch.ones(3, 5).bfloat16()
+    w = torch.ones(4, 5).bfloat16()
+    w[2, 4] = float("inf")
+    got = _C.cpu_gemm_bf16(a, w, True)
+    assert torch.isinf(got[:, 2]).all()
+    torch.testing.assert_close(got[:, [0, 1, 3]], torch.full((3, 3), 5.0))
+
+
+def test_bad_operands_raise():
+    with pytest.raises(RuntimeError, match="bf16"):
+        _C.cpu_gemm_bf16(torch.randn(3, 4), torch.randn(5, 4).bfloat16(), True)
+    with pytest.raises(RuntimeError, match="columns"):
+        _C.cpu_gemm_bf16(torch.randn(3, 4).bfloat16(), torch.randn(5, 6).bfloat16(), True)
