@@ -15,6 +15,7 @@ Recorded in benchmark.extra_info, all measured in the same run:
     two GEMM passes of that size (logits, then P W) with a frozen head, so
     gemm_efficiency = 2 * matmul_s / fused_s is the fused op's GEMM throughput relative to
     the plain matmul, all of its non-GEMM work counted against it (target >= 0.7);
+  cpu_bf16_gemm: whether bf16 ran on the AVX512-BF16 GEMM (crystal_ext.build_info());
   peak_fused_bytes, peak_reference_bytes: peak tensor memory above the start of one
     forward + backward, which produces hidden.grad (and weight.grad when it requires grad);
     ratio_peak (target <= 0.05); workspace_*_bytes = peak minus the gradients' bytes.
@@ -110,6 +111,7 @@ def test_lm_head_losses(benchmark, measure_peak_memory, shape, dtype, weight_gra
     grad_bytes = hidden.numel() * hidden.element_size()
     if weight_grad:
         grad_bytes += weight.numel() * weight.element_size()
+    bf16_gemm = bool(crystal_ext.build_info()["cpu_bf16_gemm"])
     info = benchmark.extra_info
     info.update(
         shape=shape, dtype=str(dtype), weight_requires_grad=weight_grad,
@@ -122,13 +124,19 @@ def test_lm_head_losses(benchmark, measure_peak_memory, shape, dtype, weight_gra
         workspace_fused_bytes=peak_fused - grad_bytes,
         workspace_reference_bytes=peak_ref - grad_bytes,
         ce_fused=float(f_ce), ce_reference=float(r_ce), kl_fused=float(f_kl),
-        kl_reference=float(r_kl),
+        kl_reference=float(r_kl), cpu_bf16_gemm=bf16_gemm,
     )
     print(f"\n[{shape} {dtype} weight_grad={weight_grad}] fused {fused_s:.3f}s reference "
           f"{reference_s:.3f}s ratio {fused_s / reference_s:.2f} | matmul {matmul_s:.3f}s "
           f"gemm_eff {2 * matmul_s / fused_s:.2f} | peak fused {peak_fused / 2**20:.1f} MiB "
-          f"reference {peak_ref / 2**20:.1f} MiB ratio {peak_fused / peak_ref:.3f}")
+          f"reference {peak_ref / 2**20:.1f} MiB ratio {peak_fused / peak_ref:.3f} | "
+          f"cpu_bf16_gemm {bf16_gemm}")
     # Targets (issue 3) checked only at the Qwen-like shape with a frozen head, where they
     # are defined; the small shape is reported for information.
     if shape == "qwen0.5b":
         assert peak_fused <= 0.05 * peak_ref, "peak memory target missed"
+        # bf16 meets the time targets only with the AVX512-BF16 GEMM (fp32 output at bf16
+        # speed); elsewhere the op converts bf16 blocks to fp32 and is reported, not asserted.
+        if dtype == torch.float32 or bf16_gemm:
+            assert fused_s <= 0.9 * reference_s, "time target missed"
+            assert 2 * matmul_s / fused_s >= 0.7, "GEMM efficiency target missed"
