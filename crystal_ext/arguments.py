@@ -37,7 +37,8 @@ class CrystalArguments:
     eval_data: str | None = field(default=None, metadata={
         "help": "Held-out data for the final evaluation (same formats as --data). Default with --data: none."})
     task: str = field(default="stripes", metadata={
-        "help": "Synthetic task: stripes (default; blur removes the answer), shape, or colour (blur-proof control)."})
+        "help": "Synthetic task: stripes (default; blur removes the answer), stripes_faint (the same with faint, noisy "
+                "lines for half of the examples: harder, for comparisons), shape, or colour (blur-proof control)."})
     train_examples: int = field(default=100_000, metadata={"help": "Synthetic training examples."})
     eval_examples: int = field(default=300, metadata={"help": "Held-out examples for the final evaluation."})
     image_size: int | None = field(default=None, metadata={

@@ -12,6 +12,16 @@ batch 16, LR 1e-3 cosine; teacher-forced answer accuracy on 150 held-out example
     late or not at all within the 800-step budget, and it depends on the seed: 56-84 px reached
     61-66% at 200 steps with two seeds in a plain loop but stayed at chance for all 800 steps of
     one Trainer run; 40-64 px, or 2 px lines with a random colour, stayed at chance for 300-500.
+  - "stripes_faint": the same question and shapes, made harder so that a comparison of training
+    objectives does not saturate: for half of the examples the lines have a contrast (fraction of
+    the full blue-on-white step) drawn log-uniformly from 0.01-0.3 (full contrast for the other
+    half), and Gaussian noise of std 8 grey levels, independent per channel, covers the whole
+    image, shape included. Intact accuracy is graded by contrast: the SFT baseline (400 steps,
+    seed 0) got 77.7% (100% above contrast 0.15, 56-73% at 0.04-0.15, chance below 0.02). Blur of
+    radius 3 cuts the lines' amplitude to < 1% (test_train_data.py). Tried first: contrast 0.05-0.5
+    for every example with noise 12 (chance at 400 steps), 0.1-1 with noise 8 (100%), log-uniform
+    0.01-1 with noise 8 (chance). Full-contrast shapes of 44-72 or 32-100 px: 100% at 400 steps;
+    16-40 px: chance.
   - "shape": "what shape is in the image ?" (24-40 px circle / square / triangle). Blur rounds
     the corners, but the model stayed at chance for the 800 steps that fit the budget
     (DESIGN.md measured 100% only after ~2,800 single-path steps). Kept for longer runs.
@@ -38,14 +48,21 @@ from crystal_ext.packing import Example
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (225, 200, 30)}
 STRIPES = ("horizontal", "vertical", "diagonal")
-SIZES = {"stripes": (72, 100), "shape": (24, 40), "colour": (24, 40)}  # px, side / diameter of the shape
+SIZES = {"stripes": (72, 100), "stripes_faint": (72, 100), "shape": (24, 40), "colour": (24, 40)}  # px, side / diameter
 TASKS = {
     "stripes": "which way do the stripes go ?",
+    "stripes_faint": "which way do the stripes go ?",
     "shape": "what shape is in the image ?",
     "colour": "what colour is the shape ?",
 }
 VOCABULARY = ["shape", "colour", "way", "do", "stripes", "go", *SHAPES, *COLOURS, *STRIPES]
 STRIPE_PERIOD = 7  # px: a divisor of the 14 px patch, so every patch sees the lines in the same phase
+# "stripes_faint": the lines' contrast (fraction of the full blue-on-white step) is 1 for half of
+# the examples and drawn log-uniformly from FAINT_CONTRAST for the other half; Gaussian pixel noise
+# of std FAINT_NOISE (grey levels) covers the whole image, shape included, independently per
+# channel (so no colour difference cancels it): the faintest lines are barely above the noise.
+FAINT_CONTRAST = (0.01, 0.3)
+FAINT_NOISE = 8.0
 
 
 def draw_example(seed: int, key: str, task: str = "stripes", image_size: int = 112,
@@ -63,7 +80,8 @@ def draw_example(seed: int, key: str, task: str = "stripes", image_size: int = 1
     colour = rng.choice(sorted(COLOURS))
     size = rng.randint(*size_range)
     grey = rng.randint(200, 245)
-    if task == "stripes":
+    striped = task in ("stripes", "stripes_faint")
+    if striped:
         # One colour and one background: the only thing that varies besides position and
         # outline is the orientation, so it dominates what a random-init vision tower sees.
         colour, grey = "blue", 225
@@ -87,17 +105,26 @@ def draw_example(seed: int, key: str, task: str = "stripes", image_size: int = 1
         draw.rectangle((x0 + off, y0 + off, x0 + off + s, y0 + off + s), fill=255)
     else:
         draw.polygon([(x0 + size / 2, y0), (x0, y0 + size), (x0 + size, y0 + size)], fill=255)
-    if task == "stripes":
+    if striped:
         # The shape is filled with lines of its colour on white (3 px on, 4 px off): a blur of
         # radius >= 3 leaves a flat, lighter fill whose orientation cannot be read any more.
         yy, xx = np.mgrid[0:image_size, 0:image_size]
         phase = {"horizontal": yy, "vertical": xx, "diagonal": xx + yy}[stripes]
         on = (phase % STRIPE_PERIOD) < STRIPE_PERIOD // 2
-        fill = np.where(on[..., None], np.array(COLOURS[colour], np.uint8), np.uint8(255)).astype(np.uint8)
+        line = np.array(COLOURS[colour], np.uint8)
+        if task == "stripes_faint":  # drawn after everything else: "stripes" keeps its exact images
+            faint = rng.random() < 0.5
+            contrast = math.exp(rng.uniform(*map(math.log, FAINT_CONTRAST))) if faint else 1.0
+            line = np.round(255 - contrast * (255 - line.astype(np.float64))).astype(np.uint8)
+        fill = np.where(on[..., None], line, np.uint8(255)).astype(np.uint8)
         image.paste(Image.fromarray(fill, "RGB"), (0, 0), mask)
+        if task == "stripes_faint":
+            noisy = np.asarray(image, np.float64) + np.random.default_rng(rng.getrandbits(64)).normal(
+                0.0, FAINT_NOISE, (image_size, image_size, 3))  # per channel: no colour difference cancels it
+            image = Image.fromarray(np.clip(np.round(noisy), 0, 255).astype(np.uint8), "RGB")
     else:
         image.paste(COLOURS[colour], (0, 0), mask)
-    return image, {"shape": shape, "colour": colour, "stripes": stripes}[task]
+    return image, {"shape": shape, "colour": colour}.get(task, stripes)
 
 
 class SyntheticVQA(Dataset):

@@ -143,6 +143,7 @@ def test_sigkill_during_save_then_resume_reaches_the_same_loss(tmp_path):
     (["--model", "crystal-ext-tests/no-such-model"], "hf download"),
     (["--use_lora", "true", "--lora_r", "0"], "--lora_r >= 1"),
     (["--lm_head_losses", "fast"], "fused or reference"),
+    (["--task", "stripes_thin"], "--task must be one of colour, shape, stripes, stripes_faint, got 'stripes_thin'"),
     (["--not_an_option", "1"], "unknown arguments"),
 ])
 def test_argument_validation(args, message, tmp_path):

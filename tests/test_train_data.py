@@ -42,6 +42,42 @@ def test_blur_removes_the_stripes():
     assert energy[0] < 0.25 * stripe_energy(image) and max(energy[1:]) < 0.08 * stripe_energy(image)
 
 
+_STRIPE_BINS = {"horizontal": (16, 0), "vertical": (0, 16), "diagonal": (16, 16)}  # 112 px / period 7 = 16
+
+
+def _stripe_amplitudes(image):
+    """|FFT| of the grey image at the lines' fundamental for each orientation."""
+    x = np.asarray(image.convert("L"), dtype=np.float64)
+    f = np.abs(np.fft.fft2(x - x.mean()))
+    return {name: f[b] for name, b in _STRIPE_BINS.items()}
+
+
+def test_stripes_faint_is_deterministic_graded_and_blur_removes_it():
+    from crystal_ext.corruption import CorruptionConfig, corrupt
+    from crystal_ext.synthetic import FAINT_NOISE
+
+    a, b = SyntheticVQA(40, "train", seed=5, task="stripes_faint"), SyntheticVQA(40, "train", seed=5, task="stripes_faint")
+    for i in range(40):
+        assert np.array_equal(np.asarray(a[i].image), np.asarray(b[i].image)) and a[i].answer == b[i].answer
+    assert a[0].question == TASKS["stripes"] and {a[i].answer for i in range(40)} == set(STRIPES)
+    other = SyntheticVQA(3, "train", seed=6, task="stripes_faint")
+    assert not np.array_equal(np.asarray(a[0].image), np.asarray(other[0].image))
+    # the noise covers the shape too (the default task's shape is noise-free)
+    image, _ = draw_example(0, "k", "stripes_faint")
+    assert np.asarray(image, dtype=np.float64)[50:60, 50:60].std() > FAINT_NOISE / 2
+    strong, faint = 0, 0
+    for i in range(40):
+        amp = _stripe_amplitudes(a[i].image)
+        ratio = amp[a[i].answer] / max(v for k, v in amp.items() if k != a[i].answer)
+        if ratio > 20:  # full contrast: the orientation stands far above the others and the noise
+            strong += 1
+            blurred = _stripe_amplitudes(corrupt(a[i].image, CorruptionConfig(blur_radius=(3.0, 3.0)), 0, "k"))
+            assert blurred[a[i].answer] < 0.01 * amp[a[i].answer]  # radius 3 leaves < 1% of the lines
+        elif ratio < 5:
+            faint += 1
+    assert strong >= 10 and faint >= 4  # both kinds are there: intact accuracy is graded by contrast
+
+
 def test_synthetic_words_are_in_the_tiny_vocabulary():
     from crystal_ext.tiny_model import tiny_tokenizer
 
