@@ -131,7 +131,7 @@ def test_bf16_gemm_path_as_accurate_as_fp32_gemm_path(shape, monkeypatch):
     bias and two row chunks."""
     n, hd, vocab, pairs, bias, ignore = shape
     prob = make_problem(n, hd, vocab, pairs, bias=bias, ignore_fraction=ignore, seed=n + hd,
-                        weight_grad=False)
+                        weight_grad=True)
     gold = run(reference.lm_head_losses, prob, 0.5, dtype=torch.float64)
     monkeypatch.setenv("CRYSTAL_EXT_CPU_BF16_GEMM", "1")
     fast = run(crystal_ext.lm_head_losses, prob, 0.5, dtype=torch.bfloat16)
@@ -139,10 +139,13 @@ def test_bf16_gemm_path_as_accurate_as_fp32_gemm_path(shape, monkeypatch):
     slow = run(crystal_ext.lm_head_losses, prob, 0.5, dtype=torch.bfloat16)
     for name, f, s_ in zip(["ce", "kl"], fast[:2], slow[:2]):
         torch.testing.assert_close(f, s_, rtol=1e-5, atol=1e-6, msg=name)
-    for name, f, s_, g in zip(["d hidden", "d bias"], fast[2::2], slow[2::2], gold[2::2]):
+    # d weight: its logit gradient enters the GEMM in bf16 (as in a bf16 autograd backward),
+    # which adds an error of the size of the bf16 output rounding: within 1.5x the fp32 path.
+    for name, f, s_, g, bound in zip(["d hidden", "d weight", "d bias"], fast[2:], slow[2:],
+                                     gold[2:], [1.1, 1.5, 1.1]):
         if g is None:
             continue
-        assert _err(f, g) <= 1.1 * _err(s_, g) + 1e-6 * g.abs().max().item(), (
+        assert _err(f, g) <= bound * _err(s_, g) + 1e-6 * g.abs().max().item(), (
             name, _err(f, g), _err(s_, g))
 
 

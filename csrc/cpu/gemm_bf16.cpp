@@ -148,6 +148,29 @@ at::Tensor a_operand(const at::Tensor& a) {
   return out;
 }
 
+at::Tensor transposed_a_operand(const at::Tensor& d) {
+  TORCH_CHECK(d.dim() == 2 && d.scalar_type() == at::kFloat && d.is_contiguous(),
+              "cpu_gemm: transposed_a_operand needs a contiguous 2-D float32 tensor");
+  const int64_t k = d.size(0), m = d.size(1), lda = operand_lda(k);
+  at::Tensor out = at::empty({m, lda}, d.options().dtype(at::kBFloat16));
+  const float* src = d.data_ptr<float>();
+  at::BFloat16* dst = out.data_ptr<at::BFloat16>();
+  constexpr int64_t kTile = 32;  // a 32 x 32 tile: 4 KB read, 2 KB written, both in L1
+  at::parallel_for(0, (m + kTile - 1) / kTile, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t i0 = t * kTile, i1 = std::min(m, i0 + kTile);
+      for (int64_t j0 = 0; j0 < k; j0 += kTile) {
+        const int64_t j1 = std::min(k, j0 + kTile);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = j0; j < j1; ++j) dst[i * lda + j] = at::BFloat16(src[j * m + i]);
+      }
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = k; j < lda; ++j) dst[i * lda + j] = at::BFloat16(0.0f);
+    }
+  });
+  return out;
+}
+
 #if CRYSTAL_HAVE_BF16_GEMM
 namespace {
 

@@ -354,19 +354,36 @@ void weight_grad_sweep(const Problem& p, const at::Tensor& hidden, const at::Ten
   // Every vocabulary block of the gradients is written exactly once below.
   if (grad_weight) *grad_weight = at::empty_like(weight);
   if (grad_bias) *grad_bias = at::empty({V}, opts);
-  const at::Tensor h = hidden.index_select(0, long_tensor(logit_rows)).to(acc).contiguous();
-  const at::Tensor hd = hidden.index_select(0, long_tensor(d_hidden_rows)).to(acc).contiguous();
+  // bf16 path (see the top of the file): logits as in the forward; d weight = D^T H with D
+  // (formed in fp32, the KL rows as the difference p_s - p_teacher) rounded to bf16, as a
+  // bf16 autograd backward rounds its logit gradient; the result is stored in bf16 anyway.
+  const bool bf16_gemm = std::is_same<acc_t, float>::value && use_bf16_gemm(hidden);
+  const at::Tensor logit_hidden = hidden.index_select(0, long_tensor(logit_rows));
+  const at::Tensor d_hidden = hidden.index_select(0, long_tensor(d_hidden_rows));
+  const at::Tensor h = bf16_gemm ? cpu_gemm::a_operand(logit_hidden) : logit_hidden.to(acc).contiguous();
+  const at::Tensor hd = bf16_gemm ? at::Tensor() : d_hidden.to(acc).contiguous();
+  cpu_gemm::PackedB packed_logits, packed_hd;
+  if (bf16_gemm && grad_weight) cpu_gemm::pack_into(d_hidden.contiguous(), &packed_hd);
   const int64_t Vb = vocab_block(std::max(Q, n_d), V);
   const at::Tensor s_buf = at::empty({Q * Vb}, opts), d_buf = at::empty({n_d * Vb}, opts);
+  const at::Tensor gw_buf = bf16_gemm && grad_weight ? at::empty({Vb * p.hidden_dim}, opts) : at::Tensor();
   const acc_t ce_coef = p.n_targeted > 0 ? g_ce / acc_t(p.n_targeted) : acc_t(0);
   for (int64_t v0 = 0; v0 < V; v0 += Vb) {
     const int64_t vb = std::min(Vb, V - v0);
-    const at::Tensor w = weight.narrow(0, v0, vb).to(acc);
     at::Tensor S = front(s_buf, Q, vb), D = front(d_buf, n_d, vb);
-    if (bias.has_value() && bias->defined()) {
-      at::addmm_out(S, bias->narrow(0, v0, vb).to(acc), h, w.t());
+    at::Tensor w;  // the weight block in acc_t (fp32 GEMM path only)
+    if (bf16_gemm) {
+      cpu_gemm::pack_transposed_into(weight.narrow(0, v0, vb), &packed_logits);
+      cpu_gemm::gemm_bf16_f32(h.data_ptr<at::BFloat16>(), h.size(1), Q, packed_logits,
+                              S.data_ptr<float>(), vb, /*accumulate=*/false);
+      if (bias.has_value() && bias->defined()) S.add_(bias->narrow(0, v0, vb).to(acc));
     } else {
-      at::mm_out(S, h, w.t());
+      w = weight.narrow(0, v0, vb).to(acc);
+      if (bias.has_value() && bias->defined()) {
+        at::addmm_out(S, bias->narrow(0, v0, vb).to(acc), h, w.t());
+      } else {
+        at::mm_out(S, h, w.t());
+      }
     }
     const acc_t* s_ptr = S.data_ptr<acc_t>();
     acc_t* d_ptr = D.data_ptr<acc_t>();
@@ -390,7 +407,15 @@ void weight_grad_sweep(const Problem& p, const at::Tensor& hidden, const at::Ten
         }
       }
     });
-    if (grad_weight) grad_weight->narrow(0, v0, vb).copy_(at::mm(D.t(), hd));
+    if (grad_weight && bf16_gemm) {
+      const at::Tensor d_t = cpu_gemm::transposed_a_operand(D);  // D^T [vb, n_d] in bf16
+      at::Tensor gw = front(gw_buf, vb, p.hidden_dim);
+      cpu_gemm::gemm_bf16_f32(d_t.data_ptr<at::BFloat16>(), d_t.size(1), vb, packed_hd,
+                              gw.data_ptr<float>(), p.hidden_dim, /*accumulate=*/false);
+      grad_weight->narrow(0, v0, vb).copy_(gw);
+    } else if (grad_weight) {
+      grad_weight->narrow(0, v0, vb).copy_(at::mm(D.t(), hd));
+    }
     if (grad_bias) grad_bias->narrow(0, v0, vb).copy_(D.sum(0));
   }
   if (grad_bias) *grad_bias = grad_bias->to(weight.scalar_type());
