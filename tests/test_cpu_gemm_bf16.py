@@ -36,6 +36,11 @@ def test_matches_fp32_gemm_of_the_same_values(m, k, n, transposed):
     assert ((got.double() - gold).abs() <= bound).all()
 
 
+def test_empty_k_gives_zeros():
+    got = _C.cpu_gemm_bf16(torch.empty(3, 0).bfloat16(), torch.empty(5, 0).bfloat16(), True)
+    assert torch.equal(got, torch.zeros(3, 5))
+
+
 def test_accumulates_into_out():
     g = torch.Generator().manual_seed(1)
     a = torch.randn(17, 40, generator=g).bfloat16()

@@ -230,6 +230,11 @@ void gemm_bf16_f32(const at::BFloat16* a_in, int64_t lda, int64_t m, const Packe
   TORCH_CHECK(bf16_gemm_available(), "cpu_gemm: this CPU has no AVX512-BF16");
   TORCH_CHECK(lda >= 2 * b.k_pairs, "cpu_gemm: lda ", lda, " < padded k ", 2 * b.k_pairs);
   if (m == 0 || b.n == 0) return;
+  if (b.k_pairs == 0) {  // an empty sum
+    if (!accumulate)
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + b.n, 0.0f);
+    return;
+  }
   const uint16_t* a = reinterpret_cast<const uint16_t*>(a_in);
   const uint16_t* data = reinterpret_cast<const uint16_t*>(b.data.data_ptr<at::BFloat16>());
   // k in blocks of kPairBlock pairs (outer, sequential: each pass accumulates into c); the
