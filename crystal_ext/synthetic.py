@@ -17,7 +17,7 @@ batch 16, LR 1e-3 cosine; teacher-forced answer accuracy on 150 held-out example
     the full blue-on-white step) drawn log-uniformly from 0.01-0.3 (full contrast for the other
     half), and Gaussian noise of std 8 grey levels, independent per channel, covers the whole
     image, shape included. Intact accuracy is graded by contrast: the SFT baseline (400 steps,
-    seed 0) got 77.7% (100% above contrast 0.15, 56-73% at 0.04-0.15, chance below 0.02). Blur of
+    seed 0) got 77.7% (100% above contrast 0.15, 56-73% at 0.04-0.15, chance below 0.04). Blur of
     radius 3 cuts the lines' amplitude to < 1% (test_train_data.py). Tried first: contrast 0.05-0.5
     for every example with noise 12 (chance at 400 steps), 0.1-1 with noise 8 (100%), log-uniform
     0.01-1 with noise 8 (chance). Full-contrast shapes of 44-72 or 32-100 px: 100% at 400 steps;
