@@ -90,6 +90,13 @@ if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
 
 # torch adds the C++ standard it needs (C++20 from torch 2.10 on).
 cxx_flags = ["-O3"]
+link_flags = []
+# at::parallel_for is a header template: with torch's OpenMP backend its `#pragma omp parallel`
+# is compiled into OUR objects, and without -fopenmp it silently runs on one thread (measured:
+# the CPU kernels used one of two cores). The extension then shares torch's libgomp.so.1.
+if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 defines = [("CRYSTAL_TORCH_VERSION", f'"{torch.__version__}"')]
 sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
 sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
@@ -108,6 +115,7 @@ if with_cuda:
         include_dirs=include_dirs,
         define_macros=defines,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 else:
     ext = CppExtension(
@@ -116,6 +124,7 @@ else:
         include_dirs=include_dirs,
         define_macros=defines,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 setup(

@@ -57,7 +57,7 @@ def build_info() -> dict:
 
     Keys: torch_built_against, torch_running, torch_matches, cuda_built_against,
     cuda_running (torch's CUDA version), cpu_kernels, cuda_kernels, cuda_arch_list,
-    cpu_bf16_gemm (bf16 CPU GEMMs with fp32 output run on AVX512-BF16 here; without it the
+    cpu_openmp (the CPU kernels' at::parallel_for runs on torch's OpenMP threads), cpu_bf16_gemm (bf16 CPU GEMMs with fp32 output run on AVX512-BF16 here; without it the
     CPU kernels convert bf16 operands to fp32 first), gpu_visible, gpu_name,
     extension_loaded, extension_error.
     """
@@ -67,6 +67,7 @@ def build_info() -> dict:
         "cpu_kernels": False,
         "cuda_kernels": False,
         "cuda_arch_list": [],
+        "cpu_openmp": False,
         "cpu_bf16_gemm": False,
     }
     if _C is not None:

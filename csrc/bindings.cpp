@@ -2,9 +2,13 @@
 // the ops) and a pybind11 module with build facts and direct entry points.
 // Kernels register themselves beside their code: csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
 
 #ifndef CRYSTAL_TORCH_VERSION
 #define CRYSTAL_TORCH_VERSION "unknown"
@@ -47,6 +51,13 @@ pybind11::dict build_info() {
   pybind11::dict info;
   info["torch_built_against"] = CRYSTAL_TORCH_VERSION;
   info["cpu_kernels"] = true;
+  // Whether at::parallel_for in the CPU kernels runs on torch's OpenMP threads (it is compiled
+  // into this extension, so it needs -fopenmp here: setup.py).
+#ifdef _OPENMP
+  info["cpu_openmp"] = true;
+#else
+  info["cpu_openmp"] = false;
+#endif
   // Whether bf16 CPU GEMMs with fp32 output run on AVX512-BF16 here (csrc/cpu/gemm_bf16.h).
   info["cpu_bf16_gemm"] = crystal_ext::cpu_gemm::bf16_gemm_available();
 #ifdef CRYSTAL_WITH_CUDA
@@ -101,6 +112,17 @@ at::Tensor cpu_gemm_bf16(const at::Tensor& a, const at::Tensor& w, bool transpos
   return c;
 }
 
+// How many distinct threads run the chunks of an at::parallel_for over n items compiled in
+// this extension (for the test that the CPU kernels are parallel).
+int64_t parallel_for_threads(int64_t n) {
+  std::vector<int> seen(static_cast<size_t>(at::get_num_threads()), 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num();
+    if (t >= 0 && t < static_cast<int>(seen.size())) seen[static_cast<size_t>(t)] = 1;
+  });
+  return std::count(seen.begin(), seen.end(), 1);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -110,6 +132,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused attention-alignment loss, forward: (loss, lse). Prefer "
         "crystal_ext.attention_alignment_loss, which adds autograd.",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("layout"), pybind11::arg("scale"));
+  m.def("parallel_for_threads", &parallel_for_threads,
+        "Internal, for tests: distinct threads that ran an at::parallel_for over n items",
+        pybind11::arg("n"));
   m.def("cpu_gemm_bf16", &cpu_gemm_bf16,
         "Internal, for tests: a x B in bf16 with fp32 output on the CPU's AVX512-BF16 kernel",
         pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("transposed"),

@@ -82,3 +82,20 @@ def test_torch_version_mismatch_is_reported_with_the_fix():
     assert "was built against torch" in out.stderr
     assert "but torch 0.0.0-other is running" in out.stderr
     assert "pip install --no-build-isolation -e" in out.stderr
+
+
+@pytest.mark.skipif(not crystal_ext.extension_available(), reason="compiled extension unavailable")
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPU cores")
+def test_cpu_kernels_run_on_several_threads():
+    """at::parallel_for is compiled into the extension: without -fopenmp it silently runs on
+    one thread (the CPU kernels did, until setup.py passed the flag)."""
+    from crystal_ext._extension import _C
+
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        assert crystal_ext.build_info()["cpu_openmp"] is True
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _C.parallel_for_threads(64) == 2
+    finally:
+        torch.set_num_threads(threads)
