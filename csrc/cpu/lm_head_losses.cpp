@@ -3,11 +3,11 @@
 // Forward: the rows that need logits (CE rows, teacher rows, student rows; each once) are cut
 // into row chunks (the first chunk holds every paired row, so a pair's two rows are always in
 // the same chunk) and the vocabulary into blocks of Vb entries. For each (chunk, block):
-//   S = H_chunk W_blk^T (+ b_blk)          one ATen GEMM, fp32 (fp64 for fp64 inputs)
+//   S = H_chunk W_blk^T (+ b_blk)          one GEMM, fp32 out (fp64 for fp64 inputs)
 //   rows  (at::parallel_for): online max / sum, P = exp(S - running max), target logit,
 //                             rescale of the running expectation O
 //   pairs (at::parallel_for): KL cross term A += sum_v P_teacher (S_teacher - S_student)
-//   O += P W_blk                           one ATen GEMM (only when hidden needs a gradient)
+//   O += P W_blk                           one GEMM (only when hidden needs a gradient)
 // so the forward does exactly two GEMM passes over the head (the same as a plain
 // linear + cross-entropy forward and its hidden-gradient backward) and ends with the losses
 // AND d ce / d hidden, d KL_i / d hidden for every pair (csrc/lm_head_losses.h). The top-k
@@ -23,7 +23,8 @@
 // as in FlashAttention's P V product; for the paired rows, whose KL gradient E_s - E_teacher
 // is a difference of nearly equal expectations, P is split into bf16 hi + lo parts (two
 // products, error ~2^-17 instead of 2^-9 relative) so that the difference keeps fp32 accuracy.
-// CRYSTAL_EXT_CPU_BF16_GEMM=0 turns the path off (fp32 GEMMs, as for fp16).
+// The weight-gradient sweep uses it too. CRYSTAL_EXT_CPU_BF16_GEMM=0 turns the path off
+// (ATen fp32 GEMMs on converted blocks, as for fp16 inputs).
 //
 // Workspace: two [rows_in_chunk, Vb] fp32 blocks (S and P, about 4 MB each; P in bf16 on the
 // bf16 path, plus lo rows for the paired rows), the running expectation [rows_in_chunk, Hd]
