@@ -65,6 +65,31 @@ bool use_bf16_gemm(const at::Tensor& hidden) {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
+// S = H W_blk^T (+ b_blk) for the vocabulary block [v0, v0 + vb): fp32 out (fp64 for fp64).
+// On the bf16 path h is an A operand (cpu_gemm::a_operand) and the block is packed into
+// *packed; otherwise h is in acc and the block, converted to acc, is returned for the
+// caller's second GEMM (undefined on the bf16 path).
+at::Tensor logits_block(const at::Tensor& S, const at::Tensor& h, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias, int64_t v0, int64_t vb,
+                        bool bf16_gemm, cpu_gemm::PackedB* packed, at::ScalarType acc) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (bf16_gemm) {
+    cpu_gemm::pack_transposed_into(weight.narrow(0, v0, vb), packed);
+    cpu_gemm::gemm_bf16_f32(h.data_ptr<at::BFloat16>(), h.size(1), h.size(0), *packed,
+                            S.data_ptr<float>(), vb, /*accumulate=*/false);
+    if (has_bias) S.add_(bias->narrow(0, v0, vb).to(acc));
+    return at::Tensor();
+  }
+  at::Tensor w = weight.narrow(0, v0, vb).to(acc);  // no copy for fp32 / fp64
+  at::Tensor out = S;  // addmm_out / mm_out take a non-const out
+  if (has_bias) {
+    at::addmm_out(out, bias->narrow(0, v0, vb).to(acc), h, w.t());
+  } else {
+    at::mm_out(out, h, w.t());
+  }
+  return w;
+}
+
 at::Tensor long_tensor(const std::vector<int64_t>& v) {
   at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
   std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
@@ -140,23 +165,9 @@ struct Forward {
 
     for (int64_t v0 = 0; v0 < V; v0 += Vb) {
       const int64_t vb = std::min(Vb, V - v0);
-      at::Tensor S = front(s_buf, R, vb);
-      at::Tensor w;  // the weight block in acc_t (fp32 GEMM path only)
-      if (bf16_gemm) {
-        const at::Tensor w_bf16 = weight.narrow(0, v0, vb);
-        cpu_gemm::pack_transposed_into(w_bf16, &packed_logits);
-        cpu_gemm::gemm_bf16_f32(h.data_ptr<at::BFloat16>(), h.size(1), R, packed_logits,
-                                S.data_ptr<float>(), vb, /*accumulate=*/false);
-        if (bias.has_value() && bias->defined()) S.add_(bias->narrow(0, v0, vb).to(acc));
-        if (grad_hidden) cpu_gemm::pack_into(w_bf16, &packed_expect);
-      } else {
-        w = weight.narrow(0, v0, vb).to(acc);  // no copy for fp32 / fp64
-        if (bias.has_value() && bias->defined()) {
-          at::addmm_out(S, bias->narrow(0, v0, vb).to(acc), h, w.t());
-        } else {
-          at::mm_out(S, h, w.t());
-        }
-      }
+      const at::Tensor S = front(s_buf, R, vb);
+      const at::Tensor w = logits_block(S, h, weight, bias, v0, vb, bf16_gemm, &packed_logits, acc);
+      if (bf16_gemm && grad_hidden) cpu_gemm::pack_into(weight.narrow(0, v0, vb), &packed_expect);
       acc_t* s_ptr = S.data_ptr<acc_t>();
       acc_t* p_ptr = bf16_gemm ? nullptr : p_buf.data_ptr<acc_t>();
       at::BFloat16* p16_ptr = bf16_gemm ? p_buf.data_ptr<at::BFloat16>() : nullptr;
@@ -371,21 +382,8 @@ void weight_grad_sweep(const Problem& p, const at::Tensor& hidden, const at::Ten
   const acc_t ce_coef = p.n_targeted > 0 ? g_ce / acc_t(p.n_targeted) : acc_t(0);
   for (int64_t v0 = 0; v0 < V; v0 += Vb) {
     const int64_t vb = std::min(Vb, V - v0);
-    at::Tensor S = front(s_buf, Q, vb), D = front(d_buf, n_d, vb);
-    at::Tensor w;  // the weight block in acc_t (fp32 GEMM path only)
-    if (bf16_gemm) {
-      cpu_gemm::pack_transposed_into(weight.narrow(0, v0, vb), &packed_logits);
-      cpu_gemm::gemm_bf16_f32(h.data_ptr<at::BFloat16>(), h.size(1), Q, packed_logits,
-                              S.data_ptr<float>(), vb, /*accumulate=*/false);
-      if (bias.has_value() && bias->defined()) S.add_(bias->narrow(0, v0, vb).to(acc));
-    } else {
-      w = weight.narrow(0, v0, vb).to(acc);
-      if (bias.has_value() && bias->defined()) {
-        at::addmm_out(S, bias->narrow(0, v0, vb).to(acc), h, w.t());
-      } else {
-        at::mm_out(S, h, w.t());
-      }
-    }
+    const at::Tensor S = front(s_buf, Q, vb), D = front(d_buf, n_d, vb);
+    logits_block(S, h, weight, bias, v0, vb, bf16_gemm, &packed_logits, acc);
     const acc_t* s_ptr = S.data_ptr<acc_t>();
     acc_t* d_ptr = D.data_ptr<acc_t>();
     at::parallel_for(0, n_d, 16, [&](int64_t jb, int64_t je) {
