@@ -28,18 +28,39 @@ import time
 
 def run(mode: str, seed: int, args) -> dict:
     out = os.path.join(args.out, f"{mode}-seed{seed}")
-    cmd = [sys.executable, "-m", "crystal_ext.train", "--task", args.task, "--seed", str(seed),
-           "--max_steps", str(args.max_steps),
-           "--output_dir", out, "--overwrite_output_dir", "--num_pictures", "0", *args.extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "crystal_ext.train",
+        "--task",
+        args.task,
+        "--seed",
+        str(seed),
+        "--max_steps",
+        str(args.max_steps),
+        "--output_dir",
+        out,
+        "--overwrite_output_dir",
+        "--num_pictures",
+        "0",
+        *args.extra,
+    ]
     if mode == "baseline":
         cmd.append("--no_crystal")
     start = time.time()
     subprocess.run(cmd, check=True)
     with open(os.path.join(out, "eval_results.json")) as f:
         result = json.load(f)
-    return {"mode": mode, "task": args.task, "max_steps": args.max_steps, "seed": seed,
-            "seconds": round(time.time() - start, 1), "n": result["n"],
-            "accuracy_intact": result["accuracy_intact"], "accuracy_blurred": result["accuracy_blurred"]}
+    return {
+        "mode": mode,
+        "task": args.task,
+        "max_steps": args.max_steps,
+        "seed": seed,
+        "seconds": round(time.time() - start, 1),
+        "n": result["n"],
+        "accuracy_intact": result["accuracy_intact"],
+        "accuracy_blurred": result["accuracy_blurred"],
+    }
 
 
 def summary(rows: list[dict], mode: str, key: str) -> str:
@@ -52,7 +73,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max_steps", type=int, default=800)
-    parser.add_argument("--task", default="stripes", help="synthetic task (crystal_ext.synthetic.TASKS; crystal_ext.train checks it)")
+    parser.add_argument(
+        "--task",
+        default="stripes",
+        help="synthetic task (crystal_ext.data.synthetic.TASKS; crystal_ext.train checks it)",
+    )
     parser.add_argument("--out", help="output folder (default outputs/ablation/TASK-NSTEPS)")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more crystal_ext.train arguments, after --")
     args = parser.parse_args()
@@ -63,12 +88,16 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "ablation.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    print(f"\ntask {args.task}, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.max_steps} steps, "
-          f"n = {rows[0]['n']} held-out examples each, {time.time() - started:.0f} s in all")
+    print(
+        f"\ntask {args.task}, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.max_steps} steps, "
+        f"n = {rows[0]['n']} held-out examples each, {time.time() - started:.0f} s in all"
+    )
     print("| objective | accuracy intact (%) | accuracy blurred (%) |")
     print("|---|---|---|")
     for mode, label in (("baseline", "SFT baseline (`--no_crystal`)"), ("crystal", "CrystaL")):
-        print(f"| {label} | {summary(rows, mode, 'accuracy_intact')} | {summary(rows, mode, 'accuracy_blurred')} |")
+        print(
+            f"| {label} | {summary(rows, mode, 'accuracy_intact')} | {summary(rows, mode, 'accuracy_blurred')} |"
+        )
     for r in rows:
         print(json.dumps(r))
 

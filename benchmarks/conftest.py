@@ -1,7 +1,6 @@
 """pytest fixtures of the benchmarks (the helpers themselves live in bench_utils.py)."""
 
 import pytest
-
 from bench_utils import peak_memory_bytes
 
 

@@ -1,6 +1,6 @@
 """The published way of computing one CrystaL step, in plain PyTorch, for comparison only.
 
-Same stock model, same batch, same loss as crystal_ext.objective.crystal_objective, computed
+Same stock model, same batch, same loss as crystal_ext.model.objective.crystal_objective, computed
 as the authors' code does:
   - every text layer: SDPA with the dense [B, 1, L, L] additive dual-path mask;
   - the last layer: additionally the full [B, H, L, L] attention probabilities, from which
@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from crystal_ext.attention_registration import _is_last_layer, is_text_decoder_attention
-from crystal_ext.layout import D, E, dual_path_mask
-from crystal_ext.objective import CrystalLoss, _parts
-from crystal_ext.packing import IGNORE
+from crystal_ext.model.attention_registration import is_last_layer, is_text_decoder_attention
+from crystal_ext.model.objective import CrystalLoss
+from crystal_ext.model.parts import backbone_and_head, text_config
+from crystal_ext.ops.layout import IGNORE, dual_path_mask, segments_of
 
 PUBLISHED_ATTN = "crystal_published_dense"
 PROBS_KWARG = "published_outputs"
@@ -29,9 +29,10 @@ def published_attention(module, query, key, value, attention_mask, scaling=None,
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     slot = kwargs.pop(PROBS_KWARG, None)
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                 scaling=scaling, **kwargs)
-    if slot is not None and is_text_decoder_attention(module) and _is_last_layer(module):
+    out = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    if slot is not None and is_text_decoder_attention(module) and is_last_layer(module):
         keys = repeat_kv(key, query.shape[1] // key.shape[1])
         scores = torch.matmul(query, keys.transpose(-1, -2)) * scaling + attention_mask
         slot["probs"] = scores.softmax(dim=-1)  # [B, H, L, L]
@@ -50,8 +51,7 @@ def register_published_attention() -> str:
 def published_step_loss_switched(model, batch) -> CrystalLoss:
     """published_step_loss on a model set up for our attention: switches its attention
     implementation to the published one for the call and back afterwards (same weights)."""
-    _, backbone, _ = _parts(model)
-    previous = backbone.config.get_text_config()._attn_implementation
+    previous = text_config(model)._attn_implementation
     model.set_attn_implementation(register_published_attention())
     try:
         return published_step_loss(model, batch)
@@ -62,7 +62,7 @@ def published_step_loss_switched(model, batch) -> CrystalLoss:
 def published_step_loss(model, batch, topk_fraction=0.1, lambda_pred=1.0, lambda_attn=1.0) -> CrystalLoss:
     """CE + lambda_pred * KL_pred + lambda_attn * KL_attn the published way (see module doc).
     The model's text attention must be PUBLISHED_ATTN (register_published_attention())."""
-    _, backbone, head = _parts(model)
+    _, backbone, head = backbone_and_head(model)
     input_ids, targets, layout = batch["input_ids"], batch["targets"], batch["layout"]
     length = input_ids.shape[1]
     dtype = head.weight.dtype
@@ -70,21 +70,27 @@ def published_step_loss(model, batch, topk_fraction=0.1, lambda_pred=1.0, lambda
     additive = torch.zeros(visible.shape, dtype=dtype, device=input_ids.device)
     additive = additive.masked_fill(~visible, torch.finfo(dtype).min)
     slot: dict = {}
-    hidden = backbone(input_ids=input_ids, pixel_values=batch["pixel_values"],
-                      image_grid_thw=batch["image_grid_thw"], position_ids=batch["position_ids"],
-                      attention_mask=additive, use_cache=False, **{PROBS_KWARG: slot}).last_hidden_state
+    hidden = backbone(
+        input_ids=input_ids,
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        position_ids=batch["position_ids"],
+        attention_mask=additive,
+        use_cache=False,
+        **{PROBS_KWARG: slot},
+    ).last_hidden_state
     logits = head(hidden).float()  # [B, L, V], fp32
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten().to(logits.device), ignore_index=IGNORE)
     probs = slot["probs"]
     kl_pred, kl_attn = [], []
-    for b, r in enumerate(layout.reshape(-1, 12).tolist()):
-        (d0, d1), (e0, e1), (f0, f1) = r[2 * D : 2 * D + 2], r[2 * E : 2 * E + 2], r[10:12]
-        teacher = logits[b, e0:e1].detach().log_softmax(-1)
-        student = logits[b, f0:f1].log_softmax(-1)
+    for b, seg in enumerate(segments_of(layout)):
+        answer, copy, latent = slice(*seg.e), slice(*seg.f), slice(*seg.d)
+        teacher = logits[b, answer].detach().log_softmax(-1)
+        student = logits[b, copy].log_softmax(-1)
         per_row = (teacher.exp() * (teacher - student)).sum(-1)
         kl_pred.append(per_row.topk(max(1, int(topk_fraction * per_row.numel()))).values.mean())
-        t = probs[b, :, e0:e1, d0:d1].float().mean(0)
-        s = probs[b, :, f0:f1, d0:d1].float().mean(0)
+        t = probs[b, :, answer, latent].float().mean(0)
+        s = probs[b, :, copy, latent].float().mean(0)
         t = (t / (t.sum(-1, keepdim=True) + 1e-8)).detach()
         s = s / (s.sum(-1, keepdim=True) + 1e-8)
         kl_attn.append(F.kl_div(s.log(), t, reduction="batchmean"))

@@ -14,18 +14,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import crystal_ext  # noqa: E402
-from bench_utils import median_seconds  # noqa: E402
-from crystal_ext.objective import crystal_objective  # noqa: E402
-from published_step import published_step_loss_switched  # noqa: E402
 import step_models  # noqa: E402
+from bench_utils import median_seconds  # noqa: E402
+from published_step import published_step_loss_switched  # noqa: E402
 from step_models import peak_step_bytes, run_step  # noqa: E402
+
+import crystal_ext  # noqa: E402
+from crystal_ext.model.objective import crystal_objective  # noqa: E402
 
 
 def measure(loss_fn, model, batch, rounds=2):
     """(median seconds of a step after a warm-up, peak bytes of one step)."""
     run_step(loss_fn, model, batch)
-    return median_seconds(lambda: run_step(loss_fn, model, batch), rounds), peak_step_bytes(loss_fn, model, batch)
+    return median_seconds(lambda: run_step(loss_fn, model, batch), rounds), peak_step_bytes(
+        loss_fn, model, batch
+    )
 
 
 def main():
@@ -33,13 +36,17 @@ def main():
     print("| |E| = |F| | V | L | ours (s) | published (s) | speed-up | peak ours / published (MB) |")
     print("|---|---|---|---|---|---|---|")
     for answer, vocab in ((21, 152064), (45, 152064), (93, 152064), (45, 32768)):
-        model, batch = step_models.build_qwen7b_attention(crystal_ext.ATTN_IMPLEMENTATION, 448, 25, answer,
-                                                          vocab=vocab)
+        model, batch = step_models.build_qwen7b_attention(
+            crystal_ext.ATTN_IMPLEMENTATION, 448, 25, answer, vocab=vocab
+        )
         e = int(batch["layout"][0, 4, 1] - batch["layout"][0, 4, 0])
         ours_s, ours_peak = measure(crystal_objective, model, batch)
         theirs_s, theirs_peak = measure(published_step_loss_switched, model, batch)
-        print(f"| {e} | {vocab} | {batch['input_ids'].shape[1]} | {ours_s:.2f} | {theirs_s:.2f} | "
-              f"{theirs_s / ours_s:.2f}x | {ours_peak / 2**20:.0f} / {theirs_peak / 2**20:.0f} |", flush=True)
+        print(
+            f"| {e} | {vocab} | {batch['input_ids'].shape[1]} | {ours_s:.2f} | {theirs_s:.2f} | "
+            f"{theirs_s / ours_s:.2f}x | {ours_peak / 2**20:.0f} / {theirs_peak / 2**20:.0f} |",
+            flush=True,
+        )
         del model, batch
 
 

@@ -18,31 +18,57 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from bench_utils import peak_memory_bytes  # noqa: E402
 from dual_path_helpers import WORDS, tiny_qwen25vl, tiny_tokenizer  # noqa: E402
 
-from bench_utils import peak_memory_bytes  # noqa: E402
-from crystal_ext.latent_tokens import add_latent_tokens  # noqa: E402
-from crystal_ext.packing import DualPathCollator, DualPathPacker, Example, model_rope_index  # noqa: E402
+from crystal_ext.data.packing import DualPathCollator, DualPathPacker, Example, model_rope_index  # noqa: E402
+from crystal_ext.model.latent_tokens import add_latent_tokens  # noqa: E402
 
 
 def qwen7b_attention_model(tokenizer, layers=2, vocab=152064, intermediate=1024, attn="sdpa"):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(vocab_size=vocab, hidden_size=3584, intermediate_size=intermediate,
-                num_hidden_layers=layers, num_attention_heads=28, num_key_value_heads=4,
-                max_position_embeddings=32768,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-                tie_word_embeddings=False, bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-                pad_token_id=ids("<|endoftext|>"))
-    vision = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=3584,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                  fullatt_block_indexes=[0], window_size=112)
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
-                              video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                              vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=3584,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        tie_word_embeddings=False,
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        out_hidden_size=3584,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        fullatt_block_indexes=[0],
+        window_size=112,
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.float32)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(
+        config, attn_implementation=attn, dtype=torch.float32
+    )
     model.get_input_embeddings().weight.requires_grad_(False)
     model.get_output_embeddings().weight.requires_grad_(False)
     return model
@@ -70,8 +96,9 @@ def build(shape: str, attn: str, batch_size: int = 1):
     return build_qwen7b_attention(attn, image, question, answer, batch_size=batch_size)
 
 
-def build_qwen7b_attention(attn: str, image: int, question: int, answer: int, vocab: int = 152064,
-                           batch_size: int = 1):
+def build_qwen7b_attention(
+    attn: str, image: int, question: int, answer: int, vocab: int = 152064, batch_size: int = 1
+):
     """The Qwen-7B-attention model and a batch with `answer` answer words (|E| = answer + 3)."""
     tok = tiny_tokenizer()
     latent = add_latent_tokens(tok, None, k=10)  # |D| = 12 with the think markers
@@ -81,8 +108,10 @@ def build_qwen7b_attention(attn: str, image: int, question: int, answer: int, vo
 
 def make_batch(model, tok, latent, image, question, answer, batch_size):
     packer = DualPathPacker(tok, latent, model_rope_index(model), image_size=image, max_length=4096)
-    examples = [Example(f"ex{i}", _image(i, image), _words(question, i), _words(answer, 100 + i))
-                for i in range(batch_size)]
+    examples = [
+        Example(f"ex{i}", _image(i, image), _words(question, i), _words(answer, 100 + i))
+        for i in range(batch_size)
+    ]
     return DualPathCollator(packer, tok.pad_token_id)(examples)
 
 

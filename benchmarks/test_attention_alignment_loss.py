@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_utils import median_seconds, peak_memory_bytes, require_fused_ops
 
 import crystal_ext
-from crystal_ext import reference
-from bench_utils import median_seconds, peak_memory_bytes, require_fused_ops
+from crystal_ext.ops import reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from alignment_cases import make_layout, random_qk  # noqa: E402
@@ -100,5 +100,6 @@ def test_reference(benchmark, shape_name, dtype):
     benchmark.group = f"attention_alignment_loss {shape_name} {str(dtype)[6:]}"
     benchmark.pedantic(
         lambda: forward_backward(reference.attention_alignment_loss, q, k, layout),
-        rounds=ROUNDS[shape_name], warmup_rounds=1,
+        rounds=ROUNDS[shape_name],
+        warmup_rounds=1,
     )

@@ -14,14 +14,13 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
+import step_models
+from bench_utils import median_seconds, require_fused_ops
+from published_step import published_step_loss_switched
+from step_models import peak_step_bytes, run_step
 
 import crystal_ext
-from bench_utils import median_seconds, require_fused_ops
-from crystal_ext.objective import crystal_objective
-from published_step import published_step_loss_switched
-import step_models
-from step_models import peak_step_bytes, run_step
+from crystal_ext.model.objective import ObjectiveConfig, crystal_objective
 
 SHAPES = ["tiny", "qwen7b_L700", "qwen7b_L1400"]
 TARGET_SHAPES = ("qwen7b_L700", "qwen7b_L1400")
@@ -40,9 +39,7 @@ def ours(model, batch):
 
 
 def baseline(model, batch):
-    return crystal_objective(model, batch, crystal=False)
-
-
+    return crystal_objective(model, batch, ObjectiveConfig(crystal=False))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -62,9 +59,11 @@ def test_ours_vs_published(benchmark, shape):
     theirs_peak = peak_step_bytes(published_step_loss_switched, model, batch)
     info = {
         "length": batch["input_ids"].shape[1],
-        "ours_s": round(ours_s, 3), "published_s": round(theirs_s, 3),
+        "ours_s": round(ours_s, 3),
+        "published_s": round(theirs_s, 3),
         "speedup": round(theirs_s / ours_s, 2),
-        "ours_peak_MB": round(ours_peak / 2**20, 1), "published_peak_MB": round(theirs_peak / 2**20, 1),
+        "ours_peak_MB": round(ours_peak / 2**20, 1),
+        "published_peak_MB": round(theirs_peak / 2**20, 1),
         "memory_ratio": round(ours_peak / theirs_peak, 3),
     }
     benchmark.extra_info.update(info)
@@ -78,8 +77,9 @@ def test_ours_vs_published(benchmark, shape):
 def test_published(benchmark, shape):
     model, batch = prepared(shape)
     benchmark.group = f"crystal step {shape}"
-    benchmark.pedantic(lambda: run_step(published_step_loss_switched, model, batch),
-                       rounds=ROUNDS[shape], warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: run_step(published_step_loss_switched, model, batch), rounds=ROUNDS[shape], warmup_rounds=1
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -96,9 +96,11 @@ def test_dual_path_vs_single_path(benchmark, shape):
     single_s = median_seconds(run_single, ROUNDS[shape])
     dual_peak, single_peak = peak_step_bytes(ours, model, batch), peak_step_bytes(baseline, model, batch)
     info = {
-        "dual_s": round(dual_s, 3), "single_s": round(single_s, 3),
+        "dual_s": round(dual_s, 3),
+        "single_s": round(single_s, 3),
         "time_ratio": round(dual_s / single_s, 2),
-        "dual_peak_MB": round(dual_peak / 2**20, 1), "single_peak_MB": round(single_peak / 2**20, 1),
+        "dual_peak_MB": round(dual_peak / 2**20, 1),
+        "single_peak_MB": round(single_peak / 2**20, 1),
     }
     benchmark.extra_info.update(info)
     print(f"\ndual vs single path {shape}: {info}")

@@ -1,33 +1,45 @@
-"""crystal_ext: fused kernels and training for CrystaL latent reasoning in VLMs.
+"""crystal_ext: fused kernels and training for CrystaL latent reasoning in vision-language models.
 
-Fused ops (compiled C++/CUDA, with plain-PyTorch twins in crystal_ext.reference):
-  attention_alignment_loss(q, k, layout, scale=None)
-  lm_head_losses(hidden, weight, targets, teacher_rows, student_rows, pair_sample,
-                 topk_fraction=0.1, bias=None) -> (ce, kl)
+Subpackages, each depending only on those before it:
+  ops       the fused C++/CUDA ops and their plain-PyTorch references
+  model     sequence layout, dual-path attention, latent tokens, the CrystaL objective
+  data      examples and data files, corruption, the synthetic task, packing
+  training  arguments, trainer, checkpoints, callbacks, evaluation, pictures, the tiny model
+
+and the commands on top: `python -m crystal_ext.train`, `crystal_ext.evaluate`, `crystal_ext.info`.
+
+The names below are the public API; docs/ describes the method and every op's contract.
 """
 
-from crystal_ext._extension import build_info, extension_available, extension_error
-from crystal_ext import reference
-from crystal_ext.ops.attention_alignment_loss import attention_alignment_loss
-from crystal_ext.ops.lm_head_losses import lm_head_losses
+from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
+from crystal_ext.model.dual_path_attention import dual_path_attention
+from crystal_ext.model.latent_tokens import LatentTokens, add_latent_tokens
+from crystal_ext.model.objective import CrystalLoss, ObjectiveConfig, crystal_objective
+from crystal_ext.ops import (
+    attention_alignment_loss,
+    build_info,
+    extension_available,
+    extension_error,
+    lm_head_losses,
+    reference,
+)
+from crystal_ext.ops.layout import Segments
 
 __all__ = [
+    "ATTN_IMPLEMENTATION",
+    "CrystalLoss",
+    "LatentTokens",
+    "ObjectiveConfig",
+    "Segments",
+    "add_latent_tokens",
     "attention_alignment_loss",
     "build_info",
+    "crystal_objective",
+    "dual_path_attention",
     "extension_available",
     "extension_error",
     "lm_head_losses",
     "reference",
+    "register_dual_path_attention",
 ]
 __version__ = "0.1.0"
-
-# Dual-path model (issue 4): attention composed from torch SDPA on gathered paths.
-from crystal_ext.dual_path_attention import dual_path_attention  # noqa: E402
-
-__all__ += ["dual_path_attention"]
-
-# Dual-path model (issue 4): registration with transformers (imported lazily inside
-# register_dual_path_attention, so crystal_ext itself does not need transformers).
-from crystal_ext.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention  # noqa: E402
-
-__all__ += ["ATTN_IMPLEMENTATION", "register_dual_path_attention"]

@@ -2,7 +2,7 @@
 
 import json
 
-from crystal_ext import build_info
+from crystal_ext.ops import build_info
 
 
 def main() -> None:

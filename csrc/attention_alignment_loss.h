@@ -2,7 +2,7 @@
 // (csrc/cpu/attention_alignment_loss.cpp) and the CUDA kernel
 // (csrc/cuda/attention_alignment_loss.cu), so the CPU tests exercise the maths the GPU runs.
 //
-// Notation for one sample (DESIGN.md sections 1-2). Segments A..F with (start, end) =
+// Notation for one sample (docs/method.md). Segments A..F with (start, end) =
 // (a0, a1) .. (f0, f1). Path 0 is the intact path (teacher rows E), path 1 the corrupted path
 // (student rows F). The keys a path's aligned rows may see, in packed order:
 //   path 0 (rows E): A, C, D, E  = [0, b0) ++ [c0, e1)

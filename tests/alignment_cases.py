@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from crystal_ext.layout import segment_bounds
+from crystal_ext.ops.layout import segment_bounds
 
 
 def make_layout(samples: list[tuple[int, int, int, int]]) -> torch.Tensor:
@@ -17,8 +17,9 @@ def needed_length(samples) -> int:
     return max(a + 2 * bc + d + 2 * e for a, bc, d, e in samples)
 
 
-def random_qk(batch, heads, kv_heads, length, head_dim, dtype=torch.float32, device="cpu",
-              seed=0, spread=1.0):
+def random_qk(
+    batch, heads, kv_heads, length, head_dim, dtype=torch.float32, device="cpu", seed=0, spread=1.0
+):
     """Queries and keys like a trained model's: some spread in the scores, so softmaxes are
     neither uniform nor one-hot."""
     gen = torch.Generator().manual_seed(seed)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from alignment_cases import MIXED_SAMPLES, make_layout, needed_length, random_qk
 
 import crystal_ext
-from crystal_ext import reference
-from crystal_ext.layout import validate_layout
-from alignment_cases import MIXED_SAMPLES, make_layout, needed_length, random_qk
+from crystal_ext.ops import reference
+from crystal_ext.ops.layout import validate_layout
 
 fused = crystal_ext.attention_alignment_loss
 ref = reference.attention_alignment_loss
@@ -135,9 +135,7 @@ def test_opcheck():
     q, k = random_qk(3, 4, 2, needed_length(MIXED_SAMPLES), 8, seed=2)
     q.requires_grad_(True)
     k.requires_grad_(True)
-    torch.library.opcheck(
-        torch.ops.crystal_ext.attention_alignment_loss_fwd.default, (q, k, layout, 0.3)
-    )
+    torch.library.opcheck(torch.ops.crystal_ext.attention_alignment_loss_fwd.default, (q, k, layout, 0.3))
 
 
 def test_opcheck_backward_with_transposed_q():
@@ -182,6 +180,7 @@ def test_default_scale_and_explicit_scale():
 
 # ---------------------------------------------------------------- bad input
 
+
 def _bad_layouts():
     good = make_layout([(2, 3, 2, 2)]).tolist()[0]
 
@@ -195,13 +194,16 @@ def _bad_layouts():
         "contiguous": edit(lambda r: r[3].__setitem__(0, r[3][0] + 1)),
         "|B| must equal |C|": edit(lambda r: (r[1].__setitem__(1, 6), r[2].__setitem__(0, 6))),
         "segment D (latent block) is empty": edit(
-            lambda r: (r[3].__setitem__(1, r[3][0]), r[4].__setitem__(0, r[3][0]))),
+            lambda r: (r[3].__setitem__(1, r[3][0]), r[4].__setitem__(0, r[3][0]))
+        ),
         "segment E (answer) is empty": edit(
-            lambda r: (r[4].__setitem__(1, r[4][0]), r[5].__setitem__(0, r[4][0]))),
+            lambda r: (r[4].__setitem__(1, r[4][0]), r[5].__setitem__(0, r[4][0]))
+        ),
         "|E| must equal |F|": edit(lambda r: r[5].__setitem__(1, r[5][1] + 1)),
         "beyond the sequence length": edit(
-            lambda r: (r[4].__setitem__(1, 40), r[5].__setitem__(0, 40), r[5].__setitem__(1, 78))),
-        "has start": edit(lambda r: (r[2].__setitem__(1, 3))),
+            lambda r: (r[4].__setitem__(1, 40), r[5].__setitem__(0, 40), r[5].__setitem__(1, 78))
+        ),
+        "has start": edit(lambda r: r[2].__setitem__(1, 3)),
     }
 
 
@@ -299,6 +301,7 @@ def test_fuzz_malformed_layouts_never_crash():
 
 # ---------------------------------------------------------------- CUDA
 
+
 @cuda_only
 @pytest.mark.cuda
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
@@ -367,8 +370,8 @@ def test_cuda_gradcheck_float64():
         return fused(torch.where(mq, qv, q0), torch.where(mk, kv, k0), layout)
 
     assert torch.autograd.gradcheck(
-        student_side, (q0.clone().requires_grad_(), k0.clone().requires_grad_()), eps=1e-6,
-        atol=1e-8)
+        student_side, (q0.clone().requires_grad_(), k0.clone().requires_grad_()), eps=1e-6, atol=1e-8
+    )
 
 
 @cuda_only
@@ -378,6 +381,4 @@ def test_cuda_opcheck():
     q, k = random_qk(3, 4, 2, needed_length(MIXED_SAMPLES), 8, device="cuda")
     q.requires_grad_(True)
     k.requires_grad_(True)
-    torch.library.opcheck(
-        torch.ops.crystal_ext.attention_alignment_loss_fwd.default, (q, k, layout, 0.3)
-    )
+    torch.library.opcheck(torch.ops.crystal_ext.attention_alignment_loss_fwd.default, (q, k, layout, 0.3))

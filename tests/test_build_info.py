@@ -18,14 +18,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_python(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_build_info_keys_and_values():
     info = crystal_ext.build_info()
-    for key in ("torch_built_against", "torch_running", "cuda_built_against", "cpu_kernels",
-                "cuda_kernels", "cuda_arch_list", "cpu_bf16_gemm", "gpu_visible", "extension_loaded"):
+    for key in (
+        "torch_built_against",
+        "torch_running",
+        "cuda_built_against",
+        "cpu_kernels",
+        "cuda_kernels",
+        "cuda_arch_list",
+        "cpu_bf16_gemm",
+        "gpu_visible",
+        "extension_loaded",
+    ):
         assert key in info
     assert info["torch_running"] == torch.__version__
     assert info["gpu_visible"] == torch.cuda.is_available()
@@ -37,8 +45,9 @@ def test_build_info_keys_and_values():
 
 
 def test_info_module_prints_json():
-    out = subprocess.run([sys.executable, "-m", "crystal_ext.info"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "crystal_ext.info"], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["torch_running"] == torch.__version__
@@ -52,10 +61,10 @@ def test_missing_extension_keeps_references_and_explains():
         "import torch, crystal_ext\n"
         "assert not crystal_ext.extension_available()\n"
         "print('ERROR:', crystal_ext.extension_error())\n"
-        "from crystal_ext.layout import *\n"
+        "from crystal_ext.ops.layout import *\n"
         "q = torch.randn(1, 2, 12, 4); k = torch.randn(1, 1, 12, 4)\n"
         "layout = torch.tensor([[[0, 1], [1, 3], [3, 5], [5, 6], [6, 8], [8, 10]]])\n"
-        "print('REF', float(crystal_ext.reference.attention_alignment_loss(q, k, layout)))\n"
+        "print('REF', float(crystal_ext.ops.reference.attention_alignment_loss(q, k, layout)))\n"
         "try:\n"
         "    crystal_ext.attention_alignment_loss(q, k, layout)\n"
         "except RuntimeError as e:\n"
@@ -89,7 +98,7 @@ def test_torch_version_mismatch_is_reported_with_the_fix():
 def test_cpu_kernels_run_on_several_threads():
     """at::parallel_for is compiled into the extension: without -fopenmp it silently runs on
     one thread (the CPU kernels did, until setup.py passed the flag)."""
-    from crystal_ext._extension import _C
+    from crystal_ext.ops._extension import _C
 
     if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
         assert crystal_ext.build_info()["cpu_openmp"] is True

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crystal_ext.corruption import CorruptionConfig, corrupt, example_rng, random_erase
+from crystal_ext.data.corruption import CorruptionConfig, corrupt, example_rng, random_erase
 
 
 def _image(w=64, h=48, seed=0):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import crystal_ext
-from crystal_ext._extension import _C
+from crystal_ext.ops._extension import _C
 
 pytestmark = pytest.mark.skipif(
     not crystal_ext.extension_available() or not crystal_ext.build_info()["cpu_bf16_gemm"],
@@ -17,8 +17,16 @@ pytestmark = pytest.mark.skipif(
 
 # (m, k, n): rows around the 14-row micro-kernel, n around the 32-column panel, odd k (pad
 # pair), k over one 4096-pair pass, and a k whose row stride is a multiple of 2 KB (padded).
-SIZES = [(1, 1, 1), (13, 7, 31), (14, 8, 32), (15, 9, 33), (29, 896, 100), (3, 8193, 17),
-         (30, 2048, 64), (2, 9000, 5)]
+SIZES = [
+    (1, 1, 1),
+    (13, 7, 31),
+    (14, 8, 32),
+    (15, 9, 33),
+    (29, 896, 100),
+    (3, 8193, 17),
+    (30, 2048, 64),
+    (2, 9000, 5),
+]
 
 
 @pytest.mark.parametrize("m,k,n", SIZES, ids=lambda v: str(v))

@@ -6,12 +6,12 @@ import random
 
 import pytest
 import torch
+from dual_path_helpers import random_layout
 
 import crystal_ext
-from crystal_ext import reference
-from crystal_ext.dual_path_attention import dual_path_attention
-from crystal_ext.layout import dual_path_mask
-from dual_path_helpers import random_layout
+from crystal_ext.model.dual_path_attention import dual_path_attention
+from crystal_ext.ops import reference
+from crystal_ext.ops.layout import dual_path_mask
 
 
 def _inputs(layout, length, heads, kv_heads, dim, dtype=torch.float32, seed=0, grad=False):

@@ -8,19 +8,35 @@ import json
 
 import pytest
 import torch
-
-import crystal_ext
 from train_helpers import FAST, run
 
-pytestmark = pytest.mark.skipif(not crystal_ext.extension_available(),
-                                reason="training runs the compiled fused ops")
+import crystal_ext
+
+pytestmark = pytest.mark.skipif(
+    not crystal_ext.extension_available(), reason="training runs the compiled fused ops"
+)
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "run"
-    run(["--use_lora", "true", "--max_steps", "3", "--save_steps", "3", "--per_device_train_batch_size", "4",
-         "--learning_rate", "1e-2", "--output_dir", str(out), *FAST])
+    run(
+        [
+            "--use_lora",
+            "true",
+            "--max_steps",
+            "3",
+            "--save_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "1e-2",
+            "--output_dir",
+            str(out),
+            *FAST,
+        ]
+    )
     return out
 
 
@@ -34,13 +50,15 @@ def test_lora_run_saves_adapter_and_token_rows(lora_run):
 def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from crystal_ext.evaluate import load_trained, prompt_text
-    from crystal_ext.synthetic import SyntheticVQA
+    from crystal_ext.data.synthetic import SyntheticVQA
+    from crystal_ext.training.evaluation import load_trained, prompt_text
 
     merged = tmp_path / "merged"
     results = tmp_path / "results.json"
-    proc = run(["--model", str(lora_run), "--eval_examples", "6", "--merge", str(merged), "--output", str(results)],
-               module="crystal_ext.evaluate")
+    proc = run(
+        ["--model", str(lora_run), "--eval_examples", "6", "--merge", str(merged), "--output", str(results)],
+        module="crystal_ext.evaluate",
+    )
     assert "held-out accuracy" in proc.stdout
     result = json.loads(results.read_text())
     assert result["n"] == 6 and {"accuracy_intact", "accuracy_blurred"} <= set(result)
@@ -53,8 +71,12 @@ def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
     peft_model, processor, run_config = load_trained(str(lora_run))
     assert hasattr(peft_model, "merge_and_unload")  # a peft model: base + adapter + token rows
     ex = SyntheticVQA(2, "test", task=run_config["task"], image_size=run_config["image_size"])
-    inputs = processor(text=[prompt_text(run_config["system_prompt"], ex[i].question) + "<think>" for i in range(2)],
-                       images=[ex[i].image for i in range(2)], return_tensors="pt", padding=True)
+    inputs = processor(
+        text=[prompt_text(run_config["system_prompt"], ex[i].question) + "<think>" for i in range(2)],
+        images=[ex[i].image for i in range(2)],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         want = peft_model(**inputs).logits
         got = plain(**inputs).logits
@@ -68,14 +90,20 @@ def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
 
 
 def test_extract_answer_and_prompt():
-    from crystal_ext.evaluate import extract_answer, prompt_text
-    from crystal_ext.latent_tokens import add_latent_tokens
-    from crystal_ext.tiny_model import tiny_tokenizer
+    from crystal_ext.model.latent_tokens import add_latent_tokens
+    from crystal_ext.training.evaluation import extract_answer, prompt_text
+    from crystal_ext.training.tiny_model import tiny_tokenizer
 
     tok = tiny_tokenizer()
     lat = add_latent_tokens(tok, None, k=2)
-    ids = [lat.think_open, *lat.latent_ids, lat.think_close, lat.answer_open,
-           *tok("triangle", add_special_tokens=False).input_ids, lat.answer_close]
+    ids = [
+        lat.think_open,
+        *lat.latent_ids,
+        lat.think_close,
+        lat.answer_open,
+        *tok("triangle", add_special_tokens=False).input_ids,
+        lat.answer_close,
+    ]
     assert extract_answer(tok, ids) == "triangle"
     assert extract_answer(tok, ids[:-1]) == "triangle"  # cut off before </answer>
     assert extract_answer(tok, ids[:3]) is None

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dual_path_helpers import tiny_qwen25vl, tiny_tokenizer
 from peft import PeftModel
 
-from crystal_ext.latent_tokens import (
-    ANSWER_CLOSE, THINK_OPEN, add_latent_tokens, apply_lora, parameter_groups, train_new_rows_only,
+from crystal_ext.model.latent_tokens import (
+    ANSWER_CLOSE,
+    THINK_OPEN,
+    add_latent_tokens,
+    apply_lora,
+    parameter_groups,
+    train_new_rows_only,
 )
-from dual_path_helpers import tiny_qwen25vl, tiny_tokenizer
 
 
 @pytest.fixture()
@@ -26,7 +31,11 @@ def test_tokens_added_as_single_ids_and_matrices_resized(setup):
     tok, model, lat, old_len, old_embed = setup
     assert len(lat.latent_ids) == 8 and len(set(lat.new_ids)) == 12
     assert set(lat.new_ids) == set(range(old_len, old_len + 12))
-    assert tok(f"{THINK_OPEN}<|latent_3|>{ANSWER_CLOSE}").input_ids == [lat.think_open, lat.latent_ids[3], lat.answer_close]
+    assert tok(f"{THINK_OPEN}<|latent_3|>{ANSWER_CLOSE}").input_ids == [
+        lat.think_open,
+        lat.latent_ids[3],
+        lat.answer_close,
+    ]
     for m in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
         assert m.shape[0] == len(tok)
     emb = model.get_input_embeddings().weight

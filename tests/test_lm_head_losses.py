@@ -1,4 +1,4 @@
-"""crystal_ext.lm_head_losses: fused op vs crystal_ext.reference.lm_head_losses, gradcheck,
+"""crystal_ext.lm_head_losses: fused op vs crystal_ext.ops.reference.lm_head_losses, gradcheck,
 opcheck, edge cases and bad inputs. CUDA tests run only where a GPU is visible."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import crystal_ext
-from crystal_ext import reference
+from crystal_ext.ops import reference
 
 pytestmark = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason="compiled extension unavailable"
@@ -16,8 +16,20 @@ pytestmark = pytest.mark.skipif(
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 
 
-def make_problem(n, hd, vocab, pairs_per_sample, *, dtype=torch.float32, bias=False,
-                 ignore_fraction=0.3, seed=0, device="cpu", weight_grad=True, scale=1.0):
+def make_problem(
+    n,
+    hd,
+    vocab,
+    pairs_per_sample,
+    *,
+    dtype=torch.float32,
+    bias=False,
+    ignore_fraction=0.3,
+    seed=0,
+    device="cpu",
+    weight_grad=True,
+    scale=1.0,
+):
     """Random inputs. Pairs of one sample use distinct rows where possible."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, hd, generator=g, dtype=torch.float64) * scale
@@ -50,8 +62,16 @@ def run(fn, prob, topk=0.1, dtype=None, g_ce=0.7, g_kl=1.3):
     hidden = cast(prob["hidden"]).detach().requires_grad_()
     weight = cast(prob["weight"]).detach().requires_grad_(prob["weight_grad"])
     bias = None if prob["bias"] is None else cast(prob["bias"]).detach().requires_grad_()
-    ce, kl = fn(hidden, weight, prob["targets"], prob["teacher_rows"], prob["student_rows"],
-                prob["pair_sample"], topk, bias=bias)
+    ce, kl = fn(
+        hidden,
+        weight,
+        prob["targets"],
+        prob["teacher_rows"],
+        prob["student_rows"],
+        prob["pair_sample"],
+        topk,
+        bias=bias,
+    )
     (g_ce * ce + g_kl * kl).backward()
     return ce.detach(), kl.detach(), hidden.grad, weight.grad, None if bias is None else bias.grad
 
@@ -71,8 +91,9 @@ SHAPES = [
 @pytest.mark.parametrize("weight_grad", [True, False], ids=["head-trained", "head-frozen"])
 def test_matches_reference_fp32(shape, weight_grad):
     n, hd, vocab, pairs, bias, ignore = shape
-    prob = make_problem(n, hd, vocab, pairs, bias=bias, ignore_fraction=ignore,
-                        weight_grad=weight_grad, seed=n + vocab)
+    prob = make_problem(
+        n, hd, vocab, pairs, bias=bias, ignore_fraction=ignore, weight_grad=weight_grad, seed=n + vocab
+    )
     topk = 0.5
     fused = run(crystal_ext.lm_head_losses, prob, topk)
     ref = run(reference.lm_head_losses, prob, topk)
@@ -111,13 +132,13 @@ def test_low_precision_error_vs_float64(dtype):
     ref = run(reference.lm_head_losses, prob, 0.3, dtype=dtype)
     for name, f, r, g in zip(["ce", "kl", "d hidden", "d weight", "d bias"], fused, ref, gold):
         assert f.dtype == (torch.float32 if name in ("ce", "kl") else dtype), name
-        assert _err(f, g) <= 2 * _err(r, g) + 1e-6 * g.abs().max().item(), (
-            name, _err(f, g), _err(r, g))
+        assert _err(f, g) <= 2 * _err(r, g) + 1e-6 * g.abs().max().item(), (name, _err(f, g), _err(r, g))
 
 
 bf16_gemm = pytest.mark.skipif(
     not crystal_ext.extension_available() or not crystal_ext.build_info()["cpu_bf16_gemm"],
-    reason="this CPU has no AVX512-BF16: bf16 inputs always take the fp32-GEMM path")
+    reason="this CPU has no AVX512-BF16: bf16 inputs always take the fp32-GEMM path",
+)
 
 
 @bf16_gemm
@@ -130,8 +151,7 @@ def test_bf16_gemm_path_as_accurate_as_fp32_gemm_path(shape, monkeypatch):
     (padded k), a last vocabulary block of odd length, the paired rows' hi + lo products, a
     bias and two row chunks."""
     n, hd, vocab, pairs, bias, ignore = shape
-    prob = make_problem(n, hd, vocab, pairs, bias=bias, ignore_fraction=ignore, seed=n + hd,
-                        weight_grad=True)
+    prob = make_problem(n, hd, vocab, pairs, bias=bias, ignore_fraction=ignore, seed=n + hd, weight_grad=True)
     gold = run(reference.lm_head_losses, prob, 0.5, dtype=torch.float64)
     monkeypatch.setenv("CRYSTAL_EXT_CPU_BF16_GEMM", "1")
     fast = run(crystal_ext.lm_head_losses, prob, 0.5, dtype=torch.bfloat16)
@@ -141,12 +161,16 @@ def test_bf16_gemm_path_as_accurate_as_fp32_gemm_path(shape, monkeypatch):
         torch.testing.assert_close(f, s_, rtol=1e-5, atol=1e-6, msg=name)
     # d weight: its logit gradient enters the GEMM in bf16 (as in a bf16 autograd backward),
     # which adds an error of the size of the bf16 output rounding: within 1.5x the fp32 path.
-    for name, f, s_, g, bound in zip(["d hidden", "d weight", "d bias"], fast[2:], slow[2:],
-                                     gold[2:], [1.1, 1.5, 1.1]):
+    for name, f, s_, g, bound in zip(
+        ["d hidden", "d weight", "d bias"], fast[2:], slow[2:], gold[2:], [1.1, 1.5, 1.1]
+    ):
         if g is None:
             continue
         assert _err(f, g) <= bound * _err(s_, g) + 1e-6 * g.abs().max().item(), (
-            name, _err(f, g), _err(s_, g))
+            name,
+            _err(f, g),
+            _err(s_, g),
+        )
 
 
 @bf16_gemm
@@ -156,8 +180,7 @@ def test_bf16_gemm_path_keeps_the_kl_gradient_of_near_equal_pairs(monkeypatch):
     expectation GEMM would leave it ~15x less accurate than fp32 GEMMs (measured 3.4e-2 vs
     2.3e-3 relative here); the paired rows' hi + lo split keeps it at the fp32 path's error."""
     n_pairs = 29
-    prob = make_problem(2 * n_pairs, 96, 20011, [n_pairs], seed=3, weight_grad=False,
-                        ignore_fraction=1.0)
+    prob = make_problem(2 * n_pairs, 96, 20011, [n_pairs], seed=3, weight_grad=False, ignore_fraction=1.0)
     prob["teacher_rows"] = torch.arange(n_pairs)
     prob["student_rows"] = torch.arange(n_pairs, 2 * n_pairs)
     g = torch.Generator().manual_seed(0)
@@ -170,7 +193,9 @@ def test_bf16_gemm_path_keeps_the_kl_gradient_of_near_equal_pairs(monkeypatch):
     monkeypatch.setenv("CRYSTAL_EXT_CPU_BF16_GEMM", "0")
     slow = run(crystal_ext.lm_head_losses, prob, 0.3, dtype=torch.bfloat16, g_ce=0.0)
     assert _err(fast[2], gold[2]) <= 1.1 * _err(slow[2], gold[2]), (
-        _err(fast[2], gold[2]) / gold[2].norm().item(), _err(slow[2], gold[2]) / gold[2].norm().item())
+        _err(fast[2], gold[2]) / gold[2].norm().item(),
+        _err(slow[2], gold[2]) / gold[2].norm().item(),
+    )
 
 
 def test_gradcheck_float64():
@@ -191,15 +216,17 @@ def test_gradcheck_float64():
 
     def losses(h_var, w, b):
         h = torch.cat([const_rows, h_var])
-        return crystal_ext.lm_head_losses(h, w, targets, teacher, student, prob["pair_sample"],
-                                          0.5, bias=b)
+        return crystal_ext.lm_head_losses(h, w, targets, teacher, student, prob["pair_sample"], 0.5, bias=b)
 
-    assert torch.autograd.gradcheck(lambda h: losses(h, weight.detach(), bias.detach()),
-                                    (var_rows,), eps=1e-6, atol=1e-7)
-    assert torch.autograd.gradcheck(lambda h, w, b: losses(h, w, b)[0],
-                                    (var_rows, weight, bias), eps=1e-6, atol=1e-7)
-    assert torch.autograd.gradcheck(lambda h: losses(h, weight.detach(), None),
-                                    (var_rows,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(
+        lambda h: losses(h, weight.detach(), bias.detach()), (var_rows,), eps=1e-6, atol=1e-7
+    )
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: losses(h, w, b)[0], (var_rows, weight, bias), eps=1e-6, atol=1e-7
+    )
+    assert torch.autograd.gradcheck(
+        lambda h: losses(h, weight.detach(), None), (var_rows,), eps=1e-6, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -208,8 +235,17 @@ def test_opcheck(bias):
     hidden = prob["hidden"].requires_grad_()
     weight = prob["weight"].requires_grad_()
     b = prob["bias"].requires_grad_() if bias else None
-    args = (hidden, weight, b, prob["targets"], prob["teacher_rows"], prob["student_rows"],
-            prob["pair_sample"], 0.5, True)
+    args = (
+        hidden,
+        weight,
+        b,
+        prob["targets"],
+        prob["teacher_rows"],
+        prob["student_rows"],
+        prob["pair_sample"],
+        0.5,
+        True,
+    )
     torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_fwd.default, args)
 
 
@@ -217,14 +253,20 @@ def test_no_targets_and_no_pairs_give_zero_losses_that_backpropagate():
     prob = make_problem(6, 4, 29, [], ignore_fraction=1.0, seed=1)
     hidden = prob["hidden"].requires_grad_()
     weight = prob["weight"].requires_grad_()
-    ce, kl = crystal_ext.lm_head_losses(hidden, weight, prob["targets"], prob["teacher_rows"],
-                                        prob["student_rows"], prob["pair_sample"])
+    ce, kl = crystal_ext.lm_head_losses(
+        hidden, weight, prob["targets"], prob["teacher_rows"], prob["student_rows"], prob["pair_sample"]
+    )
     assert ce.item() == 0.0 and kl.item() == 0.0
     (ce + kl).backward()
     assert torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
-    ref_ce, ref_kl = reference.lm_head_losses(prob["hidden"], prob["weight"], prob["targets"],
-                                              prob["teacher_rows"], prob["student_rows"],
-                                              prob["pair_sample"])
+    ref_ce, ref_kl = reference.lm_head_losses(
+        prob["hidden"],
+        prob["weight"],
+        prob["targets"],
+        prob["teacher_rows"],
+        prob["student_rows"],
+        prob["pair_sample"],
+    )
     assert ref_ce.item() == 0.0 and ref_kl.item() == 0.0
 
 
@@ -242,8 +284,7 @@ def test_only_one_loss_used_and_only_weight_requires_grad():
 
 def test_no_grad_forward_matches():
     prob = make_problem(10, 6, 211, [5], seed=8)
-    args = [prob[k] for k in ("hidden", "weight", "targets", "teacher_rows", "student_rows",
-                              "pair_sample")]
+    args = [prob[k] for k in ("hidden", "weight", "targets", "teacher_rows", "student_rows", "pair_sample")]
     with torch.no_grad():
         ce, kl = crystal_ext.lm_head_losses(*args, 0.4)
     ref_ce, ref_kl = reference.lm_head_losses(*args, 0.4)
@@ -258,8 +299,15 @@ def _bad(**changes):
     topk = changes.pop("topk_fraction", 0.1)
     kwargs.update(changes)
     return lambda: crystal_ext.lm_head_losses(
-        kwargs["hidden"], kwargs["weight"], kwargs["targets"], kwargs["teacher_rows"],
-        kwargs["student_rows"], kwargs["pair_sample"], topk, bias=kwargs["bias"])
+        kwargs["hidden"],
+        kwargs["weight"],
+        kwargs["targets"],
+        kwargs["teacher_rows"],
+        kwargs["student_rows"],
+        kwargs["pair_sample"],
+        topk,
+        bias=kwargs["bias"],
+    )
 
 
 L = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
@@ -267,23 +315,24 @@ L = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
 BAD_INPUTS = [
     ("hidden-1d", dict(hidden=torch.randn(6)), ValueError, "hidden must be 2-D"),
     ("hidden-int", dict(hidden=torch.ones(6, 4, dtype=torch.long)), ValueError, "hidden must be"),
-    ("weight-dtype", dict(weight=torch.randn(17, 4, dtype=torch.float64)), ValueError,
-     "weight must have the dtype"),
+    (
+        "weight-dtype",
+        dict(weight=torch.randn(17, 4, dtype=torch.float64)),
+        ValueError,
+        "weight must have the dtype",
+    ),
     ("weight-hd", dict(weight=torch.randn(17, 5)), ValueError, "weight has hidden_dim 5"),
     ("bias-shape", dict(bias=torch.randn(16)), ValueError, "bias must have shape"),
-    ("bias-dtype", dict(bias=torch.randn(17, dtype=torch.float64)), ValueError,
-     "bias must have the dtype"),
+    ("bias-dtype", dict(bias=torch.randn(17, dtype=torch.float64)), ValueError, "bias must have the dtype"),
     ("targets-len", dict(targets=L(1, 2, 3)), ValueError, "targets has 3 entries"),
-    ("targets-dtype", dict(targets=torch.zeros(6, dtype=torch.int32)), ValueError,
-     "targets must be int64"),
+    ("targets-dtype", dict(targets=torch.zeros(6, dtype=torch.int32)), ValueError, "targets must be int64"),
     ("targets-range", dict(targets=L(0, 1, 17, 2, 3, 4)), ValueError, r"targets\[2\] = 17"),
     ("targets-negative", dict(targets=L(0, 1, -1, 2, 3, 4)), ValueError, r"targets\[2\] = -1"),
     ("teacher-range", dict(teacher_rows=L(0, 6, 1)), ValueError, r"teacher_rows\[1\] = 6"),
     ("student-range", dict(student_rows=L(0, -1, 1)), ValueError, r"student_rows\[1\] = -1"),
     ("student-len", dict(student_rows=L(0, 1)), ValueError, "student_rows has 2 entries"),
     ("sample-len", dict(pair_sample=L(0, 1, 1, 1)), ValueError, "pair_sample has 4 entries"),
-    ("teacher-2d", dict(teacher_rows=L(0, 1, 2).view(3, 1)), ValueError,
-     "teacher_rows must be 1-D"),
+    ("teacher-2d", dict(teacher_rows=L(0, 1, 2).view(3, 1)), ValueError, "teacher_rows must be 1-D"),
     ("topk-zero", dict(topk_fraction=0.0), ValueError, "topk_fraction must lie in"),
     ("topk-big", dict(topk_fraction=1.5), ValueError, "topk_fraction must lie in"),
     ("topk-nan", dict(topk_fraction=float("nan")), ValueError, "topk_fraction must lie in"),
@@ -312,8 +361,7 @@ def test_bad_device_mix():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-Hd{s[1]}-V{s[2]}-M{sum(s[3])}")
 def test_cuda_matches_reference_fp32(shape):
     n, hd, vocab, pairs, bias, ignore = shape
-    prob = make_problem(n, hd, vocab, pairs, bias=bias, ignore_fraction=ignore, seed=n + vocab,
-                        device="cuda")
+    prob = make_problem(n, hd, vocab, pairs, bias=bias, ignore_fraction=ignore, seed=n + vocab, device="cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     fused = run(crystal_ext.lm_head_losses, prob, 0.5)
     ref = run(reference.lm_head_losses, prob, 0.5)
@@ -340,9 +388,17 @@ def test_cuda_low_precision_error_vs_float64(dtype):
 @cuda
 def test_cuda_opcheck_and_edge_cases():
     prob = make_problem(9, 5, 67, [3, 2], bias=True, seed=2, device="cuda")
-    args = (prob["hidden"].requires_grad_(), prob["weight"].requires_grad_(),
-            prob["bias"].requires_grad_(), prob["targets"], prob["teacher_rows"],
-            prob["student_rows"], prob["pair_sample"], 0.5, True)
+    args = (
+        prob["hidden"].requires_grad_(),
+        prob["weight"].requires_grad_(),
+        prob["bias"].requires_grad_(),
+        prob["targets"],
+        prob["teacher_rows"],
+        prob["student_rows"],
+        prob["pair_sample"],
+        0.5,
+        True,
+    )
     torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_fwd.default, args)
     empty = make_problem(6, 4, 29, [], ignore_fraction=1.0, seed=1, device="cuda")
     fused = run(crystal_ext.lm_head_losses, empty)
@@ -352,10 +408,14 @@ def test_cuda_opcheck_and_edge_cases():
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("shape", [
-    (40, 64, 70001, [10, 6]),   # three vocabulary blocks on the GPU: the cross-block rescale
-    (5000, 32, 1000, [20, 7]),  # two row chunks of 4096
-], ids=["three-vocab-blocks", "two-row-chunks"])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (40, 64, 70001, [10, 6]),  # three vocabulary blocks on the GPU: the cross-block rescale
+        (5000, 32, 1000, [20, 7]),  # two row chunks of 4096
+    ],
+    ids=["three-vocab-blocks", "two-row-chunks"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_multi_block_and_chunk(shape, dtype):
     n, hd, vocab, pairs = shape

@@ -10,19 +10,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
+from dual_path_helpers import tiny_qwen25vl, tiny_tokenizer
 from PIL import Image
 
 import crystal_ext
-from crystal_ext import reference
-from crystal_ext.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
-from crystal_ext.latent_tokens import add_latent_tokens
-from crystal_ext.layout import dual_path_mask
-from crystal_ext.objective import crystal_objective, intact_path_batch
-from crystal_ext.packing import IGNORE, DualPathCollator, DualPathPacker, Example, model_rope_index
-from dual_path_helpers import tiny_qwen25vl, tiny_tokenizer
+from crystal_ext.data.packing import IGNORE, DualPathCollator, DualPathPacker, Example, model_rope_index
+from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
+from crystal_ext.model.latent_tokens import add_latent_tokens
+from crystal_ext.model.objective import ObjectiveConfig, crystal_objective, intact_path_batch
+from crystal_ext.ops.layout import dual_path_mask
 
-pytestmark = pytest.mark.skipif(not crystal_ext.extension_available(),
-                                reason="the fused attention-alignment loss needs the compiled extension")
+REFERENCE_HEAD = ObjectiveConfig(lm_head_losses="reference")
+
+pytestmark = pytest.mark.skipif(
+    not crystal_ext.extension_available(),
+    reason="the fused attention-alignment loss needs the compiled extension",
+)
 
 
 def _image(seed):
@@ -37,12 +40,16 @@ def _setup(cls_name="Qwen2_5_VLForConditionalGeneration"):
     tok = tiny_tokenizer()
     lat = add_latent_tokens(tok, None, k=4)
     model = tiny_qwen25vl(tok, attn_implementation=ATTN_IMPLEMENTATION, cls=getattr(transformers, cls_name))
-    packer = DualPathPacker(tok, lat, model_rope_index(model), image_size=56, system="you are a helpful assistant")
-    batch = DualPathCollator(packer, tok.pad_token_id)([
-        Example("a", _image(0), "what is the shape", "red circle"),
-        Example("b", _image(1), "how many", "two red square blue triangle green circle three"),
-        Example("c", _image(2), "what colour", "blue"),
-    ])
+    packer = DualPathPacker(
+        tok, lat, model_rope_index(model), image_size=56, system="you are a helpful assistant"
+    )
+    batch = DualPathCollator(packer, tok.pad_token_id)(
+        [
+            Example("a", _image(0), "what is the shape", "red circle"),
+            Example("b", _image(1), "how many", "two red square blue triangle green circle three"),
+            Example("c", _image(2), "what colour", "blue"),
+        ]
+    )
     return model, batch
 
 
@@ -68,8 +75,14 @@ def _eager_run(model, batch):
         captured["q"], captured["k"] = mq.apply_rotary_pos_emb(q, k, cos, sin)
 
     handle = last.register_forward_pre_hook(grab, with_kwargs=True)
-    out = eager(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                position_ids=batch["position_ids"], attention_mask=additive, output_hidden_states=True)
+    out = eager(
+        input_ids=batch["input_ids"],
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        position_ids=batch["position_ids"],
+        attention_mask=additive,
+        output_hidden_states=True,
+    )
     handle.remove()
     return eager, out, captured
 
@@ -98,15 +111,23 @@ def _plain_losses(logits, q, k, batch, scale):
 
 
 def _real_rows(batch):
-    return batch["targets"].new_tensor([[i < int(r[5, 1]) for i in range(batch["targets"].shape[1])]
-                                        for r in batch["layout"]]).bool()
+    return (
+        batch["targets"]
+        .new_tensor([[i < int(r[5, 1]) for i in range(batch["targets"].shape[1])] for r in batch["layout"]])
+        .bool()
+    )
 
 
 def test_hidden_states_match_eager_with_dense_mask():
     model, batch = _setup()
-    ours = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                       image_grid_thw=batch["image_grid_thw"], position_ids=batch["position_ids"],
-                       crystal_layout=batch["layout"], crystal_outputs={}).last_hidden_state
+    ours = model.model(
+        input_ids=batch["input_ids"],
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        position_ids=batch["position_ids"],
+        crystal_layout=batch["layout"],
+        crystal_outputs={},
+    ).last_hidden_state
     _, out, _ = _eager_run(model, batch)
     real = _real_rows(batch)
     assert real.sum() < real.numel()  # the batch has padding
@@ -116,7 +137,7 @@ def test_hidden_states_match_eager_with_dense_mask():
 def test_objective_parts_loss_and_gradients_match_plain_composition():
     model, batch = _setup()
     ours_model = copy.deepcopy(model)
-    ours = crystal_objective(ours_model, batch, lm_head_losses=reference.lm_head_losses)
+    ours = crystal_objective(ours_model, batch, REFERENCE_HEAD)
     ours.loss.backward()
     eager, out, cap = _eager_run(model, batch)
     scale = eager.model.language_model.layers[-1].self_attn.scaling
@@ -132,26 +153,34 @@ def test_objective_parts_loss_and_gradients_match_plain_composition():
         want = named[name].grad
         if p.grad is None and want is None:
             continue
-        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            p.grad, want, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
         checked += 1
     assert checked > 20 and ours_model.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0
 
 
 def test_lambdas_weight_the_parts():
     model, batch = _setup()
-    a = crystal_objective(model, batch, lm_head_losses=reference.lm_head_losses, lambda_pred=0.5, lambda_attn=3.0)
+    a = crystal_objective(
+        model, batch, ObjectiveConfig(lambda_pred=0.5, lambda_attn=3.0, lm_head_losses="reference")
+    )
     torch.testing.assert_close(a.loss, a.ce + 0.5 * a.kl_pred + 3.0 * a.kl_attn)
 
 
 def test_baseline_is_plain_sft_on_the_intact_path():
     model, batch = _setup()
-    base = crystal_objective(model, batch, crystal=False, lm_head_losses=reference.lm_head_losses)
+    base = crystal_objective(model, batch, ObjectiveConfig(crystal=False, lm_head_losses="reference"))
     single = intact_path_batch(batch)
     stock = copy.deepcopy(model)
     stock.set_attn_implementation("sdpa")
-    logits = stock(input_ids=single["input_ids"], pixel_values=single["pixel_values"],
-                   image_grid_thw=single["image_grid_thw"], attention_mask=single["attention_mask"],
-                   mm_token_type_ids=(single["input_ids"] == stock.config.image_token_id).long()).logits
+    logits = stock(
+        input_ids=single["input_ids"],
+        pixel_values=single["pixel_values"],
+        image_grid_thw=single["image_grid_thw"],
+        attention_mask=single["attention_mask"],
+        mm_token_type_ids=(single["input_ids"] == stock.config.image_token_id).long(),
+    ).logits
     # The stock model numbers positions itself here: the baseline's path-1 ids must agree with it.
     want = Fn.cross_entropy(logits.flatten(0, 1), single["targets"].flatten(), ignore_index=IGNORE)
     torch.testing.assert_close(base.ce, want, rtol=1e-5, atol=1e-6)
@@ -164,10 +193,10 @@ def test_switching_with_set_attn_implementation_and_plain_calls():
     m = copy.deepcopy(model)
     m.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match="set_attn_implementation"):
-        crystal_objective(m, batch, lm_head_losses=reference.lm_head_losses)
+        crystal_objective(m, batch, REFERENCE_HEAD)
     m.set_attn_implementation(ATTN_IMPLEMENTATION)
     assert m.config.text_config._attn_implementation == ATTN_IMPLEMENTATION
-    crystal_objective(m, batch, lm_head_losses=reference.lm_head_losses)
+    crystal_objective(m, batch, REFERENCE_HEAD)
     # Without a layout the model is an ordinary causal model (e.g. for generate).
     ids = batch["input_ids"][:1, :10]
     ref = copy.deepcopy(model)
@@ -175,31 +204,40 @@ def test_switching_with_set_attn_implementation_and_plain_calls():
     torch.testing.assert_close(m(input_ids=ids).logits, ref(input_ids=ids).logits)
 
 
-def test_missing_fused_lm_head_losses_is_a_clear_error(monkeypatch):
-    model, batch = _setup()
-    monkeypatch.delattr(crystal_ext, "lm_head_losses", raising=False)
-    with pytest.raises(RuntimeError, match="lm_head_losses.*not available"):
-        crystal_objective(model, batch)
+@pytest.mark.parametrize(
+    "bad, name",
+    [
+        (dict(lm_head_losses="triton"), "lm_head_losses"),
+        (dict(lambda_pred=-1.0), "lambda_pred"),
+        (dict(topk_fraction=0.0), "topk_fraction"),
+    ],
+)
+def test_objective_config_names_the_bad_setting(bad, name):
+    with pytest.raises(ValueError, match=name):
+        ObjectiveConfig(**bad)
 
 
 def test_qwen2_vl_runs_through_the_same_attention():
     model, batch = _setup("Qwen2VLForConditionalGeneration")
-    loss = crystal_objective(model, batch, lm_head_losses=reference.lm_head_losses)
+    loss = crystal_objective(model, batch, REFERENCE_HEAD)
     loss.loss.backward()
     assert torch.isfinite(loss.loss) and loss.kl_attn > 0
 
 
 def test_peft_wrapped_model_trains_lora_merger_and_new_rows():
-    from crystal_ext.latent_tokens import apply_lora, train_new_rows_only
+    from crystal_ext.model.latent_tokens import apply_lora, train_new_rows_only
 
     model, batch = _setup()
     peft_model = apply_lora(copy.deepcopy(model))
     vocab = peft_model.get_input_embeddings().weight.shape[0]
     mats = train_new_rows_only(peft_model, list(range(vocab - 8, vocab)))  # the 4 latents + 4 markers
-    crystal_objective(peft_model, batch, lm_head_losses=reference.lm_head_losses).loss.backward()
+    crystal_objective(peft_model, batch, REFERENCE_HEAD).loss.backward()
     grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n and "visual" in n and g is not None for n, g in grads.items())
-    assert any("lora_B" in n and "language_model" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
+    assert any(
+        "lora_B" in n and "language_model" in n and g is not None and g.abs().sum() > 0
+        for n, g in grads.items()
+    )
     assert any("merger" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
     for m in mats:
         assert m.grad[: vocab - 8].abs().sum() == 0 and m.grad[vocab - 8 :].abs().sum() > 0
@@ -208,7 +246,7 @@ def test_peft_wrapped_model_trains_lora_merger_and_new_rows():
 def test_layout_is_planned_once_per_forward(monkeypatch):
     """The layout's validation and indices (host work; a device sync on a GPU) happen once per
     forward, not in every text layer."""
-    import crystal_ext.attention_registration as reg
+    import crystal_ext.model.attention_registration as reg
 
     model, batch = _setup()
     built = []
@@ -220,5 +258,5 @@ def test_layout_is_planned_once_per_forward(monkeypatch):
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(reg, "DualPathPlan", Counting)
-    crystal_objective(model, batch, lm_head_losses=reference.lm_head_losses)
+    crystal_objective(model, batch, REFERENCE_HEAD)
     assert len(built) == 1 and model.config.text_config.num_hidden_layers > 1

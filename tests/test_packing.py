@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import functools
-import random
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from dual_path_helpers import WORDS, tiny_qwen25vl, tiny_tokenizer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from crystal_ext.corruption import CorruptionConfig
-from crystal_ext.latent_tokens import add_latent_tokens
-from crystal_ext.packing import IGNORE, DualPathCollator, DualPathPacker, Example, model_rope_index, qwen_pixel_values
-from dual_path_helpers import WORDS, tiny_qwen25vl, tiny_tokenizer
+from crystal_ext.data.corruption import CorruptionConfig
+from crystal_ext.data.packing import (
+    IGNORE,
+    DualPathCollator,
+    DualPathPacker,
+    Example,
+    model_rope_index,
+    qwen_pixel_values,
+)
+from crystal_ext.model.latent_tokens import add_latent_tokens
 
 SYSTEM = "you are a helpful assistant"
 
@@ -29,8 +36,16 @@ def _setup():
 
 def _packer(image_size=56, max_length=4096):
     tok, lat, model = _setup()
-    return DualPathPacker(tok, lat, model_rope_index(model), CorruptionConfig(), seed=0,
-                          image_size=image_size, max_length=max_length, system=SYSTEM)
+    return DualPathPacker(
+        tok,
+        lat,
+        model_rope_index(model),
+        CorruptionConfig(),
+        seed=0,
+        image_size=image_size,
+        max_length=max_length,
+        system=SYSTEM,
+    )
 
 
 def _image(w, h, seed=0):
@@ -41,7 +56,13 @@ words = st.lists(st.sampled_from(WORDS[3:]), min_size=1, max_size=12).map(" ".jo
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(question=words, answer=words, w=st.integers(8, 120), h=st.integers(8, 120), side=st.sampled_from([28, 56, 84]))
+@given(
+    question=words,
+    answer=words,
+    w=st.integers(8, 120),
+    h=st.integers(8, 120),
+    side=st.sampled_from([28, 56, 84]),
+)
 def test_segments_targets_and_positions(question, answer, w, h, side):
     tok, lat, model = _setup()
     ids = lambda s: tok(s, add_special_tokens=False).input_ids
@@ -53,8 +74,13 @@ def test_segments_targets_and_positions(question, answer, w, h, side):
     n_img = (side // 28) ** 2
     # Tokens of each segment.
     assert a0 == 0 and x[a0:a1] == ids(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n")
-    prompt = [one("<|vision_start|>")] + [one("<|image_pad|>")] * n_img + [one("<|vision_end|>")] + ids(question) \
+    prompt = (
+        [one("<|vision_start|>")]
+        + [one("<|image_pad|>")] * n_img
+        + [one("<|vision_end|>")]
+        + ids(question)
         + ids("<|im_end|>\n<|im_start|>assistant\n")
+    )
     assert x[b0:b1] == prompt and x[c0:c1] == prompt
     assert x[d0:d1] == [lat.think_open, *lat.latent_ids, lat.think_close]
     answer_ids = [lat.answer_open] + ids(answer) + [lat.answer_close, one("<|im_end|>")]
@@ -70,13 +96,19 @@ def test_segments_targets_and_positions(question, answer, w, h, side):
     # Position ids: path 1 is the model's own numbering of [A, C, D, E]; B = C, F = E.
     path1 = list(range(a0, a1)) + list(range(c0, e1))
     seq = torch.tensor([x[i] for i in path1])[None]
-    stock, _ = model.model.get_rope_index(seq, mm_token_type_ids=(seq == one("<|image_pad|>")).long(),
-                                          image_grid_thw=torch.tensor([[1, side // 14, side // 14]]))
+    stock, _ = model.model.get_rope_index(
+        seq,
+        mm_token_type_ids=(seq == one("<|image_pad|>")).long(),
+        image_grid_thw=torch.tensor([[1, side // 14, side // 14]]),
+    )
     pos = p["position_ids"]
     assert torch.equal(pos[:, path1], stock[:, 0])
     assert torch.equal(pos[:, b0:b1], pos[:, c0:c1]) and torch.equal(pos[:, f0:f1], pos[:, e0:e1])
     # Text after the image continues from the image's largest id; D and E follow C in order.
-    assert pos[:, c1 - 1].max() + 1 == pos[0, d0] and (pos[:, d0:e1] == torch.arange(pos[0, d0], pos[0, d0] + e1 - d0)).all()
+    assert (
+        pos[:, c1 - 1].max() + 1 == pos[0, d0]
+        and (pos[:, d0:e1] == torch.arange(pos[0, d0], pos[0, d0] + e1 - d0)).all()
+    )
     assert (pos[:, :a1] == torch.arange(a1)).all()
     # Pixels: the corrupted image then the intact one, same grid.
     assert p["image_grid_thw"].tolist() == [[1, side // 14, side // 14]] * 2
@@ -100,8 +132,10 @@ def test_pixel_values_match_qwen_image_processor():
 def test_collator_pads_examples_of_different_lengths():
     tok, _, _ = _setup()
     coll = DualPathCollator(_packer(), tok.pad_token_id)
-    exs = [Example("a", _image(40, 30), "what is the shape", "circle"),
-           Example("b", _image(50, 70, 1), "how many", "two red square blue triangle green circle")]
+    exs = [
+        Example("a", _image(40, 30), "what is the shape", "circle"),
+        Example("b", _image(50, 70, 1), "how many", "two red square blue triangle green circle"),
+    ]
     batch = coll(exs)
     singles = [_packer().pack(e) for e in exs]
     length = max(s["input_ids"].numel() for s in singles)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import crystal_ext
-from crystal_ext.objective import crystal_objective
+from crystal_ext.model.objective import crystal_objective
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from published_step import published_step_loss, register_published_attention  # noqa: E402
 import step_models  # noqa: E402
+from published_step import published_step_loss, register_published_attention  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not crystal_ext.extension_available(), reason="needs the fused ops")
 
@@ -28,8 +28,10 @@ def test_published_step_equals_ours_fp32():
     theirs_model.set_attn_implementation(published)
     ours = crystal_objective(model, batch)
     theirs = published_step_loss(theirs_model, batch)
-    for got, want in zip((ours.loss, ours.ce, ours.kl_pred, ours.kl_attn),
-                         (theirs.loss, theirs.ce, theirs.kl_pred, theirs.kl_attn)):
+    for got, want in zip(
+        (ours.loss, ours.ce, ours.kl_pred, ours.kl_attn),
+        (theirs.loss, theirs.ce, theirs.kl_pred, theirs.kl_attn),
+    ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert ours.kl_attn > 0 and ours.kl_pred > 0
     ours.loss.backward()

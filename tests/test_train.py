@@ -9,18 +9,33 @@ import sys
 
 import pytest
 from PIL import Image
-
-import crystal_ext
 from train_helpers import FAST, loss_at, metrics, run
 
-pytestmark = pytest.mark.skipif(not crystal_ext.extension_available(),
-                                reason="training runs the compiled fused ops")
+import crystal_ext
+
+pytestmark = pytest.mark.skipif(
+    not crystal_ext.extension_available(), reason="training runs the compiled fused ops"
+)
 
 
 def test_default_run_end_to_end(tmp_path):
     out = tmp_path / "run"
-    proc = run(["--max_steps", "24", "--save_steps", "12", "--logging_steps", "6", "--eval_examples", "12",
-                "--num_pictures", "2", "--output_dir", str(out)])
+    proc = run(
+        [
+            "--max_steps",
+            "24",
+            "--save_steps",
+            "12",
+            "--logging_steps",
+            "6",
+            "--eval_examples",
+            "12",
+            "--num_pictures",
+            "2",
+            "--output_dir",
+            str(out),
+        ]
+    )
     # checkpoints, each complete; the final model at the top
     for step in (12, 24):
         ckpt = out / f"checkpoint-{step}"
@@ -71,9 +86,24 @@ def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
     script = tmp_path / "record.py"
     script.write_text(RECORD_PARAMETERS)
-    run(["--standalone", "--nproc_per_node", "2", str(script), "--max_steps", "4", "--save_steps", "2",
-         "--per_device_train_batch_size", "4", "--output_dir", str(out), *FAST],
-        prefix=[sys.executable, "-m", "torch.distributed.run"])
+    run(
+        [
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--output_dir",
+            str(out),
+            *FAST,
+        ],
+        prefix=[sys.executable, "-m", "torch.distributed.run"],
+    )
     ckpt = out / "checkpoint-4"
     assert (ckpt / "crystal_checkpoint_complete.json").is_file()
     assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()  # really 2 ranks
@@ -111,7 +141,9 @@ def test_sigkill_during_save_then_resume_reaches_the_same_loss(tmp_path):
     out = tmp_path / "killed"
     os.environ["KILL_AT_STEP"] = "6"
     try:
-        proc = run([*common, "--output_dir", str(out)], prefix=[sys.executable, "-c", KILL_DURING_SAVE], check=False)
+        proc = run(
+            [*common, "--output_dir", str(out)], prefix=[sys.executable, "-c", KILL_DURING_SAVE], check=False
+        )
     finally:
         del os.environ["KILL_AT_STEP"]
     assert proc.returncode == -9, proc.stderr[-3000:]
@@ -131,23 +163,29 @@ def test_sigkill_during_save_then_resume_reaches_the_same_loss(tmp_path):
     assert abs(loss_at(out, 9) - want) <= 1e-5 * max(1.0, abs(want))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--num_latent_tokens", "0"], "--num_latent_tokens must be >= 1"),
-    (["--corruption", "smear"], "--corruption must be one of"),
-    (["--topk_fraction", "0"], "--topk_fraction must be in (0, 1]"),
-    (["--lambda_attn", "-1"], "--lambda_attn must be >= 0"),
-    (["--image_size", "100"], "multiple of 28"),
-    (["--blur_radius_min", "6"], "--blur_radius_min/--blur_radius_max"),
-    (["--data", "/nonexistent/train.json"], "no such file"),
-    (["--model", "/nonexistent/model"], "no such folder"),
-    (["--model", "crystal-ext-tests/no-such-model"], "hf download"),
-    (["--use_lora", "true", "--lora_r", "0"], "--lora_r >= 1"),
-    (["--lm_head_losses", "fast"], "fused or reference"),
-    (["--task", "stripes_thin"], "--task must be one of colour, shape, stripes, stripes_faint, got 'stripes_thin'"),
-    (["--not_an_option", "1"], "unknown arguments"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num_latent_tokens", "0"], "--num_latent_tokens must be >= 1"),
+        (["--corruption", "smear"], "--corruption must be one of"),
+        (["--topk_fraction", "0"], "--topk_fraction must be in (0, 1]"),
+        (["--lambda_attn", "-1"], "--lambda_attn must be >= 0"),
+        (["--image_size", "100"], "multiple of 28"),
+        (["--blur_radius_min", "6"], "--blur_radius_min/--blur_radius_max"),
+        (["--data", "/nonexistent/train.json"], "no such file"),
+        (["--model", "/nonexistent/model"], "no such folder"),
+        (["--model", "crystal-ext-tests/no-such-model"], "hf download"),
+        (["--use_lora", "true", "--lora_r", "0"], "--lora_r >= 1"),
+        (["--lm_head_losses", "fast"], "fused or reference"),
+        (
+            ["--task", "stripes_thin"],
+            "--task must be one of colour, shape, stripes, stripes_faint, got 'stripes_thin'",
+        ),
+        (["--not_an_option", "1"], "unknown arguments"),
+    ],
+)
 def test_argument_validation(args, message, tmp_path):
-    from crystal_ext.arguments import parse_args
+    from crystal_ext.training.arguments import parse_args
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     with pytest.raises(ValueError) as err:
@@ -164,7 +202,7 @@ def test_validation_fails_fast_on_the_command_line(tmp_path):
 
 
 def test_output_dir_with_checkpoints_needs_resume_or_overwrite(tmp_path):
-    from crystal_ext.arguments import parse_args
+    from crystal_ext.training.arguments import parse_args
 
     (tmp_path / "checkpoint-5").mkdir()
     with pytest.raises(ValueError, match="already holds checkpoints"):
@@ -176,15 +214,25 @@ def test_output_dir_with_checkpoints_needs_resume_or_overwrite(tmp_path):
 
 
 def test_defaults_follow_the_recipe_for_a_real_model(tmp_path):
-    from crystal_ext.arguments import parse_args
+    from crystal_ext.training.arguments import parse_args
 
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text("{}")
     cargs, targs = parse_args(["--model", str(model), "--output_dir", str(tmp_path / "o")])
     assert cargs.use_lora and (cargs.lora_r, cargs.lora_alpha, cargs.lora_dropout) == (16, 32, 0.01)
-    assert (cargs.num_latent_tokens, cargs.topk_fraction, cargs.lambda_pred, cargs.lambda_attn) == (8, 0.1, 1, 1)
-    assert (cargs.corruption, cargs.blur_radius_min, cargs.blur_radius_max, cargs.image_size) == ("blur", 2, 5, 448)
+    assert (cargs.num_latent_tokens, cargs.topk_fraction, cargs.lambda_pred, cargs.lambda_attn) == (
+        8,
+        0.1,
+        1,
+        1,
+    )
+    assert (cargs.corruption, cargs.blur_radius_min, cargs.blur_radius_max, cargs.image_size) == (
+        "blur",
+        2,
+        5,
+        448,
+    )
     assert targs.learning_rate == 2e-4 and targs.lr_scheduler_type == "cosine" and targs.warmup_steps == 0.05
     assert targs.weight_decay == 0.1 and targs.max_steps == 4000 and targs.per_device_train_batch_size == 1
     tiny, ttargs = parse_args(["--output_dir", str(tmp_path / "t")])

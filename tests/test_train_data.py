@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crystal_ext.data import load_examples
-from crystal_ext.synthetic import SHAPES, STRIPES, SyntheticVQA, TASKS, draw_example
-from crystal_ext.trainer import COMPLETE_MARKER, last_complete_checkpoint, resolve_resume_checkpoint
+from crystal_ext.data.records import load_examples
+from crystal_ext.data.synthetic import SHAPES, STRIPES, TASKS, SyntheticVQA, draw_example
+from crystal_ext.training.checkpoints import (
+    COMPLETE_MARKER,
+    last_complete_checkpoint,
+    resolve_resume_checkpoint,
+)
 
 
 def test_synthetic_is_deterministic_and_splits_are_disjoint():
@@ -29,14 +33,16 @@ def test_synthetic_is_deterministic_and_splits_are_disjoint():
 
 
 def test_blur_removes_the_stripes():
-    from crystal_ext.corruption import CorruptionConfig, corrupt
+    from crystal_ext.data.corruption import CorruptionConfig, corrupt
 
     def stripe_energy(image):  # mean absolute difference of neighbouring pixels, both directions
         x = np.asarray(image.convert("L"), dtype=np.float32)
         return np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean()
 
     image, _ = draw_example(0, "k", "stripes")
-    energy = [stripe_energy(corrupt(image, CorruptionConfig(blur_radius=(r, r)), 0, "k")) for r in (2.0, 3.0, 5.0)]
+    energy = [
+        stripe_energy(corrupt(image, CorruptionConfig(blur_radius=(r, r)), 0, "k")) for r in (2.0, 3.0, 5.0)
+    ]
     # radius 2 leaves faint lines (period 7 px); from radius 3 on they are gone (what is left
     # is the outline and the background noise)
     assert energy[0] < 0.25 * stripe_energy(image) and max(energy[1:]) < 0.08 * stripe_energy(image)
@@ -53,10 +59,13 @@ def _stripe_amplitudes(image):
 
 
 def test_stripes_faint_is_deterministic_graded_and_blur_removes_it():
-    from crystal_ext.corruption import CorruptionConfig, corrupt
-    from crystal_ext.synthetic import FAINT_NOISE
+    from crystal_ext.data.corruption import CorruptionConfig, corrupt
+    from crystal_ext.data.synthetic import FAINT_NOISE
 
-    a, b = SyntheticVQA(40, "train", seed=5, task="stripes_faint"), SyntheticVQA(40, "train", seed=5, task="stripes_faint")
+    a, b = (
+        SyntheticVQA(40, "train", seed=5, task="stripes_faint"),
+        SyntheticVQA(40, "train", seed=5, task="stripes_faint"),
+    )
     for i in range(40):
         assert np.array_equal(np.asarray(a[i].image), np.asarray(b[i].image)) and a[i].answer == b[i].answer
     assert a[0].question == TASKS["stripes"] and {a[i].answer for i in range(40)} == set(STRIPES)
@@ -71,7 +80,9 @@ def test_stripes_faint_is_deterministic_graded_and_blur_removes_it():
         ratio = amp[a[i].answer] / max(v for k, v in amp.items() if k != a[i].answer)
         if ratio > 20:  # full contrast: the orientation stands far above the others and the noise
             strong += 1
-            blurred = _stripe_amplitudes(corrupt(a[i].image, CorruptionConfig(blur_radius=(3.0, 3.0)), 0, "k"))
+            blurred = _stripe_amplitudes(
+                corrupt(a[i].image, CorruptionConfig(blur_radius=(3.0, 3.0)), 0, "k")
+            )
             assert blurred[a[i].answer] < 0.01 * amp[a[i].answer]  # radius 3 leaves < 1% of the lines
         elif ratio < 5:
             faint += 1
@@ -79,7 +90,7 @@ def test_stripes_faint_is_deterministic_graded_and_blur_removes_it():
 
 
 def test_synthetic_words_are_in_the_tiny_vocabulary():
-    from crystal_ext.tiny_model import tiny_tokenizer
+    from crystal_ext.training.tiny_model import tiny_tokenizer
 
     tok = tiny_tokenizer()
     for task, question in TASKS.items():
@@ -90,9 +101,18 @@ def test_synthetic_words_are_in_the_tiny_vocabulary():
 def _llava_records(folder):
     Image.new("RGB", (40, 30), "red").save(folder / "a.png")
     return [
-        {"id": "r1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
-                                                         {"from": "gpt", "value": "Red"}]},
-        {"id": "r2", "conversations": [{"from": "human", "value": "no image"}, {"from": "gpt", "value": "x"}]},
+        {
+            "id": "r1",
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour?"},
+                {"from": "gpt", "value": "Red"},
+            ],
+        },
+        {
+            "id": "r2",
+            "conversations": [{"from": "human", "value": "no image"}, {"from": "gpt", "value": "x"}],
+        },
     ]
 
 

@@ -21,13 +21,20 @@ def env() -> dict:
     return e
 
 
-def run(args: list[str], module: str = "crystal_ext.train", prefix: list[str] | None = None, timeout: int = 170,
-        check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    args: list[str],
+    module: str = "crystal_ext.train",
+    prefix: list[str] | None = None,
+    timeout: int = 170,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     cmd = (prefix or [sys.executable, "-m", module]) + args
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
-                             f"--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+            f"--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

@@ -1,2 +1,19 @@
-"""One module per fused op: the custom-op registration (fake kernel + autograd) and the
-documented maths."""
+"""The fused ops (compiled C++/CUDA kernels) and their plain-PyTorch references.
+
+One module per op: the custom-op registration (fake kernel + autograd) and the maths in the
+docstring; `reference` holds the twins with the same signatures.
+"""
+
+from crystal_ext.ops import reference
+from crystal_ext.ops._extension import build_info, extension_available, extension_error
+from crystal_ext.ops.attention_alignment_loss import attention_alignment_loss
+from crystal_ext.ops.lm_head_losses import lm_head_losses
+
+__all__ = [
+    "attention_alignment_loss",
+    "build_info",
+    "extension_available",
+    "extension_error",
+    "lm_head_losses",
+    "reference",
+]

@@ -1,6 +1,6 @@
 r"""Fused attention-alignment loss (CrystaL's loss_attn), as a torch custom op.
 
-Maths, for one sample with segments A..F (crystal_ext.layout) and H query heads:
+Maths, for one sample with segments A..F (crystal_ext.ops.layout) and H query heads:
 
   s_{h,r,c} = scale * q_{h,r} . k_{h // (H/Hkv), c}           for keys c visible from row r
   p_{h,r,c} = exp(s_{h,r,c} - lse_{h,r}),  lse_{h,r} = log sum_{c visible} exp(s_{h,r,c})
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from crystal_ext import _extension
+import crystal_ext.ops._extension as _extension
 
 _OP = "crystal_ext::attention_alignment_loss_fwd"
 
@@ -38,7 +38,7 @@ def attention_alignment_loss(
     Args:
         q: [batch, heads, length, head_dim], float32 / bfloat16 / float16 (float64 for tests).
         k: [batch, kv_heads, length, head_dim], same dtype and device; heads % kv_heads == 0.
-        layout: int64 [batch, 6, 2], (start, end) of segments A..F (crystal_ext.layout), on
+        layout: int64 [batch, 6, 2], (start, end) of segments A..F (crystal_ext.ops.layout), on
             the CPU or on q's device.
         scale: softmax scale, default head_dim ** -0.5.
 

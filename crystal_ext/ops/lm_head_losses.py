@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from crystal_ext import _extension
+import crystal_ext.ops._extension as _extension
 
 _OP = "crystal_ext::lm_head_losses_fwd"
 
@@ -98,8 +98,9 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 if _extension.extension_available():
 
     @torch.library.register_fake(_OP)
-    def _forward_fake(hidden, weight, bias, targets, teacher_rows, student_rows, pair_sample,
-                      topk_fraction, grad_hidden):
+    def _forward_fake(
+        hidden, weight, bias, targets, teacher_rows, student_rows, pair_sample, topk_fraction, grad_hidden
+    ):
         acc = _accumulate_dtype(hidden.dtype)
         n = hidden.shape[0]
         grad_shape = tuple(hidden.shape) if grad_hidden else (0,)
@@ -113,9 +114,25 @@ if _extension.extension_available():
         )
 
     @torch.library.register_fake("crystal_ext::lm_head_losses_bwd")
-    def _backward_fake(grad_ce, grad_kl, hidden, weight, bias, targets, teacher_rows,
-                       student_rows, pair_sample, topk_fraction, grad_hidden_ce,
-                       grad_hidden_kl, lse, kl_coef, grad_hidden, grad_weight, grad_bias):
+    def _backward_fake(
+        grad_ce,
+        grad_kl,
+        hidden,
+        weight,
+        bias,
+        targets,
+        teacher_rows,
+        student_rows,
+        pair_sample,
+        topk_fraction,
+        grad_hidden_ce,
+        grad_hidden_kl,
+        lse,
+        kl_coef,
+        grad_hidden,
+        grad_weight,
+        grad_bias,
+    ):
         return (
             hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty((0,)),
             weight.new_empty(weight.shape) if grad_weight else weight.new_empty((0,)),
@@ -123,18 +140,49 @@ if _extension.extension_available():
         )
 
     def _setup_context(ctx, inputs, output):
-        (hidden, weight, bias, targets, teacher_rows, student_rows, pair_sample,
-         topk_fraction, grad_hidden) = inputs
+        (
+            hidden,
+            weight,
+            bias,
+            targets,
+            teacher_rows,
+            student_rows,
+            pair_sample,
+            topk_fraction,
+            grad_hidden,
+        ) = inputs
         _ce, _kl, grad_hidden_ce, grad_hidden_kl, lse, kl_coef = output
         ctx.grad_hidden = bool(grad_hidden)
         ctx.has_bias = bias is not None
         ctx.topk_fraction = topk_fraction
-        ctx.save_for_backward(hidden, weight, bias, targets, teacher_rows, student_rows,
-                              pair_sample, grad_hidden_ce, grad_hidden_kl, lse, kl_coef)
+        ctx.save_for_backward(
+            hidden,
+            weight,
+            bias,
+            targets,
+            teacher_rows,
+            student_rows,
+            pair_sample,
+            grad_hidden_ce,
+            grad_hidden_kl,
+            lse,
+            kl_coef,
+        )
 
     def _backward(ctx, grad_ce, grad_kl, *_unused):
-        (hidden, weight, bias, targets, teacher_rows, student_rows, pair_sample,
-         grad_hidden_ce, grad_hidden_kl, lse, kl_coef) = ctx.saved_tensors
+        (
+            hidden,
+            weight,
+            bias,
+            targets,
+            teacher_rows,
+            student_rows,
+            pair_sample,
+            grad_hidden_ce,
+            grad_hidden_kl,
+            lse,
+            kl_coef,
+        ) = ctx.saved_tensors
         need_hidden = ctx.needs_input_grad[0]
         need_weight = ctx.needs_input_grad[1]
         need_bias = ctx.has_bias and ctx.needs_input_grad[2]
@@ -146,15 +194,34 @@ if _extension.extension_available():
         if not (need_hidden or need_weight or need_bias):
             return (None,) * 9
         gh, gw, gb = torch.ops.crystal_ext.lm_head_losses_bwd(
-            grad_ce, grad_kl, hidden, weight, bias, targets, teacher_rows, student_rows,
-            pair_sample, ctx.topk_fraction, grad_hidden_ce, grad_hidden_kl, lse, kl_coef,
-            bool(need_hidden), bool(need_weight), bool(need_bias),
+            grad_ce,
+            grad_kl,
+            hidden,
+            weight,
+            bias,
+            targets,
+            teacher_rows,
+            student_rows,
+            pair_sample,
+            ctx.topk_fraction,
+            grad_hidden_ce,
+            grad_hidden_kl,
+            lse,
+            kl_coef,
+            bool(need_hidden),
+            bool(need_weight),
+            bool(need_bias),
         )
         return (
             gh if need_hidden else None,
             gw if need_weight else None,
             gb if need_bias else None,
-            None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
     torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from crystal_ext.layout import D, E, dual_path_mask, validate_layout
+from crystal_ext.ops.layout import dual_path_mask, validate_layout
 
 RENORM_EPS = 1e-8
 
@@ -22,11 +22,13 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, op: str) -> None:
     if k.device != q.device:
         raise RuntimeError(f"{op}: k must be on the device of q ({q.device}), got {k.device}")
     if (k.shape[0], k.shape[2], k.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]):
-        raise ValueError(f"{op}: k {list(k.shape)} does not match q {list(q.shape)} in batch, "
-                         "length or head_dim")
+        raise ValueError(
+            f"{op}: k {list(k.shape)} does not match q {list(q.shape)} in batch, length or head_dim"
+        )
     if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"{op}: the heads of q ({q.shape[1]}) must be a multiple of the "
-                         f"kv_heads of k ({k.shape[1]})")
+        raise ValueError(
+            f"{op}: the heads of q ({q.shape[1]}) must be a multiple of the kv_heads of k ({k.shape[1]})"
+        )
 
 
 def _dense_dual_path_probs(q, k, layout, scale):
@@ -54,14 +56,14 @@ def attention_alignment_loss(
     op = "reference.attention_alignment_loss"
     _check_qk(q, k, op)
     batch, _, length, head_dim = q.shape
-    rows = validate_layout(layout, batch, length, op)
+    samples = validate_layout(layout, batch, length, op)
     scale = head_dim**-0.5 if scale is None else scale
     probs, _ = _dense_dual_path_probs(q, k, layout, scale)
     per_sample = []
-    for b, r in enumerate(rows):
-        (d0, d1), (e0, e1), (f0, f1) = r[2 * D : 2 * D + 2], r[2 * E : 2 * E + 2], r[10:12]
-        teacher = probs[b, :, e0:e1, d0:d1].mean(dim=0)
-        student = probs[b, :, f0:f1, d0:d1].mean(dim=0)
+    for b, seg in enumerate(samples):
+        latent = slice(*seg.d)
+        teacher = probs[b, :, slice(*seg.e), latent].mean(dim=0)
+        student = probs[b, :, slice(*seg.f), latent].mean(dim=0)
         teacher = (teacher / (teacher.sum(-1, keepdim=True) + RENORM_EPS)).detach()
         student = student / (student.sum(-1, keepdim=True) + RENORM_EPS)
         per_sample.append(F.kl_div(student.log(), teacher, reduction="batchmean"))

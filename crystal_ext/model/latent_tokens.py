@@ -1,4 +1,4 @@
-"""Latent tokens and what is trained (DESIGN.md section 1).
+"""Latent tokens and what is trained (docs/method.md, "What is trained").
 
 - K (default 8) latent tokens plus the think/answer markers are added to the tokenizer as
   special tokens (one id each, never split); the model's embedding and LM head grow to fit.
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from crystal_ext.model.parts import embedding_and_head_weights
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -70,17 +72,8 @@ def _init_new_rows(model: nn.Module, new_ids, old_len: int) -> None:
     if not new_ids:
         return
     rows = torch.tensor(new_ids, dtype=torch.long)
-    for matrix in _row_matrices(model):
+    for matrix in embedding_and_head_weights(model):
         matrix[rows.to(matrix.device)] = matrix[:old_len].mean(0, keepdim=True)
-
-
-def _row_matrices(model: nn.Module) -> list[torch.Tensor]:
-    """The embedding weight and the LM-head weight (once if they are tied)."""
-    mats = [model.get_input_embeddings().weight]
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is not mats[0]:
-        mats.append(head.weight)
-    return mats
 
 
 def train_new_rows_only(model: nn.Module, new_ids) -> list[torch.Tensor]:
@@ -92,7 +85,7 @@ def train_new_rows_only(model: nn.Module, new_ids) -> list[torch.Tensor]:
     """
     if not new_ids:
         raise ValueError("train_new_rows_only: new_ids is empty; nothing would be trained")
-    mats = _row_matrices(model)
+    mats = embedding_and_head_weights(model)
     for weight in mats:
         keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
         keep[torch.tensor(list(new_ids), device=weight.device)] = 1
@@ -135,7 +128,11 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_modules(model),
-        modules_to_save=["merger"], bias="none",
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=lora_target_modules(model),
+        modules_to_save=["merger"],
+        bias="none",
     )
     return get_peft_model(model, config)

@@ -1,6 +1,6 @@
 """Loading of the compiled extension (crystal_ext._C) and the facts about how it was built.
 
-The fused ops need the extension; the plain-PyTorch references in crystal_ext.reference do
+The fused ops need the extension; the plain-PyTorch references in crystal_ext.ops.reference do
 not. When the extension is missing or was built against another torch, importing
 crystal_ext still works and says why (with the command that fixes it); calling a fused op
 then raises instead of silently falling back to the reference.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 if (_PROJECT_ROOT / "setup.py").exists():
     REBUILD_COMMAND = f"pip install --no-build-isolation -e {_PROJECT_ROOT}"
 else:
@@ -57,7 +57,8 @@ def build_info() -> dict:
 
     Keys: torch_built_against, torch_running, torch_matches, cuda_built_against,
     cuda_running (torch's CUDA version), cpu_kernels, cuda_kernels, cuda_arch_list,
-    cpu_openmp (the CPU kernels' at::parallel_for runs on torch's OpenMP threads), cpu_bf16_gemm (bf16 CPU GEMMs with fp32 output run on AVX512-BF16 here; without it the
+    cpu_openmp (the CPU kernels' at::parallel_for runs on torch's OpenMP threads),
+    cpu_bf16_gemm (bf16 CPU GEMMs with fp32 output run on AVX512-BF16 here; without it the
     CPU kernels convert bf16 operands to fp32 first), gpu_visible, gpu_name,
     extension_loaded, extension_error.
     """

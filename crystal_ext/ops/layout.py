@@ -1,4 +1,5 @@
-"""The dual-path layout (DESIGN.md section 2) in plain PyTorch: validation and the dense mask.
+"""The dual-path layout (docs/method.md) in plain PyTorch: the per-sample `Segments` view,
+validation, and the dense mask.
 
 A layout is an int64 tensor [batch, 6, 2]: (start, end) of segments A..F of each sample.
   A prefix, B corrupted image + prompt, C intact image + prompt, D latent block,
@@ -9,6 +10,8 @@ nothing.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +25,54 @@ SEGMENT_NAMES = (
     "F (answer, corrupted path)",
 )
 A, B, C, D, E, F = range(6)
+IGNORE = -100  # target of a row that is trained to predict nothing
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Named (start, end) spans A..F of one sample of a layout; the one way a layout is read.
+
+    A prefix, B corrupted images + prompt, C intact images + prompt, D latent block,
+    E answer (intact path), F copy of the answer (corrupted path)."""
+
+    a: tuple[int, int]
+    b: tuple[int, int]
+    c: tuple[int, int]
+    d: tuple[int, int]
+    e: tuple[int, int]
+    f: tuple[int, int]
+
+    @classmethod
+    def from_bounds(cls, bounds) -> "Segments":
+        """From one sample's [6, 2] bounds (a tensor or nested lists)."""
+        rows = bounds.tolist() if isinstance(bounds, torch.Tensor) else bounds
+        return cls(*(tuple(int(v) for v in r) for r in rows))
+
+    @property
+    def end(self) -> int:
+        """End of the sample's packed sequence (F.end); later positions are padding."""
+        return self.f[1]
+
+    def span(self, name: str) -> range:
+        start, end = getattr(self, name)
+        return range(start, end)
+
+    def size(self, name: str) -> int:
+        start, end = getattr(self, name)
+        return end - start
+
+    def path1(self) -> list[int]:
+        """Packed positions of path 1, [A, C, D, E] (C, D and E are contiguous)."""
+        return [*range(0, self.a[1]), *range(self.c[0], self.e[1])]
+
+    def path2(self) -> list[int]:
+        """Packed positions of path 2, [A, B, D, F]."""
+        return [*range(0, self.a[1]), *self.span("b"), *self.span("d"), *self.span("f")]
+
+
+def segments_of(layout: torch.Tensor) -> list[Segments]:
+    """The `Segments` of every sample of a layout [batch, 6, 2] (no validation)."""
+    return [Segments.from_bounds(sample) for sample in layout.cpu()]
 
 
 def segment_bounds(sizes) -> list[list[int]]:
@@ -34,9 +85,9 @@ def segment_bounds(sizes) -> list[list[int]]:
     return bounds
 
 
-def validate_layout(layout, batch: int, length: int, op: str = "crystal_ext") -> list[list[int]]:
-    """Check a layout against the rules of DESIGN.md section 2 and return it as nested lists
-    ([batch][12] ints). Raises ValueError naming `layout` and the broken rule."""
+def validate_layout(layout, batch: int, length: int, op: str = "crystal_ext") -> list[Segments]:
+    """Check a layout against the rules of docs/method.md and return its `Segments`, one per
+    sample. Raises ValueError naming `layout` and the broken rule."""
     if not isinstance(layout, torch.Tensor):
         raise ValueError(f"{op}: layout must be a torch.Tensor, got {type(layout).__name__}")
     if layout.dtype != torch.int64:
@@ -46,49 +97,46 @@ def validate_layout(layout, batch: int, length: int, op: str = "crystal_ext") ->
             f"{op}: layout must have shape [batch={batch}, 6, 2] ((start, end) of segments "
             f"A..F), got {list(layout.shape)}"
         )
-    rows = layout.reshape(batch, 12).tolist()
-    for b, r in enumerate(rows):
-        if r[0] != 0:
-            raise ValueError(f"{op}: layout[{b}]: segment A must start at 0, got start {r[0]}")
-        for s in range(6):
-            start, end = r[2 * s], r[2 * s + 1]
+    samples = segments_of(layout)
+    for b, seg in enumerate(samples):
+        spans = [getattr(seg, name) for name in "abcdef"]
+        if seg.a[0] != 0:
+            raise ValueError(f"{op}: layout[{b}]: segment A must start at 0, got start {seg.a[0]}")
+        for s, (start, end) in enumerate(spans):
             if start > end:
                 raise ValueError(
                     f"{op}: layout[{b}]: segment {SEGMENT_NAMES[s]} has start {start} > end {end}"
                 )
-            if s < 5 and end != r[2 * s + 2]:
+            if s < 5 and end != spans[s + 1][0]:
                 raise ValueError(
                     f"{op}: layout[{b}]: segments must be contiguous end to end, but "
                     f"{SEGMENT_NAMES[s]} ends at {end} and {SEGMENT_NAMES[s + 1]} starts at "
-                    f"{r[2 * s + 2]}"
+                    f"{spans[s + 1][0]}"
                 )
-        if r[11] > length:
+        if seg.end > length:
             raise ValueError(
-                f"{op}: layout[{b}]: segment F ends at {r[11]}, beyond the sequence length "
+                f"{op}: layout[{b}]: segment F ends at {seg.end}, beyond the sequence length "
                 f"{length} of q and k"
             )
-        size = [r[2 * s + 1] - r[2 * s] for s in range(6)]
-        if size[B] != size[C]:
+        if seg.size("b") != seg.size("c"):
             raise ValueError(
                 f"{op}: layout[{b}]: |B| must equal |C| (both paths see the same prompt), got "
-                f"|B|={size[B]} and |C|={size[C]}"
+                f"|B|={seg.size('b')} and |C|={seg.size('c')}"
             )
-        if size[D] < 1:
+        if seg.size("d") < 1:
             raise ValueError(
-                f"{op}: layout[{b}]: segment D (latent block) is empty; at least one latent "
-                "token is needed"
+                f"{op}: layout[{b}]: segment D (latent block) is empty; at least one latent token is needed"
             )
-        if size[E] < 1:
+        if seg.size("e") < 1:
             raise ValueError(
-                f"{op}: layout[{b}]: segment E (answer) is empty; at least one answer token is "
-                "needed"
+                f"{op}: layout[{b}]: segment E (answer) is empty; at least one answer token is needed"
             )
-        if size[F] != size[E]:
+        if seg.size("f") != seg.size("e"):
             raise ValueError(
                 f"{op}: layout[{b}]: |E| must equal |F| (F copies the answer), got "
-                f"|E|={size[E]} and |F|={size[F]}"
+                f"|E|={seg.size('e')} and |F|={seg.size('f')}"
             )
-    return rows
+    return samples
 
 
 def segment_ids(layout: torch.Tensor, length: int) -> torch.Tensor:

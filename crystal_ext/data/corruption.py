@@ -1,6 +1,6 @@
 """Image corruptions for the corrupted path (segment B), on PIL images, seeded per example.
 
-Published defaults (DESIGN.md section 1): Gaussian blur with radius uniform in [2, 5] (the
+Published defaults (docs/method.md): Gaussian blur with radius uniform in [2, 5] (the
 default); random erasing of 10-30% of the area filled with 0; colour jitter with
 brightness 0.4, contrast 0.4, saturation 0.4, hue 0.1. Every random draw comes from a
 `random.Random` seeded from (seed, example key), so an example gets the same corruption in
@@ -9,7 +9,6 @@ every epoch, process and worker, which makes runs and failures reproducible.
 
 from __future__ import annotations
 
-import colorsys
 import hashlib
 import math
 import random
@@ -38,7 +37,9 @@ class CorruptionConfig:
             raise ValueError(f"CorruptionConfig: kind must be one of {KINDS}, got {self.kind!r}")
         lo, hi = self.erase_area
         if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"CorruptionConfig: erase_area must satisfy 0 < lo <= hi <= 1, got {self.erase_area}")
+            raise ValueError(
+                f"CorruptionConfig: erase_area must satisfy 0 < lo <= hi <= 1, got {self.erase_area}"
+            )
         if not 0.0 <= self.hue <= 0.5:
             raise ValueError(f"CorruptionConfig: hue must be in [0, 0.5], got {self.hue}")
 
@@ -53,7 +54,9 @@ def gaussian_blur(image: Image.Image, rng: random.Random, radius=(2.0, 5.0)) -> 
     return image.filter(ImageFilter.GaussianBlur(rng.uniform(*radius)))
 
 
-def random_erase(image: Image.Image, rng: random.Random, area=(0.1, 0.3), aspect=(0.3, 3.3), value=0) -> Image.Image:
+def random_erase(
+    image: Image.Image, rng: random.Random, area=(0.1, 0.3), aspect=(0.3, 3.3), value=0
+) -> Image.Image:
     """Fill one axis-aligned rectangle covering a fraction in `area` of the image with `value`."""
     width, height = image.size
     target = rng.uniform(*area) * width * height
@@ -73,7 +76,9 @@ def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
     return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
 
 
-def colour_jitter(image: Image.Image, rng: random.Random, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
+def colour_jitter(
+    image: Image.Image, rng: random.Random, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1
+):
     """Brightness, contrast, saturation factors uniform in [1 - x, 1 + x], hue shift uniform
     in [-hue, hue] (fraction of the colour wheel), applied in a random order."""
     steps = [

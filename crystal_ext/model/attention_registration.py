@@ -4,7 +4,7 @@ After `register_dual_path_attention()`, `model.set_attn_implementation("crystal_
 (or `from_pretrained(..., attn_implementation="crystal_dual_path")`) switches a stock
 Qwen2-VL / Qwen2.5-VL to it. Per call, the caller passes two forward kwargs:
 
-  crystal_layout   int64 [batch, 6, 2] (crystal_ext.layout)
+  crystal_layout   int64 [batch, 6, 2] (crystal_ext.ops.layout)
   crystal_outputs  a fresh dict per forward; the last text decoder layer writes
                    "attention_alignment_loss" in it (the first one caches the layout's indices there)
 
@@ -25,8 +25,8 @@ the layout already says which positions are padding.
 
 from __future__ import annotations
 
-import crystal_ext
-from crystal_ext.dual_path_attention import DualPathPlan, dual_path_attention_planned
+from crystal_ext.model.dual_path_attention import DualPathPlan, dual_path_attention_planned
+from crystal_ext.ops import attention_alignment_loss
 
 ATTN_IMPLEMENTATION = "crystal_dual_path"
 LAYOUT_KWARG = "crystal_layout"
@@ -39,7 +39,7 @@ def is_text_decoder_attention(module) -> bool:
     return getattr(module, "layer_idx", None) is not None and getattr(module, "is_causal", False) is True
 
 
-def _is_last_layer(module) -> bool:
+def is_last_layer(module) -> bool:
     config = module.config
     return module.layer_idx == getattr(config, "num_hidden_layers", None) - 1
 
@@ -51,8 +51,9 @@ def crystal_attention_forward(module, query, key, value, attention_mask, scaling
     layout = kwargs.pop(LAYOUT_KWARG, None)
     outputs = kwargs.pop(OUTPUTS_KWARG, None)
     if layout is None or not is_text_decoder_attention(module):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if dropout:
         raise NotImplementedError(
             f"{ATTN_IMPLEMENTATION}: attention dropout ({dropout}) is not supported; set the config's "
@@ -72,8 +73,8 @@ def crystal_attention_forward(module, query, key, value, attention_mask, scaling
         if outputs is not None:
             outputs[_PLAN_KEY] = plan
     out = dual_path_attention_planned(query, key, value, plan, scale=scaling)
-    if outputs is not None and _is_last_layer(module):
-        outputs[ALIGNMENT_LOSS_KEY] = crystal_ext.attention_alignment_loss(query, key, plan.layout_cpu, scaling)
+    if outputs is not None and is_last_layer(module):
+        outputs[ALIGNMENT_LOSS_KEY] = attention_alignment_loss(query, key, plan.layout_cpu, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,6 +1,6 @@
 """Packing one (image, question, answer) example into the six-segment dual-path sequence.
 
-Segments (DESIGN.md section 2), Qwen chat format:
+Segments (docs/method.md), Qwen chat format:
   A  <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n
   B  <|vision_start|>{corrupted image pads}<|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n
   C  the same with the intact image (|C| = |B|: both images are resized to the same size)
@@ -22,32 +22,21 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from crystal_ext.corruption import CorruptionConfig, corrupt
-from crystal_ext.latent_tokens import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, LatentTokens
-from crystal_ext.layout import segment_bounds
+from crystal_ext.data.chat import IMAGE_PAD, VISION_END, VISION_START, answer_text, prompt_parts
+from crystal_ext.data.corruption import CorruptionConfig, corrupt
+from crystal_ext.data.example import Example, SkipExample
+from crystal_ext.model.latent_tokens import ANSWER_CLOSE, ANSWER_OPEN, LatentTokens
+from crystal_ext.model.parts import unwrap_peft
+from crystal_ext.ops.layout import IGNORE, segment_bounds
 
-IGNORE = -100
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass
-class Example:
-    key: str
-    image: object  # PIL image or a path
-    question: str
-    answer: str | None
-
-
-class SkipExample(ValueError):
-    """Raised by `DualPathPacker.pack` for an example that cannot be trained on."""
 
 
 def qwen_pixel_values(image: Image.Image, patch: int = 14, merge: int = 2, temporal: int = 2):
@@ -70,8 +59,7 @@ def model_rope_index(model):
     """fn(input_ids [1, L], mm_token_type_ids [1, L], image_grid_thw [n, 3]) -> position ids [3, L],
     from the model's own get_rope_index (its signature differs between transformers releases:
     5.x needs mm_token_type_ids, 4.x does not take it)."""
-    if hasattr(model, "get_base_model"):  # peft
-        model = model.get_base_model()
+    model = unwrap_peft(model)
     owner = model if hasattr(model, "get_rope_index") else getattr(model, "model", None)
     if owner is None or not hasattr(owner, "get_rope_index"):
         raise ValueError(f"model_rope_index: {type(model).__name__} has no get_rope_index")
@@ -90,15 +78,32 @@ def model_rope_index(model):
 class DualPathPacker:
     """Turns an `Example` into the tensors of one dual-path training sequence."""
 
-    def __init__(self, tokenizer, latent: LatentTokens, rope_index, corruption: CorruptionConfig = CorruptionConfig(),
-                 seed: int = 0, image_size: int = 448, max_length: int = 2048, merge: int = 2, patch: int = 14,
-                 system: str = "You are a helpful assistant."):
+    def __init__(
+        self,
+        tokenizer,
+        latent: LatentTokens,
+        rope_index,
+        corruption: CorruptionConfig = CorruptionConfig(),
+        seed: int = 0,
+        image_size: int = 448,
+        max_length: int = 2048,
+        merge: int = 2,
+        patch: int = 14,
+        system: str = "You are a helpful assistant.",
+    ):
         if image_size % (patch * merge):
-            raise ValueError(f"DualPathPacker: image_size must be a multiple of {patch * merge}, got {image_size}")
+            raise ValueError(
+                f"DualPathPacker: image_size must be a multiple of {patch * merge}, got {image_size}"
+            )
         self.tok, self.latent, self.rope_index = tokenizer, latent, rope_index
-        self.corruption, self.seed, self.image_size, self.max_length = corruption, seed, image_size, max_length
+        self.corruption, self.seed, self.image_size, self.max_length = (
+            corruption,
+            seed,
+            image_size,
+            max_length,
+        )
         self.merge, self.patch, self.system = merge, patch, system
-        self.image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.image_pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids
@@ -122,16 +127,17 @@ class DualPathPacker:
         pv_i, _ = qwen_pixel_values(intact, self.patch, self.merge)
         n_img = int(grid.prod()) // self.merge**2
         lt = self.latent
-        seg_a = self._ids(f"<|im_start|>system\n{self.system}<|im_end|>\n<|im_start|>user\n")
-        prompt = (self._ids("<|vision_start|>") + [self.image_pad] * n_img + self._ids("<|vision_end|>")
-                  + self._ids(f"{ex.question}<|im_end|>\n<|im_start|>assistant\n"))
+        before, after = prompt_parts(self.system, ex.question)
+        seg_a = self._ids(before)
+        prompt = self._ids(VISION_START) + [self.image_pad] * n_img + self._ids(VISION_END) + self._ids(after)
         seg_d = [lt.think_open, *lt.latent_ids, lt.think_close]
-        seg_e = self._ids(f"{ANSWER_OPEN}{ex.answer}{ANSWER_CLOSE}<|im_end|>")
+        seg_e = self._ids(answer_text(ex.answer, ANSWER_OPEN, ANSWER_CLOSE))
         segments = [seg_a, prompt, prompt, seg_d, seg_e, seg_e]
         length = sum(map(len, segments))
         if length > self.max_length:
-            raise SkipExample(f"packed length {length} (answer of {len(seg_e)} tokens) exceeds max_length "
-                              f"{self.max_length}")
+            raise SkipExample(
+                f"packed length {length} (answer of {len(seg_e)} tokens) exceeds max_length {self.max_length}"
+            )
         bounds = segment_bounds(map(len, segments))
         (_, a1), (b0, b1), (c0, c1), (d0, d1), (e0, e1), (f0, f1) = bounds
         input_ids = torch.tensor([t for seg in segments for t in seg])
@@ -148,9 +154,14 @@ class DualPathPacker:
         position_ids[:, b0:b1] = position_ids[:, c0:c1]
         position_ids[:, f0:f1] = position_ids[:, e0:e1]
         return {
-            "key": ex.key, "input_ids": input_ids, "targets": targets, "position_ids": position_ids,
-            "mm_token_type_ids": mm_types, "layout": torch.tensor(bounds, dtype=torch.long),
-            "pixel_values": torch.cat([pv_c, pv_i]), "image_grid_thw": torch.stack([grid, grid]),
+            "key": ex.key,
+            "input_ids": input_ids,
+            "targets": targets,
+            "position_ids": position_ids,
+            "mm_token_type_ids": mm_types,
+            "layout": torch.tensor(bounds, dtype=torch.long),
+            "pixel_values": torch.cat([pv_c, pv_i]),
+            "image_grid_thw": torch.stack([grid, grid]),
             "image_is_intact": torch.tensor([False, True]),
         }
 
@@ -173,22 +184,29 @@ class DualPathCollator:
                 packed.append(self.packer.pack(ex))
             except SkipExample as exc:
                 skipped += 1
-                warnings.warn(f"crystal_ext: skipping example {getattr(ex, 'key', ex)!r}: {exc}", stacklevel=2)
+                warnings.warn(
+                    f"crystal_ext: skipping example {getattr(ex, 'key', ex)!r}: {exc}", stacklevel=2
+                )
         self.skipped += skipped
         if not packed:
             return None
         length = max(p["input_ids"].numel() for p in packed)
 
         def pad(name, value):
-            return torch.stack([
-                torch.nn.functional.pad(p[name], (0, length - p[name].shape[-1]), value=value) for p in packed
-            ])
+            return torch.stack(
+                [
+                    torch.nn.functional.pad(p[name], (0, length - p[name].shape[-1]), value=value)
+                    for p in packed
+                ]
+            )
 
         return {
             "keys": [p["key"] for p in packed],
             "input_ids": pad("input_ids", self.pad_token_id),
             "targets": pad("targets", IGNORE),
-            "attention_mask": torch.stack([(torch.arange(length) < p["input_ids"].numel()).long() for p in packed]),
+            "attention_mask": torch.stack(
+                [(torch.arange(length) < p["input_ids"].numel()).long() for p in packed]
+            ),
             "position_ids": pad("position_ids", 0).permute(1, 0, 2).contiguous(),  # [3, B, L]
             "mm_token_type_ids": pad("mm_token_type_ids", 0),
             "layout": torch.stack([p["layout"] for p in packed]),

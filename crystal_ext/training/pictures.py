@@ -19,10 +19,15 @@ import os
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from crystal_ext.attention_registration import (
-    LAYOUT_KWARG, OUTPUTS_KWARG, _is_last_layer, crystal_attention_forward, is_text_decoder_attention,
+from crystal_ext.model.attention_registration import (
+    LAYOUT_KWARG,
+    OUTPUTS_KWARG,
+    crystal_attention_forward,
+    is_last_layer,
+    is_text_decoder_attention,
 )
-from crystal_ext.layout import dual_path_mask
+from crystal_ext.model.parts import backbone_and_head, text_config
+from crystal_ext.ops.layout import Segments, dual_path_mask
 
 PROBE = "crystal_dual_path_probe"
 _ANCHORS = [(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)]  # inferno-like
@@ -30,11 +35,16 @@ _ANCHORS = [(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 1
 
 def _probe_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     outputs = kwargs.get(OUTPUTS_KWARG)
-    if outputs is not None and kwargs.get(LAYOUT_KWARG) is not None and is_text_decoder_attention(module) \
-            and _is_last_layer(module):
+    if (
+        outputs is not None
+        and kwargs.get(LAYOUT_KWARG) is not None
+        and is_text_decoder_attention(module)
+        and is_last_layer(module)
+    ):
         outputs["probe"] = (query.detach(), key.detach(), scaling)
-    return crystal_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                     **kwargs)
+    return crystal_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
 
 
 def _register_probe():
@@ -64,8 +74,10 @@ def heat_map(values: torch.Tensor, cell: int = 22, stretch: bool = False) -> Ima
     draw = ImageDraw.Draw(image)
     for r in range(rows):
         for c in range(cols):
-            draw.rectangle((c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1),
-                           fill=colour(float(values[r, c]) / top))
+            draw.rectangle(
+                (c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1),
+                fill=colour(float(values[r, c]) / top),
+            )
     return image
 
 
@@ -78,18 +90,23 @@ def overlay(image: Image.Image, grid: torch.Tensor, alpha: float = 0.55) -> Imag
 @torch.no_grad()
 def attention_maps(model, batch: dict) -> dict:
     """Head-averaged last-layer maps of the first sample of a collated dual-path batch."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    previous = base.config.get_text_config()._attn_implementation
+    base, backbone, _ = backbone_and_head(model)
+    previous = text_config(base)._attn_implementation
     _register_probe()
     base.set_attn_implementation(PROBE)
     slot: dict = {}
     was_training = model.training
     model.eval()
     try:
-        backbone = getattr(base, base.base_model_prefix)
-        backbone(input_ids=batch["input_ids"][:1], pixel_values=batch["pixel_values"][: int(batch["image_grid_thw"][:2].prod(-1).sum())],
-                 image_grid_thw=batch["image_grid_thw"][:2], position_ids=batch["position_ids"][:, :1],
-                 attention_mask=None, use_cache=False, **{LAYOUT_KWARG: batch["layout"][:1], OUTPUTS_KWARG: slot})
+        backbone(
+            input_ids=batch["input_ids"][:1],
+            pixel_values=batch["pixel_values"][: int(batch["image_grid_thw"][:2].prod(-1).sum())],
+            image_grid_thw=batch["image_grid_thw"][:2],
+            position_ids=batch["position_ids"][:, :1],
+            attention_mask=None,
+            use_cache=False,
+            **{LAYOUT_KWARG: batch["layout"][:1], OUTPUTS_KWARG: slot},
+        )
     finally:
         base.set_attn_implementation(previous)
         model.train(was_training)
@@ -99,15 +116,22 @@ def attention_maps(model, batch: dict) -> dict:
     mask = dual_path_mask(batch["layout"][:1], length)[:, None].to(q.device)
     probs = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
     probs = torch.nan_to_num(probs).mean(1)[0].cpu()  # [L, L]; padding rows have no keys
-    (d0, d1), (e0, e1), (f0, f1), (c0, c1) = (batch["layout"][0, s].tolist() for s in (3, 4, 5, 2))
-    renorm = lambda m: m / (m.sum(-1, keepdim=True) + 1e-8)
+    seg = Segments.from_bounds(batch["layout"][0])
+    latent = slice(*seg.d)
+
+    def renorm(m):
+        return m / (m.sum(-1, keepdim=True) + 1e-8)
+
     image_pad = int(base.config.image_token_id)
-    cols = [c for c in range(c0, c1) if int(batch["input_ids"][0, c]) == image_pad]
+    cols = [c for c in seg.span("c") if int(batch["input_ids"][0, c]) == image_pad]
     thw = batch["image_grid_thw"][1].tolist()
     merge = base.config.vision_config.spatial_merge_size
-    latent_to_image = probs[d0:d1][:, cols].mean(0).reshape(thw[1] // merge, thw[2] // merge)
-    return {"intact": renorm(probs[e0:e1, d0:d1]), "corrupted": renorm(probs[f0:f1, d0:d1]),
-            "latent_to_image": latent_to_image}
+    latent_to_image = probs[latent][:, cols].mean(0).reshape(thw[1] // merge, thw[2] // merge)
+    return {
+        "intact": renorm(probs[slice(*seg.e), latent]),
+        "corrupted": renorm(probs[slice(*seg.f), latent]),
+        "latent_to_image": latent_to_image,
+    }
 
 
 def _label(draw, xy, text):
@@ -117,8 +141,8 @@ def _label(draw, xy, text):
 def draw_example_picture(model, packer, example, path: str, scale: int = 2) -> str:
     """One PNG: intact / corrupted image / latent->image overlay on top; answer->latent maps of
     the intact path (E rows) and the corrupted path (F rows) below."""
-    from crystal_ext.corruption import corrupt
-    from crystal_ext.packing import DualPathCollator
+    from crystal_ext.data.corruption import corrupt
+    from crystal_ext.data.packing import DualPathCollator
 
     batch = DualPathCollator(packer, packer.tok.pad_token_id)([example])
     if batch is None:
@@ -129,8 +153,11 @@ def draw_example_picture(model, packer, example, path: str, scale: int = 2) -> s
     intact = packer._load(example)
     corrupted = corrupt(intact, packer.corruption, packer.seed, example.key)
     side = intact.size[0] * scale
-    tiles = [intact.resize((side, side)), corrupted.resize((side, side)),
-             overlay(intact.resize((side, side)), maps["latent_to_image"])]
+    tiles = [
+        intact.resize((side, side)),
+        corrupted.resize((side, side)),
+        overlay(intact.resize((side, side)), maps["latent_to_image"]),
+    ]
     e_map, f_map = heat_map(maps["intact"]), heat_map(maps["corrupted"])
     pad, head = 10, 16
     width = max(3 * side + 4 * pad, e_map.width + f_map.width + 3 * pad)
@@ -156,5 +183,7 @@ def draw_example_picture(model, packer, example, path: str, scale: int = 2) -> s
 
 
 def draw_pictures(model, packer, examples, folder: str) -> list[str]:
-    return [draw_example_picture(model, packer, ex, os.path.join(folder, f"attention_{ex.key}.png"))
-            for ex in examples]
+    return [
+        draw_example_picture(model, packer, ex, os.path.join(folder, f"attention_{ex.key}.png"))
+        for ex in examples
+    ]

@@ -1,4 +1,4 @@
-r"""Dual-path attention (DESIGN.md sections 2-3) as a composition of torch SDPA calls.
+r"""Dual-path attention (docs/method.md) as a composition of torch SDPA calls.
 
 For one sample with segments A..F the dual-path rule is: rows of A, C, D, E see keys of
 A, C, D, E; rows of B, F see keys of A, B, D, F; always key <= row. Both key sets keep
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from crystal_ext.layout import validate_layout
+from crystal_ext.ops.layout import Segments, validate_layout
 
 _OP = "dual_path_attention"
 
@@ -45,15 +45,18 @@ def _check_qkv(q, k, v, op: str) -> None:
             f"{op}: k {list(k.shape)} does not match q {list(q.shape)} in batch, length or head_dim"
         )
     if tuple(v.shape[:3]) != tuple(k.shape[:3]):
-        raise ValueError(f"{op}: v {list(v.shape)} does not match k {list(k.shape)} in batch, "
-                         "kv_heads or length")
+        raise ValueError(
+            f"{op}: v {list(v.shape)} does not match k {list(k.shape)} in batch, kv_heads or length"
+        )
     if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"{op}: the heads of q ({q.shape[1]}) must be a multiple of the kv_heads "
-                         f"of k and v ({k.shape[1]})")
+        raise ValueError(
+            f"{op}: the heads of q ({q.shape[1]}) must be a multiple of the kv_heads "
+            f"of k and v ({k.shape[1]})"
+        )
 
 
-def path_indices(rows: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gather and scatter-back indices for a validated layout (nested lists from validate_layout).
+def path_indices(samples: list[Segments], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather and scatter-back indices for a validated layout (the `Segments` of each sample).
 
     Returns (idx1 [batch, P1], idx2 [batch, P2], src [batch, length]) on the CPU:
     idx1/idx2 list the packed positions of path 1 ([A, C, D, E]) and path 2 ([A, B, D, F]),
@@ -62,23 +65,20 @@ def path_indices(rows: list[list[int]], length: int) -> tuple[torch.Tensor, torc
     path-1 rows at their path-1 slot, B and F rows at P1 + their path-2 slot, padding at
     the zero row P1 + P2.
     """
-    paths1, paths2 = [], []
-    for r in rows:
-        a1, (b0, b1), (c0, e1), (d0, d1), (f0, f1) = r[1], r[2:4], (r[4], r[9]), r[6:8], r[10:12]
-        paths1.append(list(range(0, a1)) + list(range(c0, e1)))
-        paths2.append(list(range(0, a1)) + list(range(b0, b1)) + list(range(d0, d1)) + list(range(f0, f1)))
+    paths1 = [seg.path1() for seg in samples]
+    paths2 = [seg.path2() for seg in samples]
     p1 = max(len(p) for p in paths1)
     p2 = max(len(p) for p in paths2)
     idx1 = torch.tensor([p + [0] * (p1 - len(p)) for p in paths1], dtype=torch.long)
     idx2 = torch.tensor([p + [0] * (p2 - len(p)) for p in paths2], dtype=torch.long)
-    src = torch.full((len(rows), length), p1 + p2, dtype=torch.long)
-    for b, r in enumerate(rows):
+    src = torch.full((len(samples), length), p1 + p2, dtype=torch.long)
+    for b, seg in enumerate(samples):
         src[b, torch.tensor(paths1[b], dtype=torch.long)] = torch.arange(len(paths1[b]))
-        a, nb, nd = r[1], r[3] - r[2], r[7] - r[6]
-        b_rows = torch.arange(r[2], r[3])
-        f_rows = torch.arange(r[10], r[11])
-        src[b, b_rows] = p1 + a + torch.arange(nb)
-        src[b, f_rows] = p1 + a + nb + nd + torch.arange(r[11] - r[10])
+        # Path 2 is [A, B, D, F]: B's slots follow A's, F's follow A's, B's and D's.
+        b_slot = p1 + seg.size("a")
+        f_slot = b_slot + seg.size("b") + seg.size("d")
+        src[b, seg.b[0] : seg.b[1]] = b_slot + torch.arange(seg.size("b"))
+        src[b, seg.f[0] : seg.f[1]] = f_slot + torch.arange(seg.size("f"))
     return idx1, idx2, src
 
 
@@ -97,14 +97,14 @@ def _causal_sdpa(q, k, v, scale):
 class DualPathPlan:
     """What every layer of one forward needs from the layout: the validated layout on the CPU
     and the gather / scatter-back indices on the compute device. Built once per forward (by
-    the first text layer, see crystal_ext.attention_registration), so the other layers do no
+    the first text layer, see crystal_ext.model.attention_registration), so the other layers do no
     host work and, on a GPU, no device synchronisation."""
 
     def __init__(self, layout: torch.Tensor, batch: int, length: int, device: torch.device):
         self.layout_cpu = layout.to("cpu")
-        rows = validate_layout(self.layout_cpu, batch, length, _OP)
+        self.segments = validate_layout(self.layout_cpu, batch, length, _OP)
         self.batch, self.length, self.device = batch, length, torch.device(device)
-        self.idx1, self.idx2, self.src = (t.to(device) for t in path_indices(rows, length))
+        self.idx1, self.idx2, self.src = (t.to(device) for t in path_indices(self.segments, length))
 
     def matches(self, q: torch.Tensor) -> bool:
         return (q.shape[0], q.shape[2], q.device) == (self.batch, self.length, self.device)
@@ -114,8 +114,10 @@ def dual_path_attention_planned(q, k, v, plan: DualPathPlan, scale: float | None
     """dual_path_attention with the layout work done beforehand (see DualPathPlan)."""
     _check_qkv(q, k, v, _OP)
     if not plan.matches(q):
-        raise ValueError(f"{_OP}: the plan was built for batch {plan.batch}, length {plan.length} on "
-                         f"{plan.device}, but q is {list(q.shape)} on {q.device}")
+        raise ValueError(
+            f"{_OP}: the plan was built for batch {plan.batch}, length {plan.length} on "
+            f"{plan.device}, but q is {list(q.shape)} on {q.device}"
+        )
     out1 = _causal_sdpa(_gather(q, plan.idx1), _gather(k, plan.idx1), _gather(v, plan.idx1), scale)
     out2 = _causal_sdpa(_gather(q, plan.idx2), _gather(k, plan.idx2), _gather(v, plan.idx2), scale)
     zero_row = q.new_zeros(q.shape[0], q.shape[1], 1, q.shape[3])
@@ -134,7 +136,7 @@ def dual_path_attention(
     Args:
         q: [batch, heads, length, head_dim] (after rotary embedding).
         k, v: [batch, kv_heads, length, head_dim], same dtype and device; heads % kv_heads == 0.
-        layout: int64 [batch, 6, 2], (start, end) of segments A..F (crystal_ext.layout).
+        layout: int64 [batch, 6, 2], (start, end) of segments A..F (crystal_ext.ops.layout).
         scale: softmax scale, default head_dim ** -0.5.
 
     Returns:

@@ -1,33 +1,23 @@
 """Synthetic fine-grained visual question answering, drawn with Pillow, deterministic by seed.
 
 Every example is one shape on a plain background; the question asks about a detail of it.
-Which task is the default was measured on the embedded 1.1 M-parameter model (2 CPU cores,
-batch 16, LR 1e-3 cosine; teacher-forced answer accuracy on 150 held-out examples):
   - "stripes" (default): "which way do the stripes go ?" -> horizontal / vertical / diagonal.
     A large shape (72-100 px of the 112 px image, one colour) filled with thin lines: 3 px on,
     4 px off (period 7 px, a divisor of the 14 px patch, so every patch sees the same phase).
     The detail is the lines, not the shape: blur of radius 2-5 flattens them (their contrast
-    falls to ~20% at radius 2 and to nothing from radius 3), so the corrupted path really lacks
-    the answer. Learned: 100% after 200 steps (model seeds 0 and 42). Smaller shapes learn
-    late or not at all within the 800-step budget, and it depends on the seed: 56-84 px reached
-    61-66% at 200 steps with two seeds in a plain loop but stayed at chance for all 800 steps of
-    one Trainer run; 40-64 px, or 2 px lines with a random colour, stayed at chance for 300-500.
-  - "stripes_faint": the same question and shapes, made harder so that a comparison of training
-    objectives does not saturate: for half of the examples the lines have a contrast (fraction of
-    the full blue-on-white step) drawn log-uniformly from 0.01-0.3 (full contrast for the other
-    half), and Gaussian noise of std 8 grey levels, independent per channel, covers the whole
-    image, shape included. Intact accuracy is graded by contrast: the SFT baseline (400 steps,
-    seed 0) got 77.7% (100% above contrast 0.15, 56-73% at 0.04-0.15, chance below 0.04). Blur of
-    radius 3 cuts the lines' amplitude to < 1% (test_train_data.py). Tried first: contrast 0.05-0.5
-    for every example with noise 12 (chance at 400 steps), 0.1-1 with noise 8 (100%), log-uniform
-    0.01-1 with noise 8 (chance). Full-contrast shapes of 44-72 or 32-100 px: 100% at 400 steps;
-    16-40 px: chance.
+    falls to about 20% at radius 2 and to nothing from radius 3), so the corrupted path really
+    lacks the answer. The embedded tiny model learns it within its 800-step budget; smaller
+    shapes are learned late or not at all at that budget.
+  - "stripes_faint": the same question and shapes, harder, so that a comparison of training
+    objectives does not saturate: for half of the examples the lines have a contrast (fraction
+    of the full blue-on-white step) drawn log-uniformly from 0.01-0.3 (full contrast for the
+    other half), and Gaussian noise of std 8 grey levels, independent per channel, covers the
+    whole image. Intact accuracy is then graded by contrast; blur of radius 3 cuts the lines'
+    amplitude to under 1%.
   - "shape": "what shape is in the image ?" (24-40 px circle / square / triangle). Blur rounds
-    the corners, but the model stayed at chance for the 800 steps that fit the budget
-    (DESIGN.md measured 100% only after ~2,800 single-path steps). Kept for longer runs.
-  - "colour": "what colour is the shape ?". Learned fast (66% after 300 steps), but colour
-    survives blur: a control task where the corrupted path loses nothing.
-(Binding a property to one of several shapes is not learnable at this size; it is left out.)
+    the corners; the tiny model needs a few thousand steps for it, more than the default budget.
+  - "colour": "what colour is the shape ?". Learned fast, but colour survives blur: a control
+    task where the corrupted path loses nothing.
 
 An example's image and answer depend only on (seed, split, index): any process, worker or
 resumed run sees the same data. The held-out split draws from a disjoint key space
@@ -42,13 +32,18 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from crystal_ext.corruption import example_rng
-from crystal_ext.packing import Example
+from crystal_ext.data.corruption import example_rng
+from crystal_ext.data.example import Example
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (225, 200, 30)}
 STRIPES = ("horizontal", "vertical", "diagonal")
-SIZES = {"stripes": (72, 100), "stripes_faint": (72, 100), "shape": (24, 40), "colour": (24, 40)}  # px, side / diameter
+SIZES = {
+    "stripes": (72, 100),
+    "stripes_faint": (72, 100),
+    "shape": (24, 40),
+    "colour": (24, 40),
+}  # px, side / diameter
 TASKS = {
     "stripes": "which way do the stripes go ?",
     "stripes_faint": "which way do the stripes go ?",
@@ -65,8 +60,14 @@ FAINT_CONTRAST = (0.01, 0.3)
 FAINT_NOISE = 8.0
 
 
-def draw_example(seed: int, key: str, task: str = "stripes", image_size: int = 112,
-                 size_range: tuple[int, int] | None = None, jitter: int | None = None) -> tuple[Image.Image, str]:
+def draw_example(
+    seed: int,
+    key: str,
+    task: str = "stripes",
+    image_size: int = 112,
+    size_range: tuple[int, int] | None = None,
+    jitter: int | None = None,
+) -> tuple[Image.Image, str]:
     """(image, answer) of the example `key`: one shape of side/diameter in `size_range` (default:
     the task's, scaled to `image_size`), a random position (within `jitter` px of the centre if
     given) and colour, on a light background with a little pixel noise (so the model cannot read
@@ -120,7 +121,8 @@ def draw_example(seed: int, key: str, task: str = "stripes", image_size: int = 1
         image.paste(Image.fromarray(fill, "RGB"), (0, 0), mask)
         if task == "stripes_faint":
             noisy = np.asarray(image, np.float64) + np.random.default_rng(rng.getrandbits(64)).normal(
-                0.0, FAINT_NOISE, (image_size, image_size, 3))  # per channel: no colour difference cancels it
+                0.0, FAINT_NOISE, (image_size, image_size, 3)
+            )  # per channel: no colour difference cancels it
             image = Image.fromarray(np.clip(np.round(noisy), 0, 255).astype(np.uint8), "RGB")
     else:
         image.paste(COLOURS[colour], (0, 0), mask)
@@ -130,7 +132,9 @@ def draw_example(seed: int, key: str, task: str = "stripes", image_size: int = 1
 class SyntheticVQA(Dataset):
     """`n` examples of one split, generated on access (a few hundred microseconds each)."""
 
-    def __init__(self, n: int, split: str = "train", seed: int = 0, task: str = "stripes", image_size: int = 112):
+    def __init__(
+        self, n: int, split: str = "train", seed: int = 0, task: str = "stripes", image_size: int = 112
+    ):
         if task not in TASKS:
             raise ValueError(f"SyntheticVQA: task must be one of {sorted(TASKS)}, got {task!r}")
         if split not in ("train", "test"):

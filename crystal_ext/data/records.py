@@ -1,4 +1,4 @@
-"""Loading real training data into `crystal_ext.packing.Example`s.
+"""Loading real training data into `crystal_ext.data.packing.Example`s.
 
 Accepted sources (`--data`):
 - a LLaVA-conversation file, JSON (a list of records) or JSONL (one record a line):
@@ -21,7 +21,7 @@ import os
 
 from torch.utils.data import Dataset
 
-from crystal_ext.packing import Example
+from crystal_ext.data.example import Example
 
 HUMAN = ("human", "user")
 ASSISTANT = ("gpt", "assistant")
@@ -30,7 +30,10 @@ ASSISTANT = ("gpt", "assistant")
 def _first_exchange(conversations) -> tuple[str | None, str | None]:
     question = None
     for turn in conversations or ():
-        who, text = str(turn.get("from", turn.get("role", ""))).lower(), turn.get("value", turn.get("content"))
+        who, text = (
+            str(turn.get("from", turn.get("role", ""))).lower(),
+            turn.get("value", turn.get("content")),
+        )
         if question is None and who in HUMAN:
             question = text
         elif question is not None and who in ASSISTANT:
@@ -86,12 +89,18 @@ def check_data_path(path: str) -> None:
     if not os.path.exists(path):
         raise ValueError(f"--data {path}: no such file or folder")
     if os.path.isdir(path):
-        if not any(os.path.isfile(os.path.join(path, n)) for n in ("dataset_info.json", "dataset_dict.json",
-                                                                   "state.json")):
-            raise ValueError(f"--data {path}: a folder must be a data set saved with datasets' save_to_disk "
-                             "(no dataset_info.json / dataset_dict.json found)")
+        if not any(
+            os.path.isfile(os.path.join(path, n))
+            for n in ("dataset_info.json", "dataset_dict.json", "state.json")
+        ):
+            raise ValueError(
+                f"--data {path}: a folder must be a data set saved with datasets' save_to_disk "
+                "(no dataset_info.json / dataset_dict.json found)"
+            )
     elif not path.endswith((".json", ".jsonl")):
-        raise ValueError(f"--data {path}: expected a .json / .jsonl LLaVA-conversation file or a save_to_disk folder")
+        raise ValueError(
+            f"--data {path}: expected a .json / .jsonl LLaVA-conversation file or a save_to_disk folder"
+        )
 
 
 def load_examples(path: str, image_folder: str | None = None, split: str = "train") -> RecordDataset:

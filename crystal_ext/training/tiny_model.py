@@ -1,14 +1,14 @@
 """The embedded default model: a tiny Qwen2.5-VL built from a config, with a tokenizer and a
 processor built in code, so `python -m crystal_ext.train` runs with no network and no cache.
 
-Sizes follow DESIGN.md ("What a tiny model learns on this CPU in 4 minutes"): text hidden
-128, 2 layers, 4 heads / 2 kv heads; vision depth 2, hidden 128, patch 14, merge 2: 1.1 M
-parameters with this tokenizer's small vocabulary. It learns the default synthetic task
-(crystal_ext.synthetic) in a few hundred steps on two CPU cores.
+Sizes: text hidden 128, 2 layers, 4 heads / 2 kv heads; vision depth 2, hidden 128, patch 14,
+merge 2: 1.1 M parameters with this tokenizer's small vocabulary (a size that trains at about
+12 steps a second on two CPU cores). It learns the default synthetic task
+(crystal_ext.data.synthetic) in a few hundred steps on two CPU cores.
 
 The tokenizer is word-level (the `tokenizers` library wrapped in PreTrainedTokenizerFast):
 it knows Qwen's chat and vision special tokens and the words of the synthetic task
-(crystal_ext.synthetic), so a sample is about 30 tokens per path. Everything saves with
+(crystal_ext.data.synthetic), so a sample is about 30 tokens per path. Everything saves with
 `save_pretrained` and loads back with the stock `from_pretrained` / `AutoProcessor`.
 """
 
@@ -16,15 +16,42 @@ from __future__ import annotations
 
 import torch
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|image_pad|>", "<|video_pad|>"]
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 # Chat words of the packer's system / turn text, then the synthetic task's words.
-BASE_WORDS = ["system", "user", "assistant", "you", "are", "a", "helpful", ".", "?", "what", "is", "in",
-              "the", "image", "this", "which", "how", "many", "yes", "no"]
+BASE_WORDS = [
+    "system",
+    "user",
+    "assistant",
+    "you",
+    "are",
+    "a",
+    "helpful",
+    ".",
+    "?",
+    "what",
+    "is",
+    "in",
+    "the",
+    "image",
+    "this",
+    "which",
+    "how",
+    "many",
+    "yes",
+    "no",
+]
 
 
 def tiny_vocabulary() -> list[str]:
-    from crystal_ext.synthetic import VOCABULARY
+    from crystal_ext.data.synthetic import VOCABULARY
 
     words = list(BASE_WORDS)
     words += [w for w in VOCABULARY if w not in words]
@@ -40,8 +67,9 @@ def tiny_tokenizer():
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()  # words, and punctuation on its own
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces when decoding
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<|endoftext|>",
-                                  eos_token="<|im_end|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>"
+    )
     tok.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
     return tok
 
@@ -58,7 +86,6 @@ def tiny_processor(tokenizer, image_size: int = 112):
         )
     from transformers import Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     pixels = image_size * image_size
@@ -66,27 +93,59 @@ def tiny_processor(tokenizer, image_size: int = 112):
     image_processor = Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
     # The processor class requires a video processor; videos are not used here.
     video_processor = Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
-    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor)
+    return Qwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor
+    )
 
 
-def tiny_config(tokenizer, hidden: int = 128, layers: int = 2, vision_hidden: int = 128, vision_depth: int = 2):
+def tiny_config(
+    tokenizer, hidden: int = 128, layers: int = 2, vision_hidden: int = 128, vision_depth: int = 2
+):
     from transformers import Qwen2_5_VLConfig
 
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=1024, attention_dropout=0.0,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 # M-RoPE halves of (temporal, height, width); sums to head_dim / 2
-                                 "mrope_section": [hidden // 16, hidden // 32, hidden // 32]},
-                tie_word_embeddings=False, bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-                pad_token_id=ids("<|endoftext|>"))
-    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=4,
-                  out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                  in_channels=3, fullatt_block_indexes=list(range(vision_depth)), window_size=112)
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
-                            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                            vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        attention_dropout=0.0,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            # M-RoPE halves of (temporal, height, width); sums to head_dim / 2
+            "mrope_section": [hidden // 16, hidden // 32, hidden // 32],
+        },
+        tie_word_embeddings=False,
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+    )
+    vision = dict(
+        depth=vision_depth,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_heads=4,
+        out_hidden_size=hidden,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        fullatt_block_indexes=list(range(vision_depth)),
+        window_size=112,
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
 
 
 def tiny_model(tokenizer, seed: int = 0, attn_implementation: str = "sdpa"):
@@ -95,5 +154,6 @@ def tiny_model(tokenizer, seed: int = 0, attn_implementation: str = "sdpa"):
 
     config = tiny_config(tokenizer)
     torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation,
-                                                          dtype=torch.float32)
+    return Qwen2_5_VLForConditionalGeneration._from_config(
+        config, attn_implementation=attn_implementation, dtype=torch.float32
+    )

@@ -5,7 +5,7 @@ Two sets of defaults, chosen by whether `--model` is given:
 - the embedded default (no --model): a tiny model trained in full from random init on the
   synthetic task; batch 16, LR 1e-3 (a random-init 1.5 M-parameter model needs a larger
   rate than LoRA on a 7 B model), a step count and a time guard that fit 5 minutes on 2 cores;
-- a real model (--model): the published recipe (DESIGN.md section 1): LoRA r=16 alpha=32
+- a real model (--model): the published recipe (docs/method.md): LoRA r=16 alpha=32
   dropout 0.01, LR 2e-4 cosine with 5% warm-up, weight decay 0.1, batch 1 per device,
   4000 steps, bf16 and gradient checkpointing on GPUs, 448 px images.
 Both: 8 latent tokens, blur radius U(2, 5), top-10% KL, loss weights 1:1:1. Anything given on
@@ -18,7 +18,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from crystal_ext.corruption import KINDS
+from crystal_ext.data.corruption import KINDS, CorruptionConfig
+from crystal_ext.model.objective import ObjectiveConfig
 
 TINY_OUTPUT_DIR = "outputs/crystal-tiny"
 TINY_MAX_STEPS = 800
@@ -28,52 +29,126 @@ REAL_IMAGE_SIZE = 448
 
 @dataclass
 class CrystalArguments:
-    model: str | None = field(default=None, metadata={
-        "help": "Local folder or hub id of a Qwen2-VL-family model (from_pretrained). Default: the embedded tiny model."})
-    data: str | None = field(default=None, metadata={
-        "help": "LLaVA-conversation .json/.jsonl, or a datasets save_to_disk folder. Default: the synthetic task."})
-    image_folder: str | None = field(default=None, metadata={
-        "help": "Folder that relative image paths of --data are relative to (default: the data file's folder)."})
-    eval_data: str | None = field(default=None, metadata={
-        "help": "Held-out data for the final evaluation (same formats as --data). Default with --data: none."})
-    task: str = field(default="stripes", metadata={
-        "help": "Synthetic task: stripes (default; blur removes the answer), stripes_faint (the same with faint, noisy "
-                "lines for half of the examples: harder, for comparisons), shape, or colour (blur-proof control)."})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local folder or hub id of a Qwen2-VL / Qwen2.5-VL model (from_pretrained). "
+            "Default: the embedded tiny model."
+        },
+    )
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "LLaVA-conversation .json/.jsonl, or a datasets save_to_disk folder. Default: the synthetic task."
+        },
+    )
+    image_folder: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder that relative image paths of --data are relative to (default: the data file's folder)."
+        },
+    )
+    eval_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out data for the final evaluation (same formats as --data). Default with --data: none."
+        },
+    )
+    task: str = field(
+        default="stripes",
+        metadata={
+            "help": "Synthetic task: stripes (default; blur removes the answer), stripes_faint (the same "
+            "with faint, noisy lines for half of the examples: harder, for comparisons), shape, or colour "
+            "(blur-proof control)."
+        },
+    )
     train_examples: int = field(default=100_000, metadata={"help": "Synthetic training examples."})
     eval_examples: int = field(default=300, metadata={"help": "Held-out examples for the final evaluation."})
-    image_size: int | None = field(default=None, metadata={
-        "help": "Side of the square images (multiple of 28). Default 112 for the tiny model, 448 otherwise."})
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Side of the square images (multiple of 28). Default 112 for the tiny model, 448 otherwise."
+        },
+    )
     num_latent_tokens: int = field(default=8, metadata={"help": "K latent tokens in the think block."})
-    corruption: str = field(default="blur", metadata={"help": f"Corruption of the second path: one of {KINDS}."})
-    blur_radius_min: float = field(default=2.0, metadata={"help": "Gaussian blur radius, lower end (uniform)."})
+    corruption: str = field(
+        default="blur", metadata={"help": f"Corruption of the second path: one of {KINDS}."}
+    )
+    blur_radius_min: float = field(
+        default=2.0, metadata={"help": "Gaussian blur radius, lower end (uniform)."}
+    )
     blur_radius_max: float = field(default=5.0, metadata={"help": "Gaussian blur radius, upper end."})
     lambda_pred: float = field(default=1.0, metadata={"help": "Weight of the prediction-alignment KL."})
     lambda_attn: float = field(default=1.0, metadata={"help": "Weight of the attention-alignment KL."})
-    topk_fraction: float = field(default=0.1, metadata={"help": "Fraction of answer rows kept by the top-k KL."})
-    no_crystal: bool = field(default=False, metadata={
-        "help": "Baseline: plain SFT on the intact path (same data, latent tokens and schedule), CE only."})
-    use_lora: bool | None = field(default=None, metadata={
-        "help": "LoRA on the language model and vision blocks (merger in full, new token rows only). "
-                "Default: on with --model, off for the tiny model (trained in full)."})
+    topk_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of answer rows kept by the top-k KL."}
+    )
+    no_crystal: bool = field(
+        default=False,
+        metadata={
+            "help": "Baseline: plain SFT on the intact path (same data, latent tokens and schedule), CE only."
+        },
+    )
+    use_lora: bool | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA on the language model and vision blocks (merger in full, new token rows only). "
+            "Default: on with --model, off for the tiny model (trained in full)."
+        },
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.01, metadata={"help": "LoRA dropout."})
-    max_length: int = field(default=4096, metadata={"help": "Longest packed dual-path sequence; longer ones are skipped."})
+    max_length: int = field(
+        default=4096, metadata={"help": "Longest packed dual-path sequence; longer ones are skipped."}
+    )
     system_prompt: str | None = field(default=None, metadata={"help": "System message (default: Qwen's)."})
-    max_train_minutes: float | None = field(default=None, metadata={
-        "help": "Stop (and save) after this many minutes of training. Default 3.75 for the tiny model, none otherwise."})
+    max_train_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop (and save) after this many minutes of training. Default 3.75 for the tiny model, "
+            "none otherwise."
+        },
+    )
     num_pictures: int = field(default=3, metadata={"help": "Held-out examples drawn as attention pictures."})
-    cpu_threads: int | None = field(default=None, metadata={
-        "help": "torch intra-op threads per process on the CPU. Default 1 for the tiny model (see README), "
-                "torch's own choice otherwise."})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Allow an --output_dir that already holds checkpoints (they are removed when training starts)."})
-    lm_head_losses: str = field(default="fused", metadata={
-        "help": "fused (crystal_ext.lm_head_losses, the default) or reference (plain PyTorch, for debugging)."})
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch intra-op threads per process on the CPU. Default 1 for the tiny model (see README), "
+            "torch's own choice otherwise."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow an --output_dir that already holds checkpoints (they are removed when training starts)."
+        },
+    )
+    lm_head_losses: str = field(
+        default="fused",
+        metadata={
+            "help": "fused (crystal_ext.lm_head_losses, the default) or reference (plain PyTorch, for debugging)."
+        },
+    )
 
     @property
     def tiny(self) -> bool:
         return self.model is None
+
+    def objective(self) -> ObjectiveConfig:
+        """The objective's settings, as one value for the trainer."""
+        return ObjectiveConfig(
+            crystal=not self.no_crystal,
+            lambda_pred=self.lambda_pred,
+            lambda_attn=self.lambda_attn,
+            topk_fraction=self.topk_fraction,
+            lm_head_losses=self.lm_head_losses,
+        )
+
+    def corruption_config(self) -> CorruptionConfig:
+        return CorruptionConfig(
+            kind=self.corruption, blur_radius=(self.blur_radius_min, self.blur_radius_max)
+        )
 
 
 def recipe_defaults(tiny: bool) -> dict:
@@ -83,19 +158,45 @@ def recipe_defaults(tiny: bool) -> dict:
     # use_cpu on a machine without a GPU: otherwise accelerate (1.15) initialises the process
     # group under torchrun but leaves the Trainer in single-process mode, so every rank would
     # train alone and write the same checkpoint files.
-    common = dict(use_cpu=not torch.cuda.is_available(), lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.1, remove_unused_columns=False,
-                  report_to=["tensorboard"], save_strategy="steps", dataloader_num_workers=0,
-                  ddp_find_unused_parameters=False, save_only_model=False)
+    common = dict(
+        use_cpu=not torch.cuda.is_available(),
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        weight_decay=0.1,
+        remove_unused_columns=False,
+        report_to=["tensorboard"],
+        save_strategy="steps",
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        save_only_model=False,
+    )
     if tiny:
         # One loader worker draws and packs the next batch on the second core while the main
         # process computes with one thread (packing is ~15% of a step).
-        return {**common, "output_dir": TINY_OUTPUT_DIR, "max_steps": TINY_MAX_STEPS, "learning_rate": 1e-3,
-                "dataloader_num_workers": 1,
-                "per_device_train_batch_size": 16, "logging_steps": 25, "save_steps": 300, "save_total_limit": 2}
+        return {
+            **common,
+            "output_dir": TINY_OUTPUT_DIR,
+            "max_steps": TINY_MAX_STEPS,
+            "learning_rate": 1e-3,
+            "dataloader_num_workers": 1,
+            "per_device_train_batch_size": 16,
+            "logging_steps": 25,
+            "save_steps": 300,
+            "save_total_limit": 2,
+        }
     gpu = torch.cuda.is_available()
-    return {**common, "output_dir": "outputs/crystal", "max_steps": 4000, "learning_rate": 2e-4,
-            "per_device_train_batch_size": 1, "logging_steps": 10, "save_steps": 500, "save_total_limit": 3,
-            "bf16": gpu and torch.cuda.is_bf16_supported(), "activation_checkpointing": gpu}
+    return {
+        **common,
+        "output_dir": "outputs/crystal",
+        "max_steps": 4000,
+        "learning_rate": 2e-4,
+        "per_device_train_batch_size": 1,
+        "logging_steps": 10,
+        "save_steps": 500,
+        "save_total_limit": 3,
+        "bf16": gpu and torch.cuda.is_bf16_supported(),
+        "activation_checkpointing": gpu,
+    }
 
 
 def _given(argv: list[str], name: str) -> bool:
@@ -125,14 +226,16 @@ def parse_args(argv: list[str] | None = None):
         cargs.cpu_threads = 1
     if cargs.system_prompt is None:
         # The tiny tokenizer is word-level and lower-case: its system text uses only its words.
-        cargs.system_prompt = "you are a helpful assistant ." if cargs.tiny else "You are a helpful assistant."
+        cargs.system_prompt = (
+            "you are a helpful assistant ." if cargs.tiny else "You are a helpful assistant."
+        )
     validate(cargs, targs)
     return cargs, targs
 
 
 def validate(cargs: CrystalArguments, targs) -> None:
     """Every check that needs no model or data loaded; raises ValueError saying what to change."""
-    from crystal_ext.synthetic import TASKS
+    from crystal_ext.data.synthetic import TASKS
 
     def bad(msg):
         raise ValueError(msg)
@@ -142,8 +245,10 @@ def validate(cargs: CrystalArguments, targs) -> None:
     if cargs.corruption not in KINDS:
         bad(f"--corruption must be one of {', '.join(KINDS)}, got {cargs.corruption!r}")
     if not 0 < cargs.blur_radius_min <= cargs.blur_radius_max:
-        bad(f"--blur_radius_min/--blur_radius_max must satisfy 0 < min <= max, got "
-            f"{cargs.blur_radius_min}, {cargs.blur_radius_max}")
+        bad(
+            f"--blur_radius_min/--blur_radius_max must satisfy 0 < min <= max, got "
+            f"{cargs.blur_radius_min}, {cargs.blur_radius_max}"
+        )
     for name in ("lambda_pred", "lambda_attn"):
         if getattr(cargs, name) < 0:
             bad(f"--{name} must be >= 0, got {getattr(cargs, name)}")
@@ -152,8 +257,10 @@ def validate(cargs: CrystalArguments, targs) -> None:
     if cargs.image_size <= 0 or cargs.image_size % 28:
         bad(f"--image_size must be a positive multiple of 28 (patch 14 x merge 2), got {cargs.image_size}")
     if cargs.use_lora and (cargs.lora_r < 1 or cargs.lora_alpha <= 0 or not 0 <= cargs.lora_dropout < 1):
-        bad(f"LoRA needs --lora_r >= 1, --lora_alpha > 0 and 0 <= --lora_dropout < 1, got "
-            f"{cargs.lora_r}, {cargs.lora_alpha}, {cargs.lora_dropout}")
+        bad(
+            f"LoRA needs --lora_r >= 1, --lora_alpha > 0 and 0 <= --lora_dropout < 1, got "
+            f"{cargs.lora_r}, {cargs.lora_alpha}, {cargs.lora_dropout}"
+        )
     if cargs.task not in TASKS:
         bad(f"--task must be one of {', '.join(sorted(TASKS))}, got {cargs.task!r}")
     if cargs.train_examples < 1 or cargs.eval_examples < 0:
@@ -171,11 +278,11 @@ def validate(cargs: CrystalArguments, targs) -> None:
     if cargs.image_folder is not None and not os.path.isdir(cargs.image_folder):
         bad(f"--image_folder {cargs.image_folder}: no such folder")
     if cargs.data is not None:
-        from crystal_ext.data import check_data_path
+        from crystal_ext.data.records import check_data_path
 
         check_data_path(cargs.data)
     if cargs.eval_data is not None:
-        from crystal_ext.data import check_data_path
+        from crystal_ext.data.records import check_data_path
 
         try:
             check_data_path(cargs.eval_data)
@@ -183,7 +290,7 @@ def validate(cargs: CrystalArguments, targs) -> None:
             bad(str(exc).replace("--data", "--eval_data"))
     if cargs.model is not None:
         check_model_available(cargs.model)
-    from crystal_ext.trainer import last_complete_checkpoint, resolve_resume_checkpoint
+    from crystal_ext.training.checkpoints import last_complete_checkpoint, resolve_resume_checkpoint
 
     resume = resolve_resume_checkpoint(targs.resume_from_checkpoint, targs.output_dir)
     targs.resume_from_checkpoint = resume
@@ -191,9 +298,11 @@ def validate(cargs: CrystalArguments, targs) -> None:
         stale = [n for n in os.listdir(targs.output_dir) if n.startswith("checkpoint-")]
         if stale:
             last = last_complete_checkpoint(targs.output_dir)
-            bad(f"--output_dir {targs.output_dir} already holds checkpoints ({len(stale)}): pass "
+            bad(
+                f"--output_dir {targs.output_dir} already holds checkpoints ({len(stale)}): pass "
                 f"--resume_from_checkpoint last to continue{f' from {last}' if last else ''}, "
-                "--overwrite_output_dir to start over there, or another --output_dir")
+                "--overwrite_output_dir to start over there, or another --output_dir"
+            )
 
 
 def check_model_available(model: str) -> None:
@@ -210,8 +319,10 @@ def check_model_available(model: str) -> None:
     cached = try_to_load_from_cache(model, "config.json")
     if isinstance(cached, str):
         return
-    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
-                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    offline = any(
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
     try:
         if offline:
             raise ConnectionError("HF_HUB_OFFLINE is set")

@@ -1,0 +1,184 @@
+"""The CrystaL objective on a stock model: CE + lambda_pred * KL_pred + lambda_attn * KL_attn.
+
+One forward of the model's backbone (not of the *ForConditionalGeneration wrapper, whose
+forward would compute the full [B, L, V] logits) with dual-path attention; then
+  - CE and KL_pred from the fused `lm_head_losses` on the last hidden states of the rows
+    that need logits (targeted rows, and the E/F rows paired for the KL), with the model's
+    own LM-head weight;
+  - KL_attn from the fused attention-alignment loss, computed inside the last text layer
+    and returned through the `crystal_outputs` forward kwarg.
+`crystal=False` is the plain single-path SFT baseline: the intact path [A, C, D, E] alone,
+with the model's own attention, CE only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from crystal_ext.model.attention_registration import (
+    ALIGNMENT_LOSS_KEY,
+    ATTN_IMPLEMENTATION,
+    LAYOUT_KWARG,
+    OUTPUTS_KWARG,
+)
+from crystal_ext.model.parts import backbone_and_head, text_config
+from crystal_ext.ops import lm_head_losses as fused_lm_head_losses
+from crystal_ext.ops import reference
+from crystal_ext.ops.layout import IGNORE, Segments, segments_of, validate_layout
+
+LM_HEAD_IMPLEMENTATIONS = ("fused", "reference")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The settings of the CrystaL objective, carried as one value from the command line to
+    the objective.
+
+    crystal: the dual-path objective (False: the single-path SFT baseline, CE only).
+    lambda_pred, lambda_attn: weights of the prediction and attention alignment losses.
+    topk_fraction: the share of a sample's answer rows whose prediction KL is kept.
+    lm_head_losses: "fused" (the compiled op) or "reference" (its plain-PyTorch twin).
+    """
+
+    crystal: bool = True
+    lambda_pred: float = 1.0
+    lambda_attn: float = 1.0
+    topk_fraction: float = 0.1
+    lm_head_losses: str = "fused"
+
+    def __post_init__(self):
+        if self.lm_head_losses not in LM_HEAD_IMPLEMENTATIONS:
+            raise ValueError(
+                f"ObjectiveConfig: lm_head_losses must be one of {LM_HEAD_IMPLEMENTATIONS}, "
+                f"got {self.lm_head_losses!r}"
+            )
+        if self.lambda_pred < 0 or self.lambda_attn < 0:
+            raise ValueError(
+                f"ObjectiveConfig: lambda_pred and lambda_attn must be >= 0, got "
+                f"{self.lambda_pred}, {self.lambda_attn}"
+            )
+        if not 0 < self.topk_fraction <= 1:
+            raise ValueError(f"ObjectiveConfig: topk_fraction must be in (0, 1], got {self.topk_fraction}")
+
+    def lm_head_fn(self):
+        return fused_lm_head_losses if self.lm_head_losses == "fused" else reference.lm_head_losses
+
+
+@dataclass
+class CrystalLoss:
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kl_pred: torch.Tensor
+    kl_attn: torch.Tensor
+
+
+def _logit_rows(targets: torch.Tensor, samples: list[Segments]):
+    """Flat indices of the rows needing logits, and the (teacher, student, sample) pairs as
+    indices into those rows."""
+    batch, length = targets.shape
+    need = targets != IGNORE
+    teacher, student, sample = [], [], []
+    for b, seg in enumerate(samples):
+        need[b, seg.e[0] : seg.e[1]] = True
+        need[b, seg.f[0] : seg.f[1]] = True
+        teacher += [b * length + i for i in seg.span("e")]
+        student += [b * length + i for i in seg.span("f")]
+        sample += [b] * seg.size("e")
+    flat = need.flatten().nonzero().squeeze(1)
+    slot = torch.full((batch * length,), -1, dtype=torch.long)
+    slot[flat] = torch.arange(flat.numel())
+    return flat, slot[torch.tensor(teacher)], slot[torch.tensor(student)], torch.tensor(sample)
+
+
+def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveConfig()) -> CrystalLoss:
+    """The training loss of one collated batch (crystal_ext.data.packing.DualPathCollator)."""
+    fn = config.lm_head_fn()
+    model, backbone, head = backbone_and_head(model)
+    if not config.crystal:
+        return _baseline(backbone, head, batch, fn)
+    attn = text_config(model)._attn_implementation
+    if attn != ATTN_IMPLEMENTATION:
+        raise ValueError(
+            f"crystal_objective: the text layers run {attn!r} attention; call "
+            f"crystal_ext.register_dual_path_attention() and model.set_attn_implementation('{ATTN_IMPLEMENTATION}')"
+        )
+    input_ids, targets, layout = batch["input_ids"], batch["targets"], batch["layout"]
+    samples = validate_layout(layout, *input_ids.shape, "crystal_objective")
+    slot: dict = {}
+    # attention_mask=None on purpose: the layout marks padding, and without a 2-D mask the
+    # registered mask function builds no L x L mask.
+    hidden = backbone(
+        input_ids=input_ids,
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        position_ids=batch["position_ids"],
+        attention_mask=None,
+        use_cache=False,
+        **{LAYOUT_KWARG: layout, OUTPUTS_KWARG: slot},
+    ).last_hidden_state
+    if ALIGNMENT_LOSS_KEY not in slot:
+        raise RuntimeError(
+            "crystal_objective: the last text layer did not report the attention-alignment "
+            "loss (is it a text decoder attention run through crystal_dual_path?)"
+        )
+    flat, teacher, student, sample = (t.to(hidden.device) for t in _logit_rows(targets.cpu(), samples))
+    ce, kl_pred = fn(
+        hidden.flatten(0, 1)[flat],
+        head.weight,
+        targets.flatten()[flat].to(hidden.device),
+        teacher,
+        student,
+        sample,
+        config.topk_fraction,
+        bias=head.bias,
+    )
+    kl_attn = slot[ALIGNMENT_LOSS_KEY]
+    return CrystalLoss(ce + config.lambda_pred * kl_pred + config.lambda_attn * kl_attn, ce, kl_pred, kl_attn)
+
+
+def intact_path_batch(batch: dict) -> dict:
+    """The single-path batch [A, C, D, E] of a dual-path batch, with the intact images only."""
+    keep = [seg.path1() for seg in segments_of(batch["layout"])]
+    length = max(map(len, keep))
+    index = torch.tensor([k + [k[-1]] * (length - len(k)) for k in keep])
+    valid = torch.tensor([[i < len(k) for i in range(length)] for k in keep])
+
+    def pick(t, fill):
+        return torch.where(valid, t.gather(1, index), fill)
+
+    grid = batch["image_grid_thw"]
+    patches = torch.split(batch["pixel_values"], grid.prod(-1).tolist())
+    intact = batch["image_is_intact"]
+    pos = batch["position_ids"]
+    return {
+        "input_ids": pick(batch["input_ids"], 0),  # padding id is irrelevant: attention_mask hides it
+        "targets": pick(batch["targets"], IGNORE),
+        "attention_mask": valid.long(),
+        "position_ids": torch.stack(
+            [torch.where(valid, pos[a].gather(1, index), 0) for a in range(pos.shape[0])]
+        ),
+        "pixel_values": torch.cat([p for p, ok in zip(patches, intact.tolist()) if ok]),
+        "image_grid_thw": grid[intact],
+    }
+
+
+def _baseline(backbone, head, batch, fn) -> CrystalLoss:
+    single = intact_path_batch(batch)
+    hidden = backbone(
+        input_ids=single["input_ids"],
+        pixel_values=single["pixel_values"],
+        image_grid_thw=single["image_grid_thw"],
+        position_ids=single["position_ids"],
+        attention_mask=single["attention_mask"],
+        use_cache=False,
+    ).last_hidden_state
+    targets = single["targets"].to(hidden.device)
+    flat = (targets != IGNORE).flatten().nonzero().squeeze(1)
+    none = torch.zeros(0, dtype=torch.long, device=hidden.device)
+    ce, _ = fn(
+        hidden.flatten(0, 1)[flat], head.weight, targets.flatten()[flat], none, none, none, bias=head.bias
+    )
+    zero = ce.new_zeros(())
+    return CrystalLoss(ce, ce, zero, zero)
