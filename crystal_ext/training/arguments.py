@@ -305,6 +305,19 @@ def validate(cargs: CrystalArguments, targs) -> None:
             )
 
 
+def _probe_hub(timeout: float = 3.0) -> None:
+    """Raise OSError at once when the hub's host cannot be reached. huggingface_hub retries a
+    failed request with back-off (about 30 s in all) before it gives up; a plain connection
+    attempt answers in milliseconds on a machine without network."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+
+
 def check_model_available(model: str) -> None:
     """Fail at once (not after minutes of set-up) when `--model` cannot be loaded."""
     if os.path.isdir(model):
@@ -326,6 +339,7 @@ def check_model_available(model: str) -> None:
     try:
         if offline:
             raise ConnectionError("HF_HUB_OFFLINE is set")
+        _probe_hub()
         hf_hub_download(model, "config.json", etag_timeout=5)
     except Exception as exc:  # offline, unknown id, gated repo: all mean the same to the user
         raise ValueError(
