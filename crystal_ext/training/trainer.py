@@ -160,7 +160,7 @@ class CrystalTrainer(Trainer):
             # transformers 5.24 reloads checkpoint weights with a bare load_state_dict, but saves
             # them through the model's key conversion (Qwen2.5-VL writes visual.* and model.*
             # keys, the module has model.visual.*): nothing would be loaded, with only a warning
-            # (found by the kill-and-resume test). from_pretrained applies the conversion.
+            # (the kill-and-resume test checks it). from_pretrained applies the conversion.
             dtype = next(target.parameters()).dtype
             loaded = type(target).from_pretrained(
                 resume_from_checkpoint, dtype=dtype, attn_implementation="sdpa"
