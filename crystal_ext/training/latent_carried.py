@@ -1,0 +1,167 @@
+"""What the latents carry: the corrupted path answering from the intact path's latent block.
+
+At inference only path 1 runs, so intact-image accuracy cannot tell whether the latent block
+carries the image's detail: the answer rows also see the intact image directly. Path 2 can: its
+answer rows F see the prefix A, the corrupted image and prompt B, and path 1's latent block D,
+never the intact image. So, per held-out example:
+
+- **latent-carried accuracy**: the F rows answer greedily, one token at a time, through the
+  dual-path attention (each step a dual-path forward of the packed sequence whose F holds the
+  answer decoded so far; E mirrors F and is not read by F). A model whose latents carry nothing
+  can only answer from the corrupted image; on a task whose answer the corruption removes it
+  scores at chance.
+- **held-out attention KL**: the attention-alignment loss (the answer rows' attention over the
+  latent block, intact path vs corrupted path, last layer) with the gold answer teacher-forced.
+
+The think block is the canonical one (`<think>`, the K latent tokens, `</think>`): that is what
+the model is trained to write, and what the intact-path evaluation checks it writes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crystal_ext.data.example import Example, SkipExample
+from crystal_ext.data.packing import DualPathCollator
+from crystal_ext.model.attention_registration import (
+    ALIGNMENT_LOSS_KEY,
+    ATTN_IMPLEMENTATION,
+    LAYOUT_KWARG,
+    OUTPUTS_KWARG,
+    register_dual_path_attention,
+)
+from crystal_ext.model.parts import backbone_and_head, text_config
+from crystal_ext.ops.layout import segments_of
+
+
+class DualPathAttentionOn:
+    """Switches the text layers to the dual-path attention for the duration of a block."""
+
+    def __init__(self, model):
+        self.base = backbone_and_head(model)[0]
+
+    def __enter__(self):
+        register_dual_path_attention()
+        self.previous = text_config(self.base)._attn_implementation
+        self.base.set_attn_implementation(ATTN_IMPLEMENTATION)
+        return self
+
+    def __exit__(self, *exc):
+        self.base.set_attn_implementation(self.previous)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def dual_path_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last hidden states [batch, length, hidden], attention-alignment loss) of a collated
+    dual-path batch; the model's text layers must run the dual-path attention."""
+    _, backbone, _ = backbone_and_head(model)
+    slot: dict = {}
+    hidden = backbone(
+        input_ids=batch["input_ids"],
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        position_ids=batch["position_ids"],
+        attention_mask=None,
+        use_cache=False,
+        **{LAYOUT_KWARG: batch["layout"], OUTPUTS_KWARG: slot},
+    ).last_hidden_state
+    return hidden, slot[ALIGNMENT_LOSS_KEY]
+
+
+def next_token_rows(batch: dict, answer_close: int, decoded: list[list[int]]) -> list[int]:
+    """Per sample, the F row whose logits predict the next answer token: F's first row (the
+    answer-open marker) when nothing is decoded yet, else the row of the last decoded token (the
+    one right before the answer-close marker)."""
+    rows = []
+    for b, seg in enumerate(segments_of(batch["layout"])):
+        if not decoded[b]:
+            rows.append(seg.f[0])
+            continue
+        f_tokens = batch["input_ids"][b, seg.f[0] : seg.f[1]].tolist()
+        rows.append(seg.f[0] + f_tokens.index(answer_close) - 1)
+    return rows
+
+
+@torch.no_grad()
+def latent_carried_answers(
+    model, packer, examples: list[Example], tokenizer, max_answer_tokens: int = 32
+) -> list[str | None]:
+    """The corrupted path's greedy answer for each example (None when it cannot be packed),
+    normalised like the intact-path evaluation (decoded, stripped, lower case)."""
+    latent = packer.latent
+    stop = {latent.answer_close, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    device = next(model.parameters()).device
+    collate = DualPathCollator(packer, tokenizer.pad_token_id)
+    decoded: list[list[int]] = [[] for _ in examples]
+    done = [False] * len(examples)
+    was_training = model.training
+    model.eval()
+    try:
+        with DualPathAttentionOn(model):
+            for _ in range(max_answer_tokens):
+                live = [i for i, d in enumerate(done) if not d]
+                if not live:
+                    break
+                # The packed answer is the text decoded so far; with nothing decoded yet any
+                # answer does, since only F's first row (before it) is read.
+                partial = [
+                    Example(
+                        examples[i].key,
+                        examples[i].image,
+                        examples[i].question,
+                        tokenizer.decode(decoded[i], skip_special_tokens=False) or str(examples[i].answer),
+                    )
+                    for i in live
+                ]
+                try:
+                    batch = _to(_pack_all(collate, partial), device)
+                except SkipExample:
+                    for i in live:
+                        done[i] = True
+                    break
+                hidden, _ = dual_path_forward(model, batch)
+                rows = next_token_rows(batch, latent.answer_close, [decoded[i] for i in live])
+                head = backbone_and_head(model)[2]
+                picked = hidden[torch.arange(len(live), device=device), torch.tensor(rows, device=device)]
+                tokens = head(picked).argmax(-1).tolist()
+                for i, token in zip(live, tokens):
+                    if token in stop:
+                        done[i] = True
+                    else:
+                        decoded[i].append(token)
+    finally:
+        model.train(was_training)
+    return [tokenizer.decode(ids, skip_special_tokens=False).strip().lower() for ids in decoded]
+
+
+def _pack_all(collate, examples: list[Example]) -> dict:
+    batch = collate(examples)
+    if batch is None or len(batch["keys"]) != len(examples):
+        raise SkipExample("an example of the batch could not be packed")
+    return batch
+
+
+@torch.no_grad()
+def held_out_attention_kl(model, packer, examples: list[Example], tokenizer) -> float:
+    """Mean attention-alignment loss (KL_attn) over `examples`, gold answers teacher-forced."""
+    collate = DualPathCollator(packer, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with DualPathAttentionOn(model):
+            for example in examples:
+                batch = collate([example])
+                if batch is None:
+                    continue
+                _, kl_attn = dual_path_forward(model, _to(batch, device))
+                total += float(kl_attn)
+                count += 1
+    finally:
+        model.train(was_training)
+    return total / count if count else float("nan")
