@@ -60,13 +60,17 @@ class CrystalTrainer(Trainer):
         objective: ObjectiveConfig = ObjectiveConfig(),
         token_rows: dict | None = None,
         no_decay: tuple = (),
+        evaluator=None,
         **kwargs,
     ):
         """`objective`: the CrystaL objective's settings; `token_rows`: {"ids": [...]} of the new
         tokens whose rows are trained in a peft model's base embedding / LM head (saved beside
-        the adapter); `no_decay`: parameters kept out of weight decay."""
+        the adapter); `no_decay`: parameters kept out of weight decay; `evaluator`: fn(model) ->
+        {name: value}, what `evaluate()` reports (the Trainer's own evaluation computes a loss,
+        where CrystaL's questions are answered by generation)."""
         super().__init__(*args, **kwargs)
         self.objective = objective
+        self.evaluator = evaluator
         self.token_rows, self.no_decay_ids = token_rows, {id(p) for p in no_decay}
         # The objective returns a mean over its own rows; with no `labels` in the batch the
         # Trainer divides by the accumulation steps itself.
@@ -103,6 +107,19 @@ class CrystalTrainer(Trainer):
             self._parts_sum.zero_()
             self._parts_n = 0
         super().log(logs, start_time)
+
+    # -- evaluation --
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """With an `evaluator`: its metrics, logged (progress bar, metrics.jsonl, TensorBoard)
+        under `metric_key_prefix`; the Trainer calls this at every `--eval_steps` with
+        `--eval_strategy steps`."""
+        if self.evaluator is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = self.evaluator(unwrap_distributed(self.model))
+        metrics = {f"{metric_key_prefix}_{k}": round(float(v), 6) for k, v in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     # -- optimiser --
     def get_decay_parameter_names(self, model):
