@@ -92,6 +92,29 @@ def _logit_rows(targets: torch.Tensor, samples: list[Segments]):
     return flat, slot[torch.tensor(teacher)], slot[torch.tensor(student)], torch.tensor(sample)
 
 
+def dual_path_hidden(backbone, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last hidden states [batch, length, hidden], attention-alignment loss) of a collated
+    dual-path batch; the backbone's text layers must run the dual-path attention."""
+    slot: dict = {}
+    # attention_mask=None on purpose: the layout marks padding, and without a 2-D mask the
+    # registered mask function builds no L x L mask.
+    hidden = backbone(
+        input_ids=batch["input_ids"],
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        position_ids=batch["position_ids"],
+        attention_mask=None,
+        use_cache=False,
+        **{LAYOUT_KWARG: batch["layout"], OUTPUTS_KWARG: slot},
+    ).last_hidden_state
+    if ALIGNMENT_LOSS_KEY not in slot:
+        raise RuntimeError(
+            "crystal_objective: the last text layer did not report the attention-alignment "
+            "loss (is it a text decoder attention run through crystal_dual_path?)"
+        )
+    return hidden, slot[ALIGNMENT_LOSS_KEY]
+
+
 def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveConfig()) -> CrystalLoss:
     """The training loss of one collated batch (crystal_ext.data.packing.DualPathCollator)."""
     fn = config.lm_head_fn()
@@ -104,25 +127,9 @@ def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveCon
             f"crystal_objective: the text layers run {attn!r} attention; call "
             f"crystal_ext.register_dual_path_attention() and model.set_attn_implementation('{ATTN_IMPLEMENTATION}')"
         )
-    input_ids, targets, layout = batch["input_ids"], batch["targets"], batch["layout"]
-    samples = validate_layout(layout, *input_ids.shape, "crystal_objective")
-    slot: dict = {}
-    # attention_mask=None on purpose: the layout marks padding, and without a 2-D mask the
-    # registered mask function builds no L x L mask.
-    hidden = backbone(
-        input_ids=input_ids,
-        pixel_values=batch["pixel_values"],
-        image_grid_thw=batch["image_grid_thw"],
-        position_ids=batch["position_ids"],
-        attention_mask=None,
-        use_cache=False,
-        **{LAYOUT_KWARG: layout, OUTPUTS_KWARG: slot},
-    ).last_hidden_state
-    if ALIGNMENT_LOSS_KEY not in slot:
-        raise RuntimeError(
-            "crystal_objective: the last text layer did not report the attention-alignment "
-            "loss (is it a text decoder attention run through crystal_dual_path?)"
-        )
+    input_ids, targets = batch["input_ids"], batch["targets"]
+    samples = validate_layout(batch["layout"], *input_ids.shape, "crystal_objective")
+    hidden, kl_attn = dual_path_hidden(backbone, batch)
     flat, teacher, student, sample = (t.to(hidden.device) for t in _logit_rows(targets.cpu(), samples))
     ce, kl_pred = fn(
         hidden.flatten(0, 1)[flat],
@@ -134,7 +141,6 @@ def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveCon
         config.topk_fraction,
         bias=head.bias,
     )
-    kl_attn = slot[ALIGNMENT_LOSS_KEY]
     return CrystalLoss(ce + config.lambda_pred * kl_pred + config.lambda_attn * kl_attn, ce, kl_pred, kl_attn)
 
 

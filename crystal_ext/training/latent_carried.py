@@ -23,13 +23,8 @@ import torch
 
 from crystal_ext.data.example import Example, SkipExample
 from crystal_ext.data.packing import DualPathCollator
-from crystal_ext.model.attention_registration import (
-    ALIGNMENT_LOSS_KEY,
-    ATTN_IMPLEMENTATION,
-    LAYOUT_KWARG,
-    OUTPUTS_KWARG,
-    register_dual_path_attention,
-)
+from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
+from crystal_ext.model.objective import dual_path_hidden
 from crystal_ext.model.parts import backbone_and_head, text_config
 from crystal_ext.ops.layout import segments_of
 
@@ -56,20 +51,9 @@ def _to(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def dual_path_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(last hidden states [batch, length, hidden], attention-alignment loss) of a collated
-    dual-path batch; the model's text layers must run the dual-path attention."""
-    _, backbone, _ = backbone_and_head(model)
-    slot: dict = {}
-    hidden = backbone(
-        input_ids=batch["input_ids"],
-        pixel_values=batch["pixel_values"],
-        image_grid_thw=batch["image_grid_thw"],
-        position_ids=batch["position_ids"],
-        attention_mask=None,
-        use_cache=False,
-        **{LAYOUT_KWARG: batch["layout"], OUTPUTS_KWARG: slot},
-    ).last_hidden_state
-    return hidden, slot[ALIGNMENT_LOSS_KEY]
+    """(last hidden states, attention-alignment loss) of a collated dual-path batch, without
+    gradients; the model's text layers must run the dual-path attention."""
+    return dual_path_hidden(backbone_and_head(model)[1], batch)
 
 
 def next_token_rows(batch: dict, answer_close: int, decoded: list[list[int]]) -> list[int]:
