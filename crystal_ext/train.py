@@ -29,7 +29,8 @@ from crystal_ext.data.packing import DualPathCollator, DualPathPacker, model_rop
 from crystal_ext.data.records import load_examples
 from crystal_ext.data.synthetic import SyntheticVQA
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
-from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora, train_new_rows_only
+from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora
+from crystal_ext.model.new_token_rows import attach_new_token_rows
 from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training.arguments import parse_args
 from crystal_ext.training.callbacks import JsonlMetricsCallback, TimeBudgetCallback
@@ -108,8 +109,9 @@ def build_model(cargs, targs):
 
 
 def make_trainable(model, latent, cargs, targs):
-    """(model, base model path, token_rows, no_decay): the dual-path attention switched on, and LoRA with the new
-    token rows when asked; otherwise every parameter trains."""
+    """(model, base model path, no_decay): the dual-path attention switched on, and LoRA with the
+    new tokens' rows (own [n_new, Hd] parameters over the frozen embedding and head, kept out of
+    weight decay) when asked; otherwise every parameter trains."""
     base_model = cargs.model
     if cargs.tiny and cargs.use_lora and _is_main():
         # LoRA on the tiny model (tests, experiments): its random base must be kept to load the adapter.
@@ -117,11 +119,10 @@ def make_trainable(model, latent, cargs, targs):
         model.save_pretrained(os.path.join(targs.output_dir, base_model))
     if not cargs.no_crystal:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    token_rows, no_decay = None, ()
+    no_decay = ()
     if cargs.use_lora:
         model = apply_lora(model, r=cargs.lora_r, alpha=cargs.lora_alpha, dropout=cargs.lora_dropout)
-        no_decay = tuple(train_new_rows_only(model, latent.new_ids))
-        token_rows = {"ids": list(latent.new_ids)}
+        no_decay = tuple(attach_new_token_rows(model, latent.new_ids).parameters())
         if targs.activation_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -129,7 +130,7 @@ def make_trainable(model, latent, cargs, targs):
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trained"
         f"{' (LoRA)' if cargs.use_lora else ''}; objective: {'SFT baseline' if cargs.no_crystal else 'CrystaL'}"
     )
-    return model, base_model, token_rows, no_decay
+    return model, base_model, no_decay
 
 
 def build_datasets(cargs, data_seed: int = 0):
@@ -161,7 +162,7 @@ def write_run_config(cargs, targs, base_model: str | None) -> None:
             json.dump(config, f, indent=1)
 
 
-def train(cargs, targs, model, processor, packer, train_set, token_rows, no_decay, extra_callbacks):
+def train(cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks):
     """(trained model, summary) of one Trainer run; the final model is saved at the top of the output folder."""
     out = targs.output_dir
     budget = TimeBudgetCallback(cargs.max_train_minutes) if cargs.max_train_minutes else None
@@ -175,7 +176,6 @@ def train(cargs, targs, model, processor, packer, train_set, token_rows, no_deca
         processing_class=processor,
         callbacks=callbacks + list(extra_callbacks or ()),
         objective=cargs.objective(),
-        token_rows=token_rows,
         no_decay=no_decay,
     )
     if targs.resume_from_checkpoint:
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
 
     _log(f"building {'the embedded tiny model' if cargs.tiny else cargs.model}")
     model, processor, latent = build_model(cargs, targs)
-    model, base_model, token_rows, no_decay = make_trainable(model, latent, cargs, targs)
+    model, base_model, no_decay = make_trainable(model, latent, cargs, targs)
     train_set, held_out = build_datasets(cargs)
     packer = DualPathPacker(
         processor.tokenizer,
@@ -256,9 +256,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     )
     write_run_config(cargs, targs, base_model)
 
-    model, summary = train(
-        cargs, targs, model, processor, packer, train_set, token_rows, no_decay, extra_callbacks
-    )
+    model, summary = train(cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks)
     if not _is_main():
         return summary
     summary.update(evaluate_and_draw(cargs, targs, model, processor, packer, held_out))

@@ -81,3 +81,20 @@ def test_state_round_trip_and_mismatch():
 def test_bad_ids_name_the_problem(ids, match):
     with pytest.raises(ValueError, match=match):
         NewTokenRows(*_layers(), ids)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_logits_of_the_new_tokens_come_from_the_rows(tied):
+    embedding, head = _layers(tied=tied)
+    base_logits = head(torch.randn(4, 8))
+    rows = NewTokenRows(embedding, head, [47, 3])
+    with torch.no_grad():
+        rows.lm_head_rows().add_(5.0)
+    hidden = torch.randn(2, 4, 8)
+    logits = head(hidden)
+    torch.testing.assert_close(logits[..., [47, 3]], hidden @ rows.lm_head_rows().detach().T)
+    other = [v for v in range(50) if v not in (47, 3)]
+    torch.testing.assert_close(logits[..., other], hidden @ head.weight[other].T)
+    assert base_logits.shape == (4, 50)
+    rows.remove()
+    torch.testing.assert_close(head(hidden)[..., [47, 3]], hidden @ head.weight[[47, 3]].T)
