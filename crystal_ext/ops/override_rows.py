@@ -61,15 +61,20 @@ class _OverrideRows(torch.autograd.Function):
     def forward(
         ctx, hidden, override_rows, weight, bias, targets, teacher, student, sample, topk, ids, grads
     ):
+        # Written through .data: the write is undone before anything reads the weight again,
+        # and must not bump the version counter that the weight shares with its base (under
+        # FSDP the head and the trained rows are views of one flat parameter, and autograd
+        # would then reject every saved view of it).
+        storage = weight.data
         with torch.no_grad():
-            kept = weight[ids].clone()
-            weight[ids] = override_rows.to(weight.dtype)
+            kept = storage[ids].clone()
+            storage[ids] = override_rows.detach().to(weight.dtype)
             try:
                 ce, kl, grad_ce, grad_kl, lse, coef = torch.ops.crystal_ext.lm_head_losses_fwd(
-                    hidden, weight, bias, targets, teacher, student, sample, float(topk), grads
+                    hidden, storage, bias, targets, teacher, student, sample, float(topk), grads
                 )
             finally:
-                weight[ids] = kept
+                storage[ids] = kept
         ctx.save_for_backward(
             hidden, override_rows, bias, targets, teacher, student, ids, grad_ce, grad_kl, lse, coef
         )
@@ -110,17 +115,14 @@ def lm_head_losses_with_override(
     override_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`crystal_ext.lm_head_losses` with optional override rows (module docstring). With an
-    override, weight and bias must be frozen: training them is what the override avoids."""
+    override, weight and bias get no gradient (even when they require one: under FSDP with
+    use_orig_params the frozen head arrives as a view of a flat parameter that does)."""
     from crystal_ext.ops import _extension
     from crystal_ext.ops.lm_head_losses import lm_head_losses
 
     if not check_override(weight, override_ids, override_rows, "lm_head_losses"):
         return lm_head_losses(
             hidden, weight, targets, teacher_rows, student_rows, pair_sample, topk_fraction, bias
-        )
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        raise ValueError(
-            "lm_head_losses: with override_rows, weight and bias must be frozen (requires_grad=False)"
         )
     _extension.require_fused("lm_head_losses", hidden, weight)
     return _OverrideRows.apply(
