@@ -98,3 +98,24 @@ def test_head_logits_of_the_new_tokens_come_from_the_rows(tied):
     assert base_logits.shape == (4, 50)
     rows.remove()
     torch.testing.assert_close(head(hidden)[..., [47, 3]], hidden @ head.weight[[47, 3]].T)
+
+
+def test_saved_rows_come_from_a_gathered_state_dict_when_given(tmp_path):
+    """Under FSDP the rank's parameters are shards; the Trainer hands the gathered state dict to
+    _save, and the rows file takes the rows from it."""
+    from safetensors.torch import load_file
+
+    from crystal_ext.training.token_rows import TOKEN_ROWS_FILE, save_token_rows
+
+    embedding, head = _layers()
+    rows = NewTokenRows(embedding, head, [3, 12])
+    gathered = {
+        "base_model.model.crystal_new_token_rows.embedding_rows": torch.ones(2, 8),
+        "base_model.model.crystal_new_token_rows.head_rows": torch.full((2, 8), 2.0),
+    }
+    save_token_rows(rows, str(tmp_path), gathered)
+    saved = load_file(tmp_path / TOKEN_ROWS_FILE)
+    assert torch.equal(saved["embed_tokens"], torch.ones(2, 8))
+    assert torch.equal(saved["lm_head"], torch.full((2, 8), 2.0))
+    save_token_rows(rows, str(tmp_path))
+    assert torch.equal(load_file(tmp_path / TOKEN_ROWS_FILE)["embed_tokens"], rows.embedding_rows.detach())

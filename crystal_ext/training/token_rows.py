@@ -13,16 +13,23 @@ import os
 
 import torch
 
-from crystal_ext.model.new_token_rows import NewTokenRows
+from crystal_ext.model.new_token_rows import ATTRIBUTE, NewTokenRows
 from crystal_ext.model.parts import embedding_and_head_weights
 
 TOKEN_ROWS_FILE = "crystal_token_rows.safetensors"
 
 
-def save_token_rows(rows: NewTokenRows, folder: str) -> None:
+def save_token_rows(rows: NewTokenRows, folder: str, state_dict: dict | None = None) -> None:
+    """Save `rows`; when the Trainer hands over a gathered `state_dict` (FSDP: the rank's own
+    parameters are shards), the rows are taken from it by name."""
     from safetensors.torch import save_file
 
-    save_file(rows.state(), os.path.join(folder, TOKEN_ROWS_FILE))
+    state = rows.state()
+    for key, name in (("embed_tokens", "embedding_rows"), ("lm_head", "head_rows")):
+        gathered = [v for k, v in (state_dict or {}).items() if k.endswith(f"{ATTRIBUTE}.{name}")]
+        if key in state and gathered:
+            state[key] = gathered[0].detach().cpu().contiguous()
+    save_file(state, os.path.join(folder, TOKEN_ROWS_FILE))
 
 
 def _load(folder: str) -> dict | None:

@@ -162,7 +162,7 @@ class CrystalTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         rows = new_token_rows_of(unwrap_distributed(self.model))
         if rows is not None and self.args.should_save:
-            save_token_rows(rows, output_dir)
+            save_token_rows(rows, output_dir, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = model or self.model
