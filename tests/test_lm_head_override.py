@@ -201,3 +201,17 @@ def test_bad_override_names_the_argument(fn, change, match):
             override_ids=prob["override_ids"],
             override_rows=prob["override_rows"],
         )
+
+
+@fused_only
+def test_fused_override_without_targeted_rows_or_pairs():
+    prob = problem()
+    prob["targets"] = torch.full_like(prob["targets"], -100)
+    got = losses_and_grads(lm_head_losses_with_override, prob)
+    want = losses_and_grads(reference.lm_head_losses, prob)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    empty = torch.zeros(0, dtype=torch.long)
+    prob.update(teacher_rows=empty, student_rows=empty, pair_sample=empty)
+    ce, kl, d_hidden, d_rows = losses_and_grads(lm_head_losses_with_override, prob)
+    assert ce == 0 and kl == 0 and d_rows.abs().sum() == 0 and d_hidden.abs().sum() == 0

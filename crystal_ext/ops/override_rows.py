@@ -90,12 +90,10 @@ class _OverrideRows(torch.autograd.Function):
         if bias is not None:
             z = z + bias[ids].to(acc)
         p = (z - lse[:, None]).exp()
-        dz = torch.zeros_like(z)
-        targeted = targets != -100
-        n_targeted = int(targeted.sum())
-        if n_targeted:
-            onehot = (targets[:, None] == ids[None, :]).to(acc)
-            dz = dz + (p - onehot) * targeted[:, None] * (g_ce / n_targeted)
+        targeted = (targets != -100).to(acc)
+        onehot = (targets[:, None] == ids[None, :]).to(acc)
+        # No targeted rows: every term is multiplied by 0 (the clamp only avoids 0 / 0).
+        dz = (p - onehot) * targeted[:, None] * (g_ce / targeted.sum().clamp(min=1))
         if teacher.numel():
             dz = dz.index_add(0, student, coef[:, None] * (p[student] - p[teacher]) * g_kl)
         grad_rows = (dz.T @ h).to(rows.dtype)
