@@ -215,3 +215,23 @@ def test_fused_override_without_targeted_rows_or_pairs():
     prob.update(teacher_rows=empty, student_rows=empty, pair_sample=empty)
     ce, kl, d_hidden, d_rows = losses_and_grads(lm_head_losses_with_override, prob)
     assert ce == 0 and kl == 0 and d_rows.abs().sum() == 0 and d_hidden.abs().sum() == 0
+
+
+@fused_only
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck(bias):
+    prob = problem(bias=bias)
+    args = (
+        prob["hidden"].requires_grad_(),
+        prob["weight"],
+        prob["bias"],
+        prob["targets"],
+        prob["teacher_rows"],
+        prob["student_rows"],
+        prob["pair_sample"],
+        0.5,
+        prob["override_ids"],
+        prob["override_rows"].requires_grad_(),
+        True,
+    )
+    torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_override_fwd.default, args)

@@ -15,11 +15,13 @@ p_r = softmax(z_r) and the op's saved lse_r, for override column j,
 (c_i the pair coefficients of the top-k selection): [N, n] work instead of the [N, V] sweep
 of the weight gradient.
 
-`lm_head_losses_with_override` runs the compiled op, which has no override arguments of its
-own: the n rows are written into the weight for the duration of the forward call and the old
-rows are put back right after (n x Hd values moved, the weight is not copied). The op's forward
-already returns d loss / d hidden computed with the override rows in place, and its saved lse
-and pair coefficients give the row gradient above. The plain-PyTorch twin is
+`lm_head_losses_with_override` runs the custom op `crystal_ext::lm_head_losses_override_fwd`
+(fake kernel and autograd registered, so opcheck and torch.compile apply) over the compiled
+`lm_head_losses_fwd`, which has no override arguments of its own: the n rows are written into
+the weight for the duration of the call and the old rows are put back right after (n x Hd
+values moved, the weight is not copied). The compiled forward already returns d loss / d hidden
+computed with the override rows in place, and its saved lse and pair coefficients give the row
+gradient above. The plain-PyTorch twin is
 `crystal_ext.ops.reference.lm_head_losses(..., override_ids=, override_rows=)`.
 """
 
@@ -56,48 +58,92 @@ def check_override(weight: torch.Tensor, override_ids, override_rows, op: str) -
     return True
 
 
-class _OverrideRows(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, hidden, override_rows, weight, bias, targets, teacher, student, sample, topk, ids, grads
-    ):
-        # Written through .data: the write is undone before anything reads the weight again,
-        # and must not bump the version counter that the weight shares with its base (under
-        # FSDP the head and the trained rows are views of one flat parameter, and autograd
-        # would then reject every saved view of it).
-        storage = weight.data
-        with torch.no_grad():
-            kept = storage[ids].clone()
-            storage[ids] = override_rows.detach().to(weight.dtype)
-            try:
-                ce, kl, grad_ce, grad_kl, lse, coef = torch.ops.crystal_ext.lm_head_losses_fwd(
-                    hidden, storage, bias, targets, teacher, student, sample, float(topk), grads
-                )
-            finally:
-                storage[ids] = kept
-        ctx.save_for_backward(
-            hidden, override_rows, bias, targets, teacher, student, ids, grad_ce, grad_kl, lse, coef
-        )
-        return ce, kl
+_OP = "crystal_ext::lm_head_losses_override_fwd"
 
-    @staticmethod
-    def backward(ctx, g_ce, g_kl):
-        hidden, rows, bias, targets, teacher, student, ids, grad_ce, grad_kl, lse, coef = ctx.saved_tensors
-        acc = lse.dtype
+
+@torch.library.custom_op(_OP, mutates_args=())
+def _override_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    teacher_rows: torch.Tensor,
+    student_rows: torch.Tensor,
+    pair_sample: torch.Tensor,
+    topk_fraction: float,
+    override_ids: torch.Tensor,
+    override_rows: torch.Tensor,
+    grad_hidden: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The compiled forward with the override rows written into the weight for the call:
+    (ce, kl, d ce / d hidden, d kl / d hidden, lse, pair coefficients), as lm_head_losses_fwd."""
+    # Written through .data and put back before returning: the weight is unchanged for every
+    # reader, and its version counter (shared with its base: under FSDP the head and the
+    # trained rows are views of one flat parameter) is not bumped, which would make autograd
+    # reject every saved view of that base.
+    storage = weight.data
+    with torch.no_grad():
+        kept = storage[override_ids].clone()
+        storage[override_ids] = override_rows.detach().to(weight.dtype)
+        try:
+            out = torch.ops.crystal_ext.lm_head_losses_fwd(
+                hidden, storage, bias, targets, teacher_rows, student_rows, pair_sample,
+                topk_fraction, grad_hidden,
+            )  # fmt: skip
+        finally:
+            storage[override_ids] = kept
+    return tuple(out)
+
+
+@_override_forward.register_fake
+def _override_forward_fake(
+    hidden, weight, bias, targets, teacher_rows, student_rows, pair_sample, topk_fraction, ids, rows, grads
+):
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    grad_shape = tuple(hidden.shape) if grads else (0,)
+    return (
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty(grad_shape, dtype=acc),
+        hidden.new_empty(grad_shape, dtype=acc),
+        hidden.new_empty((hidden.shape[0],), dtype=acc),
+        hidden.new_empty((teacher_rows.shape[0],), dtype=acc),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, _weight, bias, targets, teacher, student, _sample, _topk, ids, rows, _grads = inputs
+    _ce, _kl, grad_ce, grad_kl, lse, coef = output
+    ctx.save_for_backward(hidden, rows, bias, targets, teacher, student, ids, grad_ce, grad_kl, lse, coef)
+
+
+def _backward(ctx, g_ce, g_kl, *_unused):
+    hidden, rows, bias, targets, teacher, student, ids, grad_ce, grad_kl, lse, coef = ctx.saved_tensors
+    acc = lse.dtype
+    grad_hidden = None
+    if ctx.needs_input_grad[0]:
+        if grad_ce.numel() == 0:
+            raise RuntimeError(
+                "lm_head_losses: hidden did not require grad when the forward ran, so its "
+                "gradient was not prepared; set requires_grad before calling the op"
+            )
         grad_hidden = (g_ce * grad_ce + g_kl * grad_kl).to(hidden.dtype)
-        h = hidden.to(acc)
-        z = h @ rows.to(hidden.dtype).to(acc).T  # [N, n]: the override columns of the logits
-        if bias is not None:
-            z = z + bias[ids].to(acc)
-        p = (z - lse[:, None]).exp()
-        targeted = (targets != -100).to(acc)
-        onehot = (targets[:, None] == ids[None, :]).to(acc)
-        # No targeted rows: every term is multiplied by 0 (the clamp only avoids 0 / 0).
-        dz = (p - onehot) * targeted[:, None] * (g_ce / targeted.sum().clamp(min=1))
-        if teacher.numel():
-            dz = dz.index_add(0, student, coef[:, None] * (p[student] - p[teacher]) * g_kl)
-        grad_rows = (dz.T @ h).to(rows.dtype)
-        return grad_hidden, grad_rows, None, None, None, None, None, None, None, None, None
+    h = hidden.to(acc)
+    z = h @ rows.to(hidden.dtype).to(acc).T  # [N, n]: the override columns of the logits
+    if bias is not None:
+        z = z + bias[ids].to(acc)
+    p = (z - lse[:, None]).exp()
+    targeted = (targets != -100).to(acc)
+    onehot = (targets[:, None] == ids[None, :]).to(acc)
+    # No targeted rows: every term is multiplied by 0 (the clamp only avoids 0 / 0).
+    dz = (p - onehot) * targeted[:, None] * (g_ce / targeted.sum().clamp(min=1))
+    if teacher.numel():
+        dz = dz.index_add(0, student, coef[:, None] * (p[student] - p[teacher]) * g_kl)
+    grad_rows = (dz.T @ h).to(rows.dtype) if ctx.needs_input_grad[9] else None
+    return grad_hidden, None, None, None, None, None, None, None, None, grad_rows, None
+
+
+_override_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lm_head_losses_with_override(
@@ -123,16 +169,18 @@ def lm_head_losses_with_override(
             hidden, weight, targets, teacher_rows, student_rows, pair_sample, topk_fraction, bias
         )
     _extension.require_fused("lm_head_losses", hidden, weight)
-    return _OverrideRows.apply(
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or override_rows.requires_grad)
+    ce, kl, *_ = _override_forward(
         hidden,
-        override_rows,
         weight,
         bias,
         targets,
         teacher_rows,
         student_rows,
         pair_sample,
-        topk_fraction,
+        float(topk_fraction),
         override_ids,
-        torch.is_grad_enabled() and (hidden.requires_grad or override_rows.requires_grad),
+        override_rows,
+        grads,
     )
+    return ce, kl
