@@ -25,7 +25,7 @@ from dataclasses import asdict
 
 import torch
 
-from crystal_ext.data.packing import DualPathCollator, DualPathPacker, model_rope_index
+from crystal_ext.data.packing import DualPathCollator, DualPathPacker
 from crystal_ext.data.records import load_examples
 from crystal_ext.data.synthetic import SyntheticVQA
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
@@ -96,8 +96,14 @@ def build_model(cargs, targs):
         tok = tiny_tokenizer()
         latent = add_latent_tokens(tok, None, k=cargs.num_latent_tokens)  # before the model: sized to fit
         return tiny_model(tok, seed=targs.seed), tiny_processor(tok, cargs.image_size), latent
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from crystal_ext.model.families import UnsupportedModel, family_of
+
+    try:  # refused before any weight is loaded
+        family_of(AutoConfig.from_pretrained(cargs.model))
+    except UnsupportedModel as exc:
+        _fail(f"--model {cargs.model}: {exc}")
     # Mixed precision keeps fp32 master weights only if the model is loaded in fp32; with bf16
     # on a GPU the published recipe trains LoRA on bf16 weights (the adapter itself stays fp32).
     dtype = torch.bfloat16 if targs.bf16 else torch.float16 if targs.fp16 else torch.float32
@@ -245,9 +251,9 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     model, base_model, token_rows, no_decay = make_trainable(model, latent, cargs, targs)
     train_set, held_out = build_datasets(cargs)
     packer = DualPathPacker(
-        processor.tokenizer,
+        processor,
         latent,
-        model_rope_index(model),
+        model,
         cargs.corruption_config(),
         seed=targs.seed,
         image_size=cargs.image_size,

@@ -101,8 +101,10 @@ class Family:
         """The model's image keyword arguments for several groups (in sequence order)."""
         return {k: torch.cat([g[k] for g in groups]) for k in groups[0]}
 
-    def image_grid(self, group: dict, n_tokens: int) -> tuple[int, int]:
-        """(rows, cols) to draw the first image's `n_tokens` image tokens as a map: the largest square."""
+    def image_grid(self, config, group: dict, n_tokens: int) -> tuple[int, int]:
+        """(rows, cols) of the first image's tokens drawn as a map, given the `n_tokens` image tokens
+        of the intact images (in order): the largest square (the base image's features come
+        first in LLaVA-OneVision, the image's own in Idefics3 without splitting)."""
         side = max(1, int(n_tokens**0.5))
         return side, side
 

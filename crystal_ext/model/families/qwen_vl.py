@@ -65,7 +65,7 @@ class QwenVLFamily(Family):
     def image_inputs(self, processed):
         return {"pixel_values": processed["pixel_values"], "image_grid_thw": processed["image_grid_thw"]}
 
-    def image_grid(self, group, n_tokens):
+    def image_grid(self, config, group, n_tokens):
         _, h, w = group["image_grid_thw"][0].tolist()
-        merge = int((h * w // max(n_tokens, 1)) ** 0.5) or 1
+        merge = config.vision_config.spatial_merge_size
         return h // merge, w // merge
