@@ -26,7 +26,7 @@ from dataclasses import asdict
 import torch
 
 from crystal_ext.data.packing import DualPathCollator, DualPathPacker
-from crystal_ext.data.records import load_examples
+from crystal_ext.data.records import check_dataset, load_examples
 from crystal_ext.data.synthetic import SyntheticVQA
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
 from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora, train_new_rows_only
@@ -147,10 +147,13 @@ def build_datasets(cargs, data_seed: int = 0):
 
         return synthetic(cargs.train_examples, "train"), synthetic(cargs.eval_examples, "test")
     train = load_examples(cargs.data, cargs.image_folder)
+    report = train.report = check_dataset(train, "--data")
+    _log(f"--data: {report['usable']} of {report['records']} records usable, {report['skipped']} skipped")
     held_out = None
     if cargs.eval_data:
         split = "test" if os.path.isdir(cargs.eval_data) else "train"
         held_out = load_examples(cargs.eval_data, cargs.image_folder, split=split)
+        check_dataset(held_out, "--eval_data")
     return train, held_out
 
 
@@ -246,10 +249,13 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         torch.set_num_threads(cargs.cpu_threads)
     register_dual_path_attention()
 
+    try:  # the data is checked before any model is built
+        train_set, held_out = build_datasets(cargs)
+    except ValueError as exc:
+        _fail(str(exc))
     _log(f"building {'the embedded tiny model' if cargs.tiny else cargs.model}")
     model, processor, latent = build_model(cargs, targs)
     model, base_model, token_rows, no_decay = make_trainable(model, latent, cargs, targs)
-    train_set, held_out = build_datasets(cargs)
     packer = DualPathPacker(
         processor,
         latent,
@@ -272,6 +278,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     summary["checkpoints"] = sorted(
         os.path.join(out, n) for n in os.listdir(out) if n.startswith("checkpoint-")
     )
+    summary["skipped_records"] = getattr(train_set, "report", {}).get("skipped", 0)
     summary["metrics"] = os.path.join(out, "metrics.jsonl")
     summary["tensorboard"] = os.environ["TENSORBOARD_LOGGING_DIR"]
     summary["wall_seconds"] = round(time.monotonic() - started, 1)
@@ -282,6 +289,8 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
 def print_summary(s: dict) -> None:
     stopped = ", stopped by the time budget" if s.get("stopped_by_time_budget_at") else ""
     lines = ["", f"done in {s['wall_seconds']:.0f} s ({s['global_step']} steps{stopped})"]
+    if s.get("skipped_records"):
+        lines.append(f"skipped records: {s['skipped_records']} (each warned about before training)")
     if "accuracy_intact" in s:
         lines.append(
             f"held-out accuracy ({s['eval_examples']} examples, greedy, intact path): "

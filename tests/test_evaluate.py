@@ -50,8 +50,8 @@ def test_lora_run_saves_adapter_and_token_rows(lora_run):
 def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from crystal_ext.data.synthetic import SyntheticVQA
     from crystal_ext.data.chat import render
+    from crystal_ext.data.synthetic import SyntheticVQA
     from crystal_ext.training.evaluation import load_trained
 
     merged = tmp_path / "merged"
@@ -94,9 +94,9 @@ def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
 
 
 def test_extract_answer_and_prompt():
-    from crystal_ext.model.latent_tokens import add_latent_tokens
     from crystal_ext.data.chat import render
     from crystal_ext.data.example import Example
+    from crystal_ext.model.latent_tokens import add_latent_tokens
     from crystal_ext.training.evaluation import extract_answer
     from crystal_ext.training.tiny_model import tiny_tokenizer
 

@@ -229,7 +229,7 @@ def merge(model, processor, folder: str) -> str:
 
 
 def eval_dataset(config: dict, data: str | None, n: int | None):
-    from crystal_ext.data.records import load_examples
+    from crystal_ext.data.records import check_dataset, load_examples
     from crystal_ext.data.synthetic import SyntheticVQA
 
     data = data or config.get("eval_data")
@@ -237,6 +237,7 @@ def eval_dataset(config: dict, data: str | None, n: int | None):
         ds = load_examples(data, config.get("image_folder"), split="test" if os.path.isdir(data) else "train")
         if n is not None and n < len(ds):
             ds.records = ds.records[:n] if isinstance(ds.records, list) else ds.records.select(range(n))
+        check_dataset(ds, "--data")
         return ds
     if config.get("data"):
         raise ValueError("this run trained on --data without --eval_data: pass --data HELD_OUT_FILE")
