@@ -108,6 +108,13 @@ def test_train_from_a_saved_folder_lowers_the_loss(family, tmp_path):
     assert result["n"] == 12
     assert list((out / "pictures").glob("*.png"))
     assert "held-out accuracy" in proc.stdout
+    # crystal_ext.evaluate on the run, and --merge to a stock model that plain from_pretrained loads
+    merged = tmp_path / "merged"
+    run(["--model", str(out), "--data", data, "--merge", str(merged)], module="crystal_ext.evaluate", timeout=300)
+    from transformers import AutoModelForImageTextToText
+
+    plain = AutoModelForImageTextToText.from_pretrained(merged)
+    assert plain.config.model_type == family and not any("lora" in n for n, _ in plain.named_parameters())
 
 
 def test_a_refused_model_type_stops_before_loading(tmp_path):

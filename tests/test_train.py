@@ -227,11 +227,12 @@ def test_defaults_follow_the_recipe_for_a_real_model(tmp_path):
         1,
         1,
     )
+    # images keep the processor's own size unless --image_size is given (448: the published recipe)
     assert (cargs.corruption, cargs.blur_radius_min, cargs.blur_radius_max, cargs.image_size) == (
         "blur",
         2,
         5,
-        448,
+        None,
     )
     assert targs.learning_rate == 2e-4 and targs.lr_scheduler_type == "cosine" and targs.warmup_steps == 0.05
     assert targs.weight_decay == 0.1 and targs.max_steps == 4000 and targs.per_device_train_batch_size == 1
