@@ -110,7 +110,11 @@ def test_train_from_a_saved_folder_lowers_the_loss(family, tmp_path):
     assert "held-out accuracy" in proc.stdout
     # crystal_ext.evaluate on the run, and --merge to a stock model that plain from_pretrained loads
     merged = tmp_path / "merged"
-    run(["--model", str(out), "--data", data, "--merge", str(merged)], module="crystal_ext.evaluate", timeout=300)
+    run(
+        ["--model", str(out), "--data", data, "--merge", str(merged)],
+        module="crystal_ext.evaluate",
+        timeout=300,
+    )
     from transformers import AutoModelForImageTextToText
 
     plain = AutoModelForImageTextToText.from_pretrained(merged)

@@ -170,6 +170,8 @@ def test_sigkill_during_save_then_resume_reaches_the_same_loss(tmp_path):
         (["--corruption", "smear"], "--corruption must be one of"),
         (["--topk_fraction", "0"], "--topk_fraction must be in (0, 1]"),
         (["--lambda_attn", "-1"], "--lambda_attn must be >= 0"),
+        (["--learning_rate", "-1"], "--learning_rate must be > 0"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
         (["--image_size", "100"], "multiple of 28"),
         (["--blur_radius_min", "6"], "--blur_radius_min/--blur_radius_max"),
         (["--data", "/nonexistent/train.json"], "no such file"),

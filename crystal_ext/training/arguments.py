@@ -278,6 +278,11 @@ def validate(cargs: CrystalArguments, targs) -> None:
         bad(f"--max_train_minutes must be > 0, got {cargs.max_train_minutes}")
     if cargs.cpu_threads is not None and cargs.cpu_threads < 1:
         bad(f"--cpu_threads must be >= 1, got {cargs.cpu_threads}")
+    if targs.learning_rate <= 0:
+        bad(f"--learning_rate must be > 0, got {targs.learning_rate}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(targs, name) < 1:
+            bad(f"--{name} must be >= 1, got {getattr(targs, name)}")
     if cargs.max_length < 16:
         bad(f"--max_length must be >= 16, got {cargs.max_length}")
     if targs.max_steps <= 0 and cargs.data is None:
