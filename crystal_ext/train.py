@@ -256,6 +256,16 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     _log(f"building {'the embedded tiny model' if cargs.tiny else cargs.model}")
     model, processor, latent = build_model(cargs, targs)
     model, base_model, token_rows, no_decay = make_trainable(model, latent, cargs, targs)
+    if cargs.tiny and cargs.data is not None:
+        from crystal_ext.training.tiny_model import unknown_words
+
+        bad, seen, words = unknown_words(processor.tokenizer, train_set)
+        if bad:
+            _log(
+                f"warning: the embedded tiny model's word-level tokenizer does not know words of {bad} of "
+                f"the first {seen} records (e.g. {', '.join(words)}): they become <unk>. Pass --model "
+                "with a real model for real data."
+            )
     packer = DualPathPacker(
         processor,
         latent,

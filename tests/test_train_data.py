@@ -216,3 +216,15 @@ def test_data_check_names_file_and_line_and_stops_on_mostly_bad_data(tmp_path):
     path.write_text("\n".join([json.dumps(good)] + lines[4:]))
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="--data: 3 of 4 records cannot be used"):
         check_dataset(load_examples(str(path)))
+
+
+def test_unknown_words_of_the_tiny_tokenizer_are_found():
+    from crystal_ext.data.example import Example
+    from crystal_ext.training.tiny_model import tiny_tokenizer, unknown_words
+
+    tok = tiny_tokenizer()
+    examples = [
+        Example("a", None, "what shape is in the image ?", "circle"),
+        Example("b", None, "zebra ?", "x"),
+    ]
+    assert unknown_words(tok, examples) == (1, 2, ["x", "zebra"])

@@ -171,3 +171,20 @@ def tiny_model(tokenizer, seed: int = 0, attn_implementation: str = "sdpa"):
     return Qwen2_5_VLForConditionalGeneration._from_config(
         config, attn_implementation=attn_implementation, dtype=torch.float32
     )
+
+
+def unknown_words(tokenizer, examples, limit: int = 200) -> tuple[int, int, list[str]]:
+    """(examples with words the word-level tokenizer does not know, examples looked at, a few such
+    words) over the first `limit` examples: the embedded tokenizer knows only the synthetic task's
+    words, and turns every other word into <unk>."""
+    unk, bad, seen, words = tokenizer.unk_token_id, 0, 0, []
+    for i in range(min(limit, len(examples))):
+        ex = examples[i]
+        text = f"{ex.question} {ex.answer or ''}"
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        seen += 1
+        if unk in ids:
+            bad += 1
+            pieces = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+            words += [w for w, _ in pieces if tokenizer.convert_tokens_to_ids(w) == unk][:3]
+    return bad, seen, sorted(set(words))[:10]
