@@ -240,3 +240,22 @@ def test_an_unlisted_model_with_sliding_window_layers_is_refused():
     with pytest.raises(UnsupportedModel, match="newvlm.*sliding_attention"):
         family_of(config)
     assert family_of(SimpleNamespace(model_type="newvlm2", layer_types=["full_attention"])).position_rows == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_baseline_is_plain_sft_on_the_intact_path(family):
+    """--no_crystal: CE of the intact path [A, C, D, E] with the intact images alone equals the
+    stock model's own forward (its own attention and its own position numbering)."""
+    model, _, batch = _setup(family)
+    base = crystal_objective(model, batch, ObjectiveConfig(crystal=False, lm_head_losses="reference"))
+    single = intact_path_batch(batch)
+    stock = copy.deepcopy(model)
+    stock.set_attn_implementation("eager")
+    extra = {}
+    if hasattr(backbone_and_head(stock)[1], "get_rope_index"):
+        extra["mm_token_type_ids"] = (single["input_ids"] == stock.config.image_token_id).long()
+    logits = stock(
+        input_ids=single["input_ids"], attention_mask=single["attention_mask"], **single["images"], **extra
+    ).logits
+    want = Fn.cross_entropy(logits.flatten(0, 1), single["targets"].flatten(), ignore_index=IGNORE)
+    assert _relative_error(base.ce, want) < 1e-9 and base.kl_pred == 0 and base.kl_attn == 0
