@@ -288,7 +288,11 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     summary["checkpoints"] = sorted(
         os.path.join(out, n) for n in os.listdir(out) if n.startswith("checkpoint-")
     )
-    summary["skipped_records"] = getattr(train_set, "report", {}).get("skipped", 0)
+    report = getattr(train_set, "report", None)
+    summary["skipped_records"] = report["skipped"] if report else 0
+    if report:  # the data check's counts, next to the training log
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": summary["global_step"], "data_check": report}) + "\n")
     summary["metrics"] = os.path.join(out, "metrics.jsonl")
     summary["tensorboard"] = os.environ["TENSORBOARD_LOGGING_DIR"]
     summary["wall_seconds"] = round(time.monotonic() - started, 1)

@@ -101,6 +101,9 @@ def test_train_from_a_saved_folder_lowers_the_loss(family, tmp_path):
         timeout=600,
     )
     losses = [r["loss"] for r in metrics(out) if "loss" in r]
+    assert [r["data_check"] for r in metrics(out) if "data_check" in r] == [
+        {"records": 12, "usable": 12, "skipped": 0}
+    ]
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     print(f"\n{family}: loss {first:.2f} -> {last:.2f} over {len(losses)} steps")
     assert len(losses) == 20 and last < 0.8 * first
