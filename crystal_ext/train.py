@@ -25,8 +25,8 @@ from dataclasses import asdict
 
 import torch
 
-from crystal_ext.data.packing import DualPathCollator, DualPathPacker, model_rope_index
-from crystal_ext.data.records import load_examples
+from crystal_ext.data.packing import DualPathCollator, DualPathPacker
+from crystal_ext.data.records import check_dataset, load_examples
 from crystal_ext.data.synthetic import SyntheticVQA
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
 from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora, train_new_rows_only
@@ -96,8 +96,14 @@ def build_model(cargs, targs):
         tok = tiny_tokenizer()
         latent = add_latent_tokens(tok, None, k=cargs.num_latent_tokens)  # before the model: sized to fit
         return tiny_model(tok, seed=targs.seed), tiny_processor(tok, cargs.image_size), latent
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from crystal_ext.model.families import UnsupportedModel, family_of
+
+    try:  # refused before any weight is loaded
+        family_of(AutoConfig.from_pretrained(cargs.model))
+    except UnsupportedModel as exc:
+        _fail(f"--model {cargs.model}: {exc}")
     # Mixed precision keeps fp32 master weights only if the model is loaded in fp32; with bf16
     # on a GPU the published recipe trains LoRA on bf16 weights (the adapter itself stays fp32).
     dtype = torch.bfloat16 if targs.bf16 else torch.float16 if targs.fp16 else torch.float32
@@ -141,10 +147,13 @@ def build_datasets(cargs, data_seed: int = 0):
 
         return synthetic(cargs.train_examples, "train"), synthetic(cargs.eval_examples, "test")
     train = load_examples(cargs.data, cargs.image_folder)
+    report = train.report = check_dataset(train, "--data")
+    _log(f"--data: {report['usable']} of {report['records']} records usable, {report['skipped']} skipped")
     held_out = None
     if cargs.eval_data:
         split = "test" if os.path.isdir(cargs.eval_data) else "train"
         held_out = load_examples(cargs.eval_data, cargs.image_folder, split=split)
+        check_dataset(held_out, "--eval_data")
     return train, held_out
 
 
@@ -240,14 +249,27 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         torch.set_num_threads(cargs.cpu_threads)
     register_dual_path_attention()
 
+    try:  # the data is checked before any model is built
+        train_set, held_out = build_datasets(cargs)
+    except ValueError as exc:
+        _fail(str(exc))
     _log(f"building {'the embedded tiny model' if cargs.tiny else cargs.model}")
     model, processor, latent = build_model(cargs, targs)
     model, base_model, token_rows, no_decay = make_trainable(model, latent, cargs, targs)
-    train_set, held_out = build_datasets(cargs)
+    if cargs.tiny and cargs.data is not None:
+        from crystal_ext.training.tiny_model import unknown_words
+
+        bad, seen, words = unknown_words(processor.tokenizer, train_set)
+        if bad:
+            _log(
+                f"warning: the embedded tiny model's word-level tokenizer does not know words of {bad} of "
+                f"the first {seen} records (e.g. {', '.join(words)}): they become <unk>. Pass --model "
+                "with a real model for real data."
+            )
     packer = DualPathPacker(
-        processor.tokenizer,
+        processor,
         latent,
-        model_rope_index(model),
+        model,
         cargs.corruption_config(),
         seed=targs.seed,
         image_size=cargs.image_size,
@@ -266,6 +288,11 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     summary["checkpoints"] = sorted(
         os.path.join(out, n) for n in os.listdir(out) if n.startswith("checkpoint-")
     )
+    report = getattr(train_set, "report", None)
+    summary["skipped_records"] = report["skipped"] if report else 0
+    if report:  # the data check's counts, next to the training log
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": summary["global_step"], "data_check": report}) + "\n")
     summary["metrics"] = os.path.join(out, "metrics.jsonl")
     summary["tensorboard"] = os.environ["TENSORBOARD_LOGGING_DIR"]
     summary["wall_seconds"] = round(time.monotonic() - started, 1)
@@ -276,6 +303,8 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
 def print_summary(s: dict) -> None:
     stopped = ", stopped by the time budget" if s.get("stopped_by_time_budget_at") else ""
     lines = ["", f"done in {s['wall_seconds']:.0f} s ({s['global_step']} steps{stopped})"]
+    if s.get("skipped_records"):
+        lines.append(f"skipped records: {s['skipped_records']} (each warned about before training)")
     if "accuracy_intact" in s:
         lines.append(
             f"held-out accuracy ({s['eval_examples']} examples, greedy, intact path): "

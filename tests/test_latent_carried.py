@@ -10,11 +10,11 @@ import torch
 import crystal_ext
 from crystal_ext.data.corruption import CorruptionConfig
 from crystal_ext.data.example import Example
-from crystal_ext.data.packing import DualPathCollator, DualPathPacker, model_rope_index
+from crystal_ext.data.packing import DualPathCollator, DualPathPacker
 from crystal_ext.data.synthetic import SyntheticVQA
 from crystal_ext.model.latent_tokens import add_latent_tokens
 from crystal_ext.training import latent_carried
-from crystal_ext.training.tiny_model import tiny_model, tiny_tokenizer
+from crystal_ext.training.tiny_model import tiny_model, tiny_processor, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason="the dual-path forward runs the fused alignment loss"
@@ -30,7 +30,15 @@ def _setup():
     tok = tiny_tokenizer()
     latent = add_latent_tokens(tok, None, k=4)
     model = tiny_model(tok, seed=3).eval()
-    packer = DualPathPacker(tok, latent, model_rope_index(model), BLACK_OUT, image_size=112, max_length=512)
+    packer = DualPathPacker(
+        tiny_processor(tok, 112),
+        latent,
+        model,
+        BLACK_OUT,
+        image_size=112,
+        max_length=512,
+        system="you are a helpful assistant .",
+    )
     return tok, model, packer
 
 

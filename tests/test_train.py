@@ -170,6 +170,8 @@ def test_sigkill_during_save_then_resume_reaches_the_same_loss(tmp_path):
         (["--corruption", "smear"], "--corruption must be one of"),
         (["--topk_fraction", "0"], "--topk_fraction must be in (0, 1]"),
         (["--lambda_attn", "-1"], "--lambda_attn must be >= 0"),
+        (["--learning_rate", "-1"], "--learning_rate must be > 0"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
         (["--image_size", "100"], "multiple of 28"),
         (["--blur_radius_min", "6"], "--blur_radius_min/--blur_radius_max"),
         (["--data", "/nonexistent/train.json"], "no such file"),
@@ -227,11 +229,12 @@ def test_defaults_follow_the_recipe_for_a_real_model(tmp_path):
         1,
         1,
     )
+    # images keep the processor's own size unless --image_size is given (448: the published recipe)
     assert (cargs.corruption, cargs.blur_radius_min, cargs.blur_radius_max, cargs.image_size) == (
         "blur",
         2,
         5,
-        448,
+        None,
     )
     assert targs.learning_rate == 2e-4 and targs.lr_scheduler_type == "cosine" and targs.warmup_steps == 0.05
     assert targs.weight_decay == 0.1 and targs.max_steps == 4000 and targs.per_device_train_batch_size == 1

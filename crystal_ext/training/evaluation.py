@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from crystal_ext.data.chat import prompt_text
+from crystal_ext.data.chat import render, turn_end
 
 CONFIG_FILE = "crystal_config.json"
 
@@ -49,7 +49,7 @@ def extract_answer(tokenizer, ids: list[int]) -> str | None:
         ids = ids[: ids.index(close_id)]
     else:  # cut off: the answer ends with the turn (<|im_end|>) or the batch padding after it
         ends = {
-            tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            end_of_turn_id(tokenizer),
             tokenizer.eos_token_id,
             tokenizer.pad_token_id,
         } - {None}
@@ -57,19 +57,37 @@ def extract_answer(tokenizer, ids: list[int]) -> str | None:
     return tokenizer.decode(ids, skip_special_tokens=False).strip().lower()
 
 
+def end_of_turn_id(tokenizer_or_processor) -> int | None:
+    """The token the chat template ends an assistant turn with (e.g. <|im_end|>)."""
+    tok = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
+    try:
+        text = turn_end(tokenizer_or_processor)
+    except ValueError:
+        return tok.eos_token_id
+    ids = tok(text, add_special_tokens=False).input_ids
+    return ids[0] if ids else tok.eos_token_id
+
+
 @torch.no_grad()
 def generate_answers(
-    model, processor, images, questions, system: str, max_new_tokens: int
+    model, processor, images, questions, system: str, max_new_tokens: int, examples=None
 ) -> list[list[int]]:
+    """Greedy answers; `images[i]` is one image or the list of an example's images; the prompt is
+    the processor's chat template over `examples[i]`'s turns (default: one image, `questions[i]`)."""
+    from crystal_ext.data.example import Example
+
     tok = processor.tokenizer
+    if examples is None:
+        examples = [Example(str(i), im, q, None) for i, (im, q) in enumerate(zip(images, questions))]
     side = tok.padding_side
     tok.padding_side = "left"  # batched greedy decoding continues every row at its real end
     try:
         inputs = processor(
-            text=[prompt_text(system, q) for q in questions],
-            images=list(images),
+            text=[render(processor, e.prompt_messages(system)) for e in examples],
+            images=[im if isinstance(im, list) else [im] for im in images],
             return_tensors="pt",
             padding=True,
+            add_special_tokens=False,
         )
     finally:
         tok.padding_side = side
@@ -81,7 +99,7 @@ def generate_answers(
         do_sample=False,
         num_beams=1,
         pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        eos_token_id=end_of_turn_id(processor),
     )
     return out[:, inputs["input_ids"].shape[1] :].tolist()
 
@@ -92,7 +110,7 @@ def evaluate_model(
     dataset,
     *,
     system: str,
-    image_size: int,
+    image_size: int | None,
     num_latent_tokens: int,
     blur_radius=(2.0, 5.0),
     seed: int = 0,
@@ -104,6 +122,11 @@ def evaluate_model(
     from PIL import Image
 
     from crystal_ext.data.corruption import CorruptionConfig, corrupt
+    from crystal_ext.data.packing import corruption_key
+
+    def _load(source, size):
+        image = (source if isinstance(source, Image.Image) else Image.open(source)).convert("RGB")
+        return image if size is None else image.resize((size, size), Image.BICUBIC)
 
     blur = CorruptionConfig(kind="blur", blur_radius=tuple(blur_radius))
     tok = processor.tokenizer
@@ -120,17 +143,15 @@ def evaluate_model(
             exs = [e for e in exs if e.image is not None and e.answer is not None]
             if not exs:
                 continue
-            intact = [
-                (e.image if isinstance(e.image, Image.Image) else Image.open(e.image))
-                .convert("RGB")
-                .resize((image_size, image_size), Image.BICUBIC)
-                for e in exs
+            intact = [[_load(source, image_size) for source in e.images] for e in exs]
+            blurred = [
+                [corrupt(im, blur, seed, corruption_key(e.key, i, len(ims))) for i, im in enumerate(ims)]
+                for ims, e in zip(intact, exs)
             ]
-            blurred = [corrupt(im, blur, seed, e.key) for im, e in zip(intact, exs)]
             questions = [e.question for e in exs]
             got = {}
             for name, images in (("intact", intact), ("blurred", blurred)):
-                outs = generate_answers(model, processor, images, questions, system, max_new)
+                outs = generate_answers(model, processor, images, questions, system, max_new, examples=exs)
                 got[name] = [extract_answer(tok, o) for o in outs]
             for i, e in enumerate(exs):
                 gold = _normalise(tok, e.answer)
@@ -208,7 +229,7 @@ def merge(model, processor, folder: str) -> str:
 
 
 def eval_dataset(config: dict, data: str | None, n: int | None):
-    from crystal_ext.data.records import load_examples
+    from crystal_ext.data.records import check_dataset, load_examples
     from crystal_ext.data.synthetic import SyntheticVQA
 
     data = data or config.get("eval_data")
@@ -216,6 +237,7 @@ def eval_dataset(config: dict, data: str | None, n: int | None):
         ds = load_examples(data, config.get("image_folder"), split="test" if os.path.isdir(data) else "train")
         if n is not None and n < len(ds):
             ds.records = ds.records[:n] if isinstance(ds.records, list) else ds.records.select(range(n))
+        check_dataset(ds, "--data")
         return ds
     if config.get("data"):
         raise ValueError("this run trained on --data without --eval_data: pass --data HELD_OUT_FILE")

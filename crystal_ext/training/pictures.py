@@ -26,6 +26,7 @@ from crystal_ext.model.attention_registration import (
     is_last_layer,
     is_text_decoder_attention,
 )
+from crystal_ext.model.families import family_of
 from crystal_ext.model.parts import backbone_and_head, text_config
 from crystal_ext.ops.layout import Segments, dual_path_mask
 
@@ -100,11 +101,10 @@ def attention_maps(model, batch: dict) -> dict:
     try:
         backbone(
             input_ids=batch["input_ids"][:1],
-            pixel_values=batch["pixel_values"][: int(batch["image_grid_thw"][:2].prod(-1).sum())],
-            image_grid_thw=batch["image_grid_thw"][:2],
-            position_ids=batch["position_ids"][:, :1],
+            position_ids=batch["position_ids"][..., :1, :],
             attention_mask=None,
             use_cache=False,
+            **batch["images"],
             **{LAYOUT_KWARG: batch["layout"][:1], OUTPUTS_KWARG: slot},
         )
     finally:
@@ -122,11 +122,11 @@ def attention_maps(model, batch: dict) -> dict:
     def renorm(m):
         return m / (m.sum(-1, keepdim=True) + 1e-8)
 
-    image_pad = int(base.config.image_token_id)
-    cols = [c for c in seg.span("c") if int(batch["input_ids"][0, c]) == image_pad]
-    thw = batch["image_grid_thw"][1].tolist()
-    merge = base.config.vision_config.spatial_merge_size
-    latent_to_image = probs[latent][:, cols].mean(0).reshape(thw[1] // merge, thw[2] // merge)
+    family = family_of(base)
+    image_tokens = family.image_token_ids(base.config)
+    cols = [c for c in seg.span("c") if int(batch["input_ids"][0, c]) in image_tokens]
+    rows_, cols_ = family.image_grid(base.config, batch["intact_images"], len(cols))  # the first image's map
+    latent_to_image = probs[latent][:, cols[: rows_ * cols_]].mean(0).reshape(rows_, cols_)
     return {
         "intact": renorm(probs[slice(*seg.e), latent]),
         "corrupted": renorm(probs[slice(*seg.f), latent]),
