@@ -238,3 +238,57 @@ def test_defaults_follow_the_recipe_for_a_real_model(tmp_path):
     tiny, ttargs = parse_args(["--output_dir", str(tmp_path / "t")])
     assert not tiny.use_lora and tiny.image_size == 112 and ttargs.learning_rate == 1e-3
     assert tiny.max_train_minutes is not None and ttargs.max_steps > 0
+
+
+def test_evaluation_during_training_is_logged(tmp_path):
+    """--eval_strategy steps: the three accuracies and the attention KL at every --eval_steps, in
+    metrics.jsonl and TensorBoard; the final evaluation reports the latent-carried answers too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    proc = run(
+        [
+            "--max_steps",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "2",
+            "--logging_steps",
+            "2",
+            "--eval_examples",
+            "4",
+            "--num_pictures",
+            "1",
+            "--report_to",
+            "tensorboard",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    names = (
+        "eval_accuracy_intact",
+        "eval_accuracy_blurred",
+        "eval_accuracy_latent_carried",
+        "eval_attention_kl",
+    )
+    evals = [r for r in metrics(out) if "eval_accuracy_intact" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert set(names) <= set(r)
+        assert all(0 <= r[n] <= 1 for n in names[:3]) and r["eval_attention_kl"] > 0
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for n in names:
+        assert n.replace("eval_", "eval/") in tags, tags
+    assert [s.step for s in events.Scalars("eval/accuracy_latent_carried")] == [2, 4]
+    # the final evaluation: per example, the three answers and whether each is right
+    result = json.loads((out / "eval_results.json").read_text())
+    assert {"accuracy_latent_carried", "attention_kl"} <= set(result)
+    for r in result["examples"]:
+        for name in ("intact", "blurred", "latent_carried"):
+            assert name in r and r[f"{name}_correct"] == (r[name] == r["answer"])
+    assert "latent-carried" in proc.stdout and "attention KL" in proc.stdout
