@@ -219,6 +219,7 @@ def train(
         no_decay=no_decay,
         eval_dataset=held_out if evaluating else None,
         evaluator=make_evaluator(cargs, targs, processor, packer, held_out) if evaluating else None,
+        alignment_warmup_steps=round(cargs.alignment_warmup_ratio * max(targs.max_steps, 0)),
     )
     if targs.resume_from_checkpoint:
         _log(f"resuming from {targs.resume_from_checkpoint}")

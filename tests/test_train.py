@@ -177,6 +177,7 @@ def test_sigkill_during_save_then_resume_reaches_the_same_loss(tmp_path):
         (["--model", "crystal-ext-tests/no-such-model"], "hf download"),
         (["--use_lora", "true", "--lora_r", "0"], "--lora_r >= 1"),
         (["--lm_head_losses", "fast"], "fused or reference"),
+        (["--alignment_warmup_ratio", "1.5"], "--alignment_warmup_ratio must be in [0, 1]"),
         (
             ["--task", "stripes_thin"],
             "--task must be one of colour, shape, stripes, stripes_faint, got 'stripes_thin'",
@@ -292,3 +293,14 @@ def test_evaluation_during_training_is_logged(tmp_path):
         for name in ("intact", "blurred", "latent_carried"):
             assert name in r and r[f"{name}_correct"] == (r[name] == r["answer"])
     assert "latent-carried" in proc.stdout and "attention KL" in proc.stdout
+
+
+def test_alignment_warm_up_scales_the_kl_weights():
+    from crystal_ext.model.objective import ObjectiveConfig
+    from crystal_ext.training.trainer import objective_at
+
+    full = ObjectiveConfig(lambda_pred=2.0, lambda_attn=0.5)
+    weights = [(c.lambda_pred, c.lambda_attn) for c in (objective_at(full, s, 4) for s in range(6))]
+    assert weights == [(0.0, 0.0), (0.5, 0.125), (1.0, 0.25), (1.5, 0.375), (2.0, 0.5), (2.0, 0.5)]
+    assert objective_at(full, 0, 0) is full  # no warm-up: the objective as given
+    assert objective_at(full, 1, 4).topk_fraction == full.topk_fraction

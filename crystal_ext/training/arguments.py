@@ -80,6 +80,13 @@ class CrystalArguments:
     blur_radius_max: float = field(default=5.0, metadata={"help": "Gaussian blur radius, upper end."})
     lambda_pred: float = field(default=1.0, metadata={"help": "Weight of the prediction-alignment KL."})
     lambda_attn: float = field(default=1.0, metadata={"help": "Weight of the attention-alignment KL."})
+    alignment_warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of --max_steps over which the KL weights grow linearly from 0 to --lambda_pred / "
+            "--lambda_attn (0: full weight from the first step)."
+        },
+    )
     topk_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of answer rows kept by the top-k KL."}
     )
@@ -252,6 +259,8 @@ def validate(cargs: CrystalArguments, targs) -> None:
     for name in ("lambda_pred", "lambda_attn"):
         if getattr(cargs, name) < 0:
             bad(f"--{name} must be >= 0, got {getattr(cargs, name)}")
+    if not 0 <= cargs.alignment_warmup_ratio <= 1:
+        bad(f"--alignment_warmup_ratio must be in [0, 1], got {cargs.alignment_warmup_ratio}")
     if not 0 < cargs.topk_fraction <= 1:
         bad(f"--topk_fraction must be in (0, 1], got {cargs.topk_fraction}")
     if cargs.image_size <= 0 or cargs.image_size % 28:
