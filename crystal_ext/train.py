@@ -199,11 +199,7 @@ def train(
 ):
     """(trained model, summary) of one Trainer run; the final model is saved at the top of the output folder."""
     out = targs.output_dir
-    evaluating = targs.eval_strategy not in (None, "no")
-    if evaluating and (held_out is None or not len(held_out)):
-        _fail(
-            f"--eval_strategy {targs.eval_strategy} needs held-out examples (--eval_examples > 0, or --eval_data)"
-        )
+    evaluating = targs.eval_strategy not in (None, "no") and held_out is not None and len(held_out) > 0
     budget = TimeBudgetCallback(cargs.max_train_minutes) if cargs.max_train_minutes else None
     callbacks = [JsonlMetricsCallback(os.path.join(out, "metrics.jsonl"))] + ([budget] if budget else [])
     collator = _SkipAwareCollator(DualPathCollator(packer, processor.tokenizer.pad_token_id))

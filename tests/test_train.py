@@ -178,6 +178,7 @@ def test_sigkill_during_save_then_resume_reaches_the_same_loss(tmp_path):
         (["--use_lora", "true", "--lora_r", "0"], "--lora_r >= 1"),
         (["--lm_head_losses", "fast"], "fused or reference"),
         (["--alignment_warmup_ratio", "1.5"], "--alignment_warmup_ratio must be in [0, 1]"),
+        (["--eval_strategy", "steps", "--eval_examples", "0"], "evaluates on held-out examples"),
         (
             ["--task", "stripes_thin"],
             "--task must be one of colour, shape, stripes, stripes_faint, got 'stripes_thin'",

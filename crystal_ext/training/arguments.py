@@ -282,6 +282,12 @@ def validate(cargs: CrystalArguments, targs) -> None:
         bad(f"--cpu_threads must be >= 1, got {cargs.cpu_threads}")
     if cargs.max_length < 16:
         bad(f"--max_length must be >= 16, got {cargs.max_length}")
+    no_held_out = cargs.eval_data is None if cargs.data is not None else cargs.eval_examples == 0
+    if targs.eval_strategy not in (None, "no") and no_held_out:
+        bad(
+            f"--eval_strategy {targs.eval_strategy} evaluates on held-out examples: give --eval_examples > 0 "
+            "(synthetic task) or --eval_data"
+        )
     if targs.max_steps <= 0 and cargs.data is None:
         bad("the synthetic data set is generated on the fly: give --max_steps > 0")
     if cargs.image_folder is not None and not os.path.isdir(cargs.image_folder):
