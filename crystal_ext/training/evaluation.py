@@ -308,16 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         model.to("cuda")
     packer = None
-    if args.no_latent_carried:
-        pass
-    elif not extension_available():
-        print(
-            f"latent-carried evaluation skipped: the compiled extension is missing ({extension_error()})",
-            file=sys.stderr,
-        )
-    else:
-        register_dual_path_attention()
-        packer = run_packer(model, processor, config)
+    if not args.no_latent_carried:
+        if extension_available():
+            register_dual_path_attention()
+            packer = run_packer(model, processor, config)
+        else:
+            print(
+                f"latent-carried evaluation skipped: the compiled extension is missing ({extension_error()})",
+                file=sys.stderr,
+            )
     result = evaluate_model(
         model,
         processor,
