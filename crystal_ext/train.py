@@ -5,10 +5,12 @@ CPU cores, a few minutes) and writes to outputs/crystal-tiny:
   checkpoint-N/                 Trainer checkpoints (complete ones carry crystal_checkpoint_complete.json)
   model.safetensors, config.json, tokenizer/processor files   the final model (stock from_pretrained)
   crystal_config.json           the run's CrystaL settings (read by crystal_ext.evaluate)
-  metrics.jsonl                 every log record (loss, ce, kl_pred, kl_attn, lr, ...)
+  metrics.jsonl                 every log record (loss, ce, kl_pred, kl_attn, lr, ...; with
+                                --eval_strategy steps the eval_* accuracies and attention KL)
   tensorboard/                  TensorBoard event files
-  eval_results.json             held-out accuracy, intact and blurred images, greedy, intact path
-  pictures/attention_*.png      answer->latent and latent->image attention maps
+  eval_results.json             held-out accuracy (intact and blurred images, greedy, intact path;
+                                latent-carried: the corrupted path answering from the latents)
+  pictures/attention_*.png      answer->latent and latent->image attention maps, the answers given
 Everything transformers' Trainer offers (gradient accumulation, bf16, gradient checkpointing,
 torchrun DDP, FSDP, DeepSpeed, --resume_from_checkpoint, --report_to) is a TrainingArguments
 flag; see docs/training.md, and `--help` for all options.
@@ -33,7 +35,7 @@ from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora, train
 from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training.arguments import parse_args
 from crystal_ext.training.callbacks import JsonlMetricsCallback, TimeBudgetCallback
-from crystal_ext.training.evaluation import CONFIG_FILE, evaluate_model
+from crystal_ext.training.evaluation import CONFIG_FILE, evaluate_model, headline
 from crystal_ext.training.trainer import CrystalTrainer
 
 # What --overwrite_output_dir removes from an output folder before a fresh run.
@@ -170,9 +172,43 @@ def write_run_config(cargs, targs, base_model: str | None) -> None:
             json.dump(config, f, indent=1)
 
 
-def train(cargs, targs, model, processor, packer, train_set, token_rows, no_decay, extra_callbacks):
+def evaluate_held_out(cargs, targs, model, processor, packer, held_out) -> dict:
+    """evaluate_model on the held-out set with the run's settings; the latent-carried accuracy and
+    attention KL when the compiled extension (the dual-path forward's alignment loss) is there."""
+    return evaluate_model(
+        model,
+        processor,
+        held_out,
+        system=cargs.system_prompt,
+        image_size=cargs.image_size,
+        num_latent_tokens=cargs.num_latent_tokens,
+        blur_radius=(cargs.blur_radius_min, cargs.blur_radius_max),
+        seed=targs.seed,
+        progress=False,
+        packer=packer if extension_available() else None,
+    )
+
+
+EVAL_METRICS = ("accuracy_intact", "accuracy_blurred", "accuracy_latent_carried", "attention_kl")
+
+
+def make_evaluator(cargs, targs, processor, packer, held_out):
+    """fn(model) -> the held-out accuracies and attention KL, for CrystalTrainer's evaluate()
+    (run at every --eval_steps with --eval_strategy steps; logged as eval_<name>)."""
+
+    def evaluator(model) -> dict:
+        result = evaluate_held_out(cargs, targs, model, processor, packer, held_out)
+        return {k: result[k] for k in EVAL_METRICS if k in result}
+
+    return evaluator
+
+
+def train(
+    cargs, targs, model, processor, packer, train_set, token_rows, no_decay, extra_callbacks, held_out=None
+):
     """(trained model, summary) of one Trainer run; the final model is saved at the top of the output folder."""
     out = targs.output_dir
+    evaluating = targs.eval_strategy not in (None, "no") and held_out is not None and len(held_out) > 0
     budget = TimeBudgetCallback(cargs.max_train_minutes) if cargs.max_train_minutes else None
     callbacks = [JsonlMetricsCallback(os.path.join(out, "metrics.jsonl"))] + ([budget] if budget else [])
     collator = _SkipAwareCollator(DualPathCollator(packer, processor.tokenizer.pad_token_id))
@@ -186,6 +222,9 @@ def train(cargs, targs, model, processor, packer, train_set, token_rows, no_deca
         objective=cargs.objective(),
         token_rows=token_rows,
         no_decay=no_decay,
+        eval_dataset=held_out if evaluating else None,
+        evaluator=make_evaluator(cargs, targs, processor, packer, held_out) if evaluating else None,
+        alignment_warmup_steps=round(cargs.alignment_warmup_ratio * max(targs.max_steps, 0)),
     )
     if targs.resume_from_checkpoint:
         _log(f"resuming from {targs.resume_from_checkpoint}")
@@ -207,23 +246,16 @@ def evaluate_and_draw(cargs, targs, model, processor, packer, held_out) -> dict:
     out, summary = targs.output_dir, {}
     if held_out is None or not len(held_out):
         return summary
-    _log(f"evaluating {len(held_out)} held-out examples (greedy, intact path; intact and blurred images)")
-    result = evaluate_model(
-        model,
-        processor,
-        held_out,
-        system=cargs.system_prompt,
-        image_size=cargs.image_size,
-        num_latent_tokens=cargs.num_latent_tokens,
-        blur_radius=(cargs.blur_radius_min, cargs.blur_radius_max),
-        seed=targs.seed,
-        progress=False,
+    _log(
+        f"evaluating {len(held_out)} held-out examples (greedy; intact path on intact and blurred images, "
+        "corrupted path from the latents)"
     )
+    result = evaluate_held_out(cargs, targs, model, processor, packer, held_out)
     with open(os.path.join(out, "eval_results.json"), "w") as f:
         json.dump(result, f, indent=1)
+    summary.update({k: result[k] for k in EVAL_METRICS if k in result})
     summary.update(
-        accuracy_intact=result["accuracy_intact"],
-        accuracy_blurred=result["accuracy_blurred"],
+        eval_headline=headline(result),
         eval_examples=result["n"],
         eval_results=os.path.join(out, "eval_results.json"),
     )
@@ -231,7 +263,10 @@ def evaluate_and_draw(cargs, targs, model, processor, packer, held_out) -> dict:
         from crystal_ext.training.pictures import draw_pictures
 
         examples = [held_out[i] for i in range(min(cargs.num_pictures, len(held_out)))]
-        summary["pictures"] = draw_pictures(model, packer, examples, os.path.join(out, "pictures"))
+        answers = {r["key"]: r for r in result["examples"]}
+        summary["pictures"] = draw_pictures(
+            model, packer, examples, os.path.join(out, "pictures"), answers=answers
+        )
     return summary
 
 
@@ -279,7 +314,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     write_run_config(cargs, targs, base_model)
 
     model, summary = train(
-        cargs, targs, model, processor, packer, train_set, token_rows, no_decay, extra_callbacks
+        cargs, targs, model, processor, packer, train_set, token_rows, no_decay, extra_callbacks, held_out
     )
     if not _is_main():
         return summary
@@ -306,10 +341,7 @@ def print_summary(s: dict) -> None:
     if s.get("skipped_records"):
         lines.append(f"skipped records: {s['skipped_records']} (each warned about before training)")
     if "accuracy_intact" in s:
-        lines.append(
-            f"held-out accuracy ({s['eval_examples']} examples, greedy, intact path): "
-            f"intact images {s['accuracy_intact']:.3f}, blurred images {s['accuracy_blurred']:.3f}"
-        )
+        lines.append(f"held-out accuracy ({s['eval_examples']} examples, greedy): {s['eval_headline']}")
     lines += [
         f"final model:   {s['output_dir']}  (evaluate: python -m crystal_ext.evaluate --model {s['output_dir']})",
         f"checkpoints:   {', '.join(s['checkpoints']) or 'none'}",

@@ -64,6 +64,12 @@ def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
     result = json.loads(results.read_text())
     assert result["n"] == 6 and {"accuracy_intact", "accuracy_blurred"} <= set(result)
     assert all({"key", "answer", "intact", "blurred"} <= set(r) for r in result["examples"])
+    # the latent-carried evaluation of a LoRA run: the corrupted path through the peft model
+    assert 0 <= result["accuracy_latent_carried"] <= 1 and result["attention_kl"] >= 0
+    assert all(
+        r["latent_carried_correct"] == (r["latent_carried"] == r["answer"]) for r in result["examples"]
+    )
+    assert "latent-carried" in proc.stdout
 
     # the merged folder is a stock model: plain from_pretrained of the stock class, no peft, no crystal_ext
     config = json.loads((merged / "config.json").read_text())

@@ -82,6 +82,13 @@ class CrystalArguments:
     blur_radius_max: float = field(default=5.0, metadata={"help": "Gaussian blur radius, upper end."})
     lambda_pred: float = field(default=1.0, metadata={"help": "Weight of the prediction-alignment KL."})
     lambda_attn: float = field(default=1.0, metadata={"help": "Weight of the attention-alignment KL."})
+    alignment_warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of --max_steps over which the KL weights grow linearly from 0 to --lambda_pred / "
+            "--lambda_attn (0: full weight from the first step)."
+        },
+    )
     topk_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of answer rows kept by the top-k KL."}
     )
@@ -254,6 +261,8 @@ def validate(cargs: CrystalArguments, targs) -> None:
     for name in ("lambda_pred", "lambda_attn"):
         if getattr(cargs, name) < 0:
             bad(f"--{name} must be >= 0, got {getattr(cargs, name)}")
+    if not 0 <= cargs.alignment_warmup_ratio <= 1:
+        bad(f"--alignment_warmup_ratio must be in [0, 1], got {cargs.alignment_warmup_ratio}")
     if not 0 < cargs.topk_fraction <= 1:
         bad(f"--topk_fraction must be in (0, 1], got {cargs.topk_fraction}")
     if cargs.image_size is not None and cargs.image_size <= 0:
@@ -285,6 +294,12 @@ def validate(cargs: CrystalArguments, targs) -> None:
             bad(f"--{name} must be >= 1, got {getattr(targs, name)}")
     if cargs.max_length < 16:
         bad(f"--max_length must be >= 16, got {cargs.max_length}")
+    no_held_out = cargs.eval_data is None if cargs.data is not None else cargs.eval_examples == 0
+    if targs.eval_strategy not in (None, "no") and no_held_out:
+        bad(
+            f"--eval_strategy {targs.eval_strategy} evaluates on held-out examples: give --eval_examples > 0 "
+            "(synthetic task) or --eval_data"
+        )
     if targs.max_steps <= 0 and cargs.data is None:
         bad("the synthetic data set is generated on the fly: give --max_steps > 0")
     if cargs.image_folder is not None and not os.path.isdir(cargs.image_folder):

@@ -6,6 +6,11 @@ writes its think block (latent tokens) itself and then `<answer>...</answer>`. A
 exact match of the answer text, once on the intact images and once on blurred copies
 (radius U(blur_radius_min, blur_radius_max), seeded per example as in training).
 
+What the latents carry (crystal_ext.training.latent_carried): the latent-carried accuracy,
+the corrupted path answering from the run's corrupted image and the intact path's latent
+block, and the mean answer->latent attention KL between the two paths, gold answers
+teacher-forced.
+
 `--merge DIR` writes a plain model: LoRA folded into the weights (peft merge_and_unload), the
 trained token rows in place, the attention implementation reset to sdpa, and the processor;
 `<ModelClass>.from_pretrained(DIR)` loads it with no crystal_ext or peft code.
@@ -21,6 +26,9 @@ import sys
 import torch
 
 from crystal_ext.data.chat import render, turn_end
+from crystal_ext.model.attention_registration import register_dual_path_attention
+from crystal_ext.ops import extension_available, extension_error
+from crystal_ext.training import latent_carried
 
 CONFIG_FILE = "crystal_config.json"
 
@@ -117,8 +125,14 @@ def evaluate_model(
     batch_size: int = 32,
     max_answer_tokens: int = 32,
     progress: bool = True,
+    packer=None,
 ) -> dict:
-    """Accuracy on the intact and on blurred images of `dataset` (Examples); greedy, intact path."""
+    """Accuracy on the intact and on blurred images of `dataset` (Examples); greedy, intact path.
+
+    With a `packer` (the run's DualPathPacker: its corruption, seed and think block) also the
+    latent-carried accuracy and the mean held-out attention KL (`attention_kl`). Every example
+    record holds each answer given (`intact`, `blurred`, `latent_carried`) and whether it is
+    right (`intact_correct`, ...)."""
     from PIL import Image
 
     from crystal_ext.data.corruption import CorruptionConfig, corrupt
@@ -132,8 +146,10 @@ def evaluate_model(
     tok = processor.tokenizer
     was_training = model.training
     model.eval()
-    results = {"intact": [], "blurred": []}
+    names = ("intact", "blurred") + (("latent_carried",) if packer is not None else ())
+    results = {name: [] for name in names}
     records = []
+    kl_sum, kl_count = 0.0, 0
     # think open/close + K latents + <answer> ... </answer> + <|im_end|>
     max_new = num_latent_tokens + 2 + max_answer_tokens + 3
     n = len(dataset)
@@ -153,25 +169,65 @@ def evaluate_model(
             for name, images in (("intact", intact), ("blurred", blurred)):
                 outs = generate_answers(model, processor, images, questions, system, max_new, examples=exs)
                 got[name] = [extract_answer(tok, o) for o in outs]
+            if packer is not None:
+                got["latent_carried"] = latent_carried.latent_carried_answers(
+                    model, packer, exs, tok, max_answer_tokens
+                )
+                kl_sum += latent_carried.held_out_attention_kl(model, packer, exs, tok) * len(exs)
+                kl_count += len(exs)
             for i, e in enumerate(exs):
                 gold = _normalise(tok, e.answer)
                 row = {"key": e.key, "answer": gold}
                 for name in results:
                     results[name].append(got[name][i] == gold)
                     row[name] = got[name][i]
+                    row[f"{name}_correct"] = got[name][i] == gold
                 records.append(row)
             if progress:
                 print(f"evaluate: {len(records)}/{n}", file=sys.stderr, flush=True)
     finally:
         model.train(was_training)
     count = len(records)
-    return {
-        "n": count,
-        "accuracy_intact": sum(results["intact"]) / max(count, 1),
-        "accuracy_blurred": sum(results["blurred"]) / max(count, 1),
-        "blur_radius": list(blur_radius),
-        "examples": records,
-    }
+    summary = {"n": count, **{f"accuracy_{name}": sum(results[name]) / max(count, 1) for name in names}}
+    if packer is not None:
+        summary["attention_kl"] = kl_sum / kl_count if kl_count else float("nan")
+        summary["corruption"] = packer.corruption.kind
+    return {**summary, "blur_radius": list(blur_radius), "examples": records}
+
+
+def headline(result: dict) -> str:
+    """The accuracies (and attention KL) of an evaluate_model result as one line."""
+    parts = [f"intact {result['accuracy_intact']:.3f}", f"blurred {result['accuracy_blurred']:.3f}"]
+    if "accuracy_latent_carried" in result:
+        parts += [
+            f"latent-carried {result['accuracy_latent_carried']:.3f}",
+            f"attention KL {result['attention_kl']:.4f}",
+        ]
+    return ", ".join(parts)
+
+
+def run_packer(model, processor, config: dict):
+    """The DualPathPacker of a crystal_ext.train run (its corruption, seed, image size, think block),
+    for the latent-carried evaluation of the trained model."""
+    from crystal_ext.data.corruption import CorruptionConfig
+    from crystal_ext.data.packing import DualPathPacker
+    from crystal_ext.model.latent_tokens import add_latent_tokens
+
+    # The tokenizer already holds the tokens: this only reads their ids.
+    latent = add_latent_tokens(processor.tokenizer, None, k=config["num_latent_tokens"])
+    corruption = CorruptionConfig(
+        kind=config["corruption"], blur_radius=(config["blur_radius_min"], config["blur_radius_max"])
+    )
+    return DualPathPacker(
+        processor,
+        latent,
+        model,
+        corruption,
+        seed=config["seed"],
+        image_size=config["image_size"],
+        max_length=config["max_length"],
+        system=config["system_prompt"],
+    )
 
 
 # ---- loading what crystal_ext.train wrote ----------------------------------------------------
@@ -259,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval_examples", type=int, help="evaluate only the first N held-out examples")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--merge", metavar="DIR", help="also write the merged stock model to DIR")
+    parser.add_argument(
+        "--no_latent_carried",
+        action="store_true",
+        help="skip the latent-carried accuracy and the attention KL (they run dual-path forwards)",
+    )
     parser.add_argument("--output", help="where to write the results JSON (default: MODEL/eval_results.json)")
     args = parser.parse_args(argv)
     try:
@@ -268,6 +329,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if torch.cuda.is_available():
         model.to("cuda")
+    packer = None
+    if not args.no_latent_carried:
+        if extension_available():
+            register_dual_path_attention()
+            packer = run_packer(model, processor, config)
+        else:
+            print(
+                f"latent-carried evaluation skipped: the compiled extension is missing ({extension_error()})",
+                file=sys.stderr,
+            )
     result = evaluate_model(
         model,
         processor,
@@ -278,14 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         blur_radius=(config["blur_radius_min"], config["blur_radius_max"]),
         seed=config["seed"],
         batch_size=args.batch_size,
+        packer=packer,
     )
     output = args.output or os.path.join(args.model, "eval_results.json")
     with open(output, "w") as f:
         json.dump(result, f, indent=1)
-    print(
-        f"held-out accuracy: intact {result['accuracy_intact']:.3f}, blurred {result['accuracy_blurred']:.3f} "
-        f"({result['n']} examples) -> {output}"
-    )
+    print(f"held-out accuracy: {headline(result)} ({result['n']} examples) -> {output}")
     if args.merge:
         print(f"merged model: {merge(model.cpu(), processor, args.merge)}")
     return 0
