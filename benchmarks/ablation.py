@@ -8,8 +8,9 @@ rather than the default run's time guard, so that a busy machine changes the wal
 what is learned), with and without `--no_crystal`, one after another, each with one CPU thread
 (the embedded default). The seed sets the model's initialisation and the blur of the
 corrupted path; the training and held-out images are the same for every seed (data seed 0).
-Prints a markdown table of held-out accuracy (greedy, intact path, exact match) on intact and
-on blurred images, mean +- standard deviation over the seeds, and writes every run's numbers
+Prints a markdown table of held-out accuracy (greedy, exact match) on intact and on blurred
+images (intact path) and latent-carried (the corrupted path answering from the latents), mean
++- standard deviation over the seeds, and writes every run's numbers
 to OUT/ablation.json (OUT defaults to outputs/ablation/TASK-NSTEPS). More crystal_ext.train
 arguments go after `--`. Results, machine and what was tried: README.md, "Baseline vs CrystaL on the
 embedded task".
@@ -60,6 +61,8 @@ def run(mode: str, seed: int, args) -> dict:
         "n": result["n"],
         "accuracy_intact": result["accuracy_intact"],
         "accuracy_blurred": result["accuracy_blurred"],
+        "accuracy_latent_carried": result.get("accuracy_latent_carried"),
+        "attention_kl": result.get("attention_kl"),
     }
 
 
@@ -92,12 +95,11 @@ def main() -> None:
         f"\ntask {args.task}, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.max_steps} steps, "
         f"n = {rows[0]['n']} held-out examples each, {time.time() - started:.0f} s in all"
     )
-    print("| objective | accuracy intact (%) | accuracy blurred (%) |")
-    print("|---|---|---|")
+    keys = ("accuracy_intact", "accuracy_blurred", "accuracy_latent_carried")
+    print("| objective | accuracy intact (%) | accuracy blurred (%) | accuracy latent-carried (%) |")
+    print("|---|---|---|---|")
     for mode, label in (("baseline", "SFT baseline (`--no_crystal`)"), ("crystal", "CrystaL")):
-        print(
-            f"| {label} | {summary(rows, mode, 'accuracy_intact')} | {summary(rows, mode, 'accuracy_blurred')} |"
-        )
+        print(f"| {label} | {' | '.join(summary(rows, mode, k) for k in keys)} |")
     for r in rows:
         print(json.dumps(r))
 

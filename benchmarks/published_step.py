@@ -76,11 +76,10 @@ def published_step_loss(model, batch, topk_fraction=0.1, lambda_pred=1.0, lambda
     slot: dict = {}
     hidden = backbone(
         input_ids=input_ids,
-        pixel_values=batch["pixel_values"],
-        image_grid_thw=batch["image_grid_thw"],
         position_ids=batch["position_ids"],
         attention_mask=additive,
         use_cache=False,
+        **batch["images"],
         **{PROBS_KWARG: slot},
     ).last_hidden_state
     logits = head(hidden).float()  # [B, L, V], fp32

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from bench_utils import peak_memory_bytes  # noqa: E402
 from dual_path_helpers import WORDS, tiny_qwen25vl, tiny_tokenizer  # noqa: E402
 
-from crystal_ext.data.packing import DualPathCollator, DualPathPacker, Example, model_rope_index  # noqa: E402
+from crystal_ext.data.packing import DualPathCollator, DualPathPacker, Example  # noqa: E402
 from crystal_ext.model.latent_tokens import add_latent_tokens  # noqa: E402
 
 
@@ -116,7 +116,9 @@ def build_published_configuration(attn: str, dtype=torch.bfloat16):
 
 
 def make_batch(model, tok, latent, image, question, answer, batch_size):
-    packer = DualPathPacker(tok, latent, model_rope_index(model), image_size=image, max_length=4096)
+    from crystal_ext.training.tiny_model import tiny_processor
+
+    packer = DualPathPacker(tiny_processor(tok, image), latent, model, image_size=image, max_length=4096)
     examples = [
         Example(f"ex{i}", _image(i, image), _words(question, i), _words(answer, 100 + i))
         for i in range(batch_size)

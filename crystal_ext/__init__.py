@@ -13,6 +13,7 @@ The names below are the public API; docs/ describes the method and every op's co
 
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
 from crystal_ext.model.dual_path_attention import dual_path_attention
+from crystal_ext.model.families import UnsupportedModel, family_of
 from crystal_ext.model.latent_tokens import LatentTokens, add_latent_tokens
 from crystal_ext.model.objective import CrystalLoss, ObjectiveConfig, crystal_objective
 from crystal_ext.ops import (
@@ -31,6 +32,7 @@ __all__ = [
     "LatentTokens",
     "ObjectiveConfig",
     "Segments",
+    "UnsupportedModel",
     "add_latent_tokens",
     "attention_alignment_loss",
     "build_info",
@@ -38,6 +40,7 @@ __all__ = [
     "dual_path_attention",
     "extension_available",
     "extension_error",
+    "family_of",
     "lm_head_losses",
     "reference",
     "register_dual_path_attention",

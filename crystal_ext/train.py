@@ -5,10 +5,12 @@ CPU cores, a few minutes) and writes to outputs/crystal-tiny:
   checkpoint-N/                 Trainer checkpoints (complete ones carry crystal_checkpoint_complete.json)
   model.safetensors, config.json, tokenizer/processor files   the final model (stock from_pretrained)
   crystal_config.json           the run's CrystaL settings (read by crystal_ext.evaluate)
-  metrics.jsonl                 every log record (loss, ce, kl_pred, kl_attn, lr, ...)
+  metrics.jsonl                 every log record (loss, ce, kl_pred, kl_attn, lr, ...; with
+                                --eval_strategy steps the eval_* accuracies and attention KL)
   tensorboard/                  TensorBoard event files
-  eval_results.json             held-out accuracy, intact and blurred images, greedy, intact path
-  pictures/attention_*.png      answer->latent and latent->image attention maps
+  eval_results.json             held-out accuracy (intact and blurred images, greedy, intact path;
+                                latent-carried: the corrupted path answering from the latents)
+  pictures/attention_*.png      answer->latent and latent->image attention maps, the answers given
 Everything transformers' Trainer offers (gradient accumulation, bf16, gradient checkpointing,
 torchrun DDP, FSDP, DeepSpeed, --resume_from_checkpoint, --report_to) is a TrainingArguments
 flag; see docs/training.md, and `--help` for all options.
@@ -25,8 +27,8 @@ from dataclasses import asdict
 
 import torch
 
-from crystal_ext.data.packing import DualPathCollator, DualPathPacker, model_rope_index
-from crystal_ext.data.records import load_examples
+from crystal_ext.data.packing import DualPathCollator, DualPathPacker
+from crystal_ext.data.records import check_dataset, load_examples
 from crystal_ext.data.synthetic import SyntheticVQA
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
 from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora
@@ -34,7 +36,7 @@ from crystal_ext.model.new_token_rows import attach_new_token_rows
 from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training.arguments import parse_args
 from crystal_ext.training.callbacks import JsonlMetricsCallback, TimeBudgetCallback
-from crystal_ext.training.evaluation import CONFIG_FILE, evaluate_model
+from crystal_ext.training.evaluation import CONFIG_FILE, evaluate_model, headline
 from crystal_ext.training.trainer import CrystalTrainer
 
 # What --overwrite_output_dir removes from an output folder before a fresh run.
@@ -97,8 +99,14 @@ def build_model(cargs, targs):
         tok = tiny_tokenizer()
         latent = add_latent_tokens(tok, None, k=cargs.num_latent_tokens)  # before the model: sized to fit
         return tiny_model(tok, seed=targs.seed), tiny_processor(tok, cargs.image_size), latent
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from crystal_ext.model.families import UnsupportedModel, family_of
+
+    try:  # refused before any weight is loaded
+        family_of(AutoConfig.from_pretrained(cargs.model))
+    except UnsupportedModel as exc:
+        _fail(f"--model {cargs.model}: {exc}")
     # Mixed precision keeps fp32 master weights only if the model is loaded in fp32; with bf16
     # on a GPU the published recipe trains LoRA on bf16 weights (the adapter itself stays fp32).
     dtype = torch.bfloat16 if targs.bf16 else torch.float16 if targs.fp16 else torch.float32
@@ -142,10 +150,13 @@ def build_datasets(cargs, data_seed: int = 0):
 
         return synthetic(cargs.train_examples, "train"), synthetic(cargs.eval_examples, "test")
     train = load_examples(cargs.data, cargs.image_folder)
+    report = train.report = check_dataset(train, "--data")
+    _log(f"--data: {report['usable']} of {report['records']} records usable, {report['skipped']} skipped")
     held_out = None
     if cargs.eval_data:
         split = "test" if os.path.isdir(cargs.eval_data) else "train"
         held_out = load_examples(cargs.eval_data, cargs.image_folder, split=split)
+        check_dataset(held_out, "--eval_data")
     return train, held_out
 
 
@@ -162,9 +173,43 @@ def write_run_config(cargs, targs, base_model: str | None) -> None:
             json.dump(config, f, indent=1)
 
 
-def train(cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks):
+def evaluate_held_out(cargs, targs, model, processor, packer, held_out) -> dict:
+    """evaluate_model on the held-out set with the run's settings; the latent-carried accuracy and
+    attention KL when the compiled extension (the dual-path forward's alignment loss) is there."""
+    return evaluate_model(
+        model,
+        processor,
+        held_out,
+        system=cargs.system_prompt,
+        image_size=cargs.image_size,
+        num_latent_tokens=cargs.num_latent_tokens,
+        blur_radius=(cargs.blur_radius_min, cargs.blur_radius_max),
+        seed=targs.seed,
+        progress=False,
+        packer=packer if extension_available() else None,
+    )
+
+
+EVAL_METRICS = ("accuracy_intact", "accuracy_blurred", "accuracy_latent_carried", "attention_kl")
+
+
+def make_evaluator(cargs, targs, processor, packer, held_out):
+    """fn(model) -> the held-out accuracies and attention KL, for CrystalTrainer's evaluate()
+    (run at every --eval_steps with --eval_strategy steps; logged as eval_<name>)."""
+
+    def evaluator(model) -> dict:
+        result = evaluate_held_out(cargs, targs, model, processor, packer, held_out)
+        return {k: result[k] for k in EVAL_METRICS if k in result}
+
+    return evaluator
+
+
+def train(
+    cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks, held_out=None
+):
     """(trained model, summary) of one Trainer run; the final model is saved at the top of the output folder."""
     out = targs.output_dir
+    evaluating = targs.eval_strategy not in (None, "no") and held_out is not None and len(held_out) > 0
     budget = TimeBudgetCallback(cargs.max_train_minutes) if cargs.max_train_minutes else None
     callbacks = [JsonlMetricsCallback(os.path.join(out, "metrics.jsonl"))] + ([budget] if budget else [])
     collator = _SkipAwareCollator(DualPathCollator(packer, processor.tokenizer.pad_token_id))
@@ -177,6 +222,9 @@ def train(cargs, targs, model, processor, packer, train_set, no_decay, extra_cal
         callbacks=callbacks + list(extra_callbacks or ()),
         objective=cargs.objective(),
         no_decay=no_decay,
+        eval_dataset=held_out if evaluating else None,
+        evaluator=make_evaluator(cargs, targs, processor, packer, held_out) if evaluating else None,
+        alignment_warmup_steps=round(cargs.alignment_warmup_ratio * max(targs.max_steps, 0)),
     )
     if targs.resume_from_checkpoint:
         _log(f"resuming from {targs.resume_from_checkpoint}")
@@ -198,23 +246,16 @@ def evaluate_and_draw(cargs, targs, model, processor, packer, held_out) -> dict:
     out, summary = targs.output_dir, {}
     if held_out is None or not len(held_out):
         return summary
-    _log(f"evaluating {len(held_out)} held-out examples (greedy, intact path; intact and blurred images)")
-    result = evaluate_model(
-        model,
-        processor,
-        held_out,
-        system=cargs.system_prompt,
-        image_size=cargs.image_size,
-        num_latent_tokens=cargs.num_latent_tokens,
-        blur_radius=(cargs.blur_radius_min, cargs.blur_radius_max),
-        seed=targs.seed,
-        progress=False,
+    _log(
+        f"evaluating {len(held_out)} held-out examples (greedy; intact path on intact and blurred images, "
+        "corrupted path from the latents)"
     )
+    result = evaluate_held_out(cargs, targs, model, processor, packer, held_out)
     with open(os.path.join(out, "eval_results.json"), "w") as f:
         json.dump(result, f, indent=1)
+    summary.update({k: result[k] for k in EVAL_METRICS if k in result})
     summary.update(
-        accuracy_intact=result["accuracy_intact"],
-        accuracy_blurred=result["accuracy_blurred"],
+        eval_headline=headline(result),
         eval_examples=result["n"],
         eval_results=os.path.join(out, "eval_results.json"),
     )
@@ -222,7 +263,10 @@ def evaluate_and_draw(cargs, targs, model, processor, packer, held_out) -> dict:
         from crystal_ext.training.pictures import draw_pictures
 
         examples = [held_out[i] for i in range(min(cargs.num_pictures, len(held_out)))]
-        summary["pictures"] = draw_pictures(model, packer, examples, os.path.join(out, "pictures"))
+        answers = {r["key"]: r for r in result["examples"]}
+        summary["pictures"] = draw_pictures(
+            model, packer, examples, os.path.join(out, "pictures"), answers=answers
+        )
     return summary
 
 
@@ -240,14 +284,27 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         torch.set_num_threads(cargs.cpu_threads)
     register_dual_path_attention()
 
+    try:  # the data is checked before any model is built
+        train_set, held_out = build_datasets(cargs)
+    except ValueError as exc:
+        _fail(str(exc))
     _log(f"building {'the embedded tiny model' if cargs.tiny else cargs.model}")
     model, processor, latent = build_model(cargs, targs)
     model, base_model, no_decay = make_trainable(model, latent, cargs, targs)
-    train_set, held_out = build_datasets(cargs)
+    if cargs.tiny and cargs.data is not None:
+        from crystal_ext.training.tiny_model import unknown_words
+
+        bad, seen, words = unknown_words(processor.tokenizer, train_set)
+        if bad:
+            _log(
+                f"warning: the embedded tiny model's word-level tokenizer does not know words of {bad} of "
+                f"the first {seen} records (e.g. {', '.join(words)}): they become <unk>. Pass --model "
+                "with a real model for real data."
+            )
     packer = DualPathPacker(
-        processor.tokenizer,
+        processor,
         latent,
-        model_rope_index(model),
+        model,
         cargs.corruption_config(),
         seed=targs.seed,
         image_size=cargs.image_size,
@@ -256,7 +313,9 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     )
     write_run_config(cargs, targs, base_model)
 
-    model, summary = train(cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks)
+    model, summary = train(
+        cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks, held_out
+    )
     if not _is_main():
         return summary
     summary.update(evaluate_and_draw(cargs, targs, model, processor, packer, held_out))
@@ -264,6 +323,11 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     summary["checkpoints"] = sorted(
         os.path.join(out, n) for n in os.listdir(out) if n.startswith("checkpoint-")
     )
+    report = getattr(train_set, "report", None)
+    summary["skipped_records"] = report["skipped"] if report else 0
+    if report:  # the data check's counts, next to the training log
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": summary["global_step"], "data_check": report}) + "\n")
     summary["metrics"] = os.path.join(out, "metrics.jsonl")
     summary["tensorboard"] = os.environ["TENSORBOARD_LOGGING_DIR"]
     summary["wall_seconds"] = round(time.monotonic() - started, 1)
@@ -274,11 +338,10 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
 def print_summary(s: dict) -> None:
     stopped = ", stopped by the time budget" if s.get("stopped_by_time_budget_at") else ""
     lines = ["", f"done in {s['wall_seconds']:.0f} s ({s['global_step']} steps{stopped})"]
+    if s.get("skipped_records"):
+        lines.append(f"skipped records: {s['skipped_records']} (each warned about before training)")
     if "accuracy_intact" in s:
-        lines.append(
-            f"held-out accuracy ({s['eval_examples']} examples, greedy, intact path): "
-            f"intact images {s['accuracy_intact']:.3f}, blurred images {s['accuracy_blurred']:.3f}"
-        )
+        lines.append(f"held-out accuracy ({s['eval_examples']} examples, greedy): {s['eval_headline']}")
     lines += [
         f"final model:   {s['output_dir']}  (evaluate: python -m crystal_ext.evaluate --model {s['output_dir']})",
         f"checkpoints:   {', '.join(s['checkpoints']) or 'none'}",

@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from crystal_ext.data.packing import DualPathCollator, DualPathPacker, model_rope_index
+from crystal_ext.data.packing import DualPathCollator, DualPathPacker
 from crystal_ext.data.synthetic import SyntheticVQA
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
 from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora
@@ -38,7 +38,7 @@ def build():
     model = apply_lora(model, dropout=0.0)
     attach_new_token_rows(model, latent.new_ids)
     processor = tiny_processor(tok, 112)
-    packer = DualPathPacker(processor.tokenizer, latent, model_rope_index(model), image_size=112)
+    packer = DualPathPacker(processor, latent, model, image_size=112)
     collate = DualPathCollator(packer, processor.tokenizer.pad_token_id)
     data = SyntheticVQA(STEPS * 2 * HALF, "train", seed=0, image_size=112)
     halves = [

@@ -51,8 +51,9 @@ def test_lora_run_saves_adapter_and_token_rows(lora_run):
 def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from crystal_ext.data.chat import render
     from crystal_ext.data.synthetic import SyntheticVQA
-    from crystal_ext.training.evaluation import load_trained, prompt_text
+    from crystal_ext.training.evaluation import load_trained
 
     merged = tmp_path / "merged"
     results = tmp_path / "results.json"
@@ -64,6 +65,12 @@ def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
     result = json.loads(results.read_text())
     assert result["n"] == 6 and {"accuracy_intact", "accuracy_blurred"} <= set(result)
     assert all({"key", "answer", "intact", "blurred"} <= set(r) for r in result["examples"])
+    # the latent-carried evaluation of a LoRA run: the corrupted path through the peft model
+    assert 0 <= result["accuracy_latent_carried"] <= 1 and result["attention_kl"] >= 0
+    assert all(
+        r["latent_carried_correct"] == (r["latent_carried"] == r["answer"]) for r in result["examples"]
+    )
+    assert "latent-carried" in proc.stdout
 
     # the merged folder is a stock model: plain from_pretrained of the stock class, no peft, no crystal_ext
     config = json.loads((merged / "config.json").read_text())
@@ -73,7 +80,10 @@ def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
     assert hasattr(peft_model, "merge_and_unload")  # a peft model: base + adapter + token rows
     ex = SyntheticVQA(2, "test", task=run_config["task"], image_size=run_config["image_size"])
     inputs = processor(
-        text=[prompt_text(run_config["system_prompt"], ex[i].question) + "<think>" for i in range(2)],
+        text=[
+            render(processor, ex[i].prompt_messages(run_config["system_prompt"])) + "<think>"
+            for i in range(2)
+        ],
         images=[ex[i].image for i in range(2)],
         return_tensors="pt",
         padding=True,
@@ -91,8 +101,10 @@ def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
 
 
 def test_extract_answer_and_prompt():
+    from crystal_ext.data.chat import render
+    from crystal_ext.data.example import Example
     from crystal_ext.model.latent_tokens import add_latent_tokens
-    from crystal_ext.training.evaluation import extract_answer, prompt_text
+    from crystal_ext.training.evaluation import extract_answer
     from crystal_ext.training.tiny_model import tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -115,7 +127,12 @@ def test_extract_answer_and_prompt():
     stray = ids[:5] + [lat.latent_ids[1]] + ids[5:]
     assert extract_answer(tok, stray) not in (None, "triangle")
     assert extract_answer(tok, ids[:5] + [lat.think_close] + ids[5:]) != "triangle"
-    text = prompt_text("you are a helpful assistant .", "what shape is in the image ?")
+    text = render(
+        tok,
+        Example("q", None, "what shape is in the image ?", None).prompt_messages(
+            "you are a helpful assistant ."
+        ),
+    )
     assert "<unk>" not in tok.decode(tok(text).input_ids)
 
 

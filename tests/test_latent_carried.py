@@ -10,11 +10,11 @@ import torch
 import crystal_ext
 from crystal_ext.data.corruption import CorruptionConfig
 from crystal_ext.data.example import Example
-from crystal_ext.data.packing import DualPathCollator, DualPathPacker, model_rope_index
+from crystal_ext.data.packing import DualPathCollator, DualPathPacker
 from crystal_ext.data.synthetic import SyntheticVQA
 from crystal_ext.model.latent_tokens import add_latent_tokens
 from crystal_ext.training import latent_carried
-from crystal_ext.training.tiny_model import tiny_model, tiny_tokenizer
+from crystal_ext.training.tiny_model import tiny_model, tiny_processor, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason="the dual-path forward runs the fused alignment loss"
@@ -30,7 +30,15 @@ def _setup():
     tok = tiny_tokenizer()
     latent = add_latent_tokens(tok, None, k=4)
     model = tiny_model(tok, seed=3).eval()
-    packer = DualPathPacker(tok, latent, model_rope_index(model), BLACK_OUT, image_size=112, max_length=512)
+    packer = DualPathPacker(
+        tiny_processor(tok, 112),
+        latent,
+        model,
+        BLACK_OUT,
+        image_size=112,
+        max_length=512,
+        system="you are a helpful assistant .",
+    )
     return tok, model, packer
 
 
@@ -121,3 +129,125 @@ def test_held_out_attention_kl_is_the_alignment_loss():
     with latent_carried.DualPathAttentionOn(model):
         each = [float(latent_carried.dual_path_forward(model, collate([e]))[1]) for e in examples]
     assert kl == pytest.approx(sum(each) / 2) and kl > 0
+
+
+# ---- the evaluation's report: evaluate_model with a packer ------------------------------------
+
+
+def _blank_latents_of_dual_path(model, layout):
+    """_blank_latents, on dual-path forwards only (sequences of the layout's length): the intact
+    path's own generation runs untouched."""
+    seg = crystal_ext.Segments.from_bounds(layout[0])
+    length = int(layout[0].max())
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] < length:
+            return None
+        hidden = hidden.clone()
+        hidden[:, seg.d[0] : seg.d[1]] = 0
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    return [
+        layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.language_model.layers
+    ]
+
+
+def _evaluate(model, tok, packer, examples, **kw):
+    from crystal_ext.training.evaluation import evaluate_model
+    from crystal_ext.training.tiny_model import tiny_processor
+
+    return evaluate_model(
+        model,
+        tiny_processor(tok, 112),
+        examples,
+        system="you are a helpful assistant .",
+        image_size=112,
+        num_latent_tokens=4,
+        progress=False,
+        packer=packer,
+        max_answer_tokens=3,
+        **kw,
+    )
+
+
+def test_evaluation_of_latents_that_carry_nothing_is_at_chance():
+    tok, model, packer = _setup()
+    examples = _examples(9)
+    first = DualPathCollator(packer, tok.pad_token_id)([examples[0]])
+    handles = _blank_latents_of_dual_path(model, first["layout"])
+    try:
+        result = _evaluate(model, tok, packer, examples, batch_size=4)
+    finally:
+        for h in handles:
+            h.remove()
+    carried = [r["latent_carried"] for r in result["examples"]]
+    assert len(set(carried)) == 1, carried
+    gold = [r["answer"] for r in result["examples"]]
+    assert result["accuracy_latent_carried"] == pytest.approx(gold.count(carried[0]) / len(gold))
+    assert [r["latent_carried_correct"] for r in result["examples"]] == [
+        c == g for c, g in zip(carried, gold)
+    ]
+    assert result["attention_kl"] > 0 and result["n"] == 9
+    assert {"intact", "blurred", "intact_correct", "blurred_correct"} <= set(result["examples"][0])
+
+
+def test_evaluation_reports_the_answers_it_was_given(monkeypatch):
+    """Known answers in, known accuracies, per-example records and a batch-weighted KL out."""
+    from crystal_ext.training import evaluation
+
+    tok, model, packer = _setup()
+    examples = _examples(3)
+    gold = [e.answer for e in examples]
+    wrong = {"vertical": "horizontal", "horizontal": "diagonal", "diagonal": "vertical"}
+    done = {"intact": 0, "blurred": 0}
+
+    def fake_generate(model, processor, images, questions, system, max_new):
+        # per batch an intact call (answers right), then a blurred call (answers wrong)
+        name = "blurred" if done["intact"] > done["blurred"] else "intact"
+        start = done[name]
+        done[name] += len(images)
+        texts = [wrong[g] if name == "blurred" else g for g in gold[start : start + len(images)]]
+        return [tok(f"<answer> {t} </answer>", add_special_tokens=False).input_ids for t in texts]
+
+    def fake_carried(model, packer, exs, tokenizer, max_answer_tokens):
+        return [e.answer if e.key == examples[0].key else wrong[e.answer] for e in exs]
+
+    kl_of_batch = iter([0.2, 0.5])
+    monkeypatch.setattr(evaluation, "generate_answers", fake_generate)
+    monkeypatch.setattr(evaluation.latent_carried, "latent_carried_answers", fake_carried)
+    monkeypatch.setattr(evaluation.latent_carried, "held_out_attention_kl", lambda *a: next(kl_of_batch))
+    result = _evaluate(model, tok, packer, examples, batch_size=2)
+    assert result["accuracy_intact"] == 1.0 and result["accuracy_blurred"] == 0.0
+    assert result["accuracy_latent_carried"] == pytest.approx(1 / 3)
+    assert result["attention_kl"] == pytest.approx((2 * 0.2 + 0.5) / 3)  # per example, not per batch
+    rows = result["examples"]
+    assert [r["latent_carried_correct"] for r in rows] == [True, False, False]
+    assert [r["blurred"] for r in rows] == [wrong[g] for g in gold]
+    assert all(r["intact_correct"] and not r["blurred_correct"] for r in rows)
+    # without a packer: no latent-carried evaluation
+    done.update(intact=0, blurred=0)
+    no_packer = _evaluate(model, tok, None, examples)
+    assert "accuracy_latent_carried" not in no_packer and "attention_kl" not in no_packer
+
+
+def test_picture_names_tokens_and_shows_the_answers():
+    from crystal_ext.training.pictures import example_picture
+
+    tok, model, packer = _setup()
+    example = _examples(1)[0]
+    wrong = "diagonal" if example.answer != "diagonal" else "vertical"
+    record = {"answer": example.answer, "intact": example.answer, "latent_carried": wrong}
+    image, texts = example_picture(model, packer, example, answers=record)
+    for name in ("<think>", "</think>", "<|latent_0|>", "<|latent_3|>", "<answer>", "</answer>"):
+        assert name in texts, name  # axis labels: the think block's and the answer's tokens
+    assert any(t.startswith("intact path (E)") for t in texts)
+    assert any(t.startswith("corrupted path (F)") for t in texts)
+    assert "0" in texts and "share" in texts  # the colour scale's ends
+    assert f"correct answer: {example.answer}" in texts
+    line = next(t for t in texts if t.startswith("model: "))
+    assert f"intact path: {example.answer!r} right" in line
+    assert f"latent-carried (corrupted path): {wrong!r} wrong" in line
+    assert image.width > 300 and image.height > 300

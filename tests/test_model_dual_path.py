@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
-from dual_path_helpers import tiny_qwen25vl, tiny_tokenizer
+from family_models import build
 from PIL import Image
 
 import crystal_ext
-from crystal_ext.data.packing import IGNORE, DualPathCollator, DualPathPacker, Example, model_rope_index
+from crystal_ext.data.packing import IGNORE, DualPathCollator, DualPathPacker, Example
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
-from crystal_ext.model.latent_tokens import add_latent_tokens
 from crystal_ext.model.objective import ObjectiveConfig, crystal_objective, intact_path_batch
 from crystal_ext.model.parts import embedding_and_head_weights
 from crystal_ext.ops.layout import dual_path_mask
@@ -34,16 +33,11 @@ def _image(seed):
 
 
 @functools.cache
-def _setup(cls_name="Qwen2_5_VLForConditionalGeneration"):
-    import transformers
-
+def _setup(family="qwen2_5_vl"):
     register_dual_path_attention()
-    tok = tiny_tokenizer()
-    lat = add_latent_tokens(tok, None, k=4)
-    model = tiny_qwen25vl(tok, attn_implementation=ATTN_IMPLEMENTATION, cls=getattr(transformers, cls_name))
-    packer = DualPathPacker(
-        tok, lat, model_rope_index(model), image_size=56, system="you are a helpful assistant"
-    )
+    model, processor, lat = build(family, attn_implementation=ATTN_IMPLEMENTATION)
+    tok = processor.tokenizer
+    packer = DualPathPacker(processor, lat, model, image_size=56, system="you are a helpful assistant")
     batch = DualPathCollator(packer, tok.pad_token_id)(
         [
             Example("a", _image(0), "what is the shape", "red circle"),
@@ -78,9 +72,8 @@ def _eager_run(model, batch):
     handle = last.register_forward_pre_hook(grab, with_kwargs=True)
     out = eager(
         input_ids=batch["input_ids"],
-        pixel_values=batch["pixel_values"],
-        image_grid_thw=batch["image_grid_thw"],
         position_ids=batch["position_ids"],
+        **batch["images"],
         attention_mask=additive,
         output_hidden_states=True,
     )
@@ -123,9 +116,8 @@ def test_hidden_states_match_eager_with_dense_mask():
     model, batch = _setup()
     ours = model.model(
         input_ids=batch["input_ids"],
-        pixel_values=batch["pixel_values"],
-        image_grid_thw=batch["image_grid_thw"],
         position_ids=batch["position_ids"],
+        **batch["images"],
         crystal_layout=batch["layout"],
         crystal_outputs={},
     ).last_hidden_state
@@ -177,16 +169,15 @@ def test_baseline_is_plain_sft_on_the_intact_path():
     stock.set_attn_implementation("sdpa")
     logits = stock(
         input_ids=single["input_ids"],
-        pixel_values=single["pixel_values"],
-        image_grid_thw=single["image_grid_thw"],
         attention_mask=single["attention_mask"],
+        **single["images"],
         mm_token_type_ids=(single["input_ids"] == stock.config.image_token_id).long(),
     ).logits
     # The stock model numbers positions itself here: the baseline's path-1 ids must agree with it.
     want = Fn.cross_entropy(logits.flatten(0, 1), single["targets"].flatten(), ignore_index=IGNORE)
     torch.testing.assert_close(base.ce, want, rtol=1e-5, atol=1e-6)
     assert base.loss is base.ce and base.kl_pred == 0 and base.kl_attn == 0
-    assert single["pixel_values"].shape[0] * 2 == batch["pixel_values"].shape[0]
+    assert single["images"]["pixel_values"].shape[0] * 2 == batch["images"]["pixel_values"].shape[0]
 
 
 def test_switching_with_set_attn_implementation_and_plain_calls():
@@ -219,7 +210,7 @@ def test_objective_config_names_the_bad_setting(bad, name):
 
 
 def test_qwen2_vl_runs_through_the_same_attention():
-    model, batch = _setup("Qwen2VLForConditionalGeneration")
+    model, batch = _setup("qwen2_vl")
     loss = crystal_objective(model, batch, REFERENCE_HEAD)
     loss.loss.backward()
     assert torch.isfinite(loss.loss) and loss.kl_attn > 0

@@ -7,39 +7,29 @@ import functools
 import numpy as np
 import pytest
 import torch
-from dual_path_helpers import WORDS, tiny_qwen25vl, tiny_tokenizer
+from family_models import WORDS, build
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from crystal_ext.data.corruption import CorruptionConfig
-from crystal_ext.data.packing import (
-    IGNORE,
-    DualPathCollator,
-    DualPathPacker,
-    Example,
-    model_rope_index,
-    qwen_pixel_values,
-)
-from crystal_ext.model.latent_tokens import add_latent_tokens
+from crystal_ext.data.packing import IGNORE, DualPathCollator, DualPathPacker, Example
 
 SYSTEM = "you are a helpful assistant"
 
 
 @functools.cache
-def _setup():
-    tok = tiny_tokenizer()
-    lat = add_latent_tokens(tok, None, k=4)
-    model = tiny_qwen25vl(tok)
-    return tok, lat, model
+def _setup(family="qwen2_5_vl"):
+    model, processor, lat = build(family, side=84)
+    return processor, lat, model
 
 
-def _packer(image_size=56, max_length=4096):
-    tok, lat, model = _setup()
+def _packer(image_size=56, max_length=4096, family="qwen2_5_vl"):
+    processor, lat, model = _setup(family)
     return DualPathPacker(
-        tok,
+        processor,
         lat,
-        model_rope_index(model),
+        model,
         CorruptionConfig(),
         seed=0,
         image_size=image_size,
@@ -64,7 +54,8 @@ words = st.lists(st.sampled_from(WORDS[3:]), min_size=1, max_size=12).map(" ".jo
     side=st.sampled_from([28, 56, 84]),
 )
 def test_segments_targets_and_positions(question, answer, w, h, side):
-    tok, lat, model = _setup()
+    processor, lat, model = _setup()
+    tok = processor.tokenizer
     ids = lambda s: tok(s, add_special_tokens=False).input_ids
     one = lambda s: tok.convert_tokens_to_ids(s)
     image = _image(w, h)
@@ -110,27 +101,83 @@ def test_segments_targets_and_positions(question, answer, w, h, side):
         and (pos[:, d0:e1] == torch.arange(pos[0, d0], pos[0, d0] + e1 - d0)).all()
     )
     assert (pos[:, :a1] == torch.arange(a1)).all()
-    # Pixels: the corrupted image then the intact one, same grid.
-    assert p["image_grid_thw"].tolist() == [[1, side // 14, side // 14]] * 2
-    intact, _ = qwen_pixel_values(image.convert("RGB").resize((side, side), Image.BICUBIC))
-    n = intact.shape[0]
-    assert torch.equal(p["pixel_values"][n:], intact) and not torch.equal(p["pixel_values"][:n], intact)
-    assert p["image_is_intact"].tolist() == [False, True]
+    # Pixels: the corrupted image then the intact one, from the model's own processor.
+    corrupted_inputs, intact_inputs = p["image_groups"]
+    want = processor.image_processor(images=[image.convert("RGB").resize((side, side), Image.BICUBIC)])
+    assert intact_inputs["image_grid_thw"].tolist() == [[1, side // 14, side // 14]]
+    assert corrupted_inputs["image_grid_thw"].tolist() == [[1, side // 14, side // 14]]
+    assert torch.equal(intact_inputs["pixel_values"], torch.as_tensor(want["pixel_values"]))
+    assert not torch.equal(corrupted_inputs["pixel_values"], intact_inputs["pixel_values"])
 
 
-def test_pixel_values_match_qwen_image_processor():
-    from transformers import Qwen2VLImageProcessor
+def test_one_example_by_hand_qwen():
+    """F's targets and B's position ids of one small example, written out by hand: a 56 x 56
+    image is 4 x 4 patches, 2 x 2 image tokens after the 2 x 2 merge."""
+    processor, lat, _ = _setup()
+    p = _packer(56).pack(Example("hand", _image(56, 56), "what colour", "red"))
+    one = processor.tokenizer.convert_tokens_to_ids
+    assert p["layout"].tolist() == [[0, 10], [10, 21], [21, 32], [32, 38], [38, 42], [42, 46]]
+    f = [lat.answer_open, one("red"), lat.answer_close, one("<|im_end|>")]
+    assert p["input_ids"][42:46].tolist() == f
+    assert p["targets"][42:46].tolist() == [one("red"), lat.answer_close, one("<|im_end|>"), IGNORE]
+    # B: <|vision_start|> at 10, 4 image tokens (t, h, w from 11), <|vision_end|> at 13, then the text.
+    assert p["position_ids"][:, 10:21].tolist() == [
+        [10, 11, 11, 11, 11, 13, 14, 15, 16, 17, 18],
+        [10, 11, 11, 12, 12, 13, 14, 15, 16, 17, 18],
+        [10, 11, 12, 11, 12, 13, 14, 15, 16, 17, 18],
+    ]
+    assert p["position_ids"][:, 42:46].tolist() == [[25, 26, 27, 28]] * 3
 
-    image = _image(84, 56, seed=3)
-    proc = Qwen2VLImageProcessor()
-    ref = proc(images=[image], do_resize=False, return_tensors="pt")
-    ours, grid = qwen_pixel_values(image)
-    assert ref["image_grid_thw"].tolist() == [grid.tolist()]
-    torch.testing.assert_close(ours, ref["pixel_values"].float(), rtol=0, atol=1e-5)
+
+def test_one_example_by_hand_generic():
+    """The same for Idefics3 (1-D positions): B = <fake_token_around_image> <global-img>, 4 image
+    tokens, <fake_token_around_image>, the question, the end of the turn and "Assistant:"."""
+    processor, lat, _ = _setup("idefics3")
+    p = _packer(None, family="idefics3").pack(Example("hand", _image(32, 32), "what colour", "red"))
+    one = processor.tokenizer.convert_tokens_to_ids
+    assert p["layout"].tolist() == [[0, 11], [11, 23], [23, 35], [35, 41], [41, 45], [45, 49]]
+    assert p["input_ids"][11:23].tolist() == [
+        one("<fake_token_around_image>"),
+        one("<global-img>"),
+        *[one("<image>")] * 4,
+        one("<fake_token_around_image>"),
+        one("what"),
+        one("colour"),
+        one("<end_of_utterance>"),
+        one("Assistant"),
+        one(":"),
+    ]
+    assert p["targets"][45:49].tolist() == [one("red"), lat.answer_close, one("<end_of_utterance>"), IGNORE]
+    assert p["position_ids"][0, 11:23].tolist() == list(range(11, 23))
+    assert p["position_ids"][0, 45:49].tolist() == [29, 30, 31, 32]
+
+
+def test_multi_turn_multi_image_keeps_every_turn_and_corrupts_every_image():
+    processor, lat, _ = _setup()
+    ex = Example(
+        "mt",
+        [_image(56, 56, 1), _image(56, 56, 2)],
+        "and this",
+        "blue",
+        messages=[
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour"}]},
+            {"role": "assistant", "content": "red"},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many"}]},
+        ],
+    )
+    p = _packer(56).pack(ex)
+    (_, a1), (b0, b1), (c0, c1), *_ = p["layout"].tolist()
+    text = processor.tokenizer.decode(p["input_ids"][c0:c1])
+    assert text.count("<|vision_start|>") == 2 and "red" in text and "how many" in text
+    corrupted, intact = p["image_groups"]
+    assert intact["image_grid_thw"].shape[0] == 2 and corrupted["image_grid_thw"].shape[0] == 2
+    half = intact["pixel_values"].shape[0] // 2
+    for part in (slice(0, half), slice(half, None)):  # each image corrupted
+        assert not torch.equal(corrupted["pixel_values"][part], intact["pixel_values"][part])
 
 
 def test_collator_pads_examples_of_different_lengths():
-    tok, _, _ = _setup()
+    tok = _setup()[0].tokenizer
     coll = DualPathCollator(_packer(), tok.pad_token_id)
     exs = [
         Example("a", _image(40, 30), "what is the shape", "circle"),
@@ -147,12 +194,16 @@ def test_collator_pads_examples_of_different_lengths():
         assert (batch["targets"][i, n:] == IGNORE).all() and (batch["attention_mask"][i, n:] == 0).all()
         assert (batch["input_ids"][i, n:] == tok.pad_token_id).all()
         assert torch.equal(batch["layout"][i], s["layout"])
-    assert batch["pixel_values"].shape[0] == 4 * 16 and batch["image_is_intact"].tolist() == [False, True] * 2
+    assert batch["images"]["pixel_values"].shape[0] == 4 * 16 and batch["images"]["image_grid_thw"].shape == (
+        4,
+        3,
+    )
+    assert batch["intact_images"]["pixel_values"].shape[0] == 2 * 16
     assert batch["skipped"] == 0
 
 
 def test_bad_examples_are_skipped_with_a_warning_naming_them(tmp_path):
-    tok, _, _ = _setup()
+    tok = _setup()[0].tokenizer
     garbage = tmp_path / "broken.png"
     garbage.write_bytes(b"not a png at all")
     coll = DualPathCollator(_packer(max_length=120), tok.pad_token_id)
@@ -172,12 +223,15 @@ def test_bad_examples_are_skipped_with_a_warning_naming_them(tmp_path):
         assert f"'{key}'" in messages
     assert "good" not in messages
     assert batch["keys"] == ["good-1", "good-2"] and batch["skipped"] == 5 and coll.skipped == 5
-    with pytest.warns(UserWarning):
+    import warnings
+
+    with warnings.catch_warnings():  # a record is warned about once, not in every epoch
+        warnings.simplefilter("error")
         assert coll([exs[1]]) is None
     assert coll.skipped == 6
 
 
-def test_image_size_must_fit_the_patch_grid():
-    tok, lat, model = _setup()
-    with pytest.raises(ValueError, match="multiple of 28"):
-        DualPathPacker(tok, lat, model_rope_index(model), image_size=50)
+def test_image_size_must_be_positive():
+    processor, lat, model = _setup()
+    with pytest.raises(ValueError, match="image_size"):
+        DualPathPacker(processor, lat, model, image_size=0)

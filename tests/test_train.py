@@ -170,6 +170,8 @@ def test_sigkill_during_save_then_resume_reaches_the_same_loss(tmp_path):
         (["--corruption", "smear"], "--corruption must be one of"),
         (["--topk_fraction", "0"], "--topk_fraction must be in (0, 1]"),
         (["--lambda_attn", "-1"], "--lambda_attn must be >= 0"),
+        (["--learning_rate", "-1"], "--learning_rate must be > 0"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
         (["--image_size", "100"], "multiple of 28"),
         (["--blur_radius_min", "6"], "--blur_radius_min/--blur_radius_max"),
         (["--data", "/nonexistent/train.json"], "no such file"),
@@ -177,6 +179,8 @@ def test_sigkill_during_save_then_resume_reaches_the_same_loss(tmp_path):
         (["--model", "crystal-ext-tests/no-such-model"], "hf download"),
         (["--use_lora", "true", "--lora_r", "0"], "--lora_r >= 1"),
         (["--lm_head_losses", "fast"], "fused or reference"),
+        (["--alignment_warmup_ratio", "1.5"], "--alignment_warmup_ratio must be in [0, 1]"),
+        (["--eval_strategy", "steps", "--eval_examples", "0"], "evaluates on held-out examples"),
         (
             ["--task", "stripes_thin"],
             "--task must be one of colour, shape, stripes, stripes_faint, got 'stripes_thin'",
@@ -227,14 +231,80 @@ def test_defaults_follow_the_recipe_for_a_real_model(tmp_path):
         1,
         1,
     )
+    # images keep the processor's own size unless --image_size is given (448: the published recipe)
     assert (cargs.corruption, cargs.blur_radius_min, cargs.blur_radius_max, cargs.image_size) == (
         "blur",
         2,
         5,
-        448,
+        None,
     )
     assert targs.learning_rate == 2e-4 and targs.lr_scheduler_type == "cosine" and targs.warmup_steps == 0.05
     assert targs.weight_decay == 0.1 and targs.max_steps == 4000 and targs.per_device_train_batch_size == 1
     tiny, ttargs = parse_args(["--output_dir", str(tmp_path / "t")])
     assert not tiny.use_lora and tiny.image_size == 112 and ttargs.learning_rate == 1e-3
     assert tiny.max_train_minutes is not None and ttargs.max_steps > 0
+
+
+def test_evaluation_during_training_is_logged(tmp_path):
+    """--eval_strategy steps: the three accuracies and the attention KL at every --eval_steps, in
+    metrics.jsonl and TensorBoard; the final evaluation reports the latent-carried answers too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    proc = run(
+        [
+            "--max_steps",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "2",
+            "--logging_steps",
+            "2",
+            "--eval_examples",
+            "4",
+            "--num_pictures",
+            "1",
+            "--report_to",
+            "tensorboard",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    names = (
+        "eval_accuracy_intact",
+        "eval_accuracy_blurred",
+        "eval_accuracy_latent_carried",
+        "eval_attention_kl",
+    )
+    evals = [r for r in metrics(out) if "eval_accuracy_intact" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert set(names) <= set(r)
+        assert all(0 <= r[n] <= 1 for n in names[:3]) and r["eval_attention_kl"] > 0
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for n in names:
+        assert n.replace("eval_", "eval/") in tags, tags
+    assert [s.step for s in events.Scalars("eval/accuracy_latent_carried")] == [2, 4]
+    # the final evaluation: per example, the three answers and whether each is right
+    result = json.loads((out / "eval_results.json").read_text())
+    assert {"accuracy_latent_carried", "attention_kl"} <= set(result)
+    for r in result["examples"]:
+        for name in ("intact", "blurred", "latent_carried"):
+            assert name in r and r[f"{name}_correct"] == (r[name] == r["answer"])
+    assert "latent-carried" in proc.stdout and "attention KL" in proc.stdout
+
+
+def test_alignment_warm_up_scales_the_kl_weights():
+    from crystal_ext.model.objective import ObjectiveConfig
+    from crystal_ext.training.trainer import objective_at
+
+    full = ObjectiveConfig(lambda_pred=2.0, lambda_attn=0.5)
+    weights = [(c.lambda_pred, c.lambda_attn) for c in (objective_at(full, s, 4) for s in range(6))]
+    assert weights == [(0.0, 0.0), (0.5, 0.125), (1.0, 0.25), (1.5, 0.375), (2.0, 0.5), (2.0, 0.5)]
+    assert objective_at(full, 0, 0) is full  # no warm-up: the objective as given
+    assert objective_at(full, 1, 4).topk_fraction == full.topk_fraction

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from crystal_ext.data.example import SkipExample
 from crystal_ext.data.records import load_examples
 from crystal_ext.data.synthetic import SHAPES, STRIPES, TASKS, SyntheticVQA, draw_example
 from crystal_ext.training.checkpoints import (
@@ -126,7 +127,8 @@ def test_llava_json_and_jsonl(tmp_path, fmt):
     ex = ds[0]
     assert (ex.key, ex.question, ex.answer) == ("r1", "What colour?", "Red")
     assert ex.image == str(tmp_path / "a.png")
-    assert ds[1].image is None  # the packer skips it with a warning
+    with pytest.raises(SkipExample, match="no image"):  # the data check leaves it out
+        ds[1]
 
 
 def test_datasets_save_to_disk(tmp_path):
@@ -153,3 +155,76 @@ def test_resume_resolution(tmp_path):
         resolve_resume_checkpoint(str(tmp_path / "checkpoint-6"), str(tmp_path))
     with pytest.raises(ValueError, match="not a folder"):
         resolve_resume_checkpoint(os.path.join(str(tmp_path), "nope"), str(tmp_path))
+
+
+def test_messages_format_multi_turn_multi_image(tmp_path):
+    from crystal_ext.data.records import check_dataset
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (30, 40), "blue").save(tmp_path / "b.png")
+    records = [
+        {  # TRL: content as a list of parts
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Red"}]},
+            ],
+            "images": ["a.png"],
+        },
+        {  # LLaMA-Factory: strings with <image>, two turns, two images
+            "messages": [
+                {"role": "user", "content": "<image>What colour?"},
+                {"role": "assistant", "content": "Red"},
+                {"role": "user", "content": "<image>And this one?"},
+                {"role": "assistant", "content": "Blue"},
+            ],
+            "images": ["a.png", "b.png"],
+        },
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    ds = load_examples(str(path))
+    assert check_dataset(ds) == {"records": 2, "usable": 2, "skipped": 0}
+    one, two = ds[0], ds[1]
+    assert (one.question, one.answer, one.image) == ("What colour?", "Red", str(tmp_path / "a.png"))
+    assert two.answer == "Blue" and two.image == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert [m["role"] for m in two.messages] == ["user", "assistant", "user"]
+    assert two.messages[1]["content"] == [{"type": "text", "text": "Red"}]
+    assert two.messages[2]["content"] == [{"type": "image"}, {"type": "text", "text": "And this one?"}]
+
+
+def test_data_check_names_file_and_line_and_stops_on_mostly_bad_data(tmp_path):
+    from crystal_ext.data.records import check_dataset
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
+    good = {
+        "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+        "images": ["a.png"],
+    }
+    no_answer = {"messages": [{"role": "user", "content": "<image>Q"}], "images": ["a.png"]}
+    missing = {**good, "images": ["nope.png"]}
+    lines = [json.dumps(good)] * 4 + ["{not json", json.dumps(no_answer), json.dumps(missing)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines))
+    ds = load_examples(str(path))
+    with pytest.warns(UserWarning) as record:
+        report = check_dataset(ds)
+    messages = [str(w.message) for w in record]
+    assert report == {"records": 7, "usable": 4, "skipped": 3} and len(ds) == 4
+    assert any(f"{path}:5: malformed JSON" in m for m in messages)
+    assert any(f"{path}:6: no answer" in m for m in messages)
+    assert any(f"{path}:7: image file not found" in m for m in messages)
+    path.write_text("\n".join([json.dumps(good)] + lines[4:]))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="--data: 3 of 4 records cannot be used"):
+        check_dataset(load_examples(str(path)))
+
+
+def test_unknown_words_of_the_tiny_tokenizer_are_found():
+    from crystal_ext.data.example import Example
+    from crystal_ext.training.tiny_model import tiny_tokenizer, unknown_words
+
+    tok = tiny_tokenizer()
+    examples = [
+        Example("a", None, "what shape is in the image ?", "circle"),
+        Example("b", None, "zebra ?", "x"),
+    ]
+    assert unknown_words(tok, examples) == (1, 2, ["x", "zebra"])

@@ -8,15 +8,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dual_path_helpers import tiny_qwen25vl, tiny_tokenizer
+from family_models import build
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import crystal_ext
-from crystal_ext.data.packing import DualPathCollator, DualPathPacker, Example, model_rope_index
+from crystal_ext.data.packing import DualPathCollator, DualPathPacker, Example
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
-from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora
+from crystal_ext.model.latent_tokens import apply_lora
 from crystal_ext.model.new_token_rows import attach_new_token_rows
 from crystal_ext.model.objective import ObjectiveConfig, crystal_objective
 from crystal_ext.model.parts import embedding_and_head_weights
@@ -58,16 +58,13 @@ class VocabSized(TorchDispatchMode):
 @pytest.mark.parametrize("tied", [False, True])
 def test_a_published_step_has_no_vocabulary_sized_tensor(tied):
     register_dual_path_attention()
-    tok = tiny_tokenizer()
-    latent = add_latent_tokens(tok, None, k=4)
-    model = tiny_qwen25vl(tok, attn_implementation=ATTN_IMPLEMENTATION)
+    model, processor, latent = build("qwen2_5_vl", attn_implementation=ATTN_IMPLEMENTATION)
+    model.train()
     model.resize_token_embeddings(VOCAB, mean_resizing=False)
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    packer = DualPathPacker(
-        tok, latent, model_rope_index(model), image_size=56, system="you are a helpful assistant"
-    )
-    batch = DualPathCollator(packer, tok.pad_token_id)(
+    packer = DualPathPacker(processor, latent, model, image_size=56, system="you are a helpful assistant")
+    batch = DualPathCollator(packer, processor.tokenizer.pad_token_id)(
         [
             Example("a", _image(0), "what is the shape", "red circle"),
             Example("b", _image(1), "how many", "two"),

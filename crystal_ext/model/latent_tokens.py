@@ -7,8 +7,9 @@
   matrices (crystal_ext.model.new_token_rows.attach_new_token_rows): no gradient or
   optimizer state of vocabulary size exists.
 - LoRA through peft with the published defaults (r=16, alpha=32, dropout 0.01) on every
-  linear layer of the language model and of the vision tower's blocks; the vision-language
-  merger is trained in full (peft `modules_to_save`).
+  linear layer of the language model and of the vision tower (chosen by the model's family,
+  crystal_ext.model.families); the vision-language projector / merger is trained in full
+  (peft `modules_to_save`).
 """
 
 from __future__ import annotations
@@ -76,34 +77,26 @@ def _init_new_rows(model: nn.Module, new_ids, old_len: int) -> None:
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:
-    """Names of the linear layers of the language model and of the vision tower's blocks.
+    """Names of the linear layers LoRA wraps: the model family's choice (crystal_ext.model.families;
+    the text decoder and the vision tower, never the projector or the LM head)."""
+    from crystal_ext.model.families import family_of
 
-    Chosen by structure (module type and parent), not by a per-model name list, so Qwen2-VL
-    (fc1/fc2 in the vision MLP) and Qwen2.5-VL (gate/up/down) are both covered; the merger
-    and the LM head are left out.
-    """
-    backbone = getattr(model, model.base_model_prefix, model)
-    language = getattr(backbone, "language_model", None)
-    visual = getattr(backbone, "visual", None)
-    if language is None or visual is None:
-        raise ValueError(
-            f"lora_target_modules: {type(model).__name__} has no language_model/visual submodules "
-            "(expected a Qwen2-VL-family model)"
-        )
-    inside = {id(m) for m in language.modules()} | {id(m) for m in visual.blocks.modules()}
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside]
+    return family_of(model).lora_targets(model)
 
 
 def apply_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.01):
-    """Wrap `model` with peft LoRA (published defaults); the merger is trained in full."""
+    """Wrap `model` with peft LoRA (published defaults); the family's projector is trained in full."""
     from peft import LoraConfig, get_peft_model
 
+    from crystal_ext.model.families import family_of
+
+    family = family_of(model)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=lora_target_modules(model),
-        modules_to_save=["merger"],
+        target_modules=family.lora_targets(model),
+        modules_to_save=family.trained_in_full(model),
         bias="none",
     )
     return get_peft_model(model, config)

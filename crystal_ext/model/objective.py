@@ -102,11 +102,10 @@ def dual_path_hidden(backbone, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     # registered mask function builds no L x L mask.
     hidden = backbone(
         input_ids=batch["input_ids"],
-        pixel_values=batch["pixel_values"],
-        image_grid_thw=batch["image_grid_thw"],
         position_ids=batch["position_ids"],
         attention_mask=None,
         use_cache=False,
+        **batch["images"],
         **{LAYOUT_KWARG: batch["layout"], OUTPUTS_KWARG: slot},
     ).last_hidden_state
     if ALIGNMENT_LOSS_KEY not in slot:
@@ -163,25 +162,22 @@ def intact_path_batch(batch: dict) -> dict:
     """The single-path batch [A, C, D, E] of a dual-path batch, with the intact images only."""
     keep = [seg.path1() for seg in segments_of(batch["layout"])]
     length = max(map(len, keep))
-    index = torch.tensor([k + [k[-1]] * (length - len(k)) for k in keep])
-    valid = torch.tensor([[i < len(k) for i in range(length)] for k in keep])
+    device = batch["input_ids"].device
+    index = torch.tensor([k + [k[-1]] * (length - len(k)) for k in keep], device=device)
+    valid = torch.tensor([[i < len(k) for i in range(length)] for k in keep], device=device)
 
     def pick(t, fill):
         return torch.where(valid, t.gather(1, index), fill)
 
-    grid = batch["image_grid_thw"]
-    patches = torch.split(batch["pixel_values"], grid.prod(-1).tolist())
-    intact = batch["image_is_intact"]
     pos = batch["position_ids"]
+    rows = pos if pos.dim() == 3 else pos[None]  # [rows, batch, length]
+    positions = torch.stack([torch.where(valid, r.gather(1, index), 0) for r in rows])
     return {
         "input_ids": pick(batch["input_ids"], 0),  # padding id is irrelevant: attention_mask hides it
         "targets": pick(batch["targets"], IGNORE),
         "attention_mask": valid.long(),
-        "position_ids": torch.stack(
-            [torch.where(valid, pos[a].gather(1, index), 0) for a in range(pos.shape[0])]
-        ),
-        "pixel_values": torch.cat([p for p, ok in zip(patches, intact.tolist()) if ok]),
-        "image_grid_thw": grid[intact],
+        "position_ids": positions if pos.dim() == 3 else positions[0],
+        "images": batch["intact_images"],
     }
 
 
@@ -189,11 +185,10 @@ def _baseline(backbone, head, batch, fn) -> CrystalLoss:
     single = intact_path_batch(batch)
     hidden = backbone(
         input_ids=single["input_ids"],
-        pixel_values=single["pixel_values"],
-        image_grid_thw=single["image_grid_thw"],
         position_ids=single["position_ids"],
         attention_mask=single["attention_mask"],
         use_cache=False,
+        **single["images"],
     ).last_hidden_state
     targets = single["targets"].to(hidden.device)
     flat = (targets != IGNORE).flatten().nonzero().squeeze(1)

@@ -7,7 +7,8 @@ Two sets of defaults, chosen by whether `--model` is given:
   rate than LoRA on a 7 B model), a step count and a time guard that fit 5 minutes on 2 cores;
 - a real model (--model): the published recipe (docs/method.md): LoRA r=16 alpha=32
   dropout 0.01, LR 2e-4 cosine with 5% warm-up, weight decay 0.1, batch 1 per device,
-  4000 steps, bf16 and gradient checkpointing on GPUs, 448 px images.
+  4000 steps, bf16 and gradient checkpointing on GPUs; images at the size the model's processor
+  gives them (`--image_size 448` resizes them to the published recipe's 448 x 448 first).
 Both: 8 latent tokens, blur radius U(2, 5), top-10% KL, loss weights 1:1:1. Anything given on
 the command line wins over either set.
 """
@@ -24,7 +25,6 @@ from crystal_ext.model.objective import ObjectiveConfig
 TINY_OUTPUT_DIR = "outputs/crystal-tiny"
 TINY_MAX_STEPS = 800
 TINY_IMAGE_SIZE = 112
-REAL_IMAGE_SIZE = 448
 
 
 @dataclass
@@ -32,8 +32,9 @@ class CrystalArguments:
     model: str | None = field(
         default=None,
         metadata={
-            "help": "Local folder or hub id of a Qwen2-VL / Qwen2.5-VL model (from_pretrained). "
-            "Default: the embedded tiny model."
+            "help": "Local folder or hub id of a VLM with its processor (from_pretrained): Qwen2-VL, "
+            "Qwen2.5-VL, Qwen3-VL (dense, MoE), LLaVA-OneVision, Idefics3, SmolVLM, and others of the same "
+            "kind (docs/training.md). Default: the embedded tiny model."
         },
     )
     data: str | None = field(
@@ -67,7 +68,8 @@ class CrystalArguments:
     image_size: int | None = field(
         default=None,
         metadata={
-            "help": "Side of the square images (multiple of 28). Default 112 for the tiny model, 448 otherwise."
+            "help": "Resize every image to this square side before the processor (448: the published "
+            "recipe). Default 112 for the tiny model (a multiple of 28); otherwise none: the processor's own sizing."
         },
     )
     num_latent_tokens: int = field(default=8, metadata={"help": "K latent tokens in the think block."})
@@ -80,6 +82,13 @@ class CrystalArguments:
     blur_radius_max: float = field(default=5.0, metadata={"help": "Gaussian blur radius, upper end."})
     lambda_pred: float = field(default=1.0, metadata={"help": "Weight of the prediction-alignment KL."})
     lambda_attn: float = field(default=1.0, metadata={"help": "Weight of the attention-alignment KL."})
+    alignment_warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of --max_steps over which the KL weights grow linearly from 0 to --lambda_pred / "
+            "--lambda_attn (0: full weight from the first step)."
+        },
+    )
     topk_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of answer rows kept by the top-k KL."}
     )
@@ -215,8 +224,8 @@ def parse_args(argv: list[str] | None = None):
         raise ValueError(f"unknown arguments: {' '.join(rest)} (see --help)")
     if cargs.use_lora is None:
         cargs.use_lora = not cargs.tiny
-    if cargs.image_size is None:
-        cargs.image_size = TINY_IMAGE_SIZE if cargs.tiny else REAL_IMAGE_SIZE
+    if cargs.image_size is None and cargs.tiny:
+        cargs.image_size = TINY_IMAGE_SIZE
     if cargs.max_train_minutes is None and cargs.tiny and not _given(argv, "max_steps"):
         cargs.max_train_minutes = 3.75
     if cargs.cpu_threads is None and cargs.tiny:
@@ -252,10 +261,17 @@ def validate(cargs: CrystalArguments, targs) -> None:
     for name in ("lambda_pred", "lambda_attn"):
         if getattr(cargs, name) < 0:
             bad(f"--{name} must be >= 0, got {getattr(cargs, name)}")
+    if not 0 <= cargs.alignment_warmup_ratio <= 1:
+        bad(f"--alignment_warmup_ratio must be in [0, 1], got {cargs.alignment_warmup_ratio}")
     if not 0 < cargs.topk_fraction <= 1:
         bad(f"--topk_fraction must be in (0, 1], got {cargs.topk_fraction}")
-    if cargs.image_size <= 0 or cargs.image_size % 28:
-        bad(f"--image_size must be a positive multiple of 28 (patch 14 x merge 2), got {cargs.image_size}")
+    if cargs.image_size is not None and cargs.image_size <= 0:
+        bad(f"--image_size must be positive, got {cargs.image_size}")
+    if cargs.tiny and cargs.image_size % 28:
+        bad(
+            f"--image_size must be a multiple of 28 for the embedded tiny model (patch 14 x merge 2), "
+            f"got {cargs.image_size}"
+        )
     if cargs.use_lora and (cargs.lora_r < 1 or cargs.lora_alpha <= 0 or not 0 <= cargs.lora_dropout < 1):
         bad(
             f"LoRA needs --lora_r >= 1, --lora_alpha > 0 and 0 <= --lora_dropout < 1, got "
@@ -271,8 +287,19 @@ def validate(cargs: CrystalArguments, targs) -> None:
         bad(f"--max_train_minutes must be > 0, got {cargs.max_train_minutes}")
     if cargs.cpu_threads is not None and cargs.cpu_threads < 1:
         bad(f"--cpu_threads must be >= 1, got {cargs.cpu_threads}")
+    if targs.learning_rate <= 0:
+        bad(f"--learning_rate must be > 0, got {targs.learning_rate}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(targs, name) < 1:
+            bad(f"--{name} must be >= 1, got {getattr(targs, name)}")
     if cargs.max_length < 16:
         bad(f"--max_length must be >= 16, got {cargs.max_length}")
+    no_held_out = cargs.eval_data is None if cargs.data is not None else cargs.eval_examples == 0
+    if targs.eval_strategy not in (None, "no") and no_held_out:
+        bad(
+            f"--eval_strategy {targs.eval_strategy} evaluates on held-out examples: give --eval_examples > 0 "
+            "(synthetic task) or --eval_data"
+        )
     if targs.max_steps <= 0 and cargs.data is None:
         bad("the synthetic data set is generated on the fly: give --max_steps > 0")
     if cargs.image_folder is not None and not os.path.isdir(cargs.image_folder):

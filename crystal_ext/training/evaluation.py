@@ -6,6 +6,11 @@ writes its think block (latent tokens) itself and then `<answer>...</answer>`. A
 exact match of the answer text, once on the intact images and once on blurred copies
 (radius U(blur_radius_min, blur_radius_max), seeded per example as in training).
 
+What the latents carry (crystal_ext.training.latent_carried): the latent-carried accuracy,
+the corrupted path answering from the run's corrupted image and the intact path's latent
+block, and the mean answer->latent attention KL between the two paths, gold answers
+teacher-forced.
+
 `--merge DIR` writes a plain model: LoRA folded into the weights (peft merge_and_unload), the
 trained token rows in place, the attention implementation reset to sdpa, and the processor;
 `<ModelClass>.from_pretrained(DIR)` loads it with no crystal_ext or peft code.
@@ -20,7 +25,10 @@ import sys
 
 import torch
 
-from crystal_ext.data.chat import prompt_text
+from crystal_ext.data.chat import render, turn_end
+from crystal_ext.model.attention_registration import register_dual_path_attention
+from crystal_ext.ops import extension_available, extension_error
+from crystal_ext.training import latent_carried
 
 CONFIG_FILE = "crystal_config.json"
 
@@ -49,7 +57,7 @@ def extract_answer(tokenizer, ids: list[int]) -> str | None:
         ids = ids[: ids.index(close_id)]
     else:  # cut off: the answer ends with the turn (<|im_end|>) or the batch padding after it
         ends = {
-            tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            end_of_turn_id(tokenizer),
             tokenizer.eos_token_id,
             tokenizer.pad_token_id,
         } - {None}
@@ -57,19 +65,37 @@ def extract_answer(tokenizer, ids: list[int]) -> str | None:
     return tokenizer.decode(ids, skip_special_tokens=False).strip().lower()
 
 
+def end_of_turn_id(tokenizer_or_processor) -> int | None:
+    """The token the chat template ends an assistant turn with (e.g. <|im_end|>)."""
+    tok = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
+    try:
+        text = turn_end(tokenizer_or_processor)
+    except ValueError:
+        return tok.eos_token_id
+    ids = tok(text, add_special_tokens=False).input_ids
+    return ids[0] if ids else tok.eos_token_id
+
+
 @torch.no_grad()
 def generate_answers(
-    model, processor, images, questions, system: str, max_new_tokens: int
+    model, processor, images, questions, system: str, max_new_tokens: int, examples=None
 ) -> list[list[int]]:
+    """Greedy answers; `images[i]` is one image or the list of an example's images; the prompt is
+    the processor's chat template over `examples[i]`'s turns (default: one image, `questions[i]`)."""
+    from crystal_ext.data.example import Example
+
     tok = processor.tokenizer
+    if examples is None:
+        examples = [Example(str(i), im, q, None) for i, (im, q) in enumerate(zip(images, questions))]
     side = tok.padding_side
     tok.padding_side = "left"  # batched greedy decoding continues every row at its real end
     try:
         inputs = processor(
-            text=[prompt_text(system, q) for q in questions],
-            images=list(images),
+            text=[render(processor, e.prompt_messages(system)) for e in examples],
+            images=[im if isinstance(im, list) else [im] for im in images],
             return_tensors="pt",
             padding=True,
+            add_special_tokens=False,
         )
     finally:
         tok.padding_side = side
@@ -81,7 +107,7 @@ def generate_answers(
         do_sample=False,
         num_beams=1,
         pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        eos_token_id=end_of_turn_id(processor),
     )
     return out[:, inputs["input_ids"].shape[1] :].tolist()
 
@@ -92,25 +118,38 @@ def evaluate_model(
     dataset,
     *,
     system: str,
-    image_size: int,
+    image_size: int | None,
     num_latent_tokens: int,
     blur_radius=(2.0, 5.0),
     seed: int = 0,
     batch_size: int = 32,
     max_answer_tokens: int = 32,
     progress: bool = True,
+    packer=None,
 ) -> dict:
-    """Accuracy on the intact and on blurred images of `dataset` (Examples); greedy, intact path."""
+    """Accuracy on the intact and on blurred images of `dataset` (Examples); greedy, intact path.
+
+    With a `packer` (the run's DualPathPacker: its corruption, seed and think block) also the
+    latent-carried accuracy and the mean held-out attention KL (`attention_kl`). Every example
+    record holds each answer given (`intact`, `blurred`, `latent_carried`) and whether it is
+    right (`intact_correct`, ...)."""
     from PIL import Image
 
     from crystal_ext.data.corruption import CorruptionConfig, corrupt
+    from crystal_ext.data.packing import corruption_key
+
+    def _load(source, size):
+        image = (source if isinstance(source, Image.Image) else Image.open(source)).convert("RGB")
+        return image if size is None else image.resize((size, size), Image.BICUBIC)
 
     blur = CorruptionConfig(kind="blur", blur_radius=tuple(blur_radius))
     tok = processor.tokenizer
     was_training = model.training
     model.eval()
-    results = {"intact": [], "blurred": []}
+    names = ("intact", "blurred") + (("latent_carried",) if packer is not None else ())
+    results = {name: [] for name in names}
     records = []
+    kl_sum, kl_count = 0.0, 0
     # think open/close + K latents + <answer> ... </answer> + <|im_end|>
     max_new = num_latent_tokens + 2 + max_answer_tokens + 3
     n = len(dataset)
@@ -120,37 +159,75 @@ def evaluate_model(
             exs = [e for e in exs if e.image is not None and e.answer is not None]
             if not exs:
                 continue
-            intact = [
-                (e.image if isinstance(e.image, Image.Image) else Image.open(e.image))
-                .convert("RGB")
-                .resize((image_size, image_size), Image.BICUBIC)
-                for e in exs
+            intact = [[_load(source, image_size) for source in e.images] for e in exs]
+            blurred = [
+                [corrupt(im, blur, seed, corruption_key(e.key, i, len(ims))) for i, im in enumerate(ims)]
+                for ims, e in zip(intact, exs)
             ]
-            blurred = [corrupt(im, blur, seed, e.key) for im, e in zip(intact, exs)]
             questions = [e.question for e in exs]
             got = {}
             for name, images in (("intact", intact), ("blurred", blurred)):
-                outs = generate_answers(model, processor, images, questions, system, max_new)
+                outs = generate_answers(model, processor, images, questions, system, max_new, examples=exs)
                 got[name] = [extract_answer(tok, o) for o in outs]
+            if packer is not None:
+                got["latent_carried"] = latent_carried.latent_carried_answers(
+                    model, packer, exs, tok, max_answer_tokens
+                )
+                kl_sum += latent_carried.held_out_attention_kl(model, packer, exs, tok) * len(exs)
+                kl_count += len(exs)
             for i, e in enumerate(exs):
                 gold = _normalise(tok, e.answer)
                 row = {"key": e.key, "answer": gold}
                 for name in results:
                     results[name].append(got[name][i] == gold)
                     row[name] = got[name][i]
+                    row[f"{name}_correct"] = got[name][i] == gold
                 records.append(row)
             if progress:
                 print(f"evaluate: {len(records)}/{n}", file=sys.stderr, flush=True)
     finally:
         model.train(was_training)
     count = len(records)
-    return {
-        "n": count,
-        "accuracy_intact": sum(results["intact"]) / max(count, 1),
-        "accuracy_blurred": sum(results["blurred"]) / max(count, 1),
-        "blur_radius": list(blur_radius),
-        "examples": records,
-    }
+    summary = {"n": count, **{f"accuracy_{name}": sum(results[name]) / max(count, 1) for name in names}}
+    if packer is not None:
+        summary["attention_kl"] = kl_sum / kl_count if kl_count else float("nan")
+        summary["corruption"] = packer.corruption.kind
+    return {**summary, "blur_radius": list(blur_radius), "examples": records}
+
+
+def headline(result: dict) -> str:
+    """The accuracies (and attention KL) of an evaluate_model result as one line."""
+    parts = [f"intact {result['accuracy_intact']:.3f}", f"blurred {result['accuracy_blurred']:.3f}"]
+    if "accuracy_latent_carried" in result:
+        parts += [
+            f"latent-carried {result['accuracy_latent_carried']:.3f}",
+            f"attention KL {result['attention_kl']:.4f}",
+        ]
+    return ", ".join(parts)
+
+
+def run_packer(model, processor, config: dict):
+    """The DualPathPacker of a crystal_ext.train run (its corruption, seed, image size, think block),
+    for the latent-carried evaluation of the trained model."""
+    from crystal_ext.data.corruption import CorruptionConfig
+    from crystal_ext.data.packing import DualPathPacker
+    from crystal_ext.model.latent_tokens import add_latent_tokens
+
+    # The tokenizer already holds the tokens: this only reads their ids.
+    latent = add_latent_tokens(processor.tokenizer, None, k=config["num_latent_tokens"])
+    corruption = CorruptionConfig(
+        kind=config["corruption"], blur_radius=(config["blur_radius_min"], config["blur_radius_max"])
+    )
+    return DualPathPacker(
+        processor,
+        latent,
+        model,
+        corruption,
+        seed=config["seed"],
+        image_size=config["image_size"],
+        max_length=config["max_length"],
+        system=config["system_prompt"],
+    )
 
 
 # ---- loading what crystal_ext.train wrote ----------------------------------------------------
@@ -208,7 +285,7 @@ def merge(model, processor, folder: str) -> str:
 
 
 def eval_dataset(config: dict, data: str | None, n: int | None):
-    from crystal_ext.data.records import load_examples
+    from crystal_ext.data.records import check_dataset, load_examples
     from crystal_ext.data.synthetic import SyntheticVQA
 
     data = data or config.get("eval_data")
@@ -216,6 +293,7 @@ def eval_dataset(config: dict, data: str | None, n: int | None):
         ds = load_examples(data, config.get("image_folder"), split="test" if os.path.isdir(data) else "train")
         if n is not None and n < len(ds):
             ds.records = ds.records[:n] if isinstance(ds.records, list) else ds.records.select(range(n))
+        check_dataset(ds, "--data")
         return ds
     if config.get("data"):
         raise ValueError("this run trained on --data without --eval_data: pass --data HELD_OUT_FILE")
@@ -237,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval_examples", type=int, help="evaluate only the first N held-out examples")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--merge", metavar="DIR", help="also write the merged stock model to DIR")
+    parser.add_argument(
+        "--no_latent_carried",
+        action="store_true",
+        help="skip the latent-carried accuracy and the attention KL (they run dual-path forwards)",
+    )
     parser.add_argument("--output", help="where to write the results JSON (default: MODEL/eval_results.json)")
     args = parser.parse_args(argv)
     try:
@@ -246,6 +329,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if torch.cuda.is_available():
         model.to("cuda")
+    packer = None
+    if not args.no_latent_carried:
+        if extension_available():
+            register_dual_path_attention()
+            packer = run_packer(model, processor, config)
+        else:
+            print(
+                f"latent-carried evaluation skipped: the compiled extension is missing ({extension_error()})",
+                file=sys.stderr,
+            )
     result = evaluate_model(
         model,
         processor,
@@ -256,14 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         blur_radius=(config["blur_radius_min"], config["blur_radius_max"]),
         seed=config["seed"],
         batch_size=args.batch_size,
+        packer=packer,
     )
     output = args.output or os.path.join(args.model, "eval_results.json")
     with open(output, "w") as f:
         json.dump(result, f, indent=1)
-    print(
-        f"held-out accuracy: intact {result['accuracy_intact']:.3f}, blurred {result['accuracy_blurred']:.3f} "
-        f"({result['n']} examples) -> {output}"
-    )
+    print(f"held-out accuracy: {headline(result)} ({result['n']} examples) -> {output}")
     if args.merge:
         print(f"merged model: {merge(model.cpu(), processor, args.merge)}")
     return 0

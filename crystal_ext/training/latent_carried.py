@@ -19,6 +19,8 @@ the model is trained to write, and what the intact-path evaluation checks it wri
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from crystal_ext.data.example import Example, SkipExample
@@ -93,11 +95,10 @@ def latent_carried_answers(
                 # The packed answer is the text decoded so far; with nothing decoded yet any
                 # answer does, since only F's first row (before it) is read.
                 partial = [
-                    Example(
-                        examples[i].key,
-                        examples[i].image,
-                        examples[i].question,
-                        tokenizer.decode(decoded[i], skip_special_tokens=False) or str(examples[i].answer),
+                    replace(
+                        examples[i],
+                        answer=tokenizer.decode(decoded[i], skip_special_tokens=False)
+                        or str(examples[i].answer),
                     )
                     for i in live
                 ]

@@ -7,7 +7,7 @@ merge 2: 1.1 M parameters with this tokenizer's small vocabulary (a size that tr
 (crystal_ext.data.synthetic) in a few hundred steps on two CPU cores.
 
 The tokenizer is word-level (the `tokenizers` library wrapped in PreTrainedTokenizerFast):
-it knows Qwen's chat and vision special tokens and the words of the synthetic task
+it knows Qwen's chat and vision special tokens, carries Qwen's chat template, and the words of the synthetic task
 (crystal_ext.data.synthetic), so a sample is about 30 tokens per path. Everything saves with
 `save_pretrained` and loads back with the stock `from_pretrained` / `AutoProcessor`.
 """
@@ -50,6 +50,16 @@ BASE_WORDS = [
 ]
 
 
+# Qwen's chat format (ChatML with vision markers), as Qwen2.5-VL's own chat template writes it.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def tiny_vocabulary() -> list[str]:
     from crystal_ext.data.synthetic import VOCABULARY
 
@@ -71,6 +81,7 @@ def tiny_tokenizer():
         tokenizer_object=core, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>"
     )
     tok.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
+    tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
@@ -94,7 +105,10 @@ def tiny_processor(tokenizer, image_size: int = 112):
     # The processor class requires a video processor; videos are not used here.
     video_processor = Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
     return Qwen2_5_VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -157,3 +171,20 @@ def tiny_model(tokenizer, seed: int = 0, attn_implementation: str = "sdpa"):
     return Qwen2_5_VLForConditionalGeneration._from_config(
         config, attn_implementation=attn_implementation, dtype=torch.float32
     )
+
+
+def unknown_words(tokenizer, examples, limit: int = 200) -> tuple[int, int, list[str]]:
+    """(examples with words the word-level tokenizer does not know, examples looked at, a few such
+    words) over the first `limit` examples: the embedded tokenizer knows only the synthetic task's
+    words, and turns every other word into <unk>."""
+    unk, bad, seen, words = tokenizer.unk_token_id, 0, 0, []
+    for i in range(min(limit, len(examples))):
+        ex = examples[i]
+        text = f"{ex.question} {ex.answer or ''}"
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        seen += 1
+        if unk in ids:
+            bad += 1
+            pieces = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+            words += [w for w, _ in pieces if tokenizer.convert_tokens_to_ids(w) == unk][:3]
+    return bad, seen, sorted(set(words))[:10]

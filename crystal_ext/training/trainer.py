@@ -18,6 +18,7 @@ What it changes in the stock Trainer, and why:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 
@@ -51,6 +52,18 @@ def _objective_as_forward(inner, objective):
         del inner.forward
 
 
+def objective_at(objective: ObjectiveConfig, step: int, warmup_steps: int) -> ObjectiveConfig:
+    """The objective of training step `step` (0-based): during an alignment warm-up of
+    `warmup_steps` the KL weights are scaled by step / warmup_steps, so the first step trains on
+    CE alone (the KL terms are still computed and logged)."""
+    if step >= warmup_steps:
+        return objective
+    share = step / warmup_steps
+    return dataclasses.replace(
+        objective, lambda_pred=objective.lambda_pred * share, lambda_attn=objective.lambda_attn * share
+    )
+
+
 # ---- the trainer ---------------------------------------------------------------------------
 
 
@@ -61,16 +74,20 @@ class CrystalTrainer(Trainer):
         objective: ObjectiveConfig = ObjectiveConfig(),
         no_decay: tuple = (),
         evaluator=None,
+        alignment_warmup_steps: int = 0,
         **kwargs,
     ):
         """`objective`: the CrystaL objective's settings; `no_decay`: parameters kept out of
         weight decay (the new tokens' rows, crystal_ext.model.new_token_rows, which are saved
         beside the adapter and loaded back on resume when the model has them); `evaluator`: fn(model) ->
         {name: value}, what `evaluate()` reports (the Trainer's own evaluation computes a loss,
-        where CrystaL's questions are answered by generation)."""
+        where CrystaL's questions are answered by generation); `alignment_warmup_steps`: the
+        weights of KL_pred and KL_attn grow linearly from 0 to the objective's over this many
+        steps (see `objective_at`)."""
         super().__init__(*args, **kwargs)
         self.objective = objective
         self.evaluator = evaluator
+        self.alignment_warmup_steps = alignment_warmup_steps
         self.no_decay_ids = {id(p) for p in no_decay}
         # The objective returns a mean over its own rows; with no `labels` in the batch the
         # Trainer divides by the accumulation steps itself.
@@ -86,8 +103,10 @@ class CrystalTrainer(Trainer):
             loss = torch.stack([p.sum() * 0.0 for p in model.parameters() if p.requires_grad]).sum()
             return (loss, {}) if return_outputs else loss
 
+        config = self.objective_at(self.state.global_step)
+
         def objective(crystal_batch):
-            out = crystal_objective(inner, crystal_batch, self.objective)
+            out = crystal_objective(inner, crystal_batch, config)
             return {"loss": out.loss, "ce": out.ce, "kl_pred": out.kl_pred, "kl_attn": out.kl_attn}
 
         inner = unwrap_distributed(model)
@@ -97,6 +116,9 @@ class CrystalTrainer(Trainer):
             self._parts_sum += torch.stack([out["ce"], out["kl_pred"], out["kl_attn"]]).detach().float().cpu()
             self._parts_n += 1
         return (out["loss"], out) if return_outputs else out["loss"]
+
+    def objective_at(self, step: int) -> ObjectiveConfig:
+        return objective_at(self.objective, step, self.alignment_warmup_steps)
 
     def log(self, logs, start_time=None):
         if "loss" in logs and self._parts_n:
@@ -116,7 +138,8 @@ class CrystalTrainer(Trainer):
         if self.evaluator is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         metrics = self.evaluator(unwrap_distributed(self.model))
-        metrics = {f"{metric_key_prefix}_{k}": round(float(v), 6) for k, v in metrics.items()}
+        # Unrounded: a held-out attention KL early in training is far below 1e-6.
+        metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

@@ -1,0 +1,263 @@
+"""Every supported family, on a tiny random model with its own processor: the objective through
+the dual-path attention equals an eager forward with the dense 4-D dual-path mask and full
+logits (value, its three parts, every gradient; float64); path-1 position ids equal the model's
+own for the single-path sequence; unsupported models are refused with the reason."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as Fn
+from family_models import FAMILIES, build
+from PIL import Image
+
+import crystal_ext
+from crystal_ext.data.example import Example
+from crystal_ext.data.packing import IGNORE, DualPathCollator, DualPathPacker
+from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
+from crystal_ext.model.families import UnsupportedModel, family_of
+from crystal_ext.model.objective import ObjectiveConfig, crystal_objective, intact_path_batch
+from crystal_ext.model.parts import backbone_and_head
+from crystal_ext.ops.layout import dual_path_mask
+
+pytestmark = pytest.mark.skipif(
+    not crystal_ext.extension_available(), reason="the attention-alignment loss needs the compiled extension"
+)
+REFERENCE_HEAD = ObjectiveConfig(lm_head_losses="reference")
+CAPTURE = "crystal_test_dense_eager"
+
+
+def _image(seed, w=40, h=50):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _examples():
+    return [
+        Example("a", _image(0), "what is the shape", "red circle"),
+        Example(
+            "b",
+            [_image(1), _image(2, 60, 30)],
+            "and the colour",
+            "blue square",
+            messages=[
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour"}]},
+                {"role": "assistant", "content": "red"},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and the colour"}]},
+            ],
+        ),
+        Example("c", _image(3, 30, 30), "how many", "two red square blue triangle green circle three"),
+    ]
+
+
+def _to64(batch):
+    def conv(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.double()
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return {k: conv(v) for k, v in batch.items()}
+
+
+@functools.cache
+def _setup(family):
+    register_dual_path_attention()
+    model, processor, latent = build(family, attn_implementation=ATTN_IMPLEMENTATION)
+    model = model.double()
+    packer = DualPathPacker(processor, latent, model, system="you are a helpful assistant")
+    batch = DualPathCollator(packer, processor.tokenizer.pad_token_id)(_examples())
+    assert len(batch["keys"]) == 3
+    return model, processor, _to64(batch)
+
+
+def _dense_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """softmax(q k^T * scale + mask) v written out; records the last text layer's q and k."""
+    sink = kwargs.get("crystal_test_sink")
+    groups = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = query @ k.transpose(-1, -2) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    out = scores.softmax(-1) @ v
+    layers = getattr(module.config, "num_hidden_layers", None)
+    if sink is not None and getattr(module, "layer_idx", None) == layers - 1 and module.is_causal:
+        sink["q"], sink["k"], sink["scale"] = query, key, scaling
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _eager_run(model, batch):
+    """The stock model through the plain attention above with the dense dual-path mask as a 4-D
+    additive mask: (full logits, last layer's q, k, scale, the model copy)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(CAPTURE, _dense_eager)
+    AttentionMaskInterface.register(CAPTURE, eager_mask)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation(CAPTURE)
+    length = batch["input_ids"].shape[1]
+    mask = dual_path_mask(batch["layout"], length)[:, None]
+    additive = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, torch.finfo(torch.float64).min)
+    sink = {}
+    out = eager(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=additive,
+        use_cache=False,
+        crystal_test_sink=sink,
+        **batch["images"],
+    )
+    return out.logits, sink["q"], sink["k"], sink["scale"], eager
+
+
+def _plain_losses(logits, q, k, batch, scale):
+    """The published formulas with full logits and dense attention probabilities."""
+    targets, layout = batch["targets"], batch["layout"]
+    ce = Fn.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    mask = dual_path_mask(layout, targets.shape[1])[:, None]
+    kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    probs = (q @ kk.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
+    kl_pred, kl_attn = [], []
+    for b, r in enumerate(layout.reshape(-1, 12).tolist()):
+        (d0, d1), (e0, e1), (f0, f1) = r[6:8], r[8:10], r[10:12]
+        t = logits[b, e0:e1].detach().log_softmax(-1)
+        s = logits[b, f0:f1].log_softmax(-1)
+        per_row = (t.exp() * (t - s)).sum(-1)
+        kl_pred.append(per_row.topk(max(1, int(0.1 * per_row.numel()))).values.mean())
+        tm = probs[b, :, e0:e1, d0:d1].mean(0)
+        sm = probs[b, :, f0:f1, d0:d1].mean(0)
+        tm = (tm / (tm.sum(-1, keepdim=True) + 1e-8)).detach()
+        sm = sm / (sm.sum(-1, keepdim=True) + 1e-8)
+        kl_attn.append(Fn.kl_div(sm.log(), tm, reduction="batchmean"))
+    return ce, torch.stack(kl_pred).mean(), torch.stack(kl_attn).mean()
+
+
+def _relative_error(got, want):
+    """Largest difference relative to the largest value; a value that is zero up to rounding (the
+    key-projection bias's gradient: softmax ignores a shift shared by all keys) is compared absolutely."""
+    got, want = got.detach(), want.detach()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-9))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_objective_and_gradients_equal_the_dense_eager_forward(family):
+    model, _, batch = _setup(family)
+    ours_model = copy.deepcopy(model)
+    ours = crystal_objective(ours_model, batch, REFERENCE_HEAD)
+    ours.loss.backward()
+    logits, q, k, scale, eager = _eager_run(model, batch)
+    parts = _plain_losses(logits, q, k, batch, scale)
+    errors = [_relative_error(got, want) for got, want in zip((ours.ce, ours.kl_pred, ours.kl_attn), parts)]
+    assert ours.kl_pred > 0 and ours.kl_attn > 0
+    sum(parts).backward()
+    errors.append(_relative_error(ours.loss, sum(parts).detach()))
+    named = dict(eager.named_parameters())
+    checked = 0
+    for name, p in ours_model.named_parameters():
+        want = named[name].grad
+        if p.grad is None and want is None:
+            continue
+        assert p.grad is not None and want is not None, name
+        errors.append(_relative_error(p.grad, want))
+        checked += 1
+    print(
+        f"\n{family}: max relative error {max(errors):.1e} over the loss, its parts and {checked} gradients"
+    )
+    assert checked > 10 and max(errors) < 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_path1_positions_equal_the_models_own(family):
+    """The path-1 position ids of the packed sample equal what the stock model numbers the
+    single-path sequence [A, C, D, E] with itself (M-RoPE models: their rope-index function on
+    the processor's text types; others: 0, 1, 2, ...)."""
+    model, _, batch = _setup(family)
+    single = intact_path_batch(batch)
+    base = backbone_and_head(model)[1]
+    ids = single["input_ids"][:1, : int(single["attention_mask"][0].sum())]
+    if hasattr(base, "get_rope_index"):
+        from crystal_ext.model.families.qwen_vl import model_rope_index
+
+        grid = single["images"]["image_grid_thw"][:1]
+        want = model_rope_index(model)(ids, (ids == model.config.image_token_id).long(), grid)
+        got = single["position_ids"][:, 0, : ids.shape[1]]
+    else:
+        want = torch.arange(ids.shape[1])
+        got = single["position_ids"][0, : ids.shape[1]]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_trains_the_projector_in_full(family):
+    from crystal_ext.model.latent_tokens import apply_lora
+    from crystal_ext.model.new_token_rows import attach_new_token_rows
+
+    model, _, batch = _setup(family)
+    peft_model = apply_lora(copy.deepcopy(model).float())
+    vocab = peft_model.get_input_embeddings().weight.shape[0]
+    rows = attach_new_token_rows(peft_model, list(range(vocab - 8, vocab)))
+    crystal_objective(peft_model, _to32(batch), REFERENCE_HEAD).loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    full = family_of(model).trained_in_full(model)
+    assert full
+    assert any("lora_B" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in rows.parameters())
+    assert any(
+        "modules_to_save" in n and full[0] in n and g is not None and g.abs().sum() > 0
+        for n, g in grads.items()
+    )
+
+
+def _to32(batch):
+    def conv(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.float()
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return {k: conv(v) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize(
+    "model_type, reason",
+    [("gemma3", "sliding-window"), ("paligemma", "bidirectional"), ("mllama", "cross-attention")],
+)
+def test_unsupported_families_are_refused_with_the_reason(model_type, reason):
+    from types import SimpleNamespace
+
+    with pytest.raises(UnsupportedModel, match=rf"model_type '{model_type}' is not supported.*{reason}"):
+        family_of(SimpleNamespace(model_type=model_type))
+
+
+def test_an_unlisted_model_with_sliding_window_layers_is_refused():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(model_type="newvlm", layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(UnsupportedModel, match="newvlm.*sliding_attention"):
+        family_of(config)
+    assert family_of(SimpleNamespace(model_type="newvlm2", layer_types=["full_attention"])).position_rows == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_baseline_is_plain_sft_on_the_intact_path(family):
+    """--no_crystal: CE of the intact path [A, C, D, E] with the intact images alone equals the
+    stock model's own forward (its own attention and its own position numbering)."""
+    model, _, batch = _setup(family)
+    base = crystal_objective(model, batch, ObjectiveConfig(crystal=False, lm_head_losses="reference"))
+    single = intact_path_batch(batch)
+    stock = copy.deepcopy(model)
+    stock.set_attn_implementation("eager")
+    extra = {}
+    if hasattr(backbone_and_head(stock)[1], "get_rope_index"):
+        extra["mm_token_type_ids"] = (single["input_ids"] == stock.config.image_token_id).long()
+    logits = stock(
+        input_ids=single["input_ids"], attention_mask=single["attention_mask"], **single["images"], **extra
+    ).logits
+    want = Fn.cross_entropy(logits.flatten(0, 1), single["targets"].flatten(), ignore_index=IGNORE)
+    assert _relative_error(base.ce, want) < 1e-9 and base.kl_pred == 0 and base.kl_attn == 0
