@@ -133,7 +133,7 @@ def test_accuracy_counts_the_right_answers(monkeypatch):
 
     tok = tiny_tokenizer()
     lat = add_latent_tokens(tok, None, k=2)
-    answers = ["red circle", "two", "blue", "green square"]
+    answers = ["red circle", "green", "blue", "green square"]
 
     def written(text, close=True):
         body = tok(text, add_special_tokens=False).input_ids if text else []
@@ -143,11 +143,11 @@ def test_accuracy_counts_the_right_answers(monkeypatch):
     generated = {
         "intact": [
             written("red circle"),
-            written("two"),
+            written("green"),
             written("red"),
             written("green square", close=False),
         ],
-        "blurred": [written("blue circle"), written("two"), written(None)[:3], written("blue square")],
+        "blurred": [written("blue circle"), written("green"), written(None)[:3], written("blue square")],
     }
     calls = []
 
