@@ -82,6 +82,73 @@ MUTATIONS = [
         ["tests/test_visibility_rule.py"],
     ),
     Mutation(
+        "guard_sees_leaked_tf32",
+        "a test turns TF32 on and leaves it on for every later test in the process",
+        [
+            (
+                "tests/test_visibility_rule.py",
+                "    layout, length, expected = _batch()\n    got = dual_path_mask(layout, length)\n",
+                "    torch.backends.cuda.matmul.allow_tf32 = True\n"
+                "    layout, length, expected = _batch()\n    got = dual_path_mask(layout, length)\n",
+            )
+        ],
+        ["tests/test_visibility_rule.py"],
+    ),
+    Mutation(
+        "published_step_head_gets_no_gradient",
+        "the LM head's weight is detached in our objective: one parameter loses its gradient",
+        [("crystal_ext/model/objective.py", "        head.weight,\n", "        head.weight.detach(),\n")],
+        ["tests/test_published_step.py"],
+    ),
+    Mutation(
+        "visual_lora_scaled_to_zero",
+        "the vision tower's LoRA adapters are scaled by 0: present, with gradients that are all zero",
+        [
+            (
+                "crystal_ext/model/latent_tokens.py",
+                "        lora_alpha=alpha,\n",
+                '        lora_alpha=alpha,\n        alpha_pattern={r"visual\\..*": 0},\n',
+            )
+        ],
+        ["tests/test_model_dual_path.py::test_peft_wrapped_model_trains_lora_merger_and_new_rows"],
+    ),
+    Mutation(
+        "accuracies_swapped",
+        "the blurred-image accuracy reports the intact images' answers",
+        [
+            (
+                "crystal_ext/training/evaluation.py",
+                '"accuracy_blurred": sum(results["blurred"])',
+                '"accuracy_blurred": sum(results["intact"])',
+            )
+        ],
+        ["tests/test_evaluate.py::test_accuracy_counts_the_right_answers"],
+    ),
+    Mutation(
+        "ddp_forward_bypasses_the_wrapper",
+        "the objective is called on the unwrapped module, so DDP never all-reduces the gradients",
+        [
+            (
+                "crystal_ext/training/trainer.py",
+                "            out = model(crystal_batch=inputs)\n",
+                "            out = inner(crystal_batch=inputs)\n",
+            )
+        ],
+        ["tests/test_train.py::test_torchrun_two_processes_gloo"],
+    ),
+    Mutation(
+        "resume_skips_the_weights",
+        "a resumed run keeps its fresh weights instead of loading the checkpoint's",
+        [
+            (
+                "crystal_ext/training/trainer.py",
+                "            target.load_state_dict(loaded.state_dict(), strict=True)\n",
+                "            pass\n",
+            )
+        ],
+        ["tests/test_train.py::test_sigkill_during_save_then_resume_retraces_the_uninterrupted_run"],
+    ),
+    Mutation(
         "block_rescale_squared",
         "the online log-sum-exp rescale of lm_head_losses is alpha^2 instead of alpha; caught only by a "
         "CPU row whose running maximum grows in a later vocabulary block (tests/test_lm_head_losses.py)",
@@ -152,7 +219,18 @@ def _env(project: Path) -> dict:
 
 
 def _pytest(project: Path, tests: list[str], timeout: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "-rfE",
+        "-p",
+        "no:cacheprovider",
+        "--no-header",
+        *tests,
+    ]
     return subprocess.run(
         cmd, cwd=project, env=_env(project), capture_output=True, text=True, timeout=timeout
     )
@@ -213,7 +291,7 @@ def run_one(mutation: Mutation, timeout: int) -> tuple[str, str]:
         for so in _built_extension():
             shutil.copy2(so, project / "crystal_ext")
     if proc.returncode == 1:  # pytest: some tests failed
-        return "caught", _tail(proc, 3)
+        return "caught", _tail(proc, 4)
     if proc.returncode == 0:
         return "survived", _tail(proc, 3)
     return "error", f"pytest exited {proc.returncode}:\n" + _tail(proc)
@@ -260,7 +338,10 @@ def main(argv=None) -> int:
         verdict, detail = run_one(m, args.timeout)
         results.append((m, verdict))
         print(f"{verdict.upper():9s} {m.name}  ({time.time() - t0:.0f} s; {' '.join(m.tests)})", flush=True)
-        if verdict != "caught":
+        if verdict == "caught":  # the first failing test and its message
+            failed = [line for line in detail.splitlines() if line.startswith(("FAILED", "ERROR"))]
+            print("    " + (failed[0] if failed else detail.splitlines()[-1])[:220], flush=True)
+        else:
             print("    " + m.what + "\n    " + detail.replace("\n", "\n    "), flush=True)
     print(f"scratch folder: {_workspace()}")
     caught = sum(v == "caught" for _, v in results)
