@@ -15,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # so one leak is reported once). Tests change such state through monkeypatch, which undoes it.
 
 
-_PYTEST_OWN_VARIABLES = {"PYTEST_CURRENT_TEST"}  # pytest rewrites it at every phase
+# Variables that are not a test's doing: pytest rewrites PYTEST_CURRENT_TEST at every phase, and
+# torch sets TORCHINDUCTOR_CACHE_DIR once, the first time anything in the process compiles.
+_NOT_A_TESTS_DOING = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
 
 
 def _process_state() -> dict:
@@ -27,7 +29,7 @@ def _process_state() -> dict:
         "torch.deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "torch.grad_enabled": torch.is_grad_enabled(),
         "torch.num_threads": torch.get_num_threads(),
-        "os.environ": {k: v for k, v in os.environ.items() if k not in _PYTEST_OWN_VARIABLES},
+        "os.environ": {k: v for k, v in os.environ.items() if k not in _NOT_A_TESTS_DOING},
     }
 
 
@@ -39,7 +41,7 @@ def _restore_process_state(state: dict) -> None:
     torch.use_deterministic_algorithms(state["torch.deterministic_algorithms"])
     torch.set_grad_enabled(state["torch.grad_enabled"])
     torch.set_num_threads(state["torch.num_threads"])
-    for key in set(os.environ) - set(state["os.environ"]) - _PYTEST_OWN_VARIABLES:
+    for key in set(os.environ) - set(state["os.environ"]) - _NOT_A_TESTS_DOING:
         del os.environ[key]
     os.environ.update(state["os.environ"])
 
