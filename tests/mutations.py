@@ -149,6 +149,18 @@ MUTATIONS = [
         ["tests/test_train.py::test_sigkill_during_save_then_resume_retraces_the_uninterrupted_run"],
     ),
     Mutation(
+        "autocast_mixed_qkv_dtypes",
+        "the dual-path attention is handed autocast's mixed q/k (fp32) and v (bf16) as they come",
+        [
+            (
+                "crystal_ext/model/attention_registration.py",
+                "        query, key, value = (t.to(dtype) for t in (query, key, value))\n",
+                "        pass\n",
+            )
+        ],
+        ["tests/test_model_dual_path.py::test_bf16_autocast_objective_tracks_float64"],
+    ),
+    Mutation(
         "block_rescale_squared",
         "the online log-sum-exp rescale of lm_head_losses is alpha^2 instead of alpha; caught only by a "
         "CPU row whose running maximum grows in a later vocabulary block (tests/test_lm_head_losses.py)",

@@ -294,3 +294,28 @@ def test_layout_is_planned_once_per_forward(monkeypatch):
     monkeypatch.setattr(reg, "DualPathPlan", Counting)
     crystal_objective(model, batch, REFERENCE_HEAD)
     assert len(built) == 1 and model.config.text_config.num_hidden_layers > 1
+
+
+def _parts(model, batch, config, autocast):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = crystal_objective(model, batch, config)
+    return torch.stack([out.loss, out.ce, out.kl_pred, out.kl_attn]).double()
+
+
+def test_bf16_autocast_objective_tracks_float64():
+    """The whole objective under CPU bf16 autocast (as training with --bf16 runs it) against the
+    float64 objective. Tolerance, per part, as flash-attention's tests derive theirs: twice the
+    error of the plain-PyTorch composition in the same precision (reference LM-head losses), plus
+    the float32 objective's error scaled by the precision ratio 2^16 of float32 to bf16."""
+    model, batch = _setup()
+    model64 = copy.deepcopy(model).double()
+    batch64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+    gold = _parts(model64, batch64, REFERENCE_HEAD, autocast=False)
+    fp32_err = (_parts(model, batch, ObjectiveConfig(), autocast=False) - gold).abs()
+    bf16 = _parts(model, batch, ObjectiveConfig(), autocast=True)
+    plain_bf16_err = (_parts(model, batch, REFERENCE_HEAD, autocast=True) - gold).abs()
+    assert not torch.equal(bf16, _parts(model, batch, ObjectiveConfig(), autocast=False))  # bf16 did run
+    tol = 2 * plain_bf16_err + 2**16 * fp32_err
+    for i, name in enumerate(("loss", "ce", "kl_pred", "kl_attn")):
+        err = (bf16[i] - gold[i]).abs()
+        assert err <= tol[i], f"{name}: bf16 error {err.item():.3g} > tolerance {tol[i].item():.3g}"
