@@ -70,9 +70,26 @@ def _process_state_is_restored():
 
 
 # ---- CUDA tests: a visible GPU must run them -------------------------------------------------
-# CUDA tests (marked `cuda`) may skip only where no GPU is visible. Where one is visible and every
-# CUDA test skipped (the kernels were not compiled, a skip condition is wrong), the session fails
-# rather than reporting a green run that checked no kernel.
+# One rule for every CUDA test (marked `cuda`): it skips only where no GPU is visible, and fails
+# where one is visible but the CUDA kernels were not compiled. And where a GPU is visible and
+# every CUDA test skipped all the same (a wrong skip condition), the session fails rather than
+# reporting a green run that checked no kernel.
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda") is None:
+        return
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    import crystal_ext
+
+    if not crystal_ext.build_info()["cuda_kernels"]:
+        pytest.fail(
+            "a CUDA GPU is visible but crystal_ext was built without its CUDA kernels "
+            "(rebuild where nvcc is on the PATH; `python -m crystal_ext.info` says how it was built)"
+        )
+
 
 _cuda_outcomes: dict[str, str] = {}
 
