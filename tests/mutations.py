@@ -22,6 +22,7 @@ Not a pytest file (its name does not start with test_); it runs pytest in subpro
 from __future__ import annotations
 
 import argparse
+import fcntl
 import glob
 import hashlib
 import os
@@ -336,6 +337,14 @@ def main(argv=None) -> int:
 
     if args.fresh:
         shutil.rmtree(_workspace(), ignore_errors=True)
+    # One run at a time per checkout: two runs would revert each other's mutations.
+    _workspace().mkdir(parents=True, exist_ok=True)
+    lock = open(_workspace() / ".lock", "w")  # noqa: SIM115 (held for the whole run)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"mutations: another run is using {_workspace()}", file=sys.stderr)
+        return 2
     started = time.time()
     tests = sorted({t for m in chosen for t in m.tests})
     print(f"baseline: the unmutated project on {len(tests)} test ids", flush=True)
