@@ -6,7 +6,8 @@ CUDA build and a CUDA toolkit (nvcc) can be found, also on machines without a GP
 Environment knobs:
   CRYSTAL_EXT_CPU_ONLY=1     skip the CUDA kernels even when they could be built
   CRYSTAL_EXT_FORCE_CUDA=1   fail the build if the CUDA kernels cannot be built
-  TORCH_CUDA_ARCH_LIST       target architectures (default "8.0;9.0;9.0a+PTX")
+  TORCH_CUDA_ARCH_LIST       target architectures (default "8.0;9.0;10.0;12.0+PTX": the PTX of the
+                             newest one runs on GPUs newer than the list)
   MAX_JOBS                   parallel compile jobs (torch's own knob)
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CUDA_ARCHS = "8.0;9.0;9.0a+PTX"
+DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0;12.0+PTX"
 
 
 def _toolkit_behind_nvcc(nvcc_path):

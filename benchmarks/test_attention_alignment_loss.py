@@ -64,6 +64,18 @@ def test_fused(benchmark, shape_name, dtype):
     run_fused = lambda: forward_backward(fused, q, k, layout)  # noqa: E731
     run_ref = lambda: forward_backward(ref, q, k, layout)  # noqa: E731
     rounds = ROUNDS[shape_name]
+    # Correctness guard before timing: a wrong fused op must not be reported as fast.
+    loss_f, loss_r = fused(q, k, layout), ref(q, k, layout)
+    grads_f, grads_r = run_fused(), run_ref()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for name, got, want in (
+        ("loss", loss_f, loss_r),
+        ("dq", grads_f[0], grads_r[0]),
+        ("dk", grads_f[1], grads_r[1]),
+    ):
+        torch.testing.assert_close(
+            got.float(), want.float(), rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}"
+        )
     benchmark.group = f"attention_alignment_loss {shape_name} {str(dtype)[6:]}"
     benchmark.pedantic(run_fused, rounds=rounds, warmup_rounds=1)
     if benchmark.disabled:

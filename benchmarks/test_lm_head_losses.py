@@ -88,7 +88,8 @@ def test_lm_head_losses(benchmark, measure_peak_memory, shape, dtype, weight_gra
         f_ce, f_kl = crystal_ext.lm_head_losses(*args, 0.1)
         r_ce, r_kl = reference.lm_head_losses(*args, 0.1)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(f_ce, r_ce, rtol=tol, atol=tol)
+    torch.testing.assert_close(f_ce, r_ce, rtol=tol, atol=tol, msg=lambda m: f"CE: {m}")
+    torch.testing.assert_close(f_kl, r_kl, rtol=tol, atol=tol, msg=lambda m: f"KL: {m}")
 
     if benchmark.disabled:  # --benchmark-disable: one pass as a smoke test, no timings
         benchmark.pedantic(fused, rounds=1, iterations=1)

@@ -204,9 +204,7 @@ def make_evaluator(cargs, targs, processor, packer, held_out):
     return evaluator
 
 
-def train(
-    cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks, held_out=None
-):
+def train(cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks, held_out=None):
     """(trained model, summary) of one Trainer run; the final model is saved at the top of the output folder."""
     out = targs.output_dir
     evaluating = targs.eval_strategy not in (None, "no") and held_out is not None and len(held_out) > 0

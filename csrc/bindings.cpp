@@ -1,14 +1,11 @@
 // The crystal_ext._C module: operator schemas (torch.library, so torch.compile and opcheck see
-// the ops) and a pybind11 module with build facts and direct entry points.
+// the ops) and a pybind11 module with build facts and the direct forward entry point; the
+// internal entry points for tests live in test_entry_points.cpp.
 // Kernels register themselves beside their code: csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 #include <torch/library.h>
-
-#include <algorithm>
-#include <vector>
 
 #ifndef CRYSTAL_TORCH_VERSION
 #define CRYSTAL_TORCH_VERSION "unknown"
@@ -19,6 +16,7 @@
 #endif
 
 #include "cpu/gemm_bf16.h"
+#include "test_entry_points.h"
 
 TORCH_LIBRARY(crystal_ext, m) {
   // Returns (loss, lse): the scalar loss (float32; float64 for float64 inputs) and the
@@ -89,40 +87,6 @@ std::tuple<at::Tensor, at::Tensor> attention_alignment_loss_forward(const at::Te
   return op.call(q, k, layout, scale);
 }
 
-// a [m, k] x B -> fp32 [m, n] through the CPU bf16 GEMM, for its tests: B = w^T for w [n, k]
-// (transposed=true, the logits GEMM) or B = w for w [k, n] (the expectation GEMM). With
-// `out` given, accumulates into it.
-at::Tensor cpu_gemm_bf16(const at::Tensor& a, const at::Tensor& w, bool transposed,
-                         const c10::optional<at::Tensor>& out) {
-  namespace g = crystal_ext::cpu_gemm;
-  TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.scalar_type() == at::kBFloat16 &&
-                  w.scalar_type() == at::kBFloat16 && a.device().is_cpu() && w.device().is_cpu(),
-              "cpu_gemm_bf16: a and w must be 2-D bf16 CPU tensors");
-  const at::Tensor wc = w.contiguous();
-  const g::PackedB b = transposed ? g::pack_transposed(wc) : g::pack(wc);
-  TORCH_CHECK(a.size(1) == b.k, "cpu_gemm_bf16: a has ", a.size(1), " columns, B has ", b.k,
-              " rows");
-  const at::Tensor a_op = g::a_operand(a);
-  at::Tensor c = out.has_value() ? *out : at::empty({a.size(0), b.n}, a.options().dtype(at::kFloat));
-  TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.size(0) == a.size(0) &&
-                  c.size(1) == b.n,
-              "cpu_gemm_bf16: out must be a contiguous float32 [", a.size(0), ", ", b.n, "]");
-  g::gemm_bf16_f32(a_op.data_ptr<at::BFloat16>(), a_op.size(1), a.size(0), b, c.data_ptr<float>(),
-                   b.n, /*accumulate=*/out.has_value());
-  return c;
-}
-
-// How many distinct threads run the chunks of an at::parallel_for over n items compiled in
-// this extension (for the test that the CPU kernels are parallel).
-int64_t parallel_for_threads(int64_t n) {
-  std::vector<int> seen(static_cast<size_t>(at::get_num_threads()), 0);
-  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
-    const int t = at::get_thread_num();
-    if (t >= 0 && t < static_cast<int>(seen.size())) seen[static_cast<size_t>(t)] = 1;
-  });
-  return std::count(seen.begin(), seen.end(), 1);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -132,11 +96,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused attention-alignment loss, forward: (loss, lse). Prefer "
         "crystal_ext.attention_alignment_loss, which adds autograd.",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("layout"), pybind11::arg("scale"));
-  m.def("parallel_for_threads", &parallel_for_threads,
-        "Internal, for tests: distinct threads that ran an at::parallel_for over n items",
-        pybind11::arg("n"));
-  m.def("cpu_gemm_bf16", &cpu_gemm_bf16,
-        "Internal, for tests: a x B in bf16 with fp32 output on the CPU's AVX512-BF16 kernel",
-        pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("transposed"),
-        pybind11::arg("out") = pybind11::none());
+  crystal_ext::testing::register_test_entry_points(m);
 }

@@ -38,6 +38,15 @@ CRYSTAL_HD T block_rescale(T old_max, T new_max) {
   return old_max == neg_inf<T>() ? T(0) : exp_acc(old_max - new_max);
 }
 
+// What a block's logits are exponentiated against: the running max, except while a row's
+// logits have all been -inf so far (a -inf bias over a whole block), where exp(-inf - -inf)
+// would be NaN; against 0 they give exp(-inf) = 0. Decided once per row and block, outside
+// the loops over the vocabulary.
+template <typename T>
+CRYSTAL_HD T exp_shift(T running_max) {
+  return running_max == neg_inf<T>() ? T(0) : running_max;
+}
+
 template <typename T>
 CRYSTAL_HD T unnormalised_prob(T z, T running_max) {
   return exp_acc(z - running_max);
@@ -60,11 +69,11 @@ CRYSTAL_HD T ce_row(T lse, T target_logit) {
 
 // KL(teacher || student) of one pair from its accumulated cross term A and the two rows'
 // (m, Z). Clamped at 0: it is non-negative in exact arithmetic, rounding can push a
-// vanishing KL slightly below.
+// vanishing KL slightly below. A NaN stays NaN.
 template <typename T>
 CRYSTAL_HD T pair_kl(T cross, T teacher_sum, T teacher_lse, T student_lse) {
   const T kl = cross / teacher_sum - teacher_lse + student_lse;
-  return kl > T(0) ? kl : T(0);
+  return kl < T(0) ? T(0) : kl;
 }
 
 // ---- gradients ----

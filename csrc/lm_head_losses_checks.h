@@ -175,8 +175,12 @@ double select_topk(const Problem& p, const T* pair_kl, double topk_fraction, T* 
   for (int64_t i = 0; i < p.n_pairs; ++i) coef[i] = T(0);
   double total = 0.0;
   for (auto& members : by_sample) {
-    std::stable_sort(members.begin(), members.end(),
-                     [&](int64_t a, int64_t b) { return pair_kl[a] > pair_kl[b]; });
+    // NaN ranks above every number, as in torch.topk.
+    std::stable_sort(members.begin(), members.end(), [&](int64_t a, int64_t b) {
+      const bool a_nan = std::isnan(static_cast<double>(pair_kl[a]));
+      const bool b_nan = std::isnan(static_cast<double>(pair_kl[b]));
+      return a_nan != b_nan ? a_nan : pair_kl[a] > pair_kl[b];
+    });
     const int64_t k = topk_count(topk_fraction, static_cast<int64_t>(members.size()));
     double sample_sum = 0.0;
     for (int64_t j = 0; j < k; ++j) {

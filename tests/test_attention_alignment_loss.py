@@ -16,10 +16,6 @@ ref = reference.attention_alignment_loss
 pytestmark = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason=f"no extension: {crystal_ext.extension_error()}"
 )
-cuda_only = pytest.mark.skipif(
-    not (torch.cuda.is_available() and crystal_ext.build_info()["cuda_kernels"]),
-    reason="needs a visible GPU and the CUDA kernels",
-)
 
 
 def loss_and_grads(fn, q, k, layout, scale=None):
@@ -302,10 +298,9 @@ def test_fuzz_malformed_layouts_never_crash():
 # ---------------------------------------------------------------- CUDA
 
 
-@cuda_only
 @pytest.mark.cuda
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
-def test_cuda_fp32_matches_float64_reference(heads, kv_heads, head_dim):
+def test_cuda_fp32_matches_float64_reference(heads, kv_heads, head_dim, cuda):
     layout = make_layout(MIXED_SAMPLES)
     q, k = random_qk(3, heads, kv_heads, needed_length(MIXED_SAMPLES) + 3, head_dim, seed=21)
     loss, gq, gk = loss_and_grads(fused, q.cuda(), k.cuda(), layout.cuda())
@@ -316,10 +311,9 @@ def test_cuda_fp32_matches_float64_reference(heads, kv_heads, head_dim):
     assert rel_err(gk, gk64) < 1e-4
 
 
-@cuda_only
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_low_precision(dtype):
+def test_cuda_low_precision(dtype, cuda):
     layout = make_layout(MIXED_SAMPLES)
     q, k = random_qk(3, 8, 2, needed_length(MIXED_SAMPLES) + 5, 128, seed=12)
     truth = loss_and_grads(ref, q.double(), k.double(), layout)
@@ -329,9 +323,8 @@ def test_cuda_low_precision(dtype):
         assert rel_err(a, t) <= 2 * rel_err(b, t) + 1e-6
 
 
-@cuda_only
 @pytest.mark.cuda
-def test_cuda_matches_cpu_kernel_float64():
+def test_cuda_matches_cpu_kernel_float64(cuda):
     layout = make_layout(MIXED_SAMPLES)
     q, k = random_qk(3, 7, 1, needed_length(MIXED_SAMPLES) + 2, 64, dtype=torch.float64, seed=13)
     cpu = loss_and_grads(fused, q, k, layout)
@@ -340,9 +333,8 @@ def test_cuda_matches_cpu_kernel_float64():
         torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
 
 
-@cuda_only
 @pytest.mark.cuda
-def test_cuda_long_rows_use_every_lane():
+def test_cuda_long_rows_use_every_lane(cuda):
     """More than 32 keys and latents per row, so each lane of a warp handles several."""
     samples = [(40, 150, 40, 60), (3, 11, 2, 5)]
     layout = make_layout(samples)
@@ -357,9 +349,8 @@ def test_cuda_long_rows_use_every_lane():
         assert torch.equal(a, b)
 
 
-@cuda_only
 @pytest.mark.cuda
-def test_cuda_gradcheck_float64():
+def test_cuda_gradcheck_float64(cuda):
     samples = [(1, 3, 2, 2), (0, 2, 1, 1)]
     layout = make_layout(samples).cuda()
     heads, kv_heads, length, head_dim = 4, 2, needed_length(samples) + 1, 3
@@ -374,11 +365,22 @@ def test_cuda_gradcheck_float64():
     )
 
 
-@cuda_only
 @pytest.mark.cuda
-def test_cuda_opcheck():
+def test_cuda_opcheck(cuda):
     layout = make_layout(MIXED_SAMPLES).cuda()
     q, k = random_qk(3, 4, 2, needed_length(MIXED_SAMPLES), 8, device="cuda")
     q.requires_grad_(True)
     k.requires_grad_(True)
     torch.library.opcheck(torch.ops.crystal_ext.attention_alignment_loss_fwd.default, (q, k, layout, 0.3))
+
+
+def test_cuda_tf32_flag_does_not_change_the_result(cuda, monkeypatch):
+    """The op pins its fp32 GEMMs: the same result with the global TF32 flag on and off."""
+    layout = make_layout(MIXED_SAMPLES)
+    q, k = random_qk(len(MIXED_SAMPLES), 4, 2, needed_length(MIXED_SAMPLES), 64, seed=3)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    off = loss_and_grads(fused, q.cuda(), k.cuda(), layout.cuda())
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    on = loss_and_grads(fused, q.cuda(), k.cuda(), layout.cuda())
+    for a, b in zip(on, off):
+        assert torch.equal(a, b)

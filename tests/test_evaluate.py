@@ -63,10 +63,12 @@ def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
     )
     assert "held-out accuracy" in proc.stdout
     result = json.loads(results.read_text())
-    assert result["n"] == 6 and {"accuracy_intact", "accuracy_blurred"} <= set(result)
-    assert all({"key", "answer", "intact", "blurred"} <= set(r) for r in result["examples"])
+    assert result["n"] == 6 and len(result["examples"]) == 6
+    for name in ("intact", "blurred", "latent_carried"):  # the share of its examples answered right
+        right = sum(r[name] == r["answer"] for r in result["examples"])
+        assert result[f"accuracy_{name}"] == pytest.approx(right / 6)
     # the latent-carried evaluation of a LoRA run: the corrupted path through the peft model
-    assert 0 <= result["accuracy_latent_carried"] <= 1 and result["attention_kl"] >= 0
+    assert result["attention_kl"] >= 0
     assert all(
         r["latent_carried_correct"] == (r["latent_carried"] == r["answer"]) for r in result["examples"]
     )
@@ -172,3 +174,61 @@ def test_lora_resume_restores_the_new_rows_and_their_optimizer_state(tmp_path):
     for name in ("embed_tokens", "lm_head"):
         torch.testing.assert_close(rows[name], straight[name], rtol=1e-5, atol=1e-6)
         assert not torch.equal(rows[name], start[name])  # the rows trained on after the resume
+
+
+def test_accuracy_counts_the_right_answers(monkeypatch):
+    """evaluate_model on four examples whose generated answers are fixed: intact gets examples 0,
+    1 and 3 right (one answer is cut off before </answer>, which still counts), blurred only
+    example 1 (one answer is wrong, one never opens <answer>): 0.75 and 0.25."""
+    from PIL import Image
+
+    from crystal_ext.data.example import Example
+    from crystal_ext.model.latent_tokens import add_latent_tokens
+    from crystal_ext.training import evaluation
+    from crystal_ext.training.tiny_model import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    lat = add_latent_tokens(tok, None, k=2)
+    answers = ["red circle", "green", "blue", "green square"]
+
+    def written(text, close=True):
+        body = tok(text, add_special_tokens=False).input_ids if text else []
+        head = [lat.think_open, *lat.latent_ids, lat.think_close]
+        return head + [lat.answer_open, *body] + ([lat.answer_close] if close else [])
+
+    generated = {
+        "intact": [
+            written("red circle"),
+            written("green"),
+            written("red"),
+            written("green square", close=False),
+        ],
+        "blurred": [written("blue circle"), written("green"), written(None)[:3], written("blue square")],
+    }
+    calls = []
+
+    def fake_generate(model, processor, images, questions, system, max_new, **_):
+        kind = ("intact", "blurred")[len(calls) % 2]  # per batch: the intact images, then the blurred
+        calls.append(kind)
+        assert len(images) == len(questions) == 4
+        return generated[kind]
+
+    class Processor:
+        tokenizer = tok
+
+    picture = Image.new("RGB", (28, 28), (200, 10, 10))
+    dataset = [Example(f"k{i}", picture, "what is in the image ?", a) for i, a in enumerate(answers)]
+    monkeypatch.setattr(evaluation, "generate_answers", fake_generate)
+    result = evaluation.evaluate_model(
+        torch.nn.Module(),
+        Processor(),
+        dataset,
+        system="s",
+        image_size=28,
+        num_latent_tokens=2,
+        progress=False,
+    )
+    assert calls == ["intact", "blurred"] and result["n"] == 4
+    assert result["accuracy_intact"] == 0.75 and result["accuracy_blurred"] == 0.25
+    assert [r["intact"] == r["answer"] for r in result["examples"]] == [True, True, False, True]
+    assert [r["blurred"] == r["answer"] for r in result["examples"]] == [False, True, False, False]

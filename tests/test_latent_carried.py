@@ -204,7 +204,7 @@ def test_evaluation_reports_the_answers_it_was_given(monkeypatch):
     wrong = {"vertical": "horizontal", "horizontal": "diagonal", "diagonal": "vertical"}
     done = {"intact": 0, "blurred": 0}
 
-    def fake_generate(model, processor, images, questions, system, max_new):
+    def fake_generate(model, processor, images, questions, system, max_new, **_):
         # per batch an intact call (answers right), then a blurred call (answers wrong)
         name = "blurred" if done["intact"] > done["blurred"] else "intact"
         start = done[name]

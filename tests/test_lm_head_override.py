@@ -9,7 +9,6 @@ import torch
 
 import crystal_ext
 from crystal_ext.ops import reference
-from crystal_ext.ops.override_rows import lm_head_losses_with_override
 
 fused_only = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason="compiled extension unavailable"
@@ -96,7 +95,7 @@ def test_reference_override_equals_the_plain_losses_with_the_rows_written_in(bia
 def test_fused_override_matches_the_reference(dtype, bias):
     prob = problem(dtype=dtype, bias=bias)
     before = prob["weight"].clone()
-    got = losses_and_grads(lm_head_losses_with_override, prob)
+    got = losses_and_grads(crystal_ext.lm_head_losses, prob)
     want = losses_and_grads(reference.lm_head_losses, prob)
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     for name, a, b in zip(("ce", "kl", "d hidden", "d rows"), got, want):
@@ -120,7 +119,7 @@ def test_fused_override_gradcheck_float64():
     const_rows = prob["hidden"][:4].clone()
 
     def losses(h_var, rows):
-        return lm_head_losses_with_override(
+        return crystal_ext.lm_head_losses(
             torch.cat([const_rows, h_var]),
             prob["weight"],
             targets,
@@ -143,7 +142,7 @@ def test_fused_override_gradcheck_float64():
 def test_fused_override_gives_no_weight_gradient_even_when_asked_and_runs_without_grad():
     prob = problem(dtype=torch.float32)
     with torch.no_grad():
-        ce, kl = lm_head_losses_with_override(
+        ce, kl = crystal_ext.lm_head_losses(
             prob["hidden"],
             prob["weight"],
             prob["targets"],
@@ -158,7 +157,7 @@ def test_fused_override_gives_no_weight_gradient_even_when_asked_and_runs_withou
     torch.testing.assert_close((ce, kl), want[:2], rtol=1e-4, atol=1e-5)
     weight = prob["weight"].clone().requires_grad_()
     hidden = prob["hidden"].clone().requires_grad_()
-    ce, kl = lm_head_losses_with_override(
+    ce, kl = crystal_ext.lm_head_losses(
         hidden,
         weight,
         prob["targets"],
@@ -185,7 +184,7 @@ BAD = [
 
 
 @pytest.mark.parametrize(
-    "fn", [reference.lm_head_losses, pytest.param(lm_head_losses_with_override, marks=fused_only)]
+    "fn", [reference.lm_head_losses, pytest.param(crystal_ext.lm_head_losses, marks=fused_only)]
 )
 @pytest.mark.parametrize("change, match", BAD)
 def test_bad_override_names_the_argument(fn, change, match):
@@ -207,13 +206,13 @@ def test_bad_override_names_the_argument(fn, change, match):
 def test_fused_override_without_targeted_rows_or_pairs():
     prob = problem()
     prob["targets"] = torch.full_like(prob["targets"], -100)
-    got = losses_and_grads(lm_head_losses_with_override, prob)
+    got = losses_and_grads(crystal_ext.lm_head_losses, prob)
     want = losses_and_grads(reference.lm_head_losses, prob)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
     empty = torch.zeros(0, dtype=torch.long)
     prob.update(teacher_rows=empty, student_rows=empty, pair_sample=empty)
-    ce, kl, d_hidden, d_rows = losses_and_grads(lm_head_losses_with_override, prob)
+    ce, kl, d_hidden, d_rows = losses_and_grads(crystal_ext.lm_head_losses, prob)
     assert ce == 0 and kl == 0 and d_rows.abs().sum() == 0 and d_hidden.abs().sum() == 0
 
 

@@ -81,14 +81,16 @@ def _eager_run(model, batch):
     return eager, out, captured
 
 
-def _plain_losses(logits, q, k, batch, scale):
-    """The published formulas, written out with full logits and dense attention probabilities."""
+def _plain_losses(logits, q, k, batch, scale, probs=None):
+    """The published formulas, written out with full logits and dense attention probabilities
+    (the last layer's, given or computed from its rotated q and k)."""
     targets, layout = batch["targets"], batch["layout"]
     ce = Fn.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
     length = targets.shape[1]
-    mask = dual_path_mask(layout, length)[:, None]
-    kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    probs = (q @ kk.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
+    if probs is None:
+        mask = dual_path_mask(layout, length)[:, None]
+        kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        probs = (q @ kk.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
     kl_pred, kl_attn = [], []
     for b, r in enumerate(layout.reshape(-1, 12).tolist()):
         (d0, d1), (e0, e1), (f0, f1) = r[6:8], r[8:10], r[10:12]
@@ -209,11 +211,29 @@ def test_objective_config_names_the_bad_setting(bad, name):
         ObjectiveConfig(**bad)
 
 
-def test_qwen2_vl_runs_through_the_same_attention():
+def test_qwen2_vl_objective_matches_plain_composition():
+    """Qwen2-VL (its own rotary and vision classes) through the same attention: every part of
+    the objective equals the published formulas on the eager model with the dense mask, whose
+    last-layer attention probabilities transformers returns itself (output_attentions)."""
     model, batch = _setup("qwen2_vl")
-    loss = crystal_objective(model, batch, REFERENCE_HEAD)
-    loss.loss.backward()
-    assert torch.isfinite(loss.loss) and loss.kl_attn > 0
+    ours = crystal_objective(model, batch, REFERENCE_HEAD)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    length = batch["input_ids"].shape[1]
+    mask = dual_path_mask(batch["layout"], length)[:, None]
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    out = eager(
+        input_ids=batch["input_ids"],
+        **batch["images"],
+        position_ids=batch["position_ids"],
+        attention_mask=additive,
+        output_attentions=True,
+    )
+    ce, kl_pred, kl_attn = _plain_losses(out.logits, None, None, batch, None, probs=out.attentions[-1])
+    for got, want in ((ours.ce, ce), (ours.kl_pred, kl_pred), (ours.kl_attn, kl_attn)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert ours.kl_pred > 0 and ours.kl_attn > 0
+    torch.testing.assert_close(ours.loss, ce + kl_pred + kl_attn, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("head", ["reference", "fused"])
@@ -229,7 +249,12 @@ def test_peft_wrapped_model_trains_lora_merger_and_new_rows(head):
     rows = attach_new_token_rows(peft_model, list(range(vocab - 8, vocab)))  # the 4 latents + 4 markers
     crystal_objective(peft_model, batch, ObjectiveConfig(lm_head_losses=head)).loss.backward()
     grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert any("lora_A" in n and "visual" in n and g is not None for n, g in grads.items())
+    # LoRA's B starts at zero, so A's gradient is zero at the start; B's is not, in every
+    # adapted layer of the vision tower as of the language model.
+    visual_b = {n: g for n, g in grads.items() if "lora_B" in n and "visual" in n}
+    assert visual_b and all(g is not None and g.abs().sum() > 0 for g in visual_b.values()), {
+        n: None if g is None else g.abs().sum().item() for n, g in visual_b.items()
+    }
     assert any(
         "lora_B" in n and "language_model" in n and g is not None and g.abs().sum() > 0
         for n, g in grads.items()
@@ -237,6 +262,15 @@ def test_peft_wrapped_model_trains_lora_merger_and_new_rows(head):
     assert any("merger" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
     assert rows.embedding_rows.grad.abs().sum() > 0 and rows.head_rows.grad.abs().sum() > 0
     assert all(m.grad is None for m in embedding_and_head_weights(peft_model))
+
+    # and the visual adapters change the loss: a step along their gradient lowers it
+    with torch.no_grad():
+        before = crystal_objective(peft_model, batch, ObjectiveConfig(lm_head_losses=head)).loss
+        visual_params = {n: p for n, p in peft_model.named_parameters() if n in visual_b}
+        for n, p in visual_params.items():
+            p -= 0.05 * visual_b[n] / visual_b[n].norm()
+        after = crystal_objective(peft_model, batch, ObjectiveConfig(lm_head_losses=head)).loss
+    assert after < before, (before.item(), after.item())
 
 
 def test_objective_with_new_token_rows_equals_the_rows_written_in():
@@ -282,3 +316,28 @@ def test_layout_is_planned_once_per_forward(monkeypatch):
     monkeypatch.setattr(reg, "DualPathPlan", Counting)
     crystal_objective(model, batch, REFERENCE_HEAD)
     assert len(built) == 1 and model.config.text_config.num_hidden_layers > 1
+
+
+def _parts(model, batch, config, autocast):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = crystal_objective(model, batch, config)
+    return torch.stack([out.loss, out.ce, out.kl_pred, out.kl_attn]).double()
+
+
+def test_bf16_autocast_objective_tracks_float64():
+    """The whole objective under CPU bf16 autocast (as training with --bf16 runs it) against the
+    float64 objective. Tolerance, per part, as flash-attention's tests derive theirs: twice the
+    error of the plain-PyTorch composition in the same precision (reference LM-head losses), plus
+    the float32 objective's error scaled by the precision ratio 2^16 of float32 to bf16."""
+    model, batch = _setup()
+    model64 = copy.deepcopy(model).double()
+    batch64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+    gold = _parts(model64, batch64, REFERENCE_HEAD, autocast=False)
+    fp32_err = (_parts(model, batch, ObjectiveConfig(), autocast=False) - gold).abs()
+    bf16 = _parts(model, batch, ObjectiveConfig(), autocast=True)
+    plain_bf16_err = (_parts(model, batch, REFERENCE_HEAD, autocast=True) - gold).abs()
+    assert not torch.equal(bf16, _parts(model, batch, ObjectiveConfig(), autocast=False))  # bf16 did run
+    tol = 2 * plain_bf16_err + 2**16 * fp32_err
+    for i, name in enumerate(("loss", "ce", "kl_pred", "kl_attn")):
+        err = (bf16[i] - gold[i]).abs()
+        assert err <= tol[i], f"{name}: bf16 error {err.item():.3g} > tolerance {tol[i].item():.3g}"

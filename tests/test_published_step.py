@@ -37,6 +37,15 @@ def test_published_step_equals_ours_fp32():
     ours.loss.backward()
     theirs.loss.backward()
     theirs_params = dict(theirs_model.named_parameters())
+    compared = 0
     for name, p in model.named_parameters():
+        theirs_grad = theirs_params[name].grad
+        assert (p.grad is None) == (theirs_grad is None), f"{name}: a gradient on one side only"
         if p.grad is not None:
-            torch.testing.assert_close(p.grad, theirs_params[name].grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(
+                p.grad, theirs_grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+            )
+            compared += 1
+    trainable = sum(p.requires_grad for p in model.parameters())
+    assert compared == trainable, f"gradients compared for {compared} of {trainable} trainable parameters"
+    assert model.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0  # the loss reaches the image side

@@ -4,11 +4,12 @@ kill-and-resume (SIGKILL during a checkpoint save), and argument validation."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 from train_helpers import FAST, loss_at, metrics, run
 
 import crystal_ext
@@ -52,7 +53,14 @@ def test_default_run_end_to_end(tmp_path):
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     # evaluation and pictures
     result = json.loads((out / "eval_results.json").read_text())
-    assert result["n"] == 12 and 0 <= result["accuracy_intact"] <= 1 and 0 <= result["accuracy_blurred"] <= 1
+    assert result["n"] == 12 and len(result["examples"]) == 12
+    for name in ("intact", "blurred"):  # each accuracy is the share of its examples answered right
+        right = sum(r[name] == r["answer"] for r in result["examples"])
+        assert result[f"accuracy_{name}"] == pytest.approx(right / 12)
+    assert (
+        f"intact images {result['accuracy_intact']:.3f}, blurred images {result['accuracy_blurred']:.3f}"
+        in (proc.stdout)
+    )
     pictures = sorted((out / "pictures").glob("*.png"))
     assert len(pictures) == 2
     with Image.open(pictures[0]) as im:
@@ -67,16 +75,34 @@ RECORD_PARAMETERS = """
 import os, sys
 import torch
 from transformers import TrainerCallback
+import crystal_ext.training.trainer as trainer_module
 from crystal_ext.train import main
+
+seen = []  # a fingerprint of every training batch this rank computed a loss on
+compute_loss = trainer_module.CrystalTrainer.compute_loss
+
+
+def recording_compute_loss(self, model, inputs, *args, **kwargs):
+    if model.training and "input_ids" in inputs:
+        seen.append(inputs["input_ids"].tolist())
+    return compute_loss(self, model, inputs, *args, **kwargs)
+
+
+trainer_module.CrystalTrainer.compute_loss = recording_compute_loss
 
 
 class RecordParameters(TrainerCallback):
-    # Each rank writes a checksum of its parameters and of the examples it trained on: equal
-    # parameters after different examples means DDP synchronised the gradients.
+    # Each rank saves its parameters before and after training, and the batches it trained on.
+    def _save(self, args, model, when):
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        torch.save(params, os.path.join(args.output_dir, f"params_{when}_rank{args.process_index}.pt"))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._save(args, model, "begin")
+
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        total = sum(p.detach().double().sum().item() for p in model.parameters())
-        with open(os.path.join(args.output_dir, f"params_rank{args.process_index}.txt"), "w") as f:
-            f.write(repr(total))
+        self._save(args, model, "end")
+        torch.save(seen, os.path.join(args.output_dir, f"batches_rank{args.process_index}.pt"))
 
 main(sys.argv[1:], extra_callbacks=[RecordParameters()])
 """
@@ -111,8 +137,22 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert state["global_step"] == 4
     logs = [r for r in metrics(out) if "loss" in r]
     assert len(logs) == 4  # one writer (rank 0), one line per step
-    rank0, rank1 = ((out / f"params_rank{r}.txt").read_text() for r in (0, 1))
-    assert rank0 == rank1  # gradients were all-reduced through the objective-as-forward
+
+    # The ranks trained on different examples at every step ...
+    batches = [torch.load(out / f"batches_rank{r}.pt") for r in (0, 1)]
+    assert len(batches[0]) == len(batches[1]) == 4
+    for step, (b0, b1) in enumerate(zip(*batches)):
+        assert b0 != b1, f"step {step + 1}: both ranks trained on the same batch"
+    # ... from the same start, yet end with bitwise equal parameters that moved: their gradients
+    # were all-reduced (through the objective-as-forward) before every optimizer step.
+    begin = [torch.load(out / f"params_begin_rank{r}.pt") for r in (0, 1)]
+    end = [torch.load(out / f"params_end_rank{r}.pt") for r in (0, 1)]
+    assert begin[0].keys() == end[0].keys() == end[1].keys()
+    for name in begin[0]:
+        assert torch.equal(begin[0][name], begin[1][name]), name
+        assert torch.equal(end[0][name], end[1][name]), f"{name} differs between the ranks"
+    moved = [n for n in begin[0] if not torch.equal(begin[0][n], end[0][n])]
+    assert len(moved) > len(begin[0]) // 2, f"only {len(moved)} of {len(begin[0])} parameters trained"
 
 
 KILL_DURING_SAVE = """
@@ -134,18 +174,16 @@ main(sys.argv[1:])
 """
 
 
-def test_sigkill_during_save_then_resume_reaches_the_same_loss(tmp_path):
+def test_sigkill_during_save_then_resume_retraces_the_uninterrupted_run(tmp_path, monkeypatch):
     common = ["--max_steps", "9", "--save_steps", "3", "--per_device_train_batch_size", "4", *FAST]
     run([*common, "--output_dir", str(tmp_path / "straight")])
 
     out = tmp_path / "killed"
-    os.environ["KILL_AT_STEP"] = "6"
-    try:
-        proc = run(
-            [*common, "--output_dir", str(out)], prefix=[sys.executable, "-c", KILL_DURING_SAVE], check=False
-        )
-    finally:
-        del os.environ["KILL_AT_STEP"]
+    monkeypatch.setenv("KILL_AT_STEP", "6")
+    proc = run(
+        [*common, "--output_dir", str(out)], prefix=[sys.executable, "-c", KILL_DURING_SAVE], check=False
+    )
+    monkeypatch.delenv("KILL_AT_STEP")
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert (out / "checkpoint-3" / "crystal_checkpoint_complete.json").is_file()
     partial = out / "checkpoint-6"
@@ -159,8 +197,17 @@ def test_sigkill_during_save_then_resume_reaches_the_same_loss(tmp_path):
     proc = run([*common, "--output_dir", str(out), "--resume_from_checkpoint", "last"])
     assert "resuming from" in proc.stdout and "checkpoint-3" in proc.stdout
     assert (partial / "crystal_checkpoint_complete.json").is_file()  # rewritten whole by the resumed run
-    want = loss_at(tmp_path / "straight", 9)
-    assert abs(loss_at(out, 9) - want) <= 1e-5 * max(1.0, abs(want))
+    # The resumed run retraces the uninterrupted one: the same loss at every step (the killed
+    # run's steps 1-3, the resumed run's 4-9) and the same final weights.
+    for step in range(1, 10):
+        want = loss_at(tmp_path / "straight", step)
+        assert abs(loss_at(out, step) - want) <= 1e-5 * max(1.0, abs(want)), f"step {step}"
+    straight, resumed = (load_file(folder / "model.safetensors") for folder in (tmp_path / "straight", out))
+    assert straight.keys() == resumed.keys()
+    for name, want in straight.items():
+        torch.testing.assert_close(
+            resumed[name], want, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 @pytest.mark.parametrize(
@@ -188,10 +235,10 @@ def test_sigkill_during_save_then_resume_reaches_the_same_loss(tmp_path):
         (["--not_an_option", "1"], "unknown arguments"),
     ],
 )
-def test_argument_validation(args, message, tmp_path):
+def test_argument_validation(args, message, tmp_path, monkeypatch):
     from crystal_ext.training.arguments import parse_args
 
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError) as err:
         parse_args([*args, "--output_dir", str(tmp_path / "o")])
     assert message in str(err.value)

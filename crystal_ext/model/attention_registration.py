@@ -25,6 +25,8 @@ the layout already says which positions are padding.
 
 from __future__ import annotations
 
+import torch
+
 from crystal_ext.model.dual_path_attention import DualPathPlan, dual_path_attention_planned
 from crystal_ext.ops import attention_alignment_loss
 
@@ -72,9 +74,18 @@ def crystal_attention_forward(module, query, key, value, attention_mask, scaling
         plan = DualPathPlan(layout, query.shape[0], query.shape[2], query.device)
         if outputs is not None:
             outputs[_PLAN_KEY] = plan
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast q and k leave the rotary embedding in fp32 while v comes from a
+        # low-precision matmul; SDPA (and so the stock attention) runs in the autocast dtype.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     out = dual_path_attention_planned(query, key, value, plan, scale=scaling)
     if outputs is not None and is_last_layer(module):
-        outputs[ALIGNMENT_LOSS_KEY] = attention_alignment_loss(query, key, plan.layout_cpu, scaling)
+        # The fused op takes q and k in one dtype and its kernels' own GEMMs must not be
+        # re-cast by autocast (which stays active inside a custom op).
+        with torch.autocast(device_type, enabled=False):
+            outputs[ALIGNMENT_LOSS_KEY] = attention_alignment_loss(query, key, plan.layout_cpu, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

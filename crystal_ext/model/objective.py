@@ -26,9 +26,9 @@ from crystal_ext.model.attention_registration import (
 )
 from crystal_ext.model.new_token_rows import new_token_rows_of
 from crystal_ext.model.parts import backbone_and_head, text_config
+from crystal_ext.ops import lm_head_losses as fused_lm_head_losses
 from crystal_ext.ops import reference
 from crystal_ext.ops.layout import IGNORE, Segments, segments_of, validate_layout
-from crystal_ext.ops.override_rows import lm_head_losses_with_override
 
 LM_HEAD_IMPLEMENTATIONS = ("fused", "reference")
 
@@ -65,7 +65,7 @@ class ObjectiveConfig:
             raise ValueError(f"ObjectiveConfig: topk_fraction must be in (0, 1], got {self.topk_fraction}")
 
     def lm_head_fn(self):
-        return lm_head_losses_with_override if self.lm_head_losses == "fused" else reference.lm_head_losses
+        return fused_lm_head_losses if self.lm_head_losses == "fused" else reference.lm_head_losses
 
 
 @dataclass

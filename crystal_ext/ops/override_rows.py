@@ -15,13 +15,13 @@ p_r = softmax(z_r) and the op's saved lse_r, for override column j,
 (c_i the pair coefficients of the top-k selection): [N, n] work instead of the [N, V] sweep
 of the weight gradient.
 
-`lm_head_losses_with_override` runs the custom op `crystal_ext::lm_head_losses_override_fwd`
-(fake kernel and autograd registered, so opcheck and torch.compile apply) over the compiled
-`lm_head_losses_fwd`, which has no override arguments of its own: the n rows are written into
-the weight for the duration of the call and the old rows are put back right after (n x Hd
-values moved, the weight is not copied). The compiled forward already returns d loss / d hidden
-computed with the override rows in place, and its saved lse and pair coefficients give the row
-gradient above. The plain-PyTorch twin is
+`crystal_ext.lm_head_losses(..., override_ids=, override_rows=)` runs the custom op
+`crystal_ext::lm_head_losses_override_fwd` (fake kernel and autograd registered, so opcheck and
+torch.compile apply) over the compiled `lm_head_losses_fwd`, which has no override arguments of
+its own: the n rows are written into the weight for the duration of the call and the old rows
+are put back right after (n x Hd values moved, the weight is not copied). The compiled forward
+already returns d loss / d hidden computed with the override rows in place, and its saved lse
+and pair coefficients give the row gradient above. The plain-PyTorch twin is
 `crystal_ext.ops.reference.lm_head_losses(..., override_ids=, override_rows=)`.
 """
 
@@ -146,29 +146,19 @@ def _backward(ctx, g_ce, g_kl, *_unused):
 _override_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def lm_head_losses_with_override(
+def override_lm_head_losses(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
     teacher_rows: torch.Tensor,
     student_rows: torch.Tensor,
     pair_sample: torch.Tensor,
-    topk_fraction: float = 0.1,
-    bias: torch.Tensor | None = None,
-    override_ids: torch.Tensor | None = None,
-    override_rows: torch.Tensor | None = None,
+    topk_fraction: float,
+    bias: torch.Tensor | None,
+    override_ids: torch.Tensor,
+    override_rows: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`crystal_ext.lm_head_losses` with optional override rows (module docstring). With an
-    override, weight and bias get no gradient (even when they require one: under FSDP with
-    use_orig_params the frozen head arrives as a view of a flat parameter that does)."""
-    from crystal_ext.ops import _extension
-    from crystal_ext.ops.lm_head_losses import lm_head_losses
-
-    if not check_override(weight, override_ids, override_rows, "lm_head_losses"):
-        return lm_head_losses(
-            hidden, weight, targets, teacher_rows, student_rows, pair_sample, topk_fraction, bias
-        )
-    _extension.require_fused("lm_head_losses", hidden, weight)
+    """The compiled losses with override rows (checked by the caller, crystal_ext.lm_head_losses)."""
     grads = torch.is_grad_enabled() and (hidden.requires_grad or override_rows.requires_grad)
     ce, kl, *_ = _override_forward(
         hidden,

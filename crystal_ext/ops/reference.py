@@ -116,7 +116,11 @@ def lm_head_losses(
         return ce, logits.sum() * 0.0
     teacher = logits[teacher_rows].detach().log_softmax(-1)
     student = logits[student_rows].log_softmax(-1)
-    pair_kl = (teacher.exp() * (teacher - student)).sum(-1)  # [M]
+    teacher_prob = teacher.exp()
+    # 0 * log 0 = 0: a vocabulary entry the teacher gives probability 0 (a -inf logit)
+    # contributes nothing, also where the student's logit is -inf too; a NaN stays NaN.
+    terms = torch.where(teacher_prob == 0, 0.0, teacher_prob * (teacher - student))
+    pair_kl = terms.sum(-1)  # [M]
     per_sample = []
     for sample in pair_sample.unique(sorted=True).tolist():
         values = pair_kl[pair_sample == sample]

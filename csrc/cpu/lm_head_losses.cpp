@@ -43,20 +43,15 @@
 #include "cpu/gemm_bf16.h"
 #include "lm_head_losses.h"
 #include "lm_head_losses_checks.h"
+#include "lm_head_losses_host.h"
+#include "lm_head_losses_plan.h"
 
 namespace crystal_ext {
 namespace lm_head {
 namespace {
 
-constexpr int64_t kMaxChunkRows = 2048;
-constexpr int64_t kBlockElements = int64_t(1) << 20;  // S block of about 4 MB in fp32
-
-// Vocabulary block: about kBlockElements logits per block, a multiple of 128, in [256, 8192].
-int64_t vocab_block(int64_t rows, int64_t vocab) {
-  int64_t vb = kBlockElements / std::max<int64_t>(rows, 1);
-  vb = std::max<int64_t>(256, std::min<int64_t>(8192, vb / 128 * 128));
-  return std::min(vb, vocab);
-}
+using cpu_plan::kMaxChunkRows;
+using cpu_plan::vocab_block;
 
 // bf16 inputs take the bf16 GEMM path where the CPU has it (see the top of the file).
 bool use_bf16_gemm(const at::Tensor& hidden) {
@@ -178,18 +173,19 @@ struct Forward {
           acc_t bmax = run_max[j];
           for (int64_t v = 0; v < vb; ++v) bmax = s[v] > bmax ? s[v] : bmax;
           const acc_t a = block_rescale(run_max[j], bmax);
+          const acc_t shift = exp_shift(bmax);
           acc_t sum = acc_t(0);
           if (!bf16_gemm) {
             acc_t* pr = p_ptr + j * vb;
             for (int64_t v = 0; v < vb; ++v) {
-              pr[v] = unnormalised_prob(s[v], bmax);
+              pr[v] = unnormalised_prob(s[v], shift);
               sum += pr[v];
             }
           } else {
             at::BFloat16* hi = p16_ptr + j * lda_p;
             at::BFloat16* lo = j < n_lo ? p16_ptr + (R + j) * lda_p : nullptr;
             for (int64_t v = 0; v < vb; ++v) {
-              const float pv = static_cast<float>(unnormalised_prob(s[v], bmax));
+              const float pv = static_cast<float>(unnormalised_prob(s[v], shift));
               sum += pv;
               hi[v] = at::BFloat16(pv);
               if (lo != nullptr) lo[v] = at::BFloat16(pv - static_cast<float>(hi[v]));
@@ -216,7 +212,7 @@ struct Forward {
             const acc_t* st = s_ptr + pair_t[i] * vb;
             const acc_t* ss = s_ptr + pair_s[i] * vb;
             // The teacher's unnormalised probabilities again, in acc_t (P may be bf16).
-            const acc_t t_max = run_max[pair_t[i]];
+            const acc_t t_max = exp_shift(run_max[pair_t[i]]);
             acc_t sum = acc_t(0);
             for (int64_t v = 0; v < vb; ++v)
               sum += kl_cross_term(unnormalised_prob(st[v], t_max), st[v], ss[v]);
@@ -299,30 +295,18 @@ struct Forward {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    const at::Tensor& hidden_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
-    const at::Tensor& targets, const at::Tensor& teacher_rows, const at::Tensor& student_rows,
-    const at::Tensor& pair_sample, double topk_fraction, bool grad_hidden) {
-  const Problem p = check_inputs(hidden_in, weight_in, bias_in, targets, teacher_rows,
-                                 student_rows, pair_sample, topk_fraction);
-  TORCH_CHECK(hidden_in.device().is_cpu(), "lm_head_losses: CPU kernel called with hidden on ",
-              hidden_in.device());
-  const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
-  c10::optional<at::Tensor> bias;
-  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->contiguous();
-  const auto acc = accumulate_type(hidden.scalar_type());
-  at::Tensor ce, kl, lse, coef, grad_ce, grad_kl;
+ForwardOutputs forward_sweep(const Problem& p, const at::Tensor& hidden, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& bias, double topk_fraction,
+                             bool grad_hidden, at::ScalarType acc) {
+  ForwardOutputs o;
   AT_DISPATCH_FLOATING_TYPES(acc, "lm_head_losses_fwd_cpu", [&] {
     Forward<scalar_t> f{p, hidden, weight, bias, topk_fraction, grad_hidden, acc};
     f.run();
-    ce = at::scalar_tensor(f.ce, hidden.options().dtype(acc));
-    kl = at::scalar_tensor(f.kl, hidden.options().dtype(acc));
-    lse = f.lse;
-    coef = f.coef;
-    grad_ce = f.grad_ce;
-    grad_kl = f.grad_kl;
+    o = {at::scalar_tensor(f.ce, hidden.options().dtype(acc)),
+         at::scalar_tensor(f.kl, hidden.options().dtype(acc)), f.grad_ce, f.grad_kl, f.lse,
+         f.coef};
   });
-  return {ce, kl, grad_ce, grad_kl, lse, coef};
+  return o;
 }
 
 // d weight and d bias: one more sweep over the vocabulary for the CE rows and the kept pairs'
@@ -420,46 +404,35 @@ void weight_grad_sweep(const Problem& p, const at::Tensor& hidden, const at::Ten
   if (grad_bias) *grad_bias = grad_bias->to(weight.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_ce, const at::Tensor& grad_kl, const at::Tensor& hidden_in,
-    const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
+void weight_grads(const Problem& p, const at::Tensor& hidden, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias, const at::Tensor& coef,
+                  const at::Tensor& lse, const at::Tensor& grad_ce, const at::Tensor& grad_kl,
+                  at::ScalarType acc, at::Tensor* grad_weight, at::Tensor* grad_bias) {
+  AT_DISPATCH_FLOATING_TYPES(acc, "lm_head_losses_bwd_cpu", [&] {
+    weight_grad_sweep<scalar_t>(p, hidden, weight, bias, coef, lse,
+                                grad_ce.to(acc).item<scalar_t>(), grad_kl.to(acc).item<scalar_t>(),
+                                acc, grad_weight, grad_bias);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& teacher_rows, const at::Tensor& student_rows,
-    const at::Tensor& pair_sample, double topk_fraction, const at::Tensor& grad_hidden_ce,
-    const at::Tensor& grad_hidden_kl, const at::Tensor& lse_in, const at::Tensor& coef_in,
-    bool grad_hidden, bool grad_weight, bool grad_bias) {
-  const Problem p = check_inputs(hidden_in, weight_in, bias_in, targets, teacher_rows,
-                                 student_rows, pair_sample, topk_fraction);
-  TORCH_CHECK(hidden_in.device().is_cpu(), "lm_head_losses: CPU kernel called with hidden on ",
-              hidden_in.device());
-  TORCH_CHECK_VALUE(grad_ce.numel() == 1 && grad_kl.numel() == 1,
-                    "lm_head_losses backward: grad_ce and grad_kl must be scalars");
-  const auto acc = accumulate_type(hidden_in.scalar_type());
-  at::Tensor gh, gw, gb;
-  if (grad_hidden) {
-    TORCH_CHECK_VALUE(grad_hidden_ce.sizes() == hidden_in.sizes() &&
-                          grad_hidden_kl.sizes() == hidden_in.sizes(),
-                      "lm_head_losses backward: the saved hidden gradients must have the shape "
-                      "of hidden ", hidden_in.sizes());
-    gh = (grad_hidden_ce * grad_ce.to(acc) + grad_hidden_kl * grad_kl.to(acc))
-             .to(hidden_in.scalar_type());
-  } else {
-    gh = at::empty({0}, hidden_in.options());
-  }
-  if (grad_weight || grad_bias) {
-    const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
-    c10::optional<at::Tensor> bias;
-    if (bias_in.has_value() && bias_in->defined()) bias = bias_in->contiguous();
-    const at::Tensor lse = lse_in.to(acc).contiguous(), coef = coef_in.to(acc).contiguous();
-    AT_DISPATCH_FLOATING_TYPES(acc, "lm_head_losses_bwd_cpu", [&] {
-      weight_grad_sweep<scalar_t>(p, hidden, weight, bias, coef, lse,
-                                  grad_ce.to(acc).item<scalar_t>(),
-                                  grad_kl.to(acc).item<scalar_t>(), acc,
-                                  grad_weight ? &gw : nullptr, grad_bias ? &gb : nullptr);
-    });
-  }
-  if (!gw.defined()) gw = at::empty({0}, weight_in.options());
-  if (!gb.defined()) gb = at::empty({0}, weight_in.options());
-  return {gh, gw, gb};
+    const at::Tensor& pair_sample, double topk_fraction, bool grad_hidden) {
+  return host_forward(at::kCPU, &forward_sweep, hidden, weight, bias, targets, teacher_rows,
+                      student_rows, pair_sample, topk_fraction, grad_hidden);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_ce, const at::Tensor& grad_kl, const at::Tensor& hidden,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
+    const at::Tensor& teacher_rows, const at::Tensor& student_rows, const at::Tensor& pair_sample,
+    double topk_fraction, const at::Tensor& grad_hidden_ce, const at::Tensor& grad_hidden_kl,
+    const at::Tensor& lse, const at::Tensor& coef, bool grad_hidden, bool grad_weight,
+    bool grad_bias) {
+  return host_backward(at::kCPU, &weight_grads, grad_ce, grad_kl, hidden, weight, bias, targets,
+                       teacher_rows, student_rows, pair_sample, topk_fraction, grad_hidden_ce,
+                       grad_hidden_kl, lse, coef, grad_hidden, grad_weight, grad_bias);
 }
 
 }  // namespace

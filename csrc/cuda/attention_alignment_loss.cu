@@ -238,18 +238,19 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
   TORCH_CHECK(q_in.is_cuda(), "attention_alignment_loss: CUDA kernel called with q on ",
               q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
+  const Fp32GemmPrecisionGuard fp32_gemms;  // scores GEMMs in full fp32 whatever the TF32 flag
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
   const auto acc = accumulate_type(q.scalar_type());
   const auto dev = q.device();
-  const at::Tensor layout = p.layout_cpu.to(dev);
+  const at::Tensor layout = to_device_async(p.layout_cpu, dev);
   at::Tensor lse = at::zeros({p.batch, p.heads, p.length}, q.options().dtype(acc));
   at::Tensor loss;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(acc, "attention_alignment_loss_fwd_cuda", [&] {
     at::Tensor mass[2];
     for (int path = 0; path < 2; ++path) {
-      const Gathered g = path_scores(q, k, aligned_row_index(p, path).to(dev),
-                                     key_index(p, path, false).to(dev), scale, acc);
+      const Gathered g = path_scores(q, k, to_device_async(aligned_row_index(p, path), dev),
+                                     to_device_async(key_index(p, path, false), dev), scale, acc);
       const int64_t warps = p.batch * p.heads * p.max_answer;
       row_lse_kernel<scalar_t><<<blocks_for(warps, kWarpsPerBlock), kWarpsPerBlock * kWarpSize, 0,
                                  stream>>>(g.scores.data_ptr<scalar_t>(),
@@ -281,23 +282,24 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_loss,
   TORCH_CHECK_VALUE(grad_loss.numel() == 1, "attention_alignment_loss backward: grad_loss must "
                     "be a scalar, got shape ", grad_loss.sizes());
   const c10::cuda::CUDAGuard guard(q_in.device());
+  const Fp32GemmPrecisionGuard fp32_gemms;
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
   const auto acc = accumulate_type(q.scalar_type());
   const auto dev = q.device();
-  const at::Tensor layout = p.layout_cpu.to(dev);
+  const at::Tensor layout = to_device_async(p.layout_cpu, dev);
   const at::Tensor lse = lse_in.to(dev, acc).contiguous();
   const at::Tensor go = grad_loss.to(dev, acc).reshape({1}).contiguous();
   at::Tensor dq, dk;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(acc, "attention_alignment_loss_bwd_cuda", [&] {
     // Teacher masses: E rows against the latent keys only, with the saved log-sum-exp.
-    const at::Tensor teacher_rows = aligned_row_index(p, 0).to(dev);
+    const at::Tensor teacher_rows = to_device_async(aligned_row_index(p, 0), dev);
     const Gathered teacher =
-        path_scores(q, k, teacher_rows, key_index(p, 0, true).to(dev), scale, acc);
+        path_scores(q, k, teacher_rows, to_device_async(key_index(p, 0, true), dev), scale, acc);
     const at::Tensor teacher_mass = latent_mass<scalar_t>(teacher.scores, layout, 0, true, p, lse);
     // Student rows: full visible key set (their scores become the score gradients).
-    const at::Tensor student_rows = aligned_row_index(p, 1).to(dev);
-    const at::Tensor student_keys = key_index(p, 1, false).to(dev);
+    const at::Tensor student_rows = to_device_async(aligned_row_index(p, 1), dev);
+    const at::Tensor student_keys = to_device_async(key_index(p, 1, false), dev);
     Gathered student = path_scores(q, k, student_rows, student_keys, scale, acc);
     const at::Tensor student_mass =
         latent_mass<scalar_t>(student.scores, layout, 1, false, p, lse);

@@ -17,27 +17,22 @@
 
 #include "lm_head_losses.h"
 #include "lm_head_losses_checks.h"
+#include "lm_head_losses_host.h"
+#include "lm_head_losses_plan.h"
 
 namespace crystal_ext {
 namespace lm_head {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxChunkRows = 4096;
-constexpr int64_t kBlockElements = int64_t(1) << 23;  // S block of about 32 MB in fp32
-
-int64_t vocab_block(int64_t rows, int64_t vocab, int64_t hidden_dim) {
-  int64_t vb = kBlockElements / std::max<int64_t>(rows, 1);
-  // bf16/fp16 weight blocks are copied to fp32: keep that copy near kBlockElements too.
-  vb = std::min<int64_t>(vb, 2 * kBlockElements / std::max<int64_t>(hidden_dim, 1));
-  vb = std::max<int64_t>(1024, std::min<int64_t>(32768, vb / 256 * 256));
-  return std::min(vb, vocab);
-}
+using cuda_plan::kMaxChunkRows;
+using cuda_plan::vocab_block;
 
 at::Tensor to_device_long(const std::vector<int64_t>& v, const at::Device& device) {
-  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())},
+                           at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
-  return t.to(device, /*non_blocking=*/false);
+  return t.to(device, /*non_blocking=*/true);
 }
 
 at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
@@ -98,9 +93,10 @@ __global__ void row_block_kernel(acc_t* __restrict__ S, acc_t* __restrict__ P,
     m = z > m ? z : m;
   }
   m = block_reduce<acc_t, true>(m, shared);
+  const acc_t shift = exp_shift(m);
   acc_t sum = acc_t(0);
   for (int64_t v = threadIdx.x; v < vb; v += kThreads) {
-    const acc_t e = unnormalised_prob(s[v], m);
+    const acc_t e = unnormalised_prob(s[v], shift);
     pr[v] = e;
     sum += e;
   }
@@ -334,9 +330,9 @@ struct ForwardCuda {
       const at::Tensor kl_host = pair_kl_values.to(at::kCPU);  // synchronises: [M] values
       at::Tensor coef_host = at::zeros({p.n_pairs}, kl_host.options());
       kl = select_topk(p, kl_host.data_ptr<acc_t>(), topk_fraction, coef_host.data_ptr<acc_t>());
-      coef.copy_(coef_host);
+      coef.copy_(coef_host.pin_memory(), /*non_blocking=*/true);
       if (grad_hidden) {
-        const at::Tensor student_dev = p.student_cpu.to(hidden.device());
+        const at::Tensor student_dev = to_device_async(p.student_cpu, hidden.device());
         kl_grad_kernel<acc_t><<<p.n_pairs, kThreads, 0, stream>>>(
             e_ptr, pair_t_dev.data_ptr<int64_t>(), pair_s_dev.data_ptr<int64_t>(),
             student_dev.data_ptr<int64_t>(), coef.data_ptr<acc_t>(), grad_kl.data_ptr<acc_t>(), Hd);
@@ -346,34 +342,24 @@ struct ForwardCuda {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
-    const at::Tensor& hidden_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
-    const at::Tensor& targets, const at::Tensor& teacher_rows, const at::Tensor& student_rows,
-    const at::Tensor& pair_sample, double topk_fraction, bool grad_hidden) {
-  const Problem p = check_inputs(hidden_in, weight_in, bias_in, targets, teacher_rows,
-                                 student_rows, pair_sample, topk_fraction);
-  TORCH_CHECK(hidden_in.is_cuda(), "lm_head_losses: CUDA kernel called with hidden on ",
-              hidden_in.device());
-  const c10::cuda::CUDAGuard guard(hidden_in.device());
-  const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
-  c10::optional<at::Tensor> bias;
-  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->contiguous();
-  const auto acc = accumulate_type(hidden.scalar_type());
-  at::Tensor ce, kl, lse, coef, grad_ce, grad_kl;
+ForwardOutputs forward_sweep(const Problem& p, const at::Tensor& hidden, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& bias, double topk_fraction,
+                             bool grad_hidden, at::ScalarType acc) {
+  ForwardOutputs o;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(),
                                   "lm_head_losses_fwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     ForwardCuda<scalar_t, acc_t> f{p, hidden, weight, bias, topk_fraction, grad_hidden, acc};
     f.run();
-    ce = p.n_targeted > 0 ? f.ce_terms.sum().div_(static_cast<double>(p.n_targeted))
-                          : at::zeros({}, hidden.options().dtype(acc));
-    kl = at::full({}, f.kl, hidden.options().dtype(acc));
-    lse = f.lse;
-    coef = f.coef;
-    grad_ce = f.grad_ce;
-    grad_kl = f.grad_kl;
+    o.ce = p.n_targeted > 0 ? f.ce_terms.sum().div_(static_cast<double>(p.n_targeted))
+                            : at::zeros({}, hidden.options().dtype(acc));
+    o.kl = at::full({}, f.kl, hidden.options().dtype(acc));
+    o.lse = f.lse;
+    o.coef = f.coef;
+    o.grad_ce = f.grad_ce;
+    o.grad_kl = f.grad_kl;
   });
-  return {ce, kl, grad_ce, grad_kl, lse, coef};
+  return o;
 }
 
 template <typename acc_t>
@@ -433,9 +419,10 @@ void weight_grad_sweep_cuda(const Problem& p, const at::Tensor& hidden, const at
   if (grad_bias) *grad_bias = at::empty({V}, opts);
   const auto dev = hidden.device();
   auto to_dev_acc = [&](const std::vector<acc_t>& v) {
-    at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, opts.device(at::kCPU));
+    at::Tensor t = at::empty({static_cast<int64_t>(v.size())},
+                             opts.device(at::kCPU).pinned_memory(true));
     std::copy(v.begin(), v.end(), t.data_ptr<acc_t>());
-    return t.to(dev);
+    return t.to(dev, /*non_blocking=*/true);
   };
   const at::Tensor d_a_dev = to_device_long(d_a, dev), d_b_dev = to_device_long(d_b, dev);
   const at::Tensor d_lse_a_dev = to_dev_acc(d_lse_a), d_lse_b_dev = to_dev_acc(d_lse_b),
@@ -469,46 +456,39 @@ void weight_grad_sweep_cuda(const Problem& p, const at::Tensor& hidden, const at
   if (grad_bias) *grad_bias = grad_bias->to(weight.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad_ce, const at::Tensor& grad_kl, const at::Tensor& hidden_in,
-    const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
+void weight_grads(const Problem& p, const at::Tensor& hidden, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias, const at::Tensor& coef,
+                  const at::Tensor& lse, const at::Tensor& grad_ce, const at::Tensor& grad_kl,
+                  at::ScalarType acc, at::Tensor* grad_weight, at::Tensor* grad_bias) {
+  AT_DISPATCH_FLOATING_TYPES(acc, "lm_head_losses_bwd_cuda", [&] {
+    weight_grad_sweep_cuda<scalar_t>(p, hidden, weight, bias, coef, lse, grad_ce, grad_kl, acc,
+                                     grad_weight, grad_bias);
+  });
+}
+
+// The ops' fp32 GEMMs run in full fp32 whatever the global TF32 flag says (Fp32GemmPrecisionGuard).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& teacher_rows, const at::Tensor& student_rows,
-    const at::Tensor& pair_sample, double topk_fraction, const at::Tensor& grad_hidden_ce,
-    const at::Tensor& grad_hidden_kl, const at::Tensor& lse_in, const at::Tensor& coef_in,
-    bool grad_hidden, bool grad_weight, bool grad_bias) {
-  TORCH_CHECK(hidden_in.is_cuda(), "lm_head_losses: CUDA kernel called with hidden on ",
-              hidden_in.device());
-  TORCH_CHECK_VALUE(grad_ce.numel() == 1 && grad_kl.numel() == 1,
-                    "lm_head_losses backward: grad_ce and grad_kl must be scalars");
-  const c10::cuda::CUDAGuard guard(hidden_in.device());
-  const auto acc = accumulate_type(hidden_in.scalar_type());
-  at::Tensor gh, gw, gb;
-  if (grad_hidden) {
-    TORCH_CHECK_VALUE(grad_hidden_ce.sizes() == hidden_in.sizes() &&
-                          grad_hidden_kl.sizes() == hidden_in.sizes(),
-                      "lm_head_losses backward: the saved hidden gradients must have the shape "
-                      "of hidden ", hidden_in.sizes());
-    gh = (grad_hidden_ce * grad_ce.to(acc) + grad_hidden_kl * grad_kl.to(acc))
-             .to(hidden_in.scalar_type());
-  } else {
-    gh = at::empty({0}, hidden_in.options());
-  }
-  if (grad_weight || grad_bias) {
-    const Problem p = check_inputs(hidden_in, weight_in, bias_in, targets, teacher_rows,
-                                   student_rows, pair_sample, topk_fraction);
-    const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
-    c10::optional<at::Tensor> bias;
-    if (bias_in.has_value() && bias_in->defined()) bias = bias_in->contiguous();
-    const at::Tensor lse = lse_in.to(acc).contiguous(), coef = coef_in.to(acc).contiguous();
-    AT_DISPATCH_FLOATING_TYPES(acc, "lm_head_losses_bwd_cuda", [&] {
-      weight_grad_sweep_cuda<scalar_t>(p, hidden, weight, bias, coef, lse, grad_ce, grad_kl,
-                                       acc, grad_weight ? &gw : nullptr,
-                                       grad_bias ? &gb : nullptr);
-    });
-  }
-  if (!gw.defined()) gw = at::empty({0}, weight_in.options());
-  if (!gb.defined()) gb = at::empty({0}, weight_in.options());
-  return {gh, gw, gb};
+    const at::Tensor& pair_sample, double topk_fraction, bool grad_hidden) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const Fp32GemmPrecisionGuard fp32_gemms;
+  return host_forward(at::kCUDA, &forward_sweep, hidden, weight, bias, targets, teacher_rows,
+                      student_rows, pair_sample, topk_fraction, grad_hidden);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_ce, const at::Tensor& grad_kl, const at::Tensor& hidden,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
+    const at::Tensor& teacher_rows, const at::Tensor& student_rows, const at::Tensor& pair_sample,
+    double topk_fraction, const at::Tensor& grad_hidden_ce, const at::Tensor& grad_hidden_kl,
+    const at::Tensor& lse, const at::Tensor& coef, bool grad_hidden, bool grad_weight,
+    bool grad_bias) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const Fp32GemmPrecisionGuard fp32_gemms;
+  return host_backward(at::kCUDA, &weight_grads, grad_ce, grad_kl, hidden, weight, bias, targets,
+                       teacher_rows, student_rows, pair_sample, topk_fraction, grad_hidden_ce,
+                       grad_hidden_kl, lse, coef, grad_hidden, grad_weight, grad_bias);
 }
 
 }  // namespace

@@ -1,0 +1,101 @@
+// The host side of the lm_head_losses entry points, one for both devices: input checks (always,
+// in the forward and the backward), contiguous operands, the accumulate dtype, the combination
+// of the saved hidden gradients in the backward and the empty placeholders for gradients not
+// requested. csrc/cpu/lm_head_losses.cpp and csrc/cuda/lm_head_losses.cu supply only the
+// device kernels (a forward sweep, a weight-gradient sweep).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "common_host.h"
+#include "lm_head_losses_checks.h"
+
+namespace crystal_ext {
+namespace lm_head {
+
+struct ForwardOutputs {
+  at::Tensor ce, kl, grad_ce, grad_kl, lse, coef;
+};
+
+// Forward sweep over the vocabulary: the two losses, each row's lse, each pair's d kl / d KL_i
+// and, with grad_hidden, d ce / d hidden and d kl / d hidden.
+using ForwardKernel = ForwardOutputs (*)(const Problem& p, const at::Tensor& hidden,
+                                         const at::Tensor& weight,
+                                         const c10::optional<at::Tensor>& bias,
+                                         double topk_fraction, bool grad_hidden,
+                                         at::ScalarType acc);
+
+// Weight-gradient sweep: fills *grad_weight / *grad_bias (each may be null: not wanted) from
+// the saved lse and coef and the upstream gradients grad_ce, grad_kl (scalar tensors).
+using WeightGradKernel = void (*)(const Problem& p, const at::Tensor& hidden,
+                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                  const at::Tensor& coef, const at::Tensor& lse,
+                                  const at::Tensor& grad_ce, const at::Tensor& grad_kl,
+                                  at::ScalarType acc, at::Tensor* grad_weight,
+                                  at::Tensor* grad_bias);
+
+inline void check_kernel_device(const at::Tensor& hidden, at::DeviceType device) {
+  TORCH_CHECK(hidden.device().type() == device, "lm_head_losses: the ", device,
+              " kernel was called with hidden on ", hidden.device());
+}
+
+inline c10::optional<at::Tensor> contiguous_bias(const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value() && bias->defined()) return bias->contiguous();
+  return c10::nullopt;
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+host_forward(at::DeviceType device, ForwardKernel kernel, const at::Tensor& hidden_in,
+             const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
+             const at::Tensor& targets, const at::Tensor& teacher_rows,
+             const at::Tensor& student_rows, const at::Tensor& pair_sample,
+             double topk_fraction, bool grad_hidden) {
+  const Problem p = check_inputs(hidden_in, weight_in, bias_in, targets, teacher_rows,
+                                 student_rows, pair_sample, topk_fraction);
+  check_kernel_device(hidden_in, device);
+  const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
+  const ForwardOutputs o = kernel(p, hidden, weight, contiguous_bias(bias_in), topk_fraction,
+                                  grad_hidden, accumulate_type(hidden.scalar_type()));
+  return {o.ce, o.kl, o.grad_ce, o.grad_kl, o.lse, o.coef};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> host_backward(
+    at::DeviceType device, WeightGradKernel kernel, const at::Tensor& grad_ce,
+    const at::Tensor& grad_kl, const at::Tensor& hidden_in, const at::Tensor& weight_in,
+    const c10::optional<at::Tensor>& bias_in, const at::Tensor& targets,
+    const at::Tensor& teacher_rows, const at::Tensor& student_rows,
+    const at::Tensor& pair_sample, double topk_fraction, const at::Tensor& grad_hidden_ce,
+    const at::Tensor& grad_hidden_kl, const at::Tensor& lse_in, const at::Tensor& coef_in,
+    bool grad_hidden, bool grad_weight, bool grad_bias) {
+  const Problem p = check_inputs(hidden_in, weight_in, bias_in, targets, teacher_rows,
+                                 student_rows, pair_sample, topk_fraction);
+  check_kernel_device(hidden_in, device);
+  TORCH_CHECK_VALUE(grad_ce.numel() == 1 && grad_kl.numel() == 1,
+                    "lm_head_losses backward: grad_ce and grad_kl must be scalars");
+  const auto acc = accumulate_type(hidden_in.scalar_type());
+  at::Tensor gh, gw, gb;
+  if (grad_hidden) {
+    TORCH_CHECK_VALUE(grad_hidden_ce.sizes() == hidden_in.sizes() &&
+                          grad_hidden_kl.sizes() == hidden_in.sizes(),
+                      "lm_head_losses backward: the saved hidden gradients must have the shape "
+                      "of hidden ", hidden_in.sizes());
+    gh = (grad_hidden_ce * grad_ce.to(acc) + grad_hidden_kl * grad_kl.to(acc))
+             .to(hidden_in.scalar_type());
+  } else {
+    gh = at::empty({0}, hidden_in.options());
+  }
+  if (grad_weight || grad_bias) {
+    const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
+    const at::Tensor lse = lse_in.to(acc).contiguous(), coef = coef_in.to(acc).contiguous();
+    kernel(p, hidden, weight, contiguous_bias(bias_in), coef, lse, grad_ce, grad_kl, acc,
+           grad_weight ? &gw : nullptr, grad_bias ? &gb : nullptr);
+  }
+  if (!gw.defined()) gw = at::empty({0}, weight_in.options());
+  if (!gb.defined()) gb = at::empty({0}, weight_in.options());
+  return {gh, gw, gb};
+}
+
+}  // namespace lm_head
+}  // namespace crystal_ext

@@ -1,0 +1,78 @@
+// Internal entry points for the tests (crystal_ext._C.<name>): they reach pieces of the CPU
+// kernels that the ops' schemas do not expose. Not part of the public API.
+#include "test_entry_points.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/gemm_bf16.h"
+#include "lm_head_losses_plan.h"
+
+namespace crystal_ext {
+namespace testing {
+namespace {
+
+// a [m, k] x B -> fp32 [m, n] through the CPU bf16 GEMM, for its tests: B = w^T for w [n, k]
+// (transposed=true, the logits GEMM) or B = w for w [k, n] (the expectation GEMM). With
+// `out` given, accumulates into it.
+at::Tensor cpu_gemm_bf16(const at::Tensor& a, const at::Tensor& w, bool transposed,
+                         const c10::optional<at::Tensor>& out) {
+  namespace g = crystal_ext::cpu_gemm;
+  TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.scalar_type() == at::kBFloat16 &&
+                  w.scalar_type() == at::kBFloat16 && a.device().is_cpu() && w.device().is_cpu(),
+              "cpu_gemm_bf16: a and w must be 2-D bf16 CPU tensors");
+  const at::Tensor wc = w.contiguous();
+  const g::PackedB b = transposed ? g::pack_transposed(wc) : g::pack(wc);
+  TORCH_CHECK(a.size(1) == b.k, "cpu_gemm_bf16: a has ", a.size(1), " columns, B has ", b.k,
+              " rows");
+  const at::Tensor a_op = g::a_operand(a);
+  at::Tensor c = out.has_value() ? *out : at::empty({a.size(0), b.n}, a.options().dtype(at::kFloat));
+  TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.size(0) == a.size(0) &&
+                  c.size(1) == b.n,
+              "cpu_gemm_bf16: out must be a contiguous float32 [", a.size(0), ", ", b.n, "]");
+  g::gemm_bf16_f32(a_op.data_ptr<at::BFloat16>(), a_op.size(1), a.size(0), b, c.data_ptr<float>(),
+                   b.n, /*accumulate=*/out.has_value());
+  return c;
+}
+
+// How many distinct threads run the chunks of an at::parallel_for over n items compiled in
+// this extension (for the test that the CPU kernels are parallel).
+int64_t parallel_for_threads(int64_t n) {
+  std::vector<int> seen(static_cast<size_t>(at::get_num_threads()), 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num();
+    if (t >= 0 && t < static_cast<int>(seen.size())) seen[static_cast<size_t>(t)] = 1;
+  });
+  return std::count(seen.begin(), seen.end(), 1);
+}
+
+// (max_chunk_rows, vocab_block) that lm_head_losses uses on the CPU or CUDA for a chunk of
+// `rows` rows over `vocab` columns of hidden size hidden_dim.
+std::tuple<int64_t, int64_t> lm_head_losses_plan(bool cuda, int64_t rows, int64_t vocab,
+                                                 int64_t hidden_dim) {
+  namespace lh = crystal_ext::lm_head;
+  if (cuda) return {lh::cuda_plan::kMaxChunkRows, lh::cuda_plan::vocab_block(rows, vocab, hidden_dim)};
+  return {lh::cpu_plan::kMaxChunkRows, lh::cpu_plan::vocab_block(rows, vocab)};
+}
+
+}  // namespace
+
+void register_test_entry_points(pybind11::module_& m) {
+  m.def("parallel_for_threads", &parallel_for_threads,
+        "Internal, for tests: distinct threads that ran an at::parallel_for over n items",
+        pybind11::arg("n"));
+  m.def("cpu_gemm_bf16", &cpu_gemm_bf16,
+        "Internal, for tests: a x B in bf16 with fp32 output on the CPU's AVX512-BF16 kernel",
+        pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("transposed"),
+        pybind11::arg("out") = pybind11::none());
+  m.def("lm_head_losses_plan", &lm_head_losses_plan,
+        "Internal, for tests: (max_chunk_rows, vocab_block) of lm_head_losses on a device",
+        pybind11::arg("cuda"), pybind11::arg("rows"), pybind11::arg("vocab"),
+        pybind11::arg("hidden_dim"));
+}
+
+}  // namespace testing
+}  // namespace crystal_ext

@@ -1,0 +1,381 @@
+"""Planted bugs, and the tests that must catch them: a measure of the suite's strength that
+anyone can rerun.
+
+    python tests/mutations.py                 # every mutation (C++ ones rebuild the CPU extension)
+    python tests/mutations.py --python-only   # only the Python mutations (CI runs these)
+    python tests/mutations.py --only NAME     # one mutation, by name
+
+For each mutation: copy the project (tracked and untracked, not ignored files) to a scratch
+folder outside the checkout, apply the change (an exact string replacement that must match once),
+rebuild the CPU-only extension there for a C++ change (otherwise use this checkout's built
+extension), run the named tests, and expect them to FAIL. The scratch folder is kept between
+mutations and runs (--fresh deletes it) so that ninja recompiles only the translation units a
+C++ mutation touches; a file is rewritten there only when its content differs, so every change
+and every revert gets a new modification time. A mutation whose tests pass "survived": the suite does not check
+what that mutation breaks. The script exits non-zero if any mutation survived or could not be
+applied. It runs this checkout's unmodified tests first for the same test ids, so a failure that
+is already there is not counted as a catch.
+
+Not a pytest file (its name does not start with test_); it runs pytest in subprocesses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Mutation:
+    name: str
+    what: str  # the bug, in words
+    edits: list[tuple[str, str, str]]  # (file, old, new): each `old` must occur exactly once
+    tests: list[str]  # pytest ids that must fail
+    csrc: bool = field(default=False)
+
+
+MUTATIONS = [
+    Mutation(
+        "checkpoint_marker_before_fsync",
+        "the completion marker is written before the checkpoint's files are fsynced",
+        [
+            (
+                "crystal_ext/training/checkpoints.py",
+                "def write_complete_marker(folder: str, step: int) -> None:\n    _fsync_tree(folder)\n",
+                "def write_complete_marker(folder: str, step: int) -> None:\n",
+            ),
+            (
+                "crystal_ext/training/checkpoints.py",
+                "    fd = os.open(folder, os.O_RDONLY)\n    try:\n        os.fsync(fd)\n    finally:\n"
+                "        os.close(fd)\n",
+                "    _fsync_tree(folder)\n",
+            ),
+        ],
+        ["tests/test_checkpoint_order.py"],
+    ),
+    Mutation(
+        "path1_reads_corrupted_image",
+        "path 1 (C, D, E) sees segment B, wrong the same way in the dense mask and the gathered paths",
+        [
+            (
+                "crystal_ext/ops/layout.py",
+                "    path1 = (seg == A) | (seg == C)",
+                "    path1 = (seg == A) | (seg == B) | (seg == C)",
+            ),
+            (
+                "crystal_ext/ops/layout.py",
+                "return [*range(0, self.a[1]), *range(self.c[0], self.e[1])]",
+                "return [*range(0, self.b[1]), *range(self.c[0], self.e[1])]",
+            ),
+        ],
+        ["tests/test_visibility_rule.py"],
+    ),
+    Mutation(
+        "guard_sees_leaked_tf32",
+        "a test turns TF32 on and leaves it on for every later test in the process",
+        [
+            (
+                "tests/test_visibility_rule.py",
+                "    layout, length, expected = _batch()\n    got = dual_path_mask(layout, length)\n",
+                "    torch.backends.cuda.matmul.allow_tf32 = True\n"
+                "    layout, length, expected = _batch()\n    got = dual_path_mask(layout, length)\n",
+            )
+        ],
+        ["tests/test_visibility_rule.py"],
+    ),
+    Mutation(
+        "published_step_head_gets_no_gradient",
+        "the LM head's weight is detached in our objective: one parameter loses its gradient",
+        [("crystal_ext/model/objective.py", "        head.weight,\n", "        head.weight.detach(),\n")],
+        ["tests/test_published_step.py"],
+    ),
+    Mutation(
+        "visual_lora_scaled_to_zero",
+        "the vision tower's LoRA adapters are scaled by 0: present, with gradients that are all zero",
+        [
+            (
+                "crystal_ext/model/latent_tokens.py",
+                "        lora_alpha=alpha,\n",
+                '        lora_alpha=alpha,\n        alpha_pattern={r"visual\\..*": 0},\n',
+            )
+        ],
+        ["tests/test_model_dual_path.py::test_peft_wrapped_model_trains_lora_merger_and_new_rows"],
+    ),
+    Mutation(
+        "accuracies_swapped",
+        "the blurred-image accuracy reports the intact images' answers",
+        [
+            (
+                "crystal_ext/training/evaluation.py",
+                '"accuracy_blurred": sum(results["blurred"])',
+                '"accuracy_blurred": sum(results["intact"])',
+            )
+        ],
+        ["tests/test_evaluate.py::test_accuracy_counts_the_right_answers"],
+    ),
+    Mutation(
+        "ddp_forward_bypasses_the_wrapper",
+        "the objective is called on the unwrapped module, so DDP never all-reduces the gradients",
+        [
+            (
+                "crystal_ext/training/trainer.py",
+                "            out = model(crystal_batch=inputs)\n",
+                "            out = inner(crystal_batch=inputs)\n",
+            )
+        ],
+        ["tests/test_train.py::test_torchrun_two_processes_gloo"],
+    ),
+    Mutation(
+        "resume_skips_the_weights",
+        "a resumed run keeps its fresh weights instead of loading the checkpoint's",
+        [
+            (
+                "crystal_ext/training/trainer.py",
+                "            target.load_state_dict(loaded.state_dict(), strict=True)\n",
+                "            pass\n",
+            )
+        ],
+        ["tests/test_train.py::test_sigkill_during_save_then_resume_retraces_the_uninterrupted_run"],
+    ),
+    Mutation(
+        "autocast_mixed_qkv_dtypes",
+        "the dual-path attention is handed autocast's mixed q/k (fp32) and v (bf16) as they come",
+        [
+            (
+                "crystal_ext/model/attention_registration.py",
+                "        query, key, value = (t.to(dtype) for t in (query, key, value))\n",
+                "        pass\n",
+            )
+        ],
+        ["tests/test_model_dual_path.py::test_bf16_autocast_objective_tracks_float64"],
+    ),
+    Mutation(
+        "fused_kl_one_percent_off",
+        "the fused LM-head op returns a KL 1% too large: the benchmark must refuse to time it",
+        [("crystal_ext/ops/lm_head_losses.py", "    return ce, kl\n", "    return ce, kl * 1.01\n")],
+        ["benchmarks/test_lm_head_losses.py::test_lm_head_losses[small-float32-head-frozen]"],
+    ),
+    Mutation(
+        "block_rescale_squared",
+        "the online log-sum-exp rescale of lm_head_losses is alpha^2 instead of alpha; caught only by a "
+        "CPU row whose running maximum grows in a later vocabulary block (tests/test_lm_head_losses.py)",
+        [
+            (
+                "csrc/lm_head_losses.h",
+                "return old_max == neg_inf<T>() ? T(0) : exp_acc(old_max - new_max);",
+                "return old_max == neg_inf<T>() ? T(0) : exp_acc(T(2) * (old_max - new_max));",
+            )
+        ],
+        ["tests/test_lm_head_losses.py::test_running_max_growing_in_a_later_vocabulary_block"],
+        csrc=True,
+    ),
+    Mutation(
+        "gemm_skips_second_pass",
+        "the CPU bf16 GEMM drops every k-pass after the first 4096 pairs",
+        [
+            (
+                "csrc/cpu/gemm_bf16.cpp",
+                "for (int64_t p0 = 0; p0 < b.k_pairs; p0 += kPairBlock) {",
+                "for (int64_t p0 = 0; p0 < std::min(b.k_pairs, kPairBlock); p0 += kPairBlock) {",
+            )
+        ],
+        ["tests/test_cpu_gemm_bf16.py"],
+        csrc=True,
+    ),
+]
+
+
+def _project_files() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
+
+
+def _sync_project(dest: Path) -> None:
+    """Makes `dest` hold this checkout's files, rewriting only those whose content differs."""
+    for rel in _project_files():
+        source, target = ROOT / rel, dest / rel
+        data = source.read_bytes()
+        if target.is_file() and target.read_bytes() == data:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        shutil.copymode(source, target)
+
+
+def _workspace() -> Path:
+    digest = hashlib.sha1(str(ROOT).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"crystal_ext-mutants-{digest}"
+
+
+def _built_extension() -> list[str]:
+    return glob.glob(str(ROOT / "crystal_ext" / "_C*.so"))
+
+
+def _env(project: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(project) + os.pathsep + env.get("PYTHONPATH", "")
+    env["HF_HUB_OFFLINE"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _pytest(project: Path, tests: list[str], timeout: int) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "-rfE",
+        "-p",
+        "no:cacheprovider",
+        "--no-header",
+        "--benchmark-disable",  # the benchmarks' correctness guards, one pass, no timing
+        *tests,
+    ]
+    return subprocess.run(
+        cmd, cwd=project, env=_env(project), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _apply(project: Path, mutation: Mutation) -> str | None:
+    """Applies the edits; returns why it could not, or None."""
+    for rel, old, new in mutation.edits:
+        path = project / rel
+        text = path.read_text()
+        if text.count(old) != 1:
+            return f"{rel}: the text to replace occurs {text.count(old)} times (expected once)"
+        path.write_text(text.replace(old, new))
+    return None
+
+
+def _build(project: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CRYSTAL_EXT_CPU_ONLY="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    return subprocess.run(
+        [
+            sys.executable,
+            "setup.py",
+            "build_ext",
+            "--inplace",
+            "--force",
+        ],  # ninja still rebuilds only what changed
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def _tail(proc: subprocess.CompletedProcess, n: int = 25) -> str:
+    return "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-n:])
+
+
+def run_one(mutation: Mutation, timeout: int) -> tuple[str, str]:
+    """Returns (verdict, detail): verdict is caught, survived or error."""
+    project = _workspace()
+    _sync_project(project)
+    for so in _built_extension():  # this checkout's extension, unless the mutation rebuilds it
+        shutil.copy2(so, project / "crystal_ext")
+    problem = _apply(project, mutation)
+    if problem:
+        return "error", problem
+    try:
+        if mutation.csrc:
+            build = _build(project)
+            if build.returncode != 0:
+                return "error", "the mutated extension did not build:\n" + _tail(build)
+        try:
+            proc = _pytest(project, mutation.tests, timeout)
+        except subprocess.TimeoutExpired:
+            return "error", f"the tests ran past {timeout} s"
+    finally:
+        _sync_project(project)  # revert the mutation's files
+        for so in _built_extension():
+            shutil.copy2(so, project / "crystal_ext")
+    if proc.returncode == 1:  # pytest: some tests failed
+        return "caught", _tail(proc, 4)
+    if proc.returncode == 0:
+        return "survived", _tail(proc, 3)
+    return "error", f"pytest exited {proc.returncode}:\n" + _tail(proc)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--python-only", action="store_true", help="skip the C++ mutations (no rebuilds)")
+    parser.add_argument("--only", action="append", help="run the mutation of this name (repeatable)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per pytest run")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument(
+        "--fresh", action="store_true", help="delete the scratch folder (and its C++ build) first"
+    )
+    args = parser.parse_args(argv)
+
+    chosen = [m for m in MUTATIONS if not (args.python_only and m.csrc)]
+    if args.only:
+        unknown = set(args.only) - {m.name for m in MUTATIONS}
+        if unknown:
+            parser.error(f"--only: no mutation named {', '.join(sorted(unknown))}")
+        chosen = [m for m in chosen if m.name in args.only]
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:36s} {'C++' if m.csrc else 'Py ':3s} {' '.join(m.tests)}\n    {m.what}")
+        return 0
+    if not _built_extension():
+        print("mutations: build the extension here first (setup.py build_ext --inplace)", file=sys.stderr)
+        return 2
+
+    if args.fresh:
+        shutil.rmtree(_workspace(), ignore_errors=True)
+    # One run at a time per checkout: two runs would revert each other's mutations.
+    _workspace().mkdir(parents=True, exist_ok=True)
+    lock = open(_workspace() / ".lock", "w")  # noqa: SIM115 (held for the whole run)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"mutations: another run is using {_workspace()}", file=sys.stderr)
+        return 2
+    started = time.time()
+    tests = sorted({t for m in chosen for t in m.tests})
+    print(f"baseline: the unmutated project on {len(tests)} test ids", flush=True)
+    baseline = _pytest(ROOT, tests, args.timeout * 2)
+    if baseline.returncode != 0:
+        print("the unmutated tests fail already; fix them first:\n" + _tail(baseline), file=sys.stderr)
+        return 2
+
+    results = []
+    for m in chosen:
+        t0 = time.time()
+        verdict, detail = run_one(m, args.timeout)
+        results.append((m, verdict))
+        print(f"{verdict.upper():9s} {m.name}  ({time.time() - t0:.0f} s; {' '.join(m.tests)})", flush=True)
+        if verdict == "caught":  # the first failing test and its message
+            failed = [line for line in detail.splitlines() if line.startswith(("FAILED", "ERROR"))]
+            print("    " + (failed[0] if failed else detail.splitlines()[-1])[:220], flush=True)
+        else:
+            print("    " + m.what + "\n    " + detail.replace("\n", "\n    "), flush=True)
+    print(f"scratch folder: {_workspace()}")
+    caught = sum(v == "caught" for _, v in results)
+    print(f"{caught}/{len(results)} mutations caught in {time.time() - started:.0f} s")
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
