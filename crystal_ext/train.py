@@ -28,7 +28,7 @@ from dataclasses import asdict
 import torch
 
 from crystal_ext.data.packing import DualPathCollator, DualPathPacker
-from crystal_ext.data.records import check_dataset, load_examples
+from crystal_ext.data.records import check_dataset, is_hub_data_id, load_examples
 from crystal_ext.data.synthetic import SyntheticVQA
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
 from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora
@@ -154,7 +154,7 @@ def build_datasets(cargs, data_seed: int = 0):
     _log(f"--data: {report['usable']} of {report['records']} records usable, {report['skipped']} skipped")
     held_out = None
     if cargs.eval_data:
-        split = "test" if os.path.isdir(cargs.eval_data) else "train"
+        split = "test" if os.path.isdir(cargs.eval_data) or is_hub_data_id(cargs.eval_data) else "train"
         held_out = load_examples(cargs.eval_data, cargs.image_folder, split=split)
         check_dataset(held_out, "--eval_data")
     return train, held_out

@@ -54,12 +54,12 @@ def test_default_run_end_to_end(tmp_path):
     # evaluation and pictures
     result = json.loads((out / "eval_results.json").read_text())
     assert result["n"] == 12 and len(result["examples"]) == 12
-    for name in ("intact", "blurred"):  # each accuracy is the share of its examples answered right
+    for name in ("intact", "blurred", "latent_carried"):  # the share of its examples answered right
         right = sum(r[name] == r["answer"] for r in result["examples"])
         assert result[f"accuracy_{name}"] == pytest.approx(right / 12)
     assert (
-        f"intact images {result['accuracy_intact']:.3f}, blurred images {result['accuracy_blurred']:.3f}"
-        in (proc.stdout)
+        f"intact {result['accuracy_intact']:.3f}, blurred {result['accuracy_blurred']:.3f}, "
+        f"latent-carried {result['accuracy_latent_carried']:.3f}" in proc.stdout
     )
     pictures = sorted((out / "pictures").glob("*.png"))
     assert len(pictures) == 2

@@ -228,3 +228,23 @@ def test_unknown_words_of_the_tiny_tokenizer_are_found():
         Example("b", None, "zebra ?", "x"),
     ]
     assert unknown_words(tok, examples) == (1, 2, ["x", "zebra"])
+
+
+def test_a_hub_data_set_id_offline_fails_at_once_with_what_to_do(monkeypatch, tmp_path):
+    """An owner/name --data is a hub data set (datasets.load_dataset); without network the run
+    stops during argument checks, naming the flag and the save_to_disk way round, and a path that
+    looks like a file stays a missing file."""
+    import time
+
+    from crystal_ext.training.arguments import check_data_available
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"--eval_data someone/vqa-set: .*cannot be reached.*save_to_disk"):
+        check_data_available("--eval_data", "someone/vqa-set")
+    assert time.monotonic() - start < 5  # no hub retries
+    with pytest.raises(ValueError, match="--data missing/data.jsonl: no such file"):
+        check_data_available("--data", "missing/data.jsonl")
+    local = tmp_path / "d.jsonl"
+    local.write_text("{}\n")
+    check_data_available("--data", str(local))

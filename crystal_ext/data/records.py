@@ -13,6 +13,8 @@ Accepted sources (`--data`):
     {"id": "...", "image": "a.jpg" or ["a.jpg", "b.jpg"],
      "conversations": [{"from": "human", "value": "<image>\\nQuestion?"}, {"from": "gpt", "value": "Answer"}]}
   "<image>" marks where each image goes (without one, the images open the first user turn).
+- a data set on the Hugging Face hub by its id (`owner/name`, loaded with `datasets.load_dataset`
+  when the machine is online), with the columns below;
 - a folder written by `datasets.Dataset.save_to_disk` (or a DatasetDict: its "train" split; for
   --eval_data its "test" split), with either column set above or "question" / "answer" /
   "image" columns; an image may be a path or a decoded image (the `datasets` Image feature).
@@ -31,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import warnings
 
 from torch.utils.data import Dataset
@@ -217,10 +220,21 @@ def read_records(path: str) -> tuple[list, list[str]]:
     return data, [f"{path}[{i}]" for i in range(len(data))]
 
 
+# owner/name of a data set on the Hugging Face hub (a path that does not exist locally).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_data_id(path: str) -> bool:
+    return not os.path.exists(path) and bool(_HUB_ID.match(path)) and not path.endswith((".json", ".jsonl"))
+
+
 def check_data_path(path: str) -> None:
-    """Cheap checks for argument validation (before any model is loaded)."""
+    """Cheap checks for argument validation (before any model is loaded); a hub id is checked for
+    reachability by the caller."""
+    if is_hub_data_id(path):
+        return
     if not os.path.exists(path):
-        raise ValueError(f"--data {path}: no such file or folder")
+        raise ValueError(f"--data {path}: no such file or folder (nor an owner/name data set id)")
     if os.path.isdir(path):
         if not any(
             os.path.isfile(os.path.join(path, n))
@@ -239,6 +253,11 @@ def check_data_path(path: str) -> None:
 
 def load_examples(path: str, image_folder: str | None = None, split: str = "train") -> RecordDataset:
     check_data_path(path)
+    if is_hub_data_id(path):
+        from datasets import load_dataset
+
+        data = load_dataset(path, split=split)
+        return RecordDataset(data, image_folder or ".", [f"{path}[{i}]" for i in range(len(data))])
     if os.path.isdir(path):
         from datasets import DatasetDict, load_from_disk
 

@@ -212,11 +212,47 @@ def _given(argv: list[str], name: str) -> bool:
     return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
 
 
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def recipe_argv(argv: list[str]) -> list[str]:
+    """`RECIPE.yaml [--flag value ...]` as flags: the file's settings first, then the command line's,
+    so a flag given on the command line overrides the file (argparse keeps the last value). A
+    relative `deepspeed` path is read from the recipe's folder. Any other argv is returned as is."""
+    if not argv or argv[0].startswith("-") or not argv[0].endswith(RECIPE_SUFFIXES):
+        return argv
+    path = argv[0]
+    if not os.path.isfile(path):
+        raise ValueError(f"recipe {path}: no such file")
+    import json
+
+    import yaml
+
+    with open(path) as f:
+        try:
+            settings = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
+            raise ValueError(
+                f"recipe {path}: not valid {'YAML' if path.endswith('l') else 'JSON'}: {exc}"
+            ) from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"recipe {path}: expected a mapping of argument names to values")
+    flags = []
+    for name, value in settings.items():
+        if value is None:
+            continue
+        if name == "deepspeed" and isinstance(value, str) and not os.path.isabs(value):
+            value = os.path.join(os.path.dirname(os.path.abspath(path)), value)
+        values = value if isinstance(value, list) else [value]
+        flags += [f"--{name}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return flags + argv[1:]
+
+
 def parse_args(argv: list[str] | None = None):
     """(CrystalArguments, TrainingArguments) from `argv` (default sys.argv[1:]), validated."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = recipe_argv(list(sys.argv[1:] if argv is None else argv))
     parser = HfArgumentParser((CrystalArguments, TrainingArguments))
     parser.set_defaults(**recipe_defaults(tiny=not _given(argv, "model")))
     cargs, targs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -304,17 +340,9 @@ def validate(cargs: CrystalArguments, targs) -> None:
         bad("the synthetic data set is generated on the fly: give --max_steps > 0")
     if cargs.image_folder is not None and not os.path.isdir(cargs.image_folder):
         bad(f"--image_folder {cargs.image_folder}: no such folder")
-    if cargs.data is not None:
-        from crystal_ext.data.records import check_data_path
-
-        check_data_path(cargs.data)
-    if cargs.eval_data is not None:
-        from crystal_ext.data.records import check_data_path
-
-        try:
-            check_data_path(cargs.eval_data)
-        except ValueError as exc:
-            bad(str(exc).replace("--data", "--eval_data"))
+    for flag, path in (("--data", cargs.data), ("--eval_data", cargs.eval_data)):
+        if path is not None:
+            check_data_available(flag, path)
     if cargs.model is not None:
         check_model_available(cargs.model)
     from crystal_ext.training.checkpoints import last_complete_checkpoint, resolve_resume_checkpoint
@@ -345,6 +373,36 @@ def _probe_hub(timeout: float = 3.0) -> None:
     socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
 
 
+def _hub_offline() -> bool:
+    return any(
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+def check_data_available(flag: str, path: str) -> None:
+    """Fail at once when `--data` / `--eval_data` is neither a usable local file or folder nor a
+    hub data set id that this machine can reach."""
+    from crystal_ext.data.records import check_data_path, is_hub_data_id
+
+    try:
+        check_data_path(path)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("--data", flag)) from None
+    if not is_hub_data_id(path):
+        return
+    try:
+        if _hub_offline():
+            raise ConnectionError("HF_HUB_OFFLINE is set")
+        _probe_hub()
+    except Exception as exc:
+        raise ValueError(
+            f"{flag} {path}: not a local file or folder, and the Hugging Face hub cannot be reached here "
+            f"({type(exc).__name__}). On a machine with network, save it with "
+            f"`datasets.load_dataset({path!r}).save_to_disk(PATH)` and pass {flag} PATH."
+        ) from None
+
+
 def check_model_available(model: str) -> None:
     """Fail at once (not after minutes of set-up) when `--model` cannot be loaded."""
     if os.path.isdir(model):
@@ -359,12 +417,8 @@ def check_model_available(model: str) -> None:
     cached = try_to_load_from_cache(model, "config.json")
     if isinstance(cached, str):
         return
-    offline = any(
-        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
-        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
     try:
-        if offline:
+        if _hub_offline():
             raise ConnectionError("HF_HUB_OFFLINE is set")
         _probe_hub()
         hf_hub_download(model, "config.json", etag_timeout=5)
