@@ -9,6 +9,10 @@ as the authors' code does:
     the E and F rows) for the prediction KL.
 The one difference from the published code: the alignment loss covers every sample of the
 batch (theirs takes sample 0 only), so that both compute the same number.
+
+`train_new_rows_the_published_way`: the published trainable set for the new tokens' rows,
+the whole embedding and LM-head matrices trainable with a gradient hook that zeroes every
+other row (dense [V, Hd] gradients and optimizer states).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 
 from crystal_ext.model.attention_registration import is_last_layer, is_text_decoder_attention
 from crystal_ext.model.objective import CrystalLoss
-from crystal_ext.model.parts import backbone_and_head, text_config
+from crystal_ext.model.parts import backbone_and_head, embedding_and_head_weights, text_config
 from crystal_ext.ops.layout import IGNORE, dual_path_mask, segments_of
 
 PUBLISHED_ATTN = "crystal_published_dense"
@@ -95,3 +99,17 @@ def published_step_loss(model, batch, topk_fraction=0.1, lambda_pred=1.0, lambda
         kl_attn.append(F.kl_div(s.log(), t, reduction="batchmean"))
     kl_pred, kl_attn = torch.stack(kl_pred).mean(), torch.stack(kl_attn).mean()
     return CrystalLoss(ce + lambda_pred * kl_pred + lambda_attn * kl_attn, ce, kl_pred, kl_attn)
+
+
+def train_new_rows_the_published_way(model, new_ids):
+    """(the two matrices, hook handles): both made trainable, every row but `new_ids` masked out
+    of their gradients by a hook. Keep the matrices out of weight decay (AdamW's decoupled
+    decay would shrink the masked rows)."""
+    mats = embedding_and_head_weights(model)
+    handles = []
+    for weight in mats:
+        keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        keep[torch.tensor(list(new_ids), device=weight.device)] = 1
+        weight.requires_grad_(True)
+        handles.append(weight.register_hook(lambda grad, keep=keep: grad * keep))
+    return mats, handles

@@ -25,7 +25,9 @@ from crystal_ext.data.packing import DualPathCollator, DualPathPacker, Example  
 from crystal_ext.model.latent_tokens import add_latent_tokens  # noqa: E402
 
 
-def qwen7b_attention_model(tokenizer, layers=2, vocab=152064, intermediate=1024, attn="sdpa"):
+def qwen7b_attention_model(
+    tokenizer, layers=2, vocab=152064, intermediate=1024, attn="sdpa", dtype=torch.float32
+):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = tokenizer.convert_tokens_to_ids
@@ -66,9 +68,7 @@ def qwen7b_attention_model(tokenizer, layers=2, vocab=152064, intermediate=1024,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(
-        config, attn_implementation=attn, dtype=torch.float32
-    )
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
     model.get_input_embeddings().weight.requires_grad_(False)
     model.get_output_embeddings().weight.requires_grad_(False)
     return model
@@ -104,6 +104,15 @@ def build_qwen7b_attention(
     latent = add_latent_tokens(tok, None, k=10)  # |D| = 12 with the think markers
     model = qwen7b_attention_model(tok, vocab=vocab, attn=attn).train()
     return model, make_batch(model, tok, latent, image, question, answer, batch_size)
+
+
+def build_published_configuration(attn: str, dtype=torch.bfloat16):
+    """(model, batch, new token ids) at the L ~ 700 shape for the published trainable
+    configuration: the same model and batch as `qwen7b_L700`, in `dtype`."""
+    tok = tiny_tokenizer()
+    latent = add_latent_tokens(tok, None, k=10)
+    model = qwen7b_attention_model(tok, attn=attn, dtype=dtype).train()
+    return model, make_batch(model, tok, latent, 448, 25, 42, 1), list(latent.new_ids)
 
 
 def make_batch(model, tok, latent, image, question, answer, batch_size):

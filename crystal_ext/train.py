@@ -31,7 +31,8 @@ from crystal_ext.data.packing import DualPathCollator, DualPathPacker
 from crystal_ext.data.records import check_dataset, is_hub_data_id, load_examples
 from crystal_ext.data.synthetic import SyntheticVQA
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
-from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora, train_new_rows_only
+from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora
+from crystal_ext.model.new_token_rows import attach_new_token_rows
 from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training.arguments import parse_args
 from crystal_ext.training.callbacks import JsonlMetricsCallback, TimeBudgetCallback
@@ -116,8 +117,9 @@ def build_model(cargs, targs):
 
 
 def make_trainable(model, latent, cargs, targs):
-    """(model, base model path, token_rows, no_decay): the dual-path attention switched on, and LoRA with the new
-    token rows when asked; otherwise every parameter trains."""
+    """(model, base model path, no_decay): the dual-path attention switched on, and LoRA with the
+    new tokens' rows (own [n_new, Hd] parameters over the frozen embedding and head, kept out of
+    weight decay) when asked; otherwise every parameter trains."""
     base_model = cargs.model
     if cargs.tiny and cargs.use_lora and _is_main():
         # LoRA on the tiny model (tests, experiments): its random base must be kept to load the adapter.
@@ -125,11 +127,10 @@ def make_trainable(model, latent, cargs, targs):
         model.save_pretrained(os.path.join(targs.output_dir, base_model))
     if not cargs.no_crystal:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    token_rows, no_decay = None, ()
+    no_decay = ()
     if cargs.use_lora:
         model = apply_lora(model, r=cargs.lora_r, alpha=cargs.lora_alpha, dropout=cargs.lora_dropout)
-        no_decay = tuple(train_new_rows_only(model, latent.new_ids))
-        token_rows = {"ids": list(latent.new_ids)}
+        no_decay = tuple(attach_new_token_rows(model, latent.new_ids).parameters())
         if targs.activation_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -137,7 +138,7 @@ def make_trainable(model, latent, cargs, targs):
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trained"
         f"{' (LoRA)' if cargs.use_lora else ''}; objective: {'SFT baseline' if cargs.no_crystal else 'CrystaL'}"
     )
-    return model, base_model, token_rows, no_decay
+    return model, base_model, no_decay
 
 
 def build_datasets(cargs, data_seed: int = 0):
@@ -203,9 +204,7 @@ def make_evaluator(cargs, targs, processor, packer, held_out):
     return evaluator
 
 
-def train(
-    cargs, targs, model, processor, packer, train_set, token_rows, no_decay, extra_callbacks, held_out=None
-):
+def train(cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks, held_out=None):
     """(trained model, summary) of one Trainer run; the final model is saved at the top of the output folder."""
     out = targs.output_dir
     evaluating = targs.eval_strategy not in (None, "no") and held_out is not None and len(held_out) > 0
@@ -220,7 +219,6 @@ def train(
         processing_class=processor,
         callbacks=callbacks + list(extra_callbacks or ()),
         objective=cargs.objective(),
-        token_rows=token_rows,
         no_decay=no_decay,
         eval_dataset=held_out if evaluating else None,
         evaluator=make_evaluator(cargs, targs, processor, packer, held_out) if evaluating else None,
@@ -290,7 +288,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         _fail(str(exc))
     _log(f"building {'the embedded tiny model' if cargs.tiny else cargs.model}")
     model, processor, latent = build_model(cargs, targs)
-    model, base_model, token_rows, no_decay = make_trainable(model, latent, cargs, targs)
+    model, base_model, no_decay = make_trainable(model, latent, cargs, targs)
     if cargs.tiny and cargs.data is not None:
         from crystal_ext.training.tiny_model import unknown_words
 
@@ -314,7 +312,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     write_run_config(cargs, targs, base_model)
 
     model, summary = train(
-        cargs, targs, model, processor, packer, train_set, token_rows, no_decay, extra_callbacks, held_out
+        cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks, held_out
     )
     if not _is_main():
         return summary

@@ -168,6 +168,30 @@ MUTATIONS = [
         ["benchmarks/test_lm_head_losses.py::test_lm_head_losses[small-float32-head-frozen]"],
     ),
     Mutation(
+        "override_rows_kl_gradient_dropped",
+        "the new tokens' LM-head rows get the cross-entropy gradient only, none from the KL",
+        [
+            (
+                "crystal_ext/ops/override_rows.py",
+                "    if teacher.numel():\n        dz = dz.index_add(",
+                "    if False:\n        dz = dz.index_add(",
+            )
+        ],
+        ["tests/test_lm_head_override.py::test_fused_override_matches_the_reference"],
+    ),
+    Mutation(
+        "objective_ignores_the_trained_head_rows",
+        "the objective scores the new tokens with the frozen head's rows instead of the trained ones",
+        [
+            (
+                "crystal_ext/model/objective.py",
+                "        return fn(*args, **kwargs, override_ids=rows.ids, override_rows=rows.lm_head_rows())\n",
+                "        return fn(*args, **kwargs)\n",
+            )
+        ],
+        ["tests/test_model_dual_path.py::test_objective_with_new_token_rows_equals_the_rows_written_in"],
+    ),
+    Mutation(
         "block_rescale_squared",
         "the online log-sum-exp rescale of lm_head_losses is alpha^2 instead of alpha; caught only by a "
         "CPU row whose running maximum grows in a later vocabulary block (tests/test_lm_head_losses.py)",

@@ -5,10 +5,11 @@ with the same outputs as the unmerged peft model)."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
-from train_helpers import FAST, run
+from train_helpers import FAST, loss_at, run
 
 import crystal_ext
 
@@ -135,6 +136,44 @@ def test_extract_answer_and_prompt():
         ),
     )
     assert "<unk>" not in tok.decode(tok(text).input_ids)
+
+
+STOP_AT_STEP = """
+import sys
+from transformers import TrainerCallback
+from crystal_ext.train import main
+
+
+class StopAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            control.should_training_stop = True
+
+
+main(sys.argv[1:], extra_callbacks=[StopAfterSave()])
+"""
+
+
+def test_lora_resume_restores_the_new_rows_and_their_optimizer_state(tmp_path):
+    """A LoRA run stopped after its step-3 checkpoint and resumed reaches the uninterrupted run's
+    loss and rows at step 6: the rows (and their AdamW state) come back from the checkpoint."""
+    from safetensors.torch import load_file
+
+    common = ["--use_lora", "true", "--max_steps", "6", "--save_steps", "3", "--learning_rate", "1e-2"]
+    common += ["--per_device_train_batch_size", "2", *FAST]
+    run([*common, "--output_dir", str(tmp_path / "straight")])
+    out = tmp_path / "stopped"
+    run([*common, "--output_dir", str(out)], prefix=[sys.executable, "-c", STOP_AT_STEP])
+    assert not (out / "checkpoint-6").exists()
+    run([*common, "--output_dir", str(out), "--resume_from_checkpoint", "last"])
+    want = loss_at(tmp_path / "straight", 6)
+    assert abs(loss_at(out, 6) - want) <= 1e-5 * max(1.0, abs(want))
+    rows = load_file(out / "crystal_token_rows.safetensors")
+    straight = load_file(tmp_path / "straight" / "crystal_token_rows.safetensors")
+    start = load_file(out / "checkpoint-3" / "crystal_token_rows.safetensors")
+    for name in ("embed_tokens", "lm_head"):
+        torch.testing.assert_close(rows[name], straight[name], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(rows[name], start[name])  # the rows trained on after the resume
 
 
 def test_accuracy_counts_the_right_answers(monkeypatch):

@@ -194,17 +194,19 @@ def test_path1_positions_equal_the_models_own(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_trains_the_projector_in_full(family):
-    from crystal_ext.model.latent_tokens import apply_lora, train_new_rows_only
+    from crystal_ext.model.latent_tokens import apply_lora
+    from crystal_ext.model.new_token_rows import attach_new_token_rows
 
     model, _, batch = _setup(family)
     peft_model = apply_lora(copy.deepcopy(model).float())
     vocab = peft_model.get_input_embeddings().weight.shape[0]
-    train_new_rows_only(peft_model, list(range(vocab - 8, vocab)))
+    rows = attach_new_token_rows(peft_model, list(range(vocab - 8, vocab)))
     crystal_objective(peft_model, _to32(batch), REFERENCE_HEAD).loss.backward()
     grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
     full = family_of(model).trained_in_full(model)
     assert full
     assert any("lora_B" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in rows.parameters())
     assert any(
         "modules_to_save" in n and full[0] in n and g is not None and g.abs().sum() > 0
         for n, g in grads.items()

@@ -12,9 +12,9 @@ from crystal_ext.model.latent_tokens import (
     THINK_OPEN,
     add_latent_tokens,
     apply_lora,
-    parameter_groups,
-    train_new_rows_only,
 )
+from crystal_ext.model.new_token_rows import attach_new_token_rows
+from crystal_ext.model.parts import embedding_and_head_weights
 
 
 @pytest.fixture()
@@ -65,28 +65,33 @@ def test_lora_defaults_targets_and_merger(setup):
 
 
 def test_only_new_rows_train(setup):
+    """The new tokens' rows train as their own parameters; the matrices get no gradient and
+    keep every row (the trained rows are written in only by write_into)."""
     tok, model, lat, old_len, _ = setup
     peft_model = apply_lora(model)
-    mats = train_new_rows_only(peft_model, lat.new_ids)
+    mats = embedding_and_head_weights(peft_model)
     before = [m.detach().clone() for m in mats]
-    opt = torch.optim.AdamW(parameter_groups(peft_model, 0.1, mats), lr=1e-2)
+    rows = attach_new_token_rows(peft_model, lat.new_ids)
+    start = [p.detach().clone() for p in rows.parameters()]
+    opt = torch.optim.AdamW(peft_model.parameters(), lr=1e-2, weight_decay=0.0)
     ids = torch.tensor([[1, 9, lat.think_open, *lat.latent_ids, lat.think_close, 15, 2]])
     for _ in range(2):
         out = peft_model(input_ids=ids, labels=ids)
         out.loss.backward()
-        for m in mats:
-            assert m.grad[:old_len].abs().sum() == 0
-            assert m.grad[list(lat.new_ids)].abs().sum() > 0
+        assert all(m.grad is None and not m.requires_grad for m in mats)
+        assert all(p.grad.abs().sum() > 0 for p in rows.parameters())
         opt.step()
         opt.zero_grad()
     for m, b in zip(mats, before):
-        torch.testing.assert_close(m[:old_len], b[:old_len], rtol=0, atol=0)
-        assert (m[list(lat.new_ids)] - b[list(lat.new_ids)]).abs().sum() > 0
+        torch.testing.assert_close(m, b, rtol=0, atol=0)
+    assert all((p - s).abs().sum() > 0 for p, s in zip(rows.parameters(), start))
+    rows.write_into(peft_model.get_input_embeddings(), peft_model.get_output_embeddings())
+    assert torch.equal(mats[0][list(lat.new_ids)], rows.embedding_rows.detach())
 
 
 def test_bad_arguments(setup):
     tok, model, _, _, _ = setup
     with pytest.raises(ValueError, match="k must be >= 1"):
         add_latent_tokens(tok, model, k=0)
-    with pytest.raises(ValueError, match="new_ids is empty"):
-        train_new_rows_only(model, ())
+    with pytest.raises(ValueError, match="ids is empty"):
+        attach_new_token_rows(model, ())

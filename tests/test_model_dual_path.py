@@ -17,6 +17,7 @@ import crystal_ext
 from crystal_ext.data.packing import IGNORE, DualPathCollator, DualPathPacker, Example
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
 from crystal_ext.model.objective import ObjectiveConfig, crystal_objective, intact_path_batch
+from crystal_ext.model.parts import embedding_and_head_weights
 from crystal_ext.ops.layout import dual_path_mask
 
 REFERENCE_HEAD = ObjectiveConfig(lm_head_losses="reference")
@@ -235,14 +236,18 @@ def test_qwen2_vl_objective_matches_plain_composition():
     torch.testing.assert_close(ours.loss, ce + kl_pred + kl_attn, rtol=1e-5, atol=1e-6)
 
 
-def test_peft_wrapped_model_trains_lora_merger_and_new_rows():
-    from crystal_ext.model.latent_tokens import apply_lora, train_new_rows_only
+@pytest.mark.parametrize("head", ["reference", "fused"])
+def test_peft_wrapped_model_trains_lora_merger_and_new_rows(head):
+    from crystal_ext.model.latent_tokens import apply_lora
+    from crystal_ext.model.new_token_rows import attach_new_token_rows
 
+    if head == "fused" and not crystal_ext.extension_available():
+        pytest.skip("compiled extension unavailable")
     model, batch = _setup()
     peft_model = apply_lora(copy.deepcopy(model))
     vocab = peft_model.get_input_embeddings().weight.shape[0]
-    mats = train_new_rows_only(peft_model, list(range(vocab - 8, vocab)))  # the 4 latents + 4 markers
-    crystal_objective(peft_model, batch, REFERENCE_HEAD).loss.backward()
+    rows = attach_new_token_rows(peft_model, list(range(vocab - 8, vocab)))  # the 4 latents + 4 markers
+    crystal_objective(peft_model, batch, ObjectiveConfig(lm_head_losses=head)).loss.backward()
     grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
     # LoRA's B starts at zero, so A's gradient is zero at the start; B's is not, in every
     # adapted layer of the vision tower as of the language model.
@@ -255,16 +260,43 @@ def test_peft_wrapped_model_trains_lora_merger_and_new_rows():
         for n, g in grads.items()
     )
     assert any("merger" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
-    for m in mats:
-        assert m.grad[: vocab - 8].abs().sum() == 0 and m.grad[vocab - 8 :].abs().sum() > 0
+    assert rows.embedding_rows.grad.abs().sum() > 0 and rows.head_rows.grad.abs().sum() > 0
+    assert all(m.grad is None for m in embedding_and_head_weights(peft_model))
+
     # and the visual adapters change the loss: a step along their gradient lowers it
     with torch.no_grad():
-        before = crystal_objective(peft_model, batch, REFERENCE_HEAD).loss
+        before = crystal_objective(peft_model, batch, ObjectiveConfig(lm_head_losses=head)).loss
         visual_params = {n: p for n, p in peft_model.named_parameters() if n in visual_b}
         for n, p in visual_params.items():
             p -= 0.05 * visual_b[n] / visual_b[n].norm()
-        after = crystal_objective(peft_model, batch, REFERENCE_HEAD).loss
+        after = crystal_objective(peft_model, batch, ObjectiveConfig(lm_head_losses=head)).loss
     assert after < before, (before.item(), after.item())
+
+
+def test_objective_with_new_token_rows_equals_the_rows_written_in():
+    """The head rows reach the losses as override rows: the same losses as a model whose
+    matrices hold the trained rows, and the same gradient as those matrices' rows."""
+    from crystal_ext.model.new_token_rows import attach_new_token_rows
+
+    model, batch = _setup()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = list(range(vocab - 8, vocab))
+    with_rows = copy.deepcopy(model)
+    rows = attach_new_token_rows(with_rows, ids)
+    with torch.no_grad():
+        for p in rows.parameters():
+            p.add_(torch.randn_like(p))
+    written = copy.deepcopy(model)
+    rows.write_into(written.get_input_embeddings(), written.get_output_embeddings())
+    for p in written.parameters():
+        p.requires_grad_(False)
+    head = written.get_output_embeddings().weight.requires_grad_()
+    got = crystal_objective(with_rows, batch, REFERENCE_HEAD)
+    want = crystal_objective(written, batch, REFERENCE_HEAD)
+    got.loss.backward()
+    want.loss.backward()
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(rows.head_rows.grad, head.grad[ids])
 
 
 def test_layout_is_planned_once_per_forward(monkeypatch):

@@ -81,3 +81,41 @@ def test_state_round_trip_and_mismatch():
 def test_bad_ids_name_the_problem(ids, match):
     with pytest.raises(ValueError, match=match):
         NewTokenRows(*_layers(), ids)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_logits_of_the_new_tokens_come_from_the_rows(tied):
+    embedding, head = _layers(tied=tied)
+    base_logits = head(torch.randn(4, 8))
+    rows = NewTokenRows(embedding, head, [47, 3])
+    with torch.no_grad():
+        rows.lm_head_rows().add_(5.0)
+    hidden = torch.randn(2, 4, 8)
+    logits = head(hidden)
+    torch.testing.assert_close(logits[..., [47, 3]], hidden @ rows.lm_head_rows().detach().T)
+    other = [v for v in range(50) if v not in (47, 3)]
+    torch.testing.assert_close(logits[..., other], hidden @ head.weight[other].T)
+    assert base_logits.shape == (4, 50)
+    rows.remove()
+    torch.testing.assert_close(head(hidden)[..., [47, 3]], hidden @ head.weight[[47, 3]].T)
+
+
+def test_saved_rows_come_from_a_gathered_state_dict_when_given(tmp_path):
+    """Under FSDP the rank's parameters are shards; the Trainer hands the gathered state dict to
+    _save, and the rows file takes the rows from it."""
+    from safetensors.torch import load_file
+
+    from crystal_ext.training.token_rows import TOKEN_ROWS_FILE, save_token_rows
+
+    embedding, head = _layers()
+    rows = NewTokenRows(embedding, head, [3, 12])
+    gathered = {
+        "base_model.model.crystal_new_token_rows.embedding_rows": torch.ones(2, 8),
+        "base_model.model.crystal_new_token_rows.head_rows": torch.full((2, 8), 2.0),
+    }
+    save_token_rows(rows, str(tmp_path), gathered)
+    saved = load_file(tmp_path / TOKEN_ROWS_FILE)
+    assert torch.equal(saved["embed_tokens"], torch.ones(2, 8))
+    assert torch.equal(saved["lm_head"], torch.full((2, 8), 2.0))
+    save_token_rows(rows, str(tmp_path))
+    assert torch.equal(load_file(tmp_path / TOKEN_ROWS_FILE)["embed_tokens"], rows.embedding_rows.detach())

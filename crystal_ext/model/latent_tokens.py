@@ -3,10 +3,9 @@
 - K (default 8) latent tokens plus the think/answer markers are added to the tokenizer as
   special tokens (one id each, never split); the model's embedding and LM head grow to fit.
 - With the base frozen, only the rows of the newly added tokens are trained in the
-  embedding and LM-head matrices: a gradient hook zeroes the other rows' gradients, and
-  `parameter_groups` keeps those two matrices out of weight decay (AdamW's decoupled decay
-  would otherwise shrink the frozen rows even with a zero gradient; Adam's update of a row
-  whose gradient was always zero is exactly zero).
+  embedding and LM-head matrices, as their own [n_new, Hd] parameters over the frozen
+  matrices (crystal_ext.model.new_token_rows.attach_new_token_rows): no gradient or
+  optimizer state of vocabulary size exists.
 - LoRA through peft with the published defaults (r=16, alpha=32, dropout 0.01) on every
   linear layer of the language model and of the vision tower (chosen by the model's family,
   crystal_ext.model.families); the vision-language projector / merger is trained in full
@@ -75,34 +74,6 @@ def _init_new_rows(model: nn.Module, new_ids, old_len: int) -> None:
     rows = torch.tensor(new_ids, dtype=torch.long)
     for matrix in embedding_and_head_weights(model):
         matrix[rows.to(matrix.device)] = matrix[:old_len].mean(0, keepdim=True)
-
-
-def train_new_rows_only(model: nn.Module, new_ids) -> list[torch.Tensor]:
-    """Make the embedding and LM-head weights trainable in the rows `new_ids` only.
-
-    Call it after `apply_lora` (peft freezes every base weight). Returns the two matrices
-    (give them to `parameter_groups`' no-decay group). The full-size gradient is still
-    materialised: a memory cost of two [V, Hd] gradients and optimiser states.
-    """
-    if not new_ids:
-        raise ValueError("train_new_rows_only: new_ids is empty; nothing would be trained")
-    mats = embedding_and_head_weights(model)
-    for weight in mats:
-        keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-        keep[torch.tensor(list(new_ids), device=weight.device)] = 1
-        weight.requires_grad_(True)
-        weight.register_hook(lambda grad, keep=keep: grad * keep)
-    return mats
-
-
-def parameter_groups(model: nn.Module, weight_decay: float, no_decay: list[torch.Tensor] = ()):
-    """AdamW groups: every trainable parameter with `weight_decay`, except `no_decay` (row-masked matrices)."""
-    skip = {id(p) for p in no_decay}
-    decay = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": [p for p in no_decay if p.requires_grad], "weight_decay": 0.0},
-    ]
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:

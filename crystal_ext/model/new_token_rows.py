@@ -8,8 +8,12 @@ their optimizer states every step: at Qwen2.5-VL-7B that is 1.09 G values to cha
 Here the base matrices stay frozen and the rows live in their own parameters, `[n_new, Hd]`:
 - the input embedding is overridden by a forward hook that puts the trained rows at the
   positions of the new tokens (a `torch.where` over the looked-up embeddings);
-- the LM head's rows reach the loss through the fused op, which takes them as override rows in
-  place of the base rows (`crystal_ext.lm_head_losses(..., override_ids=, override_rows=)`).
+- the LM head's rows reach the training loss through the LM-head losses, which take them as
+  override rows in place of the base rows (`crystal_ext.lm_head_losses(..., override_ids=,
+  override_rows=)`, crystal_ext.ops.override_rows), so the objective never
+  calls the head module;
+- a forward hook on the head module replaces the new tokens' logit columns with
+  hidden . rows, so generation and evaluation on the live model use the trained rows too.
 
 peft has the same idea (`trainable_token_indices`), but its forward builds the merged matrix with
 `weight.index_copy(...)`, a [V, Hd] copy in every forward, and a fused LM-head loss would then
@@ -45,7 +49,9 @@ class NewTokenRows(nn.Module):
         self.embedding_rows = nn.Parameter(weight.detach()[self.ids].clone())
         self.tied = head is None or head.weight is embedding.weight
         self.head_rows = None if self.tied else nn.Parameter(head.weight.detach()[self.ids].clone())
-        self._hook = embedding.register_forward_hook(self._override_embedding)
+        self._hooks = [embedding.register_forward_hook(self._override_embedding)]
+        if head is not None:
+            self._hooks.append(head.register_forward_hook(self._override_head_logits))
 
     def lm_head_rows(self) -> torch.Tensor:
         """The rows the LM head uses for `ids` (the embedding's when the two are tied)."""
@@ -61,9 +67,15 @@ class NewTokenRows(nn.Module):
         rows = self.embedding_rows.to(output.dtype)[slot]
         return torch.where(is_new[..., None], rows, output)
 
+    def _override_head_logits(self, module, args, output):
+        rows = self.lm_head_rows().to(output.dtype)
+        bias = None if getattr(module, "bias", None) is None else module.bias[self.ids].to(output.dtype)
+        return output.index_copy(-1, self.ids, nn.functional.linear(args[0].to(output.dtype), rows, bias))
+
     def remove(self) -> None:
-        """Detach the embedding hook (the rows stay readable)."""
-        self._hook.remove()
+        """Detach the embedding and head hooks (the rows stay readable)."""
+        for hook in self._hooks:
+            hook.remove()
 
     @torch.no_grad()
     def write_into(self, embedding: nn.Embedding, head: nn.Module | None) -> None:

@@ -4,7 +4,8 @@ One forward of the model's backbone (not of the *ForConditionalGeneration wrappe
 forward would compute the full [B, L, V] logits) with dual-path attention; then
   - CE and KL_pred from the fused `lm_head_losses` on the last hidden states of the rows
     that need logits (targeted rows, and the E/F rows paired for the KL), with the model's
-    own LM-head weight;
+    own LM-head weight (and, when the new tokens' rows are trained on their own,
+    crystal_ext.model.new_token_rows, those rows as override rows of the frozen head);
   - KL_attn from the fused attention-alignment loss, computed inside the last text layer
     and returned through the `crystal_outputs` forward kwarg.
 `crystal=False` is the plain single-path SFT baseline: the intact path [A, C, D, E] alone,
@@ -23,6 +24,7 @@ from crystal_ext.model.attention_registration import (
     LAYOUT_KWARG,
     OUTPUTS_KWARG,
 )
+from crystal_ext.model.new_token_rows import new_token_rows_of
 from crystal_ext.model.parts import backbone_and_head, text_config
 from crystal_ext.ops import lm_head_losses as fused_lm_head_losses
 from crystal_ext.ops import reference
@@ -116,8 +118,8 @@ def dual_path_hidden(backbone, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
 
 def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveConfig()) -> CrystalLoss:
     """The training loss of one collated batch (crystal_ext.data.packing.DualPathCollator)."""
-    fn = config.lm_head_fn()
     model, backbone, head = backbone_and_head(model)
+    fn = _with_new_token_rows(config.lm_head_fn(), model)
     if not config.crystal:
         return _baseline(backbone, head, batch, fn)
     attn = text_config(model)._attn_implementation
@@ -141,6 +143,19 @@ def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveCon
         bias=head.bias,
     )
     return CrystalLoss(ce + config.lambda_pred * kl_pred + config.lambda_attn * kl_attn, ce, kl_pred, kl_attn)
+
+
+def _with_new_token_rows(fn, model):
+    """`fn` with the trained rows of the new tokens as override rows of the frozen head, when
+    the model trains them on their own."""
+    rows = new_token_rows_of(model)
+    if rows is None:
+        return fn
+
+    def with_rows(*args, **kwargs):
+        return fn(*args, **kwargs, override_ids=rows.ids, override_rows=rows.lm_head_rows())
+
+    return with_rows
 
 
 def intact_path_batch(batch: dict) -> dict:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 import crystal_ext.ops._extension as _extension
+from crystal_ext.ops.override_rows import check_override, override_lm_head_losses
 
 _OP = "crystal_ext::lm_head_losses_fwd"
 
@@ -55,6 +56,8 @@ def lm_head_losses(
     pair_sample: torch.Tensor,
     topk_fraction: float = 0.1,
     bias: torch.Tensor | None = None,
+    override_ids: torch.Tensor | None = None,
+    override_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CrystaL's LM-head losses without materialising the logits.
 
@@ -67,6 +70,10 @@ def lm_head_losses(
         pair_sample: int64 [M], the sample each pair belongs to (any integer labels).
         topk_fraction: per sample keep k = max(1, int(topk_fraction * n_pairs)) pairs; (0, 1].
         bias: optional [V] LM-head bias.
+        override_ids, override_rows: optional int64 [n] unique ids in [0, V) and their rows
+            [n, Hd]: the logits of column override_ids[j] are hidden . override_rows[j] (+ its
+            bias) instead of the weight's row; the weight is not copied and gets no gradient,
+            override_rows does (crystal_ext.ops.override_rows).
 
     Returns:
         (ce, kl): scalars in float32 (float64 for float64 inputs). ce is the mean cross
@@ -77,6 +84,11 @@ def lm_head_losses(
     _extension.require_fused("lm_head_losses", hidden, weight)
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError("lm_head_losses: hidden and weight must be tensors")
+    if check_override(weight, override_ids, override_rows, "lm_head_losses"):
+        return override_lm_head_losses(
+            hidden, weight, targets, teacher_rows, student_rows, pair_sample, topk_fraction, bias,
+            override_ids, override_rows,
+        )  # fmt: skip
     ce, kl, *_ = torch.ops.crystal_ext.lm_head_losses_fwd(
         hidden,
         weight,

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from crystal_ext.ops.layout import dual_path_mask, validate_layout
+from crystal_ext.ops.override_rows import check_override
 
 RENORM_EPS = 1e-8
 
@@ -80,6 +81,8 @@ def lm_head_losses(
     pair_sample: torch.Tensor,
     topk_fraction: float = 0.1,
     bias: torch.Tensor | None = None,
+    override_ids: torch.Tensor | None = None,
+    override_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CrystaL's LM-head losses with the full logits materialised.
 
@@ -94,9 +97,16 @@ def lm_head_losses(
     The logits come out of the linear layer in the input dtype (rounded to bf16/fp16 for
     bf16/fp16 inputs, as in a plain model) and are then upcast: the softmax, the losses and
     the logit gradients run in float32 (float64 for float64 inputs).
+    override_ids [n] / override_rows [n, Hd]: the logits of column override_ids[j] are
+    hidden . override_rows[j] (+ that column's bias) instead of the weight's row
+    (crystal_ext.ops.override_rows); the weight is not copied.
     """
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits = F.linear(hidden, weight, bias).to(acc)  # [N, V]
+    if check_override(weight, override_ids, override_rows, "reference.lm_head_losses"):
+        column_bias = None if bias is None else bias[override_ids]
+        replaced = F.linear(hidden, override_rows.to(hidden.dtype), column_bias).to(acc)
+        logits = logits.index_copy(1, override_ids, replaced)
     targeted = targets != -100
     if targeted.any():
         ce = F.cross_entropy(logits, targets, ignore_index=-100)

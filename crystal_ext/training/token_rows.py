@@ -1,9 +1,10 @@
 """The trained rows of the new tokens, saved beside a peft adapter.
 
-With LoRA the rows of the new tokens in the base embedding / LM head are trained
-(crystal_ext.model.latent_tokens.train_new_rows_only) but are no part of the peft adapter:
-they are saved beside it (`crystal_token_rows.safetensors`) and loaded back on resume and by
-evaluation.
+With LoRA the new tokens' embedding and LM-head rows are trained as their own parameters
+(crystal_ext.model.new_token_rows) and are no part of the peft adapter: they are saved beside
+it (`crystal_token_rows.safetensors`: ids, embed_tokens and, for an untied head, lm_head),
+loaded back into those parameters on resume, and written into the plain matrices by
+evaluation (so a merged model carries them in its ordinary embedding and LM head).
 """
 
 from __future__ import annotations
@@ -12,32 +13,46 @@ import os
 
 import torch
 
+from crystal_ext.model.new_token_rows import ATTRIBUTE, NewTokenRows
 from crystal_ext.model.parts import embedding_and_head_weights
 
 TOKEN_ROWS_FILE = "crystal_token_rows.safetensors"
 
 
-def save_token_rows(model, ids, folder: str) -> None:
-    """The trained rows `ids` of the embedding and (untied) LM head, as safetensors."""
+def save_token_rows(rows: NewTokenRows, folder: str, state_dict: dict | None = None) -> None:
+    """Save `rows`; when the Trainer hands over a gathered `state_dict` (FSDP: the rank's own
+    parameters are shards), the rows are taken from it by name."""
     from safetensors.torch import save_file
 
-    index = torch.tensor(list(ids), dtype=torch.long)
-    mats = embedding_and_head_weights(model)
-    tensors = {"ids": index, "embed_tokens": mats[0].detach()[index.to(mats[0].device)].cpu().contiguous()}
-    if len(mats) > 1:
-        tensors["lm_head"] = mats[1].detach()[index.to(mats[1].device)].cpu().contiguous()
-    save_file(tensors, os.path.join(folder, TOKEN_ROWS_FILE))
+    state = rows.state()
+    for key, name in (("embed_tokens", "embedding_rows"), ("lm_head", "head_rows")):
+        gathered = [v for k, v in (state_dict or {}).items() if k.endswith(f"{ATTRIBUTE}.{name}")]
+        if key in state and gathered:
+            state[key] = gathered[0].detach().cpu().contiguous()
+    save_file(state, os.path.join(folder, TOKEN_ROWS_FILE))
+
+
+def _load(folder: str) -> dict | None:
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, TOKEN_ROWS_FILE)
+    return load_file(path) if os.path.isfile(path) else None
+
+
+def resume_token_rows(rows: NewTokenRows, folder: str) -> None:
+    """Load the rows saved in checkpoint `folder` into the trained parameters."""
+    saved = _load(folder)
+    if saved is None:
+        raise ValueError(f"{folder}: a LoRA checkpoint without its token rows ({TOKEN_ROWS_FILE})")
+    rows.load_state(saved)
 
 
 @torch.no_grad()
 def load_token_rows(model, folder: str) -> bool:
-    """Write the rows saved by `save_token_rows` back into `model`; False if `folder` has none."""
-    from safetensors.torch import load_file
-
-    path = os.path.join(folder, TOKEN_ROWS_FILE)
-    if not os.path.isfile(path):
+    """Write the saved rows into `model`'s plain embedding and LM head; False if `folder` has none."""
+    saved = _load(folder)
+    if saved is None:
         return False
-    saved = load_file(path)
     mats = embedding_and_head_weights(model)
     for name, mat in zip(("embed_tokens", "lm_head"), mats):
         if name in saved:

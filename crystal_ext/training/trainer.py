@@ -12,7 +12,7 @@ What it changes in the stock Trainer, and why:
   checkpoints are rotated out only after that.
 - With LoRA (peft) the trained rows of the new tokens are saved beside the adapter
   (crystal_ext.training.token_rows) and loaded back on resume.
-- Weight decay skips the row-masked embedding / LM-head matrices (see latent_tokens).
+- Weight decay skips the parameters given as `no_decay` (the new tokens' rows).
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from crystal_ext.model.new_token_rows import new_token_rows_of
 from crystal_ext.model.objective import ObjectiveConfig, crystal_objective
 from crystal_ext.model.parts import unwrap_distributed, unwrap_peft
 from crystal_ext.training.checkpoints import is_complete_checkpoint, write_complete_marker
-from crystal_ext.training.token_rows import load_token_rows, save_token_rows
+from crystal_ext.training.token_rows import resume_token_rows, save_token_rows
 
 # ---- the objective as a forward ------------------------------------------------------------
 
@@ -71,15 +72,14 @@ class CrystalTrainer(Trainer):
         self,
         *args,
         objective: ObjectiveConfig = ObjectiveConfig(),
-        token_rows: dict | None = None,
         no_decay: tuple = (),
         evaluator=None,
         alignment_warmup_steps: int = 0,
         **kwargs,
     ):
-        """`objective`: the CrystaL objective's settings; `token_rows`: {"ids": [...]} of the new
-        tokens whose rows are trained in a peft model's base embedding / LM head (saved beside
-        the adapter); `no_decay`: parameters kept out of weight decay; `evaluator`: fn(model) ->
+        """`objective`: the CrystaL objective's settings; `no_decay`: parameters kept out of
+        weight decay (the new tokens' rows, crystal_ext.model.new_token_rows, which are saved
+        beside the adapter and loaded back on resume when the model has them); `evaluator`: fn(model) ->
         {name: value}, what `evaluate()` reports (the Trainer's own evaluation computes a loss,
         where CrystaL's questions are answered by generation); `alignment_warmup_steps`: the
         weights of KL_pred and KL_attn grow linearly from 0 to the objective's over this many
@@ -88,7 +88,7 @@ class CrystalTrainer(Trainer):
         self.objective = objective
         self.evaluator = evaluator
         self.alignment_warmup_steps = alignment_warmup_steps
-        self.token_rows, self.no_decay_ids = token_rows, {id(p) for p in no_decay}
+        self.no_decay_ids = {id(p) for p in no_decay}
         # The objective returns a mean over its own rows; with no `labels` in the batch the
         # Trainer divides by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
@@ -183,8 +183,9 @@ class CrystalTrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
         output_dir = output_dir or self.args.output_dir
-        if self.token_rows and self.args.should_save:
-            save_token_rows(unwrap_distributed(self.model), self.token_rows["ids"], output_dir)
+        rows = new_token_rows_of(unwrap_distributed(self.model))
+        if rows is not None and self.args.should_save:
+            save_token_rows(rows, output_dir, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = model or self.model
@@ -209,5 +210,6 @@ class CrystalTrainer(Trainer):
             del loaded
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.token_rows:
-            load_token_rows(target, resume_from_checkpoint)
+        rows = new_token_rows_of(unwrap_distributed(target))
+        if rows is not None:
+            resume_token_rows(rows, resume_from_checkpoint)

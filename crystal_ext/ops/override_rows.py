@@ -1,0 +1,176 @@
+r"""Override rows for the LM-head losses: a few rows of a frozen LM head replaced by trained ones.
+
+`override_ids` (int64 [n], unique ids in [0, V)) and `override_rows` ([n, Hd]) stand for rows
+of the head: the logits of column override_ids[j] are hidden . override_rows[j] (+ that
+column's bias), every other column uses the frozen weight. Only override_rows gets a gradient;
+the [V, Hd] weight is neither copied nor given a gradient. This is how the new tokens' LM-head
+rows are trained (crystal_ext.model.new_token_rows).
+
+Gradient of the override rows from the coefficients the losses already use: with
+p_r = softmax(z_r) and the op's saved lse_r, for override column j,
+
+  d ce / d R_j = (1/|T|) sum_{r in T} (p_{r,j} - [t_r = id_j]) h_r
+  d kl / d R_j = sum_{kept pairs i} c_i (p_{s_i,j} - p_{a_i,j}) h_{s_i}
+
+(c_i the pair coefficients of the top-k selection): [N, n] work instead of the [N, V] sweep
+of the weight gradient.
+
+`crystal_ext.lm_head_losses(..., override_ids=, override_rows=)` runs the custom op
+`crystal_ext::lm_head_losses_override_fwd` (fake kernel and autograd registered, so opcheck and
+torch.compile apply) over the compiled `lm_head_losses_fwd`, which has no override arguments of
+its own: the n rows are written into the weight for the duration of the call and the old rows
+are put back right after (n x Hd values moved, the weight is not copied). The compiled forward
+already returns d loss / d hidden computed with the override rows in place, and its saved lse
+and pair coefficients give the row gradient above. The plain-PyTorch twin is
+`crystal_ext.ops.reference.lm_head_losses(..., override_ids=, override_rows=)`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_override(weight: torch.Tensor, override_ids, override_rows, op: str) -> bool:
+    """True when an override is given (both arguments), after checking it; errors name the argument."""
+    if override_ids is None and override_rows is None:
+        return False
+    if override_ids is None or override_rows is None:
+        raise ValueError(f"{op}: override_ids and override_rows must be given together")
+    if not isinstance(override_ids, torch.Tensor) or override_ids.dim() != 1:
+        raise ValueError(f"{op}: override_ids must be a 1-D int64 tensor")
+    if override_ids.dtype != torch.long:
+        raise ValueError(f"{op}: override_ids must be int64, got {override_ids.dtype}")
+    vocab, width = weight.shape
+    n = override_ids.numel()
+    if not isinstance(override_rows, torch.Tensor) or tuple(override_rows.shape) != (n, width):
+        got = list(override_rows.shape) if isinstance(override_rows, torch.Tensor) else type(override_rows)
+        raise ValueError(f"{op}: override_rows must be [{n}, {width}] (len(override_ids), Hd), got {got}")
+    if not override_rows.is_floating_point():
+        raise ValueError(f"{op}: override_rows must be floating point, got {override_rows.dtype}")
+    if override_ids.device != weight.device or override_rows.device != weight.device:
+        raise RuntimeError(
+            f"{op}: override_ids and override_rows must be on the weight's device ({weight.device})"
+        )
+    if n and (int(override_ids.min()) < 0 or int(override_ids.max()) >= vocab):
+        raise ValueError(f"{op}: override_ids must be in [0, {vocab}), got {override_ids.tolist()}")
+    if override_ids.unique().numel() != n:
+        raise ValueError(f"{op}: override_ids has duplicates: {override_ids.tolist()}")
+    return True
+
+
+_OP = "crystal_ext::lm_head_losses_override_fwd"
+
+
+@torch.library.custom_op(_OP, mutates_args=())
+def _override_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    teacher_rows: torch.Tensor,
+    student_rows: torch.Tensor,
+    pair_sample: torch.Tensor,
+    topk_fraction: float,
+    override_ids: torch.Tensor,
+    override_rows: torch.Tensor,
+    grad_hidden: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The compiled forward with the override rows written into the weight for the call:
+    (ce, kl, d ce / d hidden, d kl / d hidden, lse, pair coefficients), as lm_head_losses_fwd."""
+    # Written through .data and put back before returning: the weight is unchanged for every
+    # reader, and its version counter (shared with its base: under FSDP the head and the
+    # trained rows are views of one flat parameter) is not bumped, which would make autograd
+    # reject every saved view of that base.
+    storage = weight.data
+    with torch.no_grad():
+        kept = storage[override_ids].clone()
+        storage[override_ids] = override_rows.detach().to(weight.dtype)
+        try:
+            out = torch.ops.crystal_ext.lm_head_losses_fwd(
+                hidden, storage, bias, targets, teacher_rows, student_rows, pair_sample,
+                topk_fraction, grad_hidden,
+            )  # fmt: skip
+        finally:
+            storage[override_ids] = kept
+    return tuple(out)
+
+
+@_override_forward.register_fake
+def _override_forward_fake(
+    hidden, weight, bias, targets, teacher_rows, student_rows, pair_sample, topk_fraction, ids, rows, grads
+):
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    grad_shape = tuple(hidden.shape) if grads else (0,)
+    return (
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty(grad_shape, dtype=acc),
+        hidden.new_empty(grad_shape, dtype=acc),
+        hidden.new_empty((hidden.shape[0],), dtype=acc),
+        hidden.new_empty((teacher_rows.shape[0],), dtype=acc),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, _weight, bias, targets, teacher, student, _sample, _topk, ids, rows, _grads = inputs
+    _ce, _kl, grad_ce, grad_kl, lse, coef = output
+    ctx.save_for_backward(hidden, rows, bias, targets, teacher, student, ids, grad_ce, grad_kl, lse, coef)
+
+
+def _backward(ctx, g_ce, g_kl, *_unused):
+    hidden, rows, bias, targets, teacher, student, ids, grad_ce, grad_kl, lse, coef = ctx.saved_tensors
+    acc = lse.dtype
+    grad_hidden = None
+    if ctx.needs_input_grad[0]:
+        if grad_ce.numel() == 0:
+            raise RuntimeError(
+                "lm_head_losses: hidden did not require grad when the forward ran, so its "
+                "gradient was not prepared; set requires_grad before calling the op"
+            )
+        grad_hidden = (g_ce * grad_ce + g_kl * grad_kl).to(hidden.dtype)
+    h = hidden.to(acc)
+    z = h @ rows.to(hidden.dtype).to(acc).T  # [N, n]: the override columns of the logits
+    if bias is not None:
+        z = z + bias[ids].to(acc)
+    p = (z - lse[:, None]).exp()
+    targeted = (targets != -100).to(acc)
+    onehot = (targets[:, None] == ids[None, :]).to(acc)
+    # No targeted rows: every term is multiplied by 0 (the clamp only avoids 0 / 0).
+    dz = (p - onehot) * targeted[:, None] * (g_ce / targeted.sum().clamp(min=1))
+    if teacher.numel():
+        dz = dz.index_add(0, student, coef[:, None] * (p[student] - p[teacher]) * g_kl)
+    grad_rows = (dz.T @ h).to(rows.dtype) if ctx.needs_input_grad[9] else None
+    return grad_hidden, None, None, None, None, None, None, None, None, grad_rows, None
+
+
+_override_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def override_lm_head_losses(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_rows: torch.Tensor,
+    student_rows: torch.Tensor,
+    pair_sample: torch.Tensor,
+    topk_fraction: float,
+    bias: torch.Tensor | None,
+    override_ids: torch.Tensor,
+    override_rows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled losses with override rows (checked by the caller, crystal_ext.lm_head_losses)."""
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or override_rows.requires_grad)
+    ce, kl, *_ = _override_forward(
+        hidden,
+        weight,
+        bias,
+        targets,
+        teacher_rows,
+        student_rows,
+        pair_sample,
+        float(topk_fraction),
+        override_ids,
+        override_rows,
+        grads,
+    )
+    return ce, kl

@@ -1,0 +1,236 @@
+"""Override rows of the LM-head losses: the reference against the plain losses on a weight with
+the rows written in, the fused path against the reference, gradcheck, the frozen weight left
+untouched, and bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import crystal_ext
+from crystal_ext.ops import reference
+
+fused_only = pytest.mark.skipif(
+    not crystal_ext.extension_available(), reason="compiled extension unavailable"
+)
+
+
+def problem(dtype=torch.float64, bias=False, n=14, hd=6, vocab=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, hd, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, hd, generator=g, dtype=torch.float64) / hd**0.5 * 2
+    ids = torch.tensor([21 % vocab, 4, 9])
+    rows = torch.randn(3, hd, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[[0, 5]] = 4  # targets that are override ids
+    targets[[1, 7]] = 21 % vocab
+    targets[[2, 11]] = -100
+    teacher = torch.tensor([3, 4, 5, 8, 9, 12])
+    student = torch.tensor([6, 7, 8, 10, 13, 13])
+    sample = torch.tensor([0, 0, 0, 1, 1, 1])
+    b = torch.randn(vocab, generator=g, dtype=torch.float64) if bias else None
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return dict(
+        hidden=cast(hidden),
+        weight=cast(weight),
+        bias=cast(b),
+        targets=targets,
+        teacher_rows=teacher,
+        student_rows=student,
+        pair_sample=sample,
+        override_ids=ids,
+        override_rows=cast(rows),
+    )
+
+
+def losses_and_grads(fn, prob, topk=0.5, g_ce=0.7, g_kl=1.3, with_override=True):
+    hidden = prob["hidden"].detach().requires_grad_()
+    rows = prob["override_rows"].detach().requires_grad_()
+    kwargs = dict(override_ids=prob["override_ids"], override_rows=rows) if with_override else {}
+    ce, kl = fn(
+        hidden,
+        prob["weight"],
+        prob["targets"],
+        prob["teacher_rows"],
+        prob["student_rows"],
+        prob["pair_sample"],
+        topk,
+        bias=prob["bias"],
+        **kwargs,
+    )
+    (g_ce * ce + g_kl * kl).backward()
+    return ce.detach(), kl.detach(), hidden.grad, rows.grad
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_reference_override_equals_the_plain_losses_with_the_rows_written_in(bias):
+    prob = problem(bias=bias)
+    ce, kl, d_hidden, d_rows = losses_and_grads(reference.lm_head_losses, prob)
+    ids = prob["override_ids"]
+    written = prob["weight"].clone()
+    written[ids] = prob["override_rows"]
+    hidden = prob["hidden"].detach().requires_grad_()
+    weight = written.requires_grad_()
+    ce2, kl2 = reference.lm_head_losses(
+        hidden,
+        weight,
+        prob["targets"],
+        prob["teacher_rows"],
+        prob["student_rows"],
+        prob["pair_sample"],
+        0.5,
+        bias=prob["bias"],
+    )
+    (0.7 * ce2 + 1.3 * kl2).backward()
+    torch.testing.assert_close(ce, ce2.detach())
+    torch.testing.assert_close(kl, kl2.detach())
+    torch.testing.assert_close(d_hidden, hidden.grad)
+    torch.testing.assert_close(d_rows, weight.grad[ids])
+    assert kl > 0 and d_rows.abs().sum() > 0
+
+
+@fused_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_override_matches_the_reference(dtype, bias):
+    prob = problem(dtype=dtype, bias=bias)
+    before = prob["weight"].clone()
+    got = losses_and_grads(crystal_ext.lm_head_losses, prob)
+    want = losses_and_grads(reference.lm_head_losses, prob)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for name, a, b in zip(("ce", "kl", "d hidden", "d rows"), got, want):
+        torch.testing.assert_close(a.to(b.dtype), b, **tol, msg=name)
+    assert torch.equal(prob["weight"], before), "the frozen weight must be left as it was"
+
+
+@fused_only
+def test_fused_override_gradcheck_float64():
+    """The teacher is detached, so the KL is a true function only of the student rows of hidden
+    (teacher rows held constant) and not of the override rows (which the teacher logits also
+    use): ce + kl w.r.t. the other rows of hidden, ce alone w.r.t. the override rows. The KL's
+    row gradient is checked against the reference above."""
+    prob = problem(n=12, hd=4, vocab=11)
+    ids = torch.tensor([10, 4, 0])
+    targets = prob["targets"].clone()
+    targets[:4] = -100
+    targets[4:7] = torch.tensor([10, 0, 4])
+    teacher, student = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 6])
+    sample = torch.tensor([0, 0, 1, 1])
+    const_rows = prob["hidden"][:4].clone()
+
+    def losses(h_var, rows):
+        return crystal_ext.lm_head_losses(
+            torch.cat([const_rows, h_var]),
+            prob["weight"],
+            targets,
+            teacher,
+            student,
+            sample,
+            0.5,
+            override_ids=ids,
+            override_rows=rows,
+        )
+
+    h_var = prob["hidden"][4:].clone().requires_grad_()
+    rows = prob["override_rows"].clone().requires_grad_()
+    ce_kl = lambda h: sum(losses(h, rows.detach()))  # noqa: E731
+    assert torch.autograd.gradcheck(ce_kl, (h_var,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda r: losses(h_var.detach(), r)[0], (rows,), eps=1e-6, atol=1e-7)
+
+
+@fused_only
+def test_fused_override_gives_no_weight_gradient_even_when_asked_and_runs_without_grad():
+    prob = problem(dtype=torch.float32)
+    with torch.no_grad():
+        ce, kl = crystal_ext.lm_head_losses(
+            prob["hidden"],
+            prob["weight"],
+            prob["targets"],
+            prob["teacher_rows"],
+            prob["student_rows"],
+            prob["pair_sample"],
+            0.5,
+            override_ids=prob["override_ids"],
+            override_rows=prob["override_rows"],
+        )
+    want = losses_and_grads(reference.lm_head_losses, prob)
+    torch.testing.assert_close((ce, kl), want[:2], rtol=1e-4, atol=1e-5)
+    weight = prob["weight"].clone().requires_grad_()
+    hidden = prob["hidden"].clone().requires_grad_()
+    ce, kl = crystal_ext.lm_head_losses(
+        hidden,
+        weight,
+        prob["targets"],
+        prob["teacher_rows"],
+        prob["student_rows"],
+        prob["pair_sample"],
+        override_ids=prob["override_ids"],
+        override_rows=prob["override_rows"],
+    )
+    (ce + kl).backward()
+    assert weight.grad is None and hidden.grad is not None
+
+
+BAD = [
+    (dict(override_ids=torch.tensor([1, 2, 23])), r"override_ids must be in \[0, 23\)"),
+    (dict(override_ids=torch.tensor([-1, 2, 3])), r"override_ids must be in"),
+    (dict(override_ids=torch.tensor([4, 5, 4])), "override_ids has duplicates"),
+    (dict(override_ids=torch.tensor([[1, 2, 3]])), "override_ids must be a 1-D int64"),
+    (dict(override_ids=torch.tensor([1.0, 2.0, 3.0])), "override_ids must be int64"),
+    (dict(override_rows=torch.zeros(2, 6, dtype=torch.float64)), r"override_rows must be \[3, 6\]"),
+    (dict(override_rows=torch.zeros(3, 5, dtype=torch.float64)), r"override_rows must be \[3, 6\]"),
+    (dict(override_rows=None), "must be given together"),
+]
+
+
+@pytest.mark.parametrize(
+    "fn", [reference.lm_head_losses, pytest.param(crystal_ext.lm_head_losses, marks=fused_only)]
+)
+@pytest.mark.parametrize("change, match", BAD)
+def test_bad_override_names_the_argument(fn, change, match):
+    prob = {**problem(), **change}
+    with pytest.raises(ValueError, match=match):
+        fn(
+            prob["hidden"],
+            prob["weight"],
+            prob["targets"],
+            prob["teacher_rows"],
+            prob["student_rows"],
+            prob["pair_sample"],
+            override_ids=prob["override_ids"],
+            override_rows=prob["override_rows"],
+        )
+
+
+@fused_only
+def test_fused_override_without_targeted_rows_or_pairs():
+    prob = problem()
+    prob["targets"] = torch.full_like(prob["targets"], -100)
+    got = losses_and_grads(crystal_ext.lm_head_losses, prob)
+    want = losses_and_grads(reference.lm_head_losses, prob)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    empty = torch.zeros(0, dtype=torch.long)
+    prob.update(teacher_rows=empty, student_rows=empty, pair_sample=empty)
+    ce, kl, d_hidden, d_rows = losses_and_grads(crystal_ext.lm_head_losses, prob)
+    assert ce == 0 and kl == 0 and d_rows.abs().sum() == 0 and d_hidden.abs().sum() == 0
+
+
+@fused_only
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck(bias):
+    prob = problem(bias=bias)
+    args = (
+        prob["hidden"].requires_grad_(),
+        prob["weight"],
+        prob["bias"],
+        prob["targets"],
+        prob["teacher_rows"],
+        prob["student_rows"],
+        prob["pair_sample"],
+        0.5,
+        prob["override_ids"],
+        prob["override_rows"].requires_grad_(),
+        True,
+    )
+    torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_override_fwd.default, args)
