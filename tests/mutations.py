@@ -115,12 +115,12 @@ MUTATIONS = [
     ),
     Mutation(
         "accuracies_swapped",
-        "the blurred-image accuracy reports the intact images' answers",
+        "every accuracy (blurred, latent-carried) reports the intact images' answers",
         [
             (
                 "crystal_ext/training/evaluation.py",
-                '"accuracy_blurred": sum(results["blurred"])',
-                '"accuracy_blurred": sum(results["intact"])',
+                'f"accuracy_{name}": sum(results[name])',
+                'f"accuracy_{name}": sum(results["intact"])',
             )
         ],
         ["tests/test_evaluate.py::test_accuracy_counts_the_right_answers"],
