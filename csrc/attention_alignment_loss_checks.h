@@ -14,13 +14,22 @@
 namespace crystal_ext {
 namespace attention_alignment {
 
+// What the op knows from metadata alone (no tensor values are read, so nothing waits for the
+// GPU): the shapes of q and k, and the batch maxima from the widths of the index tensors,
+// which the caller's plan (crystal_ext.ops.attention_alignment_loss.alignment_indices) built
+// once per layout on the host, where it also checked the layout's values.
 struct Problem {
   int64_t batch, heads, kv_heads, length, head_dim;
-  std::vector<Segments> segments;  // one per sample, read from the layout (on the host)
-  int64_t max_answer = 0;          // max |E| over the batch
-  int64_t max_latent = 0;          // max |D| over the batch
-  int64_t max_keys[2] = {0, 0};    // max path_key_count per path
-  at::Tensor layout_cpu;           // int64 [B, 6, 2], contiguous, on the CPU
+  int64_t max_answer = 0;        // max |E| over the batch: width of answer_rows
+  int64_t max_latent = 0;        // max |D| over the batch: width of latent_keys
+  int64_t max_keys[2] = {0, 0};  // max path_key_count per path: widths of the key indices
+};
+
+// The CPU kernel also reads the layout's values (a free host read there): the per-sample
+// segments, checked against the rules and against the widths of the index tensors.
+struct HostSegments {
+  std::vector<Segments> segments;
+  at::Tensor layout_cpu;  // int64 [B, 6, 2], contiguous, on the CPU
 };
 
 inline const char* segment_name(int s) {
@@ -66,7 +75,23 @@ inline void check_layout_values(const at::Tensor& layout_cpu, int64_t length) {
   }
 }
 
+inline void check_index(const at::Tensor& index, const char* name, const at::Tensor& q,
+                        at::IntArrayRef leading) {
+  TORCH_CHECK_VALUE(index.scalar_type() == at::kLong, "attention_alignment_loss: ", name,
+                    " must be int64 (torch.long), got ", index.scalar_type());
+  TORCH_CHECK(index.device() == q.device(), "attention_alignment_loss: ", name,
+              " must be on the device of q (", q.device(), "), got ", index.device());
+  const int64_t dims = static_cast<int64_t>(leading.size()) + 1;
+  bool ok = index.dim() == dims && index.size(dims - 1) >= 1;
+  for (int64_t d = 0; ok && d < dims - 1; ++d) ok = index.size(d) == leading[d];
+  TORCH_CHECK_VALUE(ok, "attention_alignment_loss: ", name, " must have shape ", leading,
+                    " + [width >= 1] (from alignment_indices), got ", index.sizes());
+}
+
+// Metadata checks of the op's arguments (shapes, dtypes, devices; no values).
 inline Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& layout,
+                            const at::Tensor& answer_rows, const at::Tensor& intact_keys,
+                            const at::Tensor& corrupted_keys, const at::Tensor& latent_keys,
                             double scale) {
   TORCH_CHECK_VALUE(q.dim() == 4, "attention_alignment_loss: q must be 4-D "
                     "[batch, heads, length, head_dim], got shape ", q.sizes());
@@ -81,9 +106,8 @@ inline Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::
                     "q (", dt, "), got ", k.scalar_type());
   TORCH_CHECK(k.device() == q.device(), "attention_alignment_loss: k must be on the device of q (",
               q.device(), "), got ", k.device());
-  TORCH_CHECK(layout.device().is_cpu() || layout.device() == q.device(),
-              "attention_alignment_loss: layout must be on the CPU or on the device of q (",
-              q.device(), "), got ", layout.device());
+  TORCH_CHECK(layout.device() == q.device(), "attention_alignment_loss: layout must be on the "
+              "device of q (", q.device(), "), got ", layout.device());
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "attention_alignment_loss: k has batch ", k.size(0),
                     " but q has batch ", q.size(0));
   TORCH_CHECK_VALUE(k.size(2) == q.size(2), "attention_alignment_loss: k has length ", k.size(2),
@@ -104,25 +128,56 @@ inline Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::
                         layout.size(2) == 2,
                     "attention_alignment_loss: layout must have shape [batch=", q.size(0),
                     ", 6, 2] ((start, end) of segments A..F), got ", layout.sizes());
+  const int64_t batch = q.size(0);
+  check_index(answer_rows, "answer_rows", q, {2, batch});
+  check_index(intact_keys, "intact_keys", q, {batch});
+  check_index(corrupted_keys, "corrupted_keys", q, {batch});
+  check_index(latent_keys, "latent_keys", q, {batch});
 
   Problem p;
-  p.batch = q.size(0);
+  p.batch = batch;
   p.heads = q.size(1);
   p.kv_heads = k.size(1);
   p.length = q.size(2);
   p.head_dim = q.size(3);
-  p.layout_cpu = layout.to(at::kCPU).contiguous();
-  check_layout_values(p.layout_cpu, p.length);
-  const int64_t* l = p.layout_cpu.data_ptr<int64_t>();
+  p.max_answer = answer_rows.size(2);
+  p.max_keys[0] = intact_keys.size(1);
+  p.max_keys[1] = corrupted_keys.size(1);
+  p.max_latent = latent_keys.size(1);
+  return p;
+}
+
+// Host-side segments for the CPU kernel, with the layout's value checks and a check that the
+// index tensors are as wide as the layout needs (so no kernel reads past them).
+inline HostSegments host_segments(const at::Tensor& layout, const Problem& p) {
+  HostSegments h;
+  h.layout_cpu = layout.to(at::kCPU).contiguous();
+  check_layout_values(h.layout_cpu, p.length);
+  const int64_t* l = h.layout_cpu.data_ptr<int64_t>();
+  int64_t max_answer = 0, max_latent = 0, max_keys[2] = {0, 0};
   for (int64_t b = 0; b < p.batch; ++b) {
     const Segments seg = load_segments(l + b * 12);
-    p.segments.push_back(seg);
-    p.max_answer = std::max(p.max_answer, seg.n_answer());
-    p.max_latent = std::max(p.max_latent, seg.n_latent());
+    h.segments.push_back(seg);
+    max_answer = std::max(max_answer, seg.n_answer());
+    max_latent = std::max(max_latent, seg.n_latent());
     for (int path = 0; path < 2; ++path)
-      p.max_keys[path] = std::max(p.max_keys[path], path_key_count(seg, path));
+      max_keys[path] = std::max(max_keys[path], path_key_count(seg, path));
   }
-  return p;
+  TORCH_CHECK_VALUE(p.max_answer == max_answer, "attention_alignment_loss: answer_rows has width ",
+                    p.max_answer, " but the layout's longest answer has ", max_answer,
+                    " rows; build the indices with alignment_indices(layout, ...)");
+  TORCH_CHECK_VALUE(p.max_keys[1] == max_keys[1], "attention_alignment_loss: corrupted_keys has "
+                    "width ", p.max_keys[1], " but the layout needs ", max_keys[1],
+                    "; build the indices with alignment_indices(layout, ...)");
+  TORCH_CHECK_VALUE(p.max_keys[0] == max_keys[0],
+                    "attention_alignment_loss: intact_keys has width ", p.max_keys[0],
+                    " but the layout needs ", max_keys[0],
+                    "; build the indices with alignment_indices(layout, ...)");
+  TORCH_CHECK_VALUE(p.max_latent == max_latent,
+                    "attention_alignment_loss: latent_keys has width ", p.max_latent,
+                    " but the layout needs ", max_latent,
+                    "; build the indices with alignment_indices(layout, ...)");
+  return h;
 }
 
 inline void check_saved_lse(const at::Tensor& lse, const Problem& p) {

@@ -19,13 +19,16 @@
 #include "test_entry_points.h"
 
 TORCH_LIBRARY(crystal_ext, m) {
-  // Returns (loss, lse): the scalar loss (float32; float64 for float64 inputs) and the
-  // log-sum-exp of every aligned row and head, [B, H, L] (zero on the other rows), which the
-  // backward reuses.
-  m.def("attention_alignment_loss_fwd(Tensor q, Tensor k, Tensor layout, float scale) "
+  // Attention-alignment loss (crystal_ext/ops/attention_alignment_loss.py). The layout and the
+  // index tensors come from alignment_indices, on q's device. Returns (loss, lse): the scalar
+  // loss (float32; float64 for float64 inputs) and the log-sum-exp of every aligned row and
+  // head, [B, H, L] (zero on the other rows), which the backward reuses.
+  m.def("attention_alignment_loss_fwd(Tensor q, Tensor k, Tensor layout, Tensor answer_rows, "
+        "Tensor intact_keys, Tensor corrupted_keys, Tensor latent_keys, float scale) "
         "-> (Tensor, Tensor)");
   // Returns (grad_q, grad_k).
   m.def("attention_alignment_loss_bwd(Tensor grad_loss, Tensor q, Tensor k, Tensor layout, "
+        "Tensor answer_rows, Tensor intact_keys, Tensor corrupted_keys, Tensor latent_keys, "
         "Tensor lse, float scale) -> (Tensor, Tensor)");
   // LM-head losses (crystal_ext/ops/lm_head_losses.py). Returns (ce, kl, grad_hidden_ce,
   // grad_hidden_kl, lse, kl_coef): the two scalar losses (float32; float64 for float64
@@ -76,15 +79,17 @@ pybind11::dict build_info() {
 }
 
 // Direct entry points through the dispatcher (the same kernels torch.ops.crystal_ext reaches).
-std::tuple<at::Tensor, at::Tensor> attention_alignment_loss_forward(const at::Tensor& q,
-                                                                    const at::Tensor& k,
-                                                                    const at::Tensor& layout,
-                                                                    double scale) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("crystal_ext::attention_alignment_loss_fwd", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(q, k, layout, scale);
+std::tuple<at::Tensor, at::Tensor> attention_alignment_loss_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& layout,
+    const at::Tensor& answer_rows, const at::Tensor& intact_keys,
+    const at::Tensor& corrupted_keys, const at::Tensor& latent_keys, double scale) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("crystal_ext::attention_alignment_loss_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(q, k, layout, answer_rows, intact_keys, corrupted_keys, latent_keys, scale);
 }
 
 }  // namespace
@@ -95,6 +100,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_alignment_loss_forward", &attention_alignment_loss_forward,
         "Fused attention-alignment loss, forward: (loss, lse). Prefer "
         "crystal_ext.attention_alignment_loss, which adds autograd.",
-        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("layout"), pybind11::arg("scale"));
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("layout"),
+        pybind11::arg("answer_rows"), pybind11::arg("intact_keys"),
+        pybind11::arg("corrupted_keys"), pybind11::arg("latent_keys"), pybind11::arg("scale"));
   crystal_ext::testing::register_test_entry_points(m);
 }

@@ -8,6 +8,7 @@ from alignment_cases import MIXED_SAMPLES, make_layout, needed_length, random_qk
 
 import crystal_ext
 from crystal_ext.ops import reference
+from crystal_ext.ops.attention_alignment_loss import AlignmentIndices, alignment_indices
 from crystal_ext.ops.layout import validate_layout
 
 fused = crystal_ext.attention_alignment_loss
@@ -126,25 +127,67 @@ def test_gradcheck_float64():
     # against the reference's autograd in test_float64_fused_equals_reference_exactly_enough.
 
 
+def _indices(layout, q):
+    return alignment_indices(layout, q.shape[2], q.device).tensors()
+
+
 def test_opcheck():
     layout = make_layout(MIXED_SAMPLES)
     q, k = random_qk(3, 4, 2, needed_length(MIXED_SAMPLES), 8, seed=2)
     q.requires_grad_(True)
     k.requires_grad_(True)
-    torch.library.opcheck(torch.ops.crystal_ext.attention_alignment_loss_fwd.default, (q, k, layout, 0.3))
+    torch.library.opcheck(
+        torch.ops.crystal_ext.attention_alignment_loss_fwd.default, (q, k, *_indices(layout, q), 0.3)
+    )
 
 
 def test_opcheck_backward_with_transposed_q():
-    """Models hand q as a transposed view ([B, L, H, d] memory): the fake kernel must give the
-    real kernel's (contiguous) gradient strides."""
+    """Models hand q as a transposed view ([B, L, H, d] memory): the gradients come back in the
+    strides of q and k, in the real kernel and in the fake one."""
     layout = make_layout(MIXED_SAMPLES)
     q, k = random_qk(3, 4, 2, needed_length(MIXED_SAMPLES), 8, seed=6)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)
-    _, lse = torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, layout, 0.3)
+    indices = _indices(layout, q)
+    _, lse = torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, *indices, 0.3)
     grad = torch.tensor(1.0)
-    torch.library.opcheck(
-        torch.ops.crystal_ext.attention_alignment_loss_bwd.default, (grad, q, k, layout, lse, 0.3)
+    args = (grad, q, k, *indices, lse, 0.3)
+    torch.library.opcheck(torch.ops.crystal_ext.attention_alignment_loss_bwd.default, args)
+    grad_q, _ = torch.ops.crystal_ext.attention_alignment_loss_bwd(*args)
+    assert grad_q.stride() == q.stride()
+
+
+def test_prebuilt_indices_give_the_layout_result():
+    layout = make_layout(MIXED_SAMPLES)
+    q, k = random_qk(3, 6, 2, needed_length(MIXED_SAMPLES) + 2, 16, dtype=torch.float64, seed=17)
+    indices = alignment_indices(layout, q.shape[2], q.device)
+    assert isinstance(indices, AlignmentIndices)
+    assert indices.answer_rows.shape == (2, 3, 5) and indices.latent_keys.shape == (3, 4)
+    for a, b in zip(loss_and_grads(fused, q, k, indices), loss_and_grads(fused, q, k, layout)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_indices_for_another_length_are_refused():
+    layout = make_layout(MIXED_SAMPLES)
+    q, k = random_qk(3, 4, 2, needed_length(MIXED_SAMPLES), 8)
+    indices = alignment_indices(layout, q.shape[2] + 1, q.device)
+    with pytest.raises(ValueError, match="layout .AlignmentIndices. was built for length"):
+        fused(q, k, indices)
+
+
+@pytest.mark.parametrize("name", ["answer_rows", "intact_keys", "corrupted_keys", "latent_keys"])
+def test_op_refuses_index_tensors_that_do_not_fit_the_layout(name):
+    """Index tensors from another layout: a clear error naming them, not a read past their end."""
+    layout = make_layout(MIXED_SAMPLES)
+    q, k = random_qk(3, 4, 2, needed_length(MIXED_SAMPLES), 8)
+    indices = dict(
+        zip(("layout", "answer_rows", "intact_keys", "corrupted_keys", "latent_keys"), _indices(layout, q))
     )
+    indices[name] = indices[name][..., :-1]
+    with pytest.raises(ValueError, match=f"{name} has width"):
+        torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, *indices.values(), 0.3)
+    indices[name] = indices[name].int()
+    with pytest.raises(ValueError, match=f"{name} must be int64"):
+        torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, *indices.values(), 0.3)
 
 
 def test_long_rows():
@@ -158,11 +201,14 @@ def test_long_rows():
 
 
 def test_torch_compile_traces_the_op():
+    """With its indices built beforehand the op is one graph (a plain layout needs a host read of
+    its values, which is a graph break)."""
     layout = make_layout(MIXED_SAMPLES)
     q, k = random_qk(3, 4, 2, needed_length(MIXED_SAMPLES), 8, seed=4)
+    indices = alignment_indices(layout, q.shape[2], q.device)
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
     expected = loss_and_grads(fused, q, k, layout)
-    got = loss_and_grads(compiled, q, k, layout)
+    got = loss_and_grads(compiled, q, k, indices)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
 
@@ -367,13 +413,37 @@ def test_cuda_gradcheck_float64(cuda):
 
 @pytest.mark.cuda
 def test_cuda_opcheck(cuda):
-    layout = make_layout(MIXED_SAMPLES).cuda()
+    layout = make_layout(MIXED_SAMPLES)
     q, k = random_qk(3, 4, 2, needed_length(MIXED_SAMPLES), 8, device="cuda")
     q.requires_grad_(True)
     k.requires_grad_(True)
-    torch.library.opcheck(torch.ops.crystal_ext.attention_alignment_loss_fwd.default, (q, k, layout, 0.3))
+    torch.library.opcheck(
+        torch.ops.crystal_ext.attention_alignment_loss_fwd.default, (q, k, *_indices(layout, q), 0.3)
+    )
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_forward_and_backward_without_host_synchronisation(cuda, dtype):
+    """With the indices built once per layout, neither direction waits for the GPU (no .item(),
+    no device-to-host or pageable copy, no synchronize), on a transposed q as models pass it."""
+    layout = make_layout(MIXED_SAMPLES)
+    q, k = random_qk(3, 8, 2, needed_length(MIXED_SAMPLES) + 3, 64, dtype=dtype, device="cuda", seed=5)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    k = k.requires_grad_(True)
+    indices = alignment_indices(layout, q.shape[2], q.device)
+    expected = torch.autograd.grad(fused(q, k, indices), (q, k))  # warm-up: lazy init may sync
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grad_q, grad_k = torch.autograd.grad(fused(q, k, indices), (q, k))
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert grad_q.stride() == q.stride()
+    assert torch.equal(grad_q, expected[0]) and torch.equal(grad_k, expected[1])
+
+
+@pytest.mark.cuda
 def test_cuda_tf32_flag_does_not_change_the_result(cuda, monkeypatch):
     """The op pins its fp32 GEMMs: the same result with the global TF32 flag on and off."""
     layout = make_layout(MIXED_SAMPLES)

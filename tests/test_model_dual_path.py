@@ -318,6 +318,32 @@ def test_layout_is_planned_once_per_forward(monkeypatch):
     assert len(built) == 1 and model.config.text_config.num_hidden_layers > 1
 
 
+def test_alignment_op_gets_the_plans_indices(monkeypatch):
+    """The last layer hands the fused alignment loss the plan's prebuilt indices (so the op does
+    no host work), built once per forward."""
+    import crystal_ext.model.attention_registration as reg
+    import crystal_ext.model.dual_path_attention as dpa
+    from crystal_ext.ops.attention_alignment_loss import AlignmentIndices
+
+    model, batch = _setup()
+    built, received = [], []
+    original_build, original_op = dpa.alignment_indices, reg.attention_alignment_loss
+
+    def counting_build(*args, **kwargs):
+        built.append(1)
+        return original_build(*args, **kwargs)
+
+    def recording_op(q, k, layout, scale=None):
+        received.append(layout)
+        return original_op(q, k, layout, scale)
+
+    monkeypatch.setattr(dpa, "alignment_indices", counting_build)
+    monkeypatch.setattr(reg, "attention_alignment_loss", recording_op)
+    crystal_objective(model, batch, REFERENCE_HEAD)
+    assert len(built) == 1
+    assert len(received) == 1 and isinstance(received[0], AlignmentIndices)
+
+
 def _parts(model, batch, config, autocast):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = crystal_objective(model, batch, config)

@@ -85,7 +85,7 @@ def crystal_attention_forward(module, query, key, value, attention_mask, scaling
         # The fused op takes q and k in one dtype and its kernels' own GEMMs must not be
         # re-cast by autocast (which stays active inside a custom op).
         with torch.autocast(device_type, enabled=False):
-            outputs[ALIGNMENT_LOSS_KEY] = attention_alignment_loss(query, key, plan.layout_cpu, scaling)
+            outputs[ALIGNMENT_LOSS_KEY] = attention_alignment_loss(query, key, plan.alignment, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -18,10 +18,13 @@ No L x L mask is ever built; the only copies are the gathered q/k/v and the outp
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from crystal_ext.ops.layout import Segments, validate_layout
+from crystal_ext.ops.attention_alignment_loss import AlignmentIndices, alignment_indices
+from crystal_ext.ops.layout import Segments, copy_to_device, validate_layout
 
 _OP = "dual_path_attention"
 
@@ -95,16 +98,24 @@ def _causal_sdpa(q, k, v, scale):
 
 
 class DualPathPlan:
-    """What every layer of one forward needs from the layout: the validated layout on the CPU
-    and the gather / scatter-back indices on the compute device. Built once per forward (by
-    the first text layer, see crystal_ext.model.attention_registration), so the other layers do no
-    host work and, on a GPU, no device synchronisation."""
+    """What every layer of one forward needs from the layout: the validated layout on the CPU,
+    the gather / scatter-back indices on the compute device, and the fused alignment loss's
+    indices (`alignment`, crystal_ext.ops.attention_alignment_loss.AlignmentIndices, built when
+    first asked for). Built once per forward (by the first text layer, see
+    crystal_ext.model.attention_registration) from the host layout, with pinned asynchronous
+    copies, so neither the layers nor the alignment op read the layout again and, on a GPU,
+    nothing waits for the device."""
 
     def __init__(self, layout: torch.Tensor, batch: int, length: int, device: torch.device):
         self.layout_cpu = layout.to("cpu")
         self.segments = validate_layout(self.layout_cpu, batch, length, _OP)
         self.batch, self.length, self.device = batch, length, torch.device(device)
-        self.idx1, self.idx2, self.src = (t.to(device) for t in path_indices(self.segments, length))
+        self.idx1, self.idx2, self.src = copy_to_device(path_indices(self.segments, length), self.device)
+
+    @functools.cached_property
+    def alignment(self) -> AlignmentIndices:
+        """The fused alignment loss's indices, built on first use (by the last layer)."""
+        return alignment_indices(self.layout_cpu, self.length, self.device)
 
     def matches(self, q: torch.Tensor) -> bool:
         return (q.shape[0], q.shape[2], q.device) == (self.batch, self.length, self.device)

@@ -139,6 +139,16 @@ def validate_layout(layout, batch: int, length: int, op: str = "crystal_ext") ->
     return samples
 
 
+def copy_to_device(host: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Host int64 index tensors on `device`. To a GPU they travel as one pinned buffer with one
+    asynchronous copy, so building them never waits for the work already queued there."""
+    if device.type != "cuda":
+        return tuple(t.to(device) for t in host)
+    flat = torch.cat([t.reshape(-1) for t in host]).pin_memory()
+    on_device = flat.to(device, non_blocking=True)
+    return tuple(part.view(t.shape) for part, t in zip(on_device.split([t.numel() for t in host]), host))
+
+
 def segment_ids(layout: torch.Tensor, length: int) -> torch.Tensor:
     """[batch, length] int64: the segment (0..5 for A..F) of each position, -1 for padding."""
     pos = torch.arange(length, device=layout.device)

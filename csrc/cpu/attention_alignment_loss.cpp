@@ -17,13 +17,10 @@ namespace crystal_ext {
 namespace attention_alignment {
 namespace {
 
-// Packed columns of the path's visible keys, in order.
-at::Tensor key_columns(const Segments& seg, int path) {
-  const int64_t n = path_key_count(seg, path);
-  at::Tensor idx = at::empty({n}, at::kLong);
-  int64_t* out = idx.data_ptr<int64_t>();
-  for (int64_t t = 0; t < n; ++t) out[t] = path_key_column(seg, path, t);
-  return idx;
+// Packed columns of sample b's visible keys of `path` (or its latent keys), from the plan's
+// index tensors: the first n entries of the sample's row.
+at::Tensor key_columns(const at::Tensor& index, int64_t b, int64_t n) {
+  return index.select(0, b).narrow(0, 0, n);
 }
 
 // Query rows of the g heads of kv group j for the path's aligned rows: [g * |E|, d] in acc.
@@ -49,9 +46,8 @@ at::Tensor group_keys(const at::Tensor& k, int64_t b, int64_t j, const at::Tenso
 // stored in lse[b, h, row]; otherwise it is read from there.
 template <typename acc_t>
 void accumulate_latent_mass(const at::Tensor& scores, int64_t latent_offset, bool write_lse,
-                            const Problem& p, int64_t b, int64_t j, int path, acc_t* lse,
-                            acc_t* mass) {
-  const Segments& seg = p.segments[b];
+                            const Problem& p, const Segments& seg, int64_t b, int64_t j, int path,
+                            acc_t* lse, acc_t* mass) {
   const int64_t g = p.heads / p.kv_heads;
   const int64_t n_answer = seg.n_answer(), n_latent = seg.n_latent();
   const int64_t n_keys = scores.size(1);
@@ -80,11 +76,11 @@ at::Tensor head_mean(const at::Tensor& mass_per_group, int64_t heads) {
 }
 
 template <typename acc_t>
-acc_t batch_loss(const at::Tensor& mass, const Problem& p) {
+acc_t batch_loss(const at::Tensor& mass, const Problem& p, const HostSegments& h) {
   const acc_t* m = mass.data_ptr<acc_t>();
   acc_t total = acc_t(0);
   for (int64_t b = 0; b < p.batch; ++b) {
-    const Segments& seg = p.segments[b];
+    const Segments& seg = h.segments[b];
     acc_t sample = acc_t(0);
     for (int64_t i = 0; i < seg.n_answer(); ++i) {
       const acc_t* teacher = m + ((b * 2 + 0) * p.max_answer + i) * p.max_latent;
@@ -97,8 +93,15 @@ acc_t batch_loss(const at::Tensor& mass, const Problem& p) {
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                               const at::Tensor& layout, double scale) {
-  const Problem p = check_inputs(q_in, k_in, layout, scale);
+                                               const at::Tensor& layout,
+                                               const at::Tensor& answer_rows,
+                                               const at::Tensor& intact_keys,
+                                               const at::Tensor& corrupted_keys,
+                                               const at::Tensor& latent_keys, double scale) {
+  const Problem p = check_inputs(q_in, k_in, layout, answer_rows, intact_keys, corrupted_keys,
+                                 latent_keys, scale);
+  const HostSegments h = host_segments(layout, p);
+  const at::Tensor* path_keys[2] = {&intact_keys, &corrupted_keys};
   TORCH_CHECK(q_in.device().is_cpu(), "attention_alignment_loss: CPU kernel called with q on ",
               q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
@@ -114,17 +117,18 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at:
     at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / p.kv_heads, j = task % p.kv_heads;
-        const Segments& seg = p.segments[b];
+        const Segments& seg = h.segments[b];
         for (int path = 0; path < 2; ++path) {
           const at::Tensor qg = group_queries(q, b, j, g, seg, path, acc);
-          const at::Tensor kg = group_keys(k, b, j, key_columns(seg, path), acc);
+          const at::Tensor columns = key_columns(*path_keys[path], b, path_key_count(seg, path));
+          const at::Tensor kg = group_keys(k, b, j, columns, acc);
           const at::Tensor scores = at::mm(qg, kg.t()).mul_(scale);
-          accumulate_latent_mass<scalar_t>(scores, path_latent_offset(seg, path), true, p, b, j,
-                                           path, lse_ptr, mass_ptr);
+          accumulate_latent_mass<scalar_t>(scores, path_latent_offset(seg, path), true, p, seg, b,
+                                           j, path, lse_ptr, mass_ptr);
         }
       }
     });
-    loss = at::scalar_tensor(batch_loss<scalar_t>(head_mean(mass, p.heads), p),
+    loss = at::scalar_tensor(batch_loss<scalar_t>(head_mean(mass, p.heads), p, h),
                              q.options().dtype(acc));
   });
   return {loss, lse};
@@ -133,8 +137,14 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at:
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
                                                 const at::Tensor& q_in, const at::Tensor& k_in,
                                                 const at::Tensor& layout,
+                                                const at::Tensor& answer_rows,
+                                                const at::Tensor& intact_keys,
+                                                const at::Tensor& corrupted_keys,
+                                                const at::Tensor& latent_keys,
                                                 const at::Tensor& lse_in, double scale) {
-  const Problem p = check_inputs(q_in, k_in, layout, scale);
+  const Problem p = check_inputs(q_in, k_in, layout, answer_rows, intact_keys, corrupted_keys,
+                                 latent_keys, scale);
+  const HostSegments h = host_segments(layout, p);
   check_saved_lse(lse_in, p);
   TORCH_CHECK(q_in.device().is_cpu(), "attention_alignment_loss: CPU kernel called with q on ",
               q_in.device());
@@ -144,8 +154,9 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor lse = lse_in.to(acc).contiguous();
   const int64_t g = p.heads / p.kv_heads;
-  at::Tensor dq = at::zeros_like(q);
-  at::Tensor dk = at::zeros_like(k);
+  // Gradients in the strides of the inputs (q is often a transposed view).
+  at::Tensor dq = at::zeros_like(q_in);
+  at::Tensor dk = at::zeros_like(k_in);
   at::Tensor mass = at::zeros({p.batch, p.kv_heads, 2, p.max_answer, p.max_latent},
                               q.options().dtype(acc));
   at::Tensor grad_mass = at::zeros({p.batch, p.max_answer, p.max_latent}, q.options().dtype(acc));
@@ -159,13 +170,13 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
     at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / p.kv_heads, j = task % p.kv_heads;
-        const Segments& seg = p.segments[b];
-        const at::Tensor latent_cols = at::arange(seg.d0, seg.d1, at::kLong);
-        const at::Tensor kg = group_keys(k, b, j, latent_cols, acc);
+        const Segments& seg = h.segments[b];
+        const at::Tensor kg = group_keys(k, b, j, key_columns(latent_keys, b, seg.n_latent()), acc);
         for (int path = 0; path < 2; ++path) {
           const at::Tensor scores =
               at::mm(group_queries(q, b, j, g, seg, path, acc), kg.t()).mul_(scale);
-          accumulate_latent_mass<scalar_t>(scores, 0, false, p, b, j, path, lse_ptr, mass_ptr);
+          accumulate_latent_mass<scalar_t>(scores, 0, false, p, seg, b, j, path, lse_ptr,
+                                           mass_ptr);
         }
       }
     });
@@ -176,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
     const scalar_t* mm_ptr = mean_mass.data_ptr<scalar_t>();
     scalar_t* gm_ptr = grad_mass.data_ptr<scalar_t>();
     for (int64_t b = 0; b < p.batch; ++b) {
-      const Segments& seg = p.segments[b];
+      const Segments& seg = h.segments[b];
       const scalar_t coef = go / scalar_t(p.batch * seg.n_answer() * p.heads);
       for (int64_t i = 0; i < seg.n_answer(); ++i) {
         const scalar_t* teacher = mm_ptr + ((b * 2 + 0) * p.max_answer + i) * p.max_latent;
@@ -191,10 +202,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
     at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / p.kv_heads, j = task % p.kv_heads;
-        const Segments& seg = p.segments[b];
+        const Segments& seg = h.segments[b];
         const int path = 1;
         const int64_t n_answer = seg.n_answer(), n_latent = seg.n_latent();
-        const at::Tensor columns = key_columns(seg, path);
+        const at::Tensor columns = key_columns(corrupted_keys, b, path_key_count(seg, path));
         const at::Tensor qg = group_queries(q, b, j, g, seg, path, acc);
         const at::Tensor kg = group_keys(k, b, j, columns, acc);
         at::Tensor scores = at::mm(qg, kg.t()).mul_(scale);
@@ -233,9 +244,58 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
   return {dq, dk};
 }
 
+// The op's index tensors from a host layout, after checking its values: answer_rows
+// [2, B, maxE] (E rows, F rows), intact_keys [B, maxK0], corrupted_keys [B, maxK1],
+// latent_keys [B, maxD], padded with 0 (never an aligned row; the kernels mask padding).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_indices(const at::Tensor& layout,
+                                                                          int64_t length) {
+  TORCH_CHECK_VALUE(layout.scalar_type() == at::kLong, "attention_alignment_loss: layout must "
+                    "be int64 (torch.long), got ", layout.scalar_type());
+  TORCH_CHECK_VALUE(layout.dim() == 3 && layout.size(0) >= 1 && layout.size(1) == 6 &&
+                        layout.size(2) == 2,
+                    "attention_alignment_loss: layout must have shape [batch, 6, 2] ((start, end) "
+                    "of segments A..F), got ", layout.sizes());
+  const at::Tensor layout_cpu = layout.contiguous();
+  check_layout_values(layout_cpu, length);
+  const int64_t batch = layout.size(0);
+  std::vector<Segments> segs;
+  int64_t max_answer = 0, max_latent = 0, max_keys[2] = {0, 0};
+  for (int64_t b = 0; b < batch; ++b) {
+    segs.push_back(load_segments(layout_cpu.data_ptr<int64_t>() + b * 12));
+    max_answer = std::max(max_answer, segs.back().n_answer());
+    max_latent = std::max(max_latent, segs.back().n_latent());
+    for (int path = 0; path < 2; ++path)
+      max_keys[path] = std::max(max_keys[path], path_key_count(segs.back(), path));
+  }
+  at::Tensor rows = at::zeros({2, batch, max_answer}, at::kLong);
+  at::Tensor keys[2] = {at::zeros({batch, max_keys[0]}, at::kLong),
+                        at::zeros({batch, max_keys[1]}, at::kLong)};
+  at::Tensor latent = at::zeros({batch, max_latent}, at::kLong);
+  int64_t* r = rows.data_ptr<int64_t>();
+  int64_t* lat = latent.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const Segments& seg = segs[b];
+    for (int path = 0; path < 2; ++path) {
+      for (int64_t i = 0; i < seg.n_answer(); ++i)
+        r[(path * batch + b) * max_answer + i] = path_row(seg, path, i);
+      int64_t* kp = keys[path].data_ptr<int64_t>() + b * max_keys[path];
+      for (int64_t t = 0; t < path_key_count(seg, path); ++t) kp[t] = path_key_column(seg, path, t);
+    }
+    for (int64_t c = 0; c < seg.n_latent(); ++c) lat[b * max_latent + c] = seg.d0 + c;
+  }
+  return {rows, keys[0], keys[1], latent};
+}
+
 }  // namespace
 
+// Host-only helper of crystal_ext.ops.attention_alignment_loss.alignment_indices (it reads the
+// layout's values, so it has no CUDA or fake kernel).
+TORCH_LIBRARY_FRAGMENT(crystal_ext, m) {
+  m.def("attention_alignment_indices(Tensor layout, int length) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(crystal_ext, CPU, m) {
+  m.impl("attention_alignment_indices", &build_indices);
   m.impl("attention_alignment_loss_fwd", &forward_cpu);
   m.impl("attention_alignment_loss_bwd", &backward_cpu);
 }

@@ -15,6 +15,7 @@
 
 #include "attention_alignment_loss.h"
 #include "attention_alignment_loss_checks.h"
+#include "common_host.h"
 
 namespace crystal_ext {
 namespace attention_alignment {
@@ -169,33 +170,10 @@ __global__ void score_grad_kernel(acc_t* __restrict__ scores, const int64_t* __r
   }
 }
 
-// Host-side index tensors: aligned rows [B, maxE] and path keys [B, maxK] (padded with 0,
-// which is never an aligned row; padded entries are masked by the kernels).
-at::Tensor aligned_row_index(const Problem& p, int path) {
-  at::Tensor idx = at::zeros({p.batch, p.max_answer}, at::kLong);
-  int64_t* out = idx.data_ptr<int64_t>();
-  for (int64_t b = 0; b < p.batch; ++b)
-    for (int64_t i = 0; i < p.segments[b].n_answer(); ++i)
-      out[b * p.max_answer + i] = path_row(p.segments[b], path, i);
-  return idx;
-}
-
-at::Tensor key_index(const Problem& p, int path, bool latent_only) {
-  const int64_t width = latent_only ? p.max_latent : p.max_keys[path];
-  at::Tensor idx = at::zeros({p.batch, width}, at::kLong);
-  int64_t* out = idx.data_ptr<int64_t>();
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const Segments& seg = p.segments[b];
-    const int64_t n = latent_only ? seg.n_latent() : path_key_count(seg, path);
-    for (int64_t t = 0; t < n; ++t)
-      out[b * width + t] = latent_only ? seg.d0 + t : path_key_column(seg, path, t);
-  }
-  return idx;
-}
-
 // x [B, heads, L, d] gathered along L at idx [B, n] -> [B, heads, n, d] in `acc`.
+// x may have any strides (q is usually a transposed view): gather reads it in place.
 at::Tensor gather_positions(const at::Tensor& x, const at::Tensor& idx, at::ScalarType acc) {
-  const auto index = idx.view({idx.size(0), 1, idx.size(1), 1})
+  const auto index = idx.reshape({idx.size(0), 1, idx.size(1), 1})
                          .expand({x.size(0), x.size(1), idx.size(1), x.size(3)});
   return x.gather(2, index).to(acc);
 }
@@ -232,25 +210,31 @@ at::Tensor latent_mass(const at::Tensor& scores, const at::Tensor& layout, int p
   return prob.sum(1).div_(static_cast<double>(p.heads)).contiguous();  // [B, maxE, maxD]
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                const at::Tensor& layout_in, double scale) {
-  const Problem p = check_inputs(q_in, k_in, layout_in, scale);
-  TORCH_CHECK(q_in.is_cuda(), "attention_alignment_loss: CUDA kernel called with q on ",
-              q_in.device());
-  const c10::cuda::CUDAGuard guard(q_in.device());
+// Nothing in either direction reads a tensor's values on the host or copies between host and
+// device: the layout and the index tensors arrive on the GPU (built once per layout by the
+// caller's plan), the maxima come from their widths, and the layout's values were checked where
+// the plan was built.
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& layout_in,
+                                                const at::Tensor& answer_rows,
+                                                const at::Tensor& intact_keys,
+                                                const at::Tensor& corrupted_keys,
+                                                const at::Tensor& latent_keys, double scale) {
+  const Problem p = check_inputs(q, k, layout_in, answer_rows, intact_keys, corrupted_keys,
+                                 latent_keys, scale);
+  TORCH_CHECK(q.is_cuda(), "attention_alignment_loss: CUDA kernel called with q on ", q.device());
+  const c10::cuda::CUDAGuard guard(q.device());
   const Fp32GemmPrecisionGuard fp32_gemms;  // scores GEMMs in full fp32 whatever the TF32 flag
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
   const auto acc = accumulate_type(q.scalar_type());
-  const auto dev = q.device();
-  const at::Tensor layout = to_device_async(p.layout_cpu, dev);
+  const at::Tensor layout = layout_in.contiguous();
+  const at::Tensor* path_keys[2] = {&intact_keys, &corrupted_keys};
   at::Tensor lse = at::zeros({p.batch, p.heads, p.length}, q.options().dtype(acc));
   at::Tensor loss;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(acc, "attention_alignment_loss_fwd_cuda", [&] {
     at::Tensor mass[2];
     for (int path = 0; path < 2; ++path) {
-      const Gathered g = path_scores(q, k, to_device_async(aligned_row_index(p, path), dev),
-                                     to_device_async(key_index(p, path, false), dev), scale, acc);
+      const Gathered g = path_scores(q, k, answer_rows.select(0, path), *path_keys[path], scale, acc);
       const int64_t warps = p.batch * p.heads * p.max_answer;
       row_lse_kernel<scalar_t><<<blocks_for(warps, kWarpsPerBlock), kWarpsPerBlock * kWarpSize, 0,
                                  stream>>>(g.scores.data_ptr<scalar_t>(),
@@ -272,35 +256,36 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_loss,
-                                                 const at::Tensor& q_in, const at::Tensor& k_in,
+                                                 const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& layout_in,
+                                                 const at::Tensor& answer_rows,
+                                                 const at::Tensor& intact_keys,
+                                                 const at::Tensor& corrupted_keys,
+                                                 const at::Tensor& latent_keys,
                                                  const at::Tensor& lse_in, double scale) {
-  const Problem p = check_inputs(q_in, k_in, layout_in, scale);
+  const Problem p = check_inputs(q, k, layout_in, answer_rows, intact_keys, corrupted_keys,
+                                 latent_keys, scale);
   check_saved_lse(lse_in, p);
-  TORCH_CHECK(q_in.is_cuda(), "attention_alignment_loss: CUDA kernel called with q on ",
-              q_in.device());
+  TORCH_CHECK(q.is_cuda(), "attention_alignment_loss: CUDA kernel called with q on ", q.device());
   TORCH_CHECK_VALUE(grad_loss.numel() == 1, "attention_alignment_loss backward: grad_loss must "
                     "be a scalar, got shape ", grad_loss.sizes());
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  TORCH_CHECK(grad_loss.device() == q.device(), "attention_alignment_loss backward: grad_loss "
+              "must be on the device of q (", q.device(), "), got ", grad_loss.device());
+  const c10::cuda::CUDAGuard guard(q.device());
   const Fp32GemmPrecisionGuard fp32_gemms;
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
   const auto acc = accumulate_type(q.scalar_type());
-  const auto dev = q.device();
-  const at::Tensor layout = to_device_async(p.layout_cpu, dev);
-  const at::Tensor lse = lse_in.to(dev, acc).contiguous();
-  const at::Tensor go = grad_loss.to(dev, acc).reshape({1}).contiguous();
+  const at::Tensor layout = layout_in.contiguous();
+  const at::Tensor lse = lse_in.to(acc).contiguous();
+  const at::Tensor go = grad_loss.to(acc).reshape({1}).contiguous();
   at::Tensor dq, dk;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(acc, "attention_alignment_loss_bwd_cuda", [&] {
     // Teacher masses: E rows against the latent keys only, with the saved log-sum-exp.
-    const at::Tensor teacher_rows = to_device_async(aligned_row_index(p, 0), dev);
-    const Gathered teacher =
-        path_scores(q, k, teacher_rows, to_device_async(key_index(p, 0, true), dev), scale, acc);
+    const Gathered teacher = path_scores(q, k, answer_rows.select(0, 0), latent_keys, scale, acc);
     const at::Tensor teacher_mass = latent_mass<scalar_t>(teacher.scores, layout, 0, true, p, lse);
     // Student rows: full visible key set (their scores become the score gradients).
-    const at::Tensor student_rows = to_device_async(aligned_row_index(p, 1), dev);
-    const at::Tensor student_keys = to_device_async(key_index(p, 1, false), dev);
-    Gathered student = path_scores(q, k, student_rows, student_keys, scale, acc);
+    const at::Tensor student_rows = answer_rows.select(0, 1);
+    Gathered student = path_scores(q, k, student_rows, corrupted_keys, scale, acc);
     const at::Tensor student_mass =
         latent_mass<scalar_t>(student.scores, layout, 1, false, p, lse);
 
@@ -321,23 +306,26 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_loss,
         p.max_answer, student.scores.size(-1), p.max_latent, p.length);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    // dq of the F rows and dk of the keys path 1 sees. Padding rows/keys carry exact zeros,
-    // so scattering them onto position 0 with scatter_add changes nothing.
+    // dq of the F rows and dk of the keys path 1 sees, accumulated in fp32 for those rows only
+    // ([B, H, maxE, d] and [B, Hkv, maxK, d]), rounded once to the input dtype and added into
+    // zero gradients laid out like q and k. Every position gets at most one non-zero term (the
+    // rows and keys of a sample are distinct; padding entries are exact zeros aimed at
+    // position 0), so adding in the input dtype rounds nothing and the order does not matter.
     const at::Tensor dq_rows = at::matmul(student.scores, student.keys)
-                                   .view({p.batch, p.heads, p.max_answer, p.head_dim});
-    const at::Tensor dk_keys = at::matmul(student.scores.transpose(-1, -2), student.queries);
-    at::Tensor dq_acc = at::zeros({p.batch, p.heads, p.length, p.head_dim}, lse.options());
-    at::Tensor dk_acc = at::zeros({p.batch, p.kv_heads, p.length, p.head_dim}, lse.options());
-    dq_acc.scatter_add_(2,
-                        student_rows.view({p.batch, 1, p.max_answer, 1})
-                            .expand({p.batch, p.heads, p.max_answer, p.head_dim}),
-                        dq_rows);
-    dk_acc.scatter_add_(2,
-                        student_keys.view({p.batch, 1, student_keys.size(1), 1})
-                            .expand({p.batch, p.kv_heads, student_keys.size(1), p.head_dim}),
-                        dk_keys);
-    dq = dq_acc.to(q.scalar_type());
-    dk = dk_acc.to(k.scalar_type());
+                                   .view({p.batch, p.heads, p.max_answer, p.head_dim})
+                                   .to(q.scalar_type());
+    const at::Tensor dk_keys = at::matmul(student.scores.transpose(-1, -2), student.queries)
+                                   .to(k.scalar_type());
+    dq = at::zeros_like(q);
+    dk = at::zeros_like(k);
+    dq.scatter_add_(2,
+                    student_rows.reshape({p.batch, 1, p.max_answer, 1})
+                        .expand({p.batch, p.heads, p.max_answer, p.head_dim}),
+                    dq_rows);
+    dk.scatter_add_(2,
+                    corrupted_keys.reshape({p.batch, 1, p.max_keys[1], 1})
+                        .expand({p.batch, p.kv_heads, p.max_keys[1], p.head_dim}),
+                    dk_keys);
   });
   return {dq, dk};
 }
