@@ -82,12 +82,19 @@ def main() -> None:
         help="synthetic task (crystal_ext.data.synthetic.TASKS; crystal_ext.train checks it)",
     )
     parser.add_argument("--out", help="output folder (default outputs/ablation/TASK-NSTEPS)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("baseline", "crystal"),
+        default=["baseline", "crystal"],
+        help="which objectives to run (a remedy tried on CrystaL alone: --modes crystal)",
+    )
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more crystal_ext.train arguments, after --")
     args = parser.parse_args()
     args.extra = [a for a in args.extra if a != "--"]
     args.out = args.out or os.path.join("outputs", "ablation", f"{args.task}-{args.max_steps}")
     started = time.time()
-    rows = [run(mode, seed, args) for seed in args.seeds for mode in ("baseline", "crystal")]
+    rows = [run(mode, seed, args) for seed in args.seeds for mode in args.modes]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "ablation.json"), "w") as f:
         json.dump(rows, f, indent=1)
@@ -99,6 +106,8 @@ def main() -> None:
     print("| objective | accuracy intact (%) | accuracy blurred (%) | accuracy latent-carried (%) |")
     print("|---|---|---|---|")
     for mode, label in (("baseline", "SFT baseline (`--no_crystal`)"), ("crystal", "CrystaL")):
+        if mode not in args.modes:
+            continue
         print(f"| {label} | {' | '.join(summary(rows, mode, k) for k in keys)} |")
     for r in rows:
         print(json.dumps(r))
