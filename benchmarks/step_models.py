@@ -19,54 +19,30 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from bench_utils import peak_memory_bytes  # noqa: E402
-from dual_path_helpers import WORDS, tiny_qwen25vl, tiny_tokenizer  # noqa: E402
+from family_models import TASK_WORDS, qwen_tokenizer, tiny_qwen25vl  # noqa: E402
 
 from crystal_ext.data.packing import DualPathCollator, DualPathPacker, Example  # noqa: E402
 from crystal_ext.model.latent_tokens import add_latent_tokens  # noqa: E402
+from crystal_ext.training import tiny_model  # noqa: E402
 
 
 def qwen7b_attention_model(
     tokenizer, layers=2, vocab=152064, intermediate=1024, attn="sdpa", dtype=torch.float32
 ):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    ids = tokenizer.convert_tokens_to_ids
-    text = dict(
+    text = tiny_model.text_config(
+        tokenizer,
+        3584,
+        layers,
+        32768,
         vocab_size=vocab,
-        hidden_size=3584,
         intermediate_size=intermediate,
-        num_hidden_layers=layers,
         num_attention_heads=28,
         num_key_value_heads=4,
-        max_position_embeddings=32768,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-        tie_word_embeddings=False,
-        bos_token_id=ids("<|endoftext|>"),
-        eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"),
     )
-    vision = dict(
-        depth=1,
-        hidden_size=64,
-        intermediate_size=128,
-        num_heads=4,
-        out_hidden_size=3584,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        in_channels=3,
-        fullatt_block_indexes=[0],
-        window_size=112,
-    )
-    config = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
+    config = tiny_model.qwen2_5_vl_config(tokenizer, text, vision_hidden=64, vision_depth=1, window_size=112)
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
     model.get_input_embeddings().weight.requires_grad_(False)
@@ -81,13 +57,13 @@ def _image(seed, size):
 
 def _words(n, seed):
     rng = np.random.default_rng(seed)
-    return " ".join(rng.choice(WORDS[7:], size=n))
+    return " ".join(rng.choice(TASK_WORDS[4:], size=n))  # from "what" on
 
 
 def build(shape: str, attn: str, batch_size: int = 1):
     """(model, batch) for `shape` in {"tiny", "qwen7b_L700", "qwen7b_L1400"}."""
     if shape == "tiny":
-        tok = tiny_tokenizer()
+        tok = qwen_tokenizer()
         latent = add_latent_tokens(tok, None, k=4)
         model = tiny_qwen25vl(tok, attn_implementation=attn).train()
         return model, make_batch(model, tok, latent, 56, 6, 8, batch_size)
@@ -100,7 +76,7 @@ def build_qwen7b_attention(
     attn: str, image: int, question: int, answer: int, vocab: int = 152064, batch_size: int = 1
 ):
     """The Qwen-7B-attention model and a batch with `answer` answer words (|E| = answer + 3)."""
-    tok = tiny_tokenizer()
+    tok = qwen_tokenizer()
     latent = add_latent_tokens(tok, None, k=10)  # |D| = 12 with the think markers
     model = qwen7b_attention_model(tok, vocab=vocab, attn=attn).train()
     return model, make_batch(model, tok, latent, image, question, answer, batch_size)
@@ -109,16 +85,16 @@ def build_qwen7b_attention(
 def build_published_configuration(attn: str, dtype=torch.bfloat16):
     """(model, batch, new token ids) at the L ~ 700 shape for the published trainable
     configuration: the same model and batch as `qwen7b_L700`, in `dtype`."""
-    tok = tiny_tokenizer()
+    tok = qwen_tokenizer()
     latent = add_latent_tokens(tok, None, k=10)
     model = qwen7b_attention_model(tok, attn=attn, dtype=dtype).train()
     return model, make_batch(model, tok, latent, 448, 25, 42, 1), list(latent.new_ids)
 
 
 def make_batch(model, tok, latent, image, question, answer, batch_size):
-    from crystal_ext.training.tiny_model import tiny_processor
-
-    packer = DualPathPacker(tiny_processor(tok, image), latent, model, image_size=image, max_length=4096)
+    packer = DualPathPacker(
+        tiny_model.tiny_processor(tok, image), latent, model, image_size=image, max_length=4096
+    )
     examples = [
         Example(f"ex{i}", _image(i, image), _words(question, i), _words(answer, 100 + i))
         for i in range(batch_size)

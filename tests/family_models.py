@@ -1,9 +1,14 @@
 """Tiny random models of every supported family, each with its own processor built in code (a
-word-level tokenizer carrying a chat template): no downloads."""
+word-level tokenizer carrying a chat template): no downloads. Also the single-family tests' and
+benchmarks' tiny Qwen2.5-VL and tokenizer. Built from the embedded default's pieces
+(crystal_ext.training.tiny_model), smaller."""
 
 from __future__ import annotations
 
 import torch
+import transformers
+
+from crystal_ext.training import tiny_model
 
 FAMILIES = (
     "qwen2_vl",
@@ -15,24 +20,23 @@ FAMILIES = (
     "smolvlm",
 )
 
+# Qwen's tokens (the embedded default's), then the other families' image tokens and turn end.
 SPECIAL = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
+    *tiny_model.SPECIAL,
     "<image>",
     "<video>",
     "<fake_token_around_image>",
     "<global-img>",
     "<end_of_utterance>",
 ]
-WORDS = (
-    "system user assistant System User Assistant : you are a helpful what is in the image ? shape "
-    "colour red green blue circle square triangle yes no how many one two three and which"
+# Idefics3's template writes the roles capitalised with a colon; the single-family tests' tokenizer
+# (qwen_tokenizer) needs only the chat and task words.
+CHAT_WORDS = "system user assistant".split()
+TASK_WORDS = (
+    "you are a helpful what is in the image ? shape colour red green blue circle square triangle yes no "
+    "how many one two three"
 ).split()
+WORDS = [*CHAT_WORDS, "System", "User", "Assistant", ":", *TASK_WORDS, "and", "which"]
 
 # ChatML with Qwen's vision markers (the shape of Qwen2-VL / Qwen3-VL's own templates).
 QWEN_TEMPLATE = (
@@ -59,39 +63,32 @@ IDEFICS3_TEMPLATE = (
 
 
 def tokenizer(template: str | None = None):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    return tiny_model.word_level_tokenizer(WORDS, SPECIAL, template)
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + ["<unk>"] + WORDS)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.decoder = decoders.WordPiece(prefix="##")
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>"
+
+def qwen_tokenizer():
+    """The single-family tests' and benchmarks' tokenizer: Qwen's tokens, no chat template (the
+    Qwen processor brings its own)."""
+    return tiny_model.word_level_tokenizer([*CHAT_WORDS, *TASK_WORDS], tiny_model.SPECIAL)
+
+
+def qwen2_5_vl_config(tok, hidden: int = 64, layers: int = 2):
+    """The tests' tiny Qwen2.5-VL: `hidden` wide text, a one-block vision tower 64 wide."""
+    text = tiny_model.text_config(tok, hidden, layers, 512, rope_parameters=tiny_model.mrope(hidden))
+    return tiny_model.qwen2_5_vl_config(tok, text, vision_hidden=64, vision_depth=1, window_size=56)
+
+
+def tiny_qwen25vl(tok, attn_implementation="eager", seed=0, hidden=64, layers=2):
+    """A randomly initialised tiny Qwen2.5-VL (float32, eval) of a few hundred k params."""
+    torch.manual_seed(seed)
+    model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(
+        qwen2_5_vl_config(tok, hidden, layers), attn_implementation=attn_implementation, dtype=torch.float32
     )
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
-    if template:
-        tok.chat_template = template
-    return tok
+    return model.eval()
 
 
-def _text(tok, hidden=64, layers=2, **extra):
-    ids = tok.convert_tokens_to_ids
-    return dict(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        attention_dropout=0.0,
-        tie_word_embeddings=False,
-        bos_token_id=ids("<|endoftext|>"),
-        eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"),
-        **extra,
-    )
+def _text(tok, hidden, **extra):
+    return tiny_model.text_config(tok, hidden, 2, 512, **extra)
 
 
 def _qwen_processor(tok, family: str, side: int):
@@ -116,43 +113,16 @@ def _qwen_processor(tok, family: str, side: int):
 
 
 def _qwen_model(tok, family: str, hidden: int):
-    import transformers
-
-    ids = tok.convert_tokens_to_ids
-    common = dict(
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
-    mrope = [hidden // 16, hidden // 32, hidden // 32]
+    if family == "qwen2_5_vl":
+        return transformers.Qwen2_5_VLForConditionalGeneration, qwen2_5_vl_config(tok, hidden)
+    common = dict(tie_word_embeddings=False, **tiny_model.qwen_vision_token_ids(tok))
     if family == "qwen2_vl":
-        text = _text(
-            tok, hidden, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope}
-        )
+        text = _text(tok, hidden, rope_parameters=tiny_model.mrope(hidden))
         vision = dict(depth=1, embed_dim=64, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14)
         return transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLConfig(
             text_config=text, vision_config=vision, **common
         )
-    if family == "qwen2_5_vl":
-        text = _text(
-            tok, hidden, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope}
-        )
-        vision = dict(
-            depth=1,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=4,
-            out_hidden_size=hidden,
-            patch_size=14,
-            fullatt_block_indexes=[0],
-            window_size=56,
-        )
-        return transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLConfig(
-            text_config=text, vision_config=vision, **common
-        )
-    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope, "mrope_interleaved": True}
+    rope = {**tiny_model.mrope(hidden), "mrope_interleaved": True}
     vision = dict(
         depth=2,
         hidden_size=64,
@@ -184,7 +154,6 @@ def _qwen_model(tok, family: str, hidden: int):
 
 
 def _llava_onevision(tok, hidden: int):
-    import transformers
     from transformers.models.llava_onevision.image_processing_llava_onevision import (
         LlavaOnevisionImageProcessor,
     )
@@ -224,8 +193,6 @@ def _llava_onevision(tok, hidden: int):
 
 
 def _idefics3(tok, hidden: int, smol: bool):
-    import transformers
-
     side, patch = 32, 8
     ids = tok.convert_tokens_to_ids
     cfg_cls = transformers.SmolVLMConfig if smol else transformers.Idefics3Config

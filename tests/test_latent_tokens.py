@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dual_path_helpers import tiny_qwen25vl, tiny_tokenizer
+from family_models import qwen_tokenizer, tiny_qwen25vl
 from peft import PeftModel
 
 from crystal_ext.model.latent_tokens import (
@@ -19,7 +19,7 @@ from crystal_ext.model.parts import embedding_and_head_weights
 
 @pytest.fixture()
 def setup():
-    tok = tiny_tokenizer()
+    tok = qwen_tokenizer()
     old_len = len(tok)
     model = tiny_qwen25vl(tok)
     old_embed = model.get_input_embeddings().weight.detach().clone()

@@ -68,21 +68,29 @@ def tiny_vocabulary() -> list[str]:
     return words
 
 
-def tiny_tokenizer():
-    """A word-level fast tokenizer with Qwen's special tokens (one id each), built offline."""
+def word_level_tokenizer(words, special=SPECIAL, chat_template: str | None = None):
+    """A word-level fast tokenizer over `special` (one id each, `special[0]` the padding), "<unk>"
+    and `words`, in that order of ids, built offline; the test suite builds its tokenizers with it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + ["<unk>"] + tiny_vocabulary())}
+    vocab = {tok: i for i, tok in enumerate([*special, "<unk>", *words])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()  # words, and punctuation on its own
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces when decoding
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>"
+        tokenizer_object=core, unk_token="<unk>", pad_token=special[0], eos_token="<|im_end|>"
     )
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
-    tok.chat_template = CHAT_TEMPLATE
+    tok.add_special_tokens({"additional_special_tokens": list(special[1:])})
+    if chat_template:
+        tok.chat_template = chat_template
     return tok
+
+
+def tiny_tokenizer():
+    """The embedded default's tokenizer: Qwen's special tokens, the chat words and the synthetic
+    task's words, Qwen's chat template."""
+    return word_level_tokenizer(tiny_vocabulary(), SPECIAL, CHAT_TEMPLATE)
 
 
 def tiny_processor(tokenizer, image_size: int = 112):
@@ -112,11 +120,19 @@ def tiny_processor(tokenizer, image_size: int = 112):
     )
 
 
-def tiny_config(
-    tokenizer, hidden: int = 128, layers: int = 2, vision_hidden: int = 128, vision_depth: int = 2
-):
-    from transformers import Qwen2_5_VLConfig
+def mrope(hidden: int, theta: float = 10000.0) -> dict:
+    """Qwen-VL's multimodal RoPE for 4 heads of `hidden`: halves of (temporal, height, width)
+    summing to head_dim / 2."""
+    return {
+        "rope_type": "default",
+        "rope_theta": theta,
+        "mrope_section": [hidden // 16, hidden // 32, hidden // 32],
+    }
 
+
+def text_config(tokenizer, hidden: int, layers: int, max_position_embeddings: int, **overrides) -> dict:
+    """A small decoder's text config over `tokenizer`'s vocabulary and its Qwen special tokens
+    (4 heads / 2 kv heads, MLP twice as wide, untied head); `overrides` replace or add keys."""
     ids = tokenizer.convert_tokens_to_ids
     text = dict(
         vocab_size=len(tokenizer),
@@ -125,41 +141,57 @@ def tiny_config(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_position_embeddings,
         attention_dropout=0.0,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            # M-RoPE halves of (temporal, height, width); sums to head_dim / 2
-            "mrope_section": [hidden // 16, hidden // 32, hidden // 32],
-        },
         tie_word_embeddings=False,
         bos_token_id=ids("<|endoftext|>"),
         eos_token_id=ids("<|im_end|>"),
         pad_token_id=ids("<|endoftext|>"),
     )
+    text.update(overrides)
+    return text
+
+
+def qwen_vision_token_ids(tokenizer) -> dict:
+    """The Qwen-VL config's image / video token ids, as `tokenizer` spells them."""
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+
+
+def qwen2_5_vl_config(tokenizer, text: dict, vision_hidden: int, vision_depth: int, window_size: int):
+    """A Qwen2.5-VL config of `text` (see text_config) and a small vision tower (4 heads, patch 14,
+    merge 2, full attention in every block) that hands the text model `text`'s hidden size."""
+    from transformers import Qwen2_5_VLConfig
+
     vision = dict(
         depth=vision_depth,
         hidden_size=vision_hidden,
         intermediate_size=2 * vision_hidden,
         num_heads=4,
-        out_hidden_size=hidden,
+        out_hidden_size=text["hidden_size"],
         patch_size=14,
         spatial_merge_size=2,
         temporal_patch_size=2,
         in_channels=3,
         fullatt_block_indexes=list(range(vision_depth)),
-        window_size=112,
+        window_size=window_size,
     )
     return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
+        text_config=text, vision_config=vision, tie_word_embeddings=False, **qwen_vision_token_ids(tokenizer)
     )
+
+
+def tiny_config(
+    tokenizer, hidden: int = 128, layers: int = 2, vision_hidden: int = 128, vision_depth: int = 2
+):
+    """The embedded default's Qwen2.5-VL config."""
+    text = text_config(tokenizer, hidden, layers, 1024, rope_parameters=mrope(hidden))
+    return qwen2_5_vl_config(tokenizer, text, vision_hidden, vision_depth, window_size=112)
 
 
 def tiny_model(tokenizer, seed: int = 0, attn_implementation: str = "sdpa"):
