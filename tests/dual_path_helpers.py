@@ -1,12 +1,15 @@
-"""Shared helpers of the dual-path tests: random layouts obeying the rules of docs/method.md."""
+"""Shared helpers of the dual-path tests: random layouts obeying the rules of docs/method.md; the
+dense dual-path mask as an additive attention mask and the published loss formulas written out on
+full logits and dense attention probabilities, the eager side of the objective's comparisons."""
 
 from __future__ import annotations
 
 import random
 
 import torch
+import torch.nn.functional as Fn
 
-from crystal_ext.ops.layout import segment_bounds
+from crystal_ext.ops.layout import IGNORE, dual_path_mask, segment_bounds
 
 
 def random_layout(batch: int, rng: random.Random, max_seg: int = 6, pad: int = 3):
@@ -28,3 +31,35 @@ def random_layout(batch: int, rng: random.Random, max_seg: int = 6, pad: int = 3
         ends.append(row[-1][1])
     length = max(ends) + rng.randint(0, pad)
     return torch.tensor(rows, dtype=torch.long), length
+
+
+def dense_additive_mask(layout: torch.Tensor, length: int, dtype=torch.float32) -> torch.Tensor:
+    """The dense dual-path mask as a [B, 1, L, L] additive attention mask: 0 where a position is
+    visible, the lowest value of `dtype` where it is not."""
+    visible = dual_path_mask(layout, length)[:, None]
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+
+
+def plain_losses(logits, q, k, batch, scale, probs=None):
+    """(CE, KL_pred, KL_attn): the published formulas written out with full logits and dense
+    attention probabilities, the last layer's: `probs` when given, else computed from its rotated
+    q and k (grouped kv heads repeated) under the dense dual-path mask."""
+    targets, layout = batch["targets"], batch["layout"]
+    ce = Fn.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    if probs is None:
+        mask = dual_path_mask(layout, targets.shape[1])[:, None]
+        kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        probs = (q @ kk.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
+    kl_pred, kl_attn = [], []
+    for b, r in enumerate(layout.reshape(-1, 12).tolist()):
+        (d0, d1), (e0, e1), (f0, f1) = r[6:8], r[8:10], r[10:12]
+        t = logits[b, e0:e1].detach().log_softmax(-1)
+        s = logits[b, f0:f1].log_softmax(-1)
+        per_row = (t.exp() * (t - s)).sum(-1)
+        kl_pred.append(per_row.topk(max(1, int(0.1 * per_row.numel()))).values.mean())
+        tm = probs[b, :, e0:e1, d0:d1].mean(0)
+        sm = probs[b, :, f0:f1, d0:d1].mean(0)
+        tm = (tm / (tm.sum(-1, keepdim=True) + 1e-8)).detach()
+        sm = sm / (sm.sum(-1, keepdim=True) + 1e-8)
+        kl_attn.append(Fn.kl_div(sm.log(), tm, reduction="batchmean"))
+    return ce, torch.stack(kl_pred).mean(), torch.stack(kl_attn).mean()

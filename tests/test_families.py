@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
+from dual_path_helpers import dense_additive_mask, plain_losses
 from family_models import FAMILIES, build
 from PIL import Image
 
@@ -22,7 +23,6 @@ from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, regist
 from crystal_ext.model.families import UnsupportedModel, family_of
 from crystal_ext.model.objective import ObjectiveConfig, crystal_objective, intact_path_batch
 from crystal_ext.model.parts import backbone_and_head
-from crystal_ext.ops.layout import dual_path_mask
 
 pytestmark = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason="the attention-alignment loss needs the compiled extension"
@@ -100,9 +100,7 @@ def _eager_run(model, batch):
     AttentionMaskInterface.register(CAPTURE, eager_mask)
     eager = copy.deepcopy(model)
     eager.set_attn_implementation(CAPTURE)
-    length = batch["input_ids"].shape[1]
-    mask = dual_path_mask(batch["layout"], length)[:, None]
-    additive = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, torch.finfo(torch.float64).min)
+    additive = dense_additive_mask(batch["layout"], batch["input_ids"].shape[1], torch.float64)
     sink = {}
     out = eager(
         input_ids=batch["input_ids"],
@@ -113,28 +111,6 @@ def _eager_run(model, batch):
         **batch["images"],
     )
     return out.logits, sink["q"], sink["k"], sink["scale"], eager
-
-
-def _plain_losses(logits, q, k, batch, scale):
-    """The published formulas with full logits and dense attention probabilities."""
-    targets, layout = batch["targets"], batch["layout"]
-    ce = Fn.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-    mask = dual_path_mask(layout, targets.shape[1])[:, None]
-    kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    probs = (q @ kk.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
-    kl_pred, kl_attn = [], []
-    for b, r in enumerate(layout.reshape(-1, 12).tolist()):
-        (d0, d1), (e0, e1), (f0, f1) = r[6:8], r[8:10], r[10:12]
-        t = logits[b, e0:e1].detach().log_softmax(-1)
-        s = logits[b, f0:f1].log_softmax(-1)
-        per_row = (t.exp() * (t - s)).sum(-1)
-        kl_pred.append(per_row.topk(max(1, int(0.1 * per_row.numel()))).values.mean())
-        tm = probs[b, :, e0:e1, d0:d1].mean(0)
-        sm = probs[b, :, f0:f1, d0:d1].mean(0)
-        tm = (tm / (tm.sum(-1, keepdim=True) + 1e-8)).detach()
-        sm = sm / (sm.sum(-1, keepdim=True) + 1e-8)
-        kl_attn.append(Fn.kl_div(sm.log(), tm, reduction="batchmean"))
-    return ce, torch.stack(kl_pred).mean(), torch.stack(kl_attn).mean()
 
 
 def _relative_error(got, want):
@@ -151,7 +127,7 @@ def test_objective_and_gradients_equal_the_dense_eager_forward(family):
     ours = crystal_objective(ours_model, batch, REFERENCE_HEAD)
     ours.loss.backward()
     logits, q, k, scale, eager = _eager_run(model, batch)
-    parts = _plain_losses(logits, q, k, batch, scale)
+    parts = plain_losses(logits, q, k, batch, scale)
     errors = [_relative_error(got, want) for got, want in zip((ours.ce, ours.kl_pred, ours.kl_attn), parts)]
     assert ours.kl_pred > 0 and ours.kl_attn > 0
     sum(parts).backward()

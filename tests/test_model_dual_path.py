@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
+from dual_path_helpers import dense_additive_mask, plain_losses
 from family_models import build
 from PIL import Image
 
@@ -18,7 +19,6 @@ from crystal_ext.data.packing import IGNORE, DualPathCollator, DualPathPacker, E
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
 from crystal_ext.model.objective import ObjectiveConfig, crystal_objective, intact_path_batch
 from crystal_ext.model.parts import embedding_and_head_weights
-from crystal_ext.ops.layout import dual_path_mask
 
 REFERENCE_HEAD = ObjectiveConfig(lm_head_losses="reference")
 
@@ -55,9 +55,7 @@ def _eager_run(model, batch):
 
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
-    length = batch["input_ids"].shape[1]
-    mask = dual_path_mask(batch["layout"], length)[:, None]
-    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    additive = dense_additive_mask(batch["layout"], batch["input_ids"].shape[1])
     captured = {}
     last = eager.model.language_model.layers[-1].self_attn
 
@@ -79,31 +77,6 @@ def _eager_run(model, batch):
     )
     handle.remove()
     return eager, out, captured
-
-
-def _plain_losses(logits, q, k, batch, scale, probs=None):
-    """The published formulas, written out with full logits and dense attention probabilities
-    (the last layer's, given or computed from its rotated q and k)."""
-    targets, layout = batch["targets"], batch["layout"]
-    ce = Fn.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-    length = targets.shape[1]
-    if probs is None:
-        mask = dual_path_mask(layout, length)[:, None]
-        kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        probs = (q @ kk.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
-    kl_pred, kl_attn = [], []
-    for b, r in enumerate(layout.reshape(-1, 12).tolist()):
-        (d0, d1), (e0, e1), (f0, f1) = r[6:8], r[8:10], r[10:12]
-        t = logits[b, e0:e1].detach().log_softmax(-1)
-        s = logits[b, f0:f1].log_softmax(-1)
-        per_row = (t.exp() * (t - s)).sum(-1)
-        kl_pred.append(per_row.topk(max(1, int(0.1 * per_row.numel()))).values.mean())
-        tm = probs[b, :, e0:e1, d0:d1].mean(0)
-        sm = probs[b, :, f0:f1, d0:d1].mean(0)
-        tm = (tm / (tm.sum(-1, keepdim=True) + 1e-8)).detach()
-        sm = sm / (sm.sum(-1, keepdim=True) + 1e-8)
-        kl_attn.append(Fn.kl_div(sm.log(), tm, reduction="batchmean"))
-    return ce, torch.stack(kl_pred).mean(), torch.stack(kl_attn).mean()
 
 
 def _real_rows(batch):
@@ -136,7 +109,7 @@ def test_objective_parts_loss_and_gradients_match_plain_composition():
     ours.loss.backward()
     eager, out, cap = _eager_run(model, batch)
     scale = eager.model.language_model.layers[-1].self_attn.scaling
-    ce, kl_pred, kl_attn = _plain_losses(out.logits, cap["q"], cap["k"], batch, scale)
+    ce, kl_pred, kl_attn = plain_losses(out.logits, cap["q"], cap["k"], batch, scale)
     for got, want in ((ours.ce, ce), (ours.kl_pred, kl_pred), (ours.kl_attn, kl_attn)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert ours.kl_pred > 0 and ours.kl_attn > 0
@@ -219,9 +192,7 @@ def test_qwen2_vl_objective_matches_plain_composition():
     ours = crystal_objective(model, batch, REFERENCE_HEAD)
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
-    length = batch["input_ids"].shape[1]
-    mask = dual_path_mask(batch["layout"], length)[:, None]
-    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    additive = dense_additive_mask(batch["layout"], batch["input_ids"].shape[1])
     out = eager(
         input_ids=batch["input_ids"],
         **batch["images"],
@@ -229,7 +200,7 @@ def test_qwen2_vl_objective_matches_plain_composition():
         attention_mask=additive,
         output_attentions=True,
     )
-    ce, kl_pred, kl_attn = _plain_losses(out.logits, None, None, batch, None, probs=out.attentions[-1])
+    ce, kl_pred, kl_attn = plain_losses(out.logits, None, None, batch, None, probs=out.attentions[-1])
     for got, want in ((ours.ce, ce), (ours.kl_pred, kl_pred), (ours.kl_attn, kl_attn)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert ours.kl_pred > 0 and ours.kl_attn > 0
