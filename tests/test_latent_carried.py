@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -70,33 +71,40 @@ def test_stepwise_decoding_reads_the_teacher_forced_f_rows():
             torch.testing.assert_close(head(step_hidden[0, row]), head(hidden[0, seg.f[0] + n]))
 
 
-def _blank_latents(model, layout):
-    """Forward pre-hooks that overwrite the latent block's hidden states with zeros at the input
-    of every text layer: the latents then carry nothing."""
+@contextlib.contextmanager
+def _latents_blanked(model, layout, dual_path_only: bool = False):
+    """Within the block, forward pre-hooks overwrite the latent block's hidden states with zeros at
+    the input of every text layer: the latents then carry nothing. With `dual_path_only`, only
+    sequences of the layout's length are touched, so the intact path's own generation runs as is."""
     seg = crystal_ext.Segments.from_bounds(layout[0])
+    length = int(layout[0].max())
 
     def hook(module, args, kwargs):
-        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if dual_path_only and hidden.shape[1] < length:
+            return None
+        hidden = hidden.clone()
         hidden[:, seg.d[0] : seg.d[1]] = 0
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
-    return [
+    handles = [
         layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.language_model.layers
     ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def test_latents_that_carry_nothing_answer_at_chance():
     tok, model, packer = _setup()
     examples = _examples(9)  # all three answers occur; every image differs
     first = DualPathCollator(packer, tok.pad_token_id)([examples[0]])
-    handles = _blank_latents(model, first["layout"])  # one layout: every example packs to the same length
-    try:
+    with _latents_blanked(model, first["layout"]):  # one layout: every example packs to the same length
         answers = latent_carried.latent_carried_answers(model, packer, examples, tok, max_answer_tokens=3)
-    finally:
-        for h in handles:
-            h.remove()
     assert len(set(answers)) == 1, answers  # the same answer whatever the image: nothing reaches F
     gold = [e.answer for e in examples]
     accuracy = sum(a == g for a, g in zip(answers, gold)) / len(gold)
@@ -112,12 +120,8 @@ def test_intact_image_reaches_f_only_through_the_latents():
         seg = crystal_ext.Segments.from_bounds(batch["layout"][0])
         hidden, _ = latent_carried.dual_path_forward(model, batch)
         assert not torch.allclose(hidden[0, slice(*seg.f)], hidden[1, slice(*seg.f)])  # through D
-        handles = _blank_latents(model, batch["layout"])
-        try:
+        with _latents_blanked(model, batch["layout"]):
             blank, _ = latent_carried.dual_path_forward(model, batch)
-        finally:
-            for h in handles:
-                h.remove()
         torch.testing.assert_close(blank[0, slice(*seg.f)], blank[1, slice(*seg.f)])
 
 
@@ -134,30 +138,8 @@ def test_held_out_attention_kl_is_the_alignment_loss():
 # ---- the evaluation's report: evaluate_model with a packer ------------------------------------
 
 
-def _blank_latents_of_dual_path(model, layout):
-    """_blank_latents, on dual-path forwards only (sequences of the layout's length): the intact
-    path's own generation runs untouched."""
-    seg = crystal_ext.Segments.from_bounds(layout[0])
-    length = int(layout[0].max())
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[1] < length:
-            return None
-        hidden = hidden.clone()
-        hidden[:, seg.d[0] : seg.d[1]] = 0
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
-    return [
-        layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.language_model.layers
-    ]
-
-
 def _evaluate(model, tok, packer, examples, **kw):
     from crystal_ext.training.evaluation import evaluate_model
-    from crystal_ext.training.tiny_model import tiny_processor
 
     return evaluate_model(
         model,
@@ -177,12 +159,8 @@ def test_evaluation_of_latents_that_carry_nothing_is_at_chance():
     tok, model, packer = _setup()
     examples = _examples(9)
     first = DualPathCollator(packer, tok.pad_token_id)([examples[0]])
-    handles = _blank_latents_of_dual_path(model, first["layout"])
-    try:
+    with _latents_blanked(model, first["layout"], dual_path_only=True):
         result = _evaluate(model, tok, packer, examples, batch_size=4)
-    finally:
-        for h in handles:
-            h.remove()
     carried = [r["latent_carried"] for r in result["examples"]]
     assert len(set(carried)) == 1, carried
     gold = [r["answer"] for r in result["examples"]]
