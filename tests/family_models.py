@@ -153,6 +153,18 @@ def _qwen_model(tok, family: str, hidden: int):
     )
 
 
+def _vision_encoder(side: int, patch: int) -> dict:
+    """A one-layer vision encoder 32 wide (SigLIP's config keys) for `side` square images."""
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": side,
+        "patch_size": patch,
+    }
+
+
 def _llava_onevision(tok, hidden: int):
     from transformers.models.llava_onevision.image_processing_llava_onevision import (
         LlavaOnevisionImageProcessor,
@@ -165,15 +177,7 @@ def _llava_onevision(tok, hidden: int):
     pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
     config = transformers.LlavaOnevisionConfig(
         text_config={"model_type": "qwen2", **_text(tok, hidden)},
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": side,
-            "patch_size": patch,
-        },
+        vision_config={"model_type": "siglip_vision_model", **_vision_encoder(side, patch)},
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         video_token_index=tok.convert_tokens_to_ids("<video>"),
         vision_feature_select_strategy="full",
@@ -197,14 +201,7 @@ def _idefics3(tok, hidden: int, smol: bool):
     ids = tok.convert_tokens_to_ids
     cfg_cls = transformers.SmolVLMConfig if smol else transformers.Idefics3Config
     config = cfg_cls(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": side,
-            "patch_size": patch,
-        },
+        vision_config=_vision_encoder(side, patch),
         text_config={"model_type": "llama", **_text(tok, hidden)},
         scale_factor=2,
         image_token_id=ids("<image>"),
