@@ -1,6 +1,7 @@
 """Shared helpers of the dual-path tests: random layouts obeying the rules of docs/method.md; the
 dense dual-path mask as an additive attention mask and the published loss formulas written out on
-full logits and dense attention probabilities, the eager side of the objective's comparisons."""
+full logits and dense attention probabilities, the eager side of the objective's comparisons;
+the two sides' gradients paired by parameter; a batch cast to another float precision."""
 
 from __future__ import annotations
 
@@ -63,3 +64,29 @@ def plain_losses(logits, q, k, batch, scale, probs=None):
         sm = sm / (sm.sum(-1, keepdim=True) + 1e-8)
         kl_attn.append(Fn.kl_div(sm.log(), tm, reduction="batchmean"))
     return ce, torch.stack(kl_pred).mean(), torch.stack(kl_attn).mean()
+
+
+def gradient_pairs(model, other) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, its gradient in `model`, in `other`) for every parameter that has a gradient after
+    the two copies' backward passes; a parameter with a gradient in one copy only fails the test."""
+    others = dict(other.named_parameters())
+    pairs = []
+    for name, p in model.named_parameters():
+        want = others[name].grad
+        assert (p.grad is None) == (want is None), f"{name}: a gradient on one side only"
+        if p.grad is not None:
+            pairs.append((name, p.grad, want))
+    return pairs
+
+
+def cast_floats(batch: dict, dtype: torch.dtype) -> dict:
+    """The batch with its floating-point tensors, the image inputs' included, cast to `dtype`."""
+
+    def cast(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.to(dtype)
+        if isinstance(v, dict):
+            return {k: cast(x) for k, x in v.items()}
+        return v
+
+    return cast(batch)

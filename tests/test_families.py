@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
-from dual_path_helpers import dense_additive_mask, plain_losses
+from dual_path_helpers import cast_floats, dense_additive_mask, gradient_pairs, plain_losses
 from family_models import FAMILIES, build
 from PIL import Image
 
@@ -53,17 +53,6 @@ def _examples():
     ]
 
 
-def _to64(batch):
-    def conv(v):
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            return v.double()
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-
-    return {k: conv(v) for k, v in batch.items()}
-
-
 @functools.cache
 def _setup(family):
     register_dual_path_attention()
@@ -72,7 +61,7 @@ def _setup(family):
     packer = DualPathPacker(processor, latent, model, system="you are a helpful assistant")
     batch = DualPathCollator(packer, processor.tokenizer.pad_token_id)(_examples())
     assert len(batch["keys"]) == 3
-    return model, processor, _to64(batch)
+    return model, processor, cast_floats(batch, torch.float64)
 
 
 def _dense_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -132,19 +121,12 @@ def test_objective_and_gradients_equal_the_dense_eager_forward(family):
     assert ours.kl_pred > 0 and ours.kl_attn > 0
     sum(parts).backward()
     errors.append(_relative_error(ours.loss, sum(parts).detach()))
-    named = dict(eager.named_parameters())
-    checked = 0
-    for name, p in ours_model.named_parameters():
-        want = named[name].grad
-        if p.grad is None and want is None:
-            continue
-        assert p.grad is not None and want is not None, name
-        errors.append(_relative_error(p.grad, want))
-        checked += 1
+    pairs = gradient_pairs(ours_model, eager)
+    errors += [_relative_error(got, want) for _, got, want in pairs]
     print(
-        f"\n{family}: max relative error {max(errors):.1e} over the loss, its parts and {checked} gradients"
+        f"\n{family}: max relative error {max(errors):.1e} over the loss, its parts and {len(pairs)} gradients"
     )
-    assert checked > 10 and max(errors) < 1e-6
+    assert len(pairs) > 10 and max(errors) < 1e-6
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -177,7 +159,7 @@ def test_lora_trains_the_projector_in_full(family):
     peft_model = apply_lora(copy.deepcopy(model).float())
     vocab = peft_model.get_input_embeddings().weight.shape[0]
     rows = attach_new_token_rows(peft_model, list(range(vocab - 8, vocab)))
-    crystal_objective(peft_model, _to32(batch), REFERENCE_HEAD).loss.backward()
+    crystal_objective(peft_model, cast_floats(batch, torch.float32), REFERENCE_HEAD).loss.backward()
     grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
     full = family_of(model).trained_in_full(model)
     assert full
@@ -187,17 +169,6 @@ def test_lora_trains_the_projector_in_full(family):
         "modules_to_save" in n and full[0] in n and g is not None and g.abs().sum() > 0
         for n, g in grads.items()
     )
-
-
-def _to32(batch):
-    def conv(v):
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            return v.float()
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-
-    return {k: conv(v) for k, v in batch.items()}
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
-from dual_path_helpers import dense_additive_mask, plain_losses
+from dual_path_helpers import cast_floats, dense_additive_mask, gradient_pairs, plain_losses
 from family_models import build
 from PIL import Image
 
@@ -115,17 +115,10 @@ def test_objective_parts_loss_and_gradients_match_plain_composition():
     assert ours.kl_pred > 0 and ours.kl_attn > 0
     (ce + kl_pred + kl_attn).backward()
     torch.testing.assert_close(ours.loss, (ce + kl_pred + kl_attn).detach(), rtol=1e-5, atol=1e-6)
-    named = dict(eager.named_parameters())
-    checked = 0
-    for name, p in ours_model.named_parameters():
-        want = named[name].grad
-        if p.grad is None and want is None:
-            continue
-        torch.testing.assert_close(
-            p.grad, want, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
-        )
-        checked += 1
-    assert checked > 20 and ours_model.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0
+    pairs = gradient_pairs(ours_model, eager)
+    for name, got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert len(pairs) > 20 and ours_model.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0
 
 
 def test_lambdas_weight_the_parts():
@@ -328,7 +321,7 @@ def test_bf16_autocast_objective_tracks_float64():
     the float32 objective's error scaled by the precision ratio 2^16 of float32 to bf16."""
     model, batch = _setup()
     model64 = copy.deepcopy(model).double()
-    batch64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+    batch64 = cast_floats(batch, torch.float64)
     gold = _parts(model64, batch64, REFERENCE_HEAD, autocast=False)
     fp32_err = (_parts(model, batch, ObjectiveConfig(), autocast=False) - gold).abs()
     bf16 = _parts(model, batch, ObjectiveConfig(), autocast=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dual_path_helpers import gradient_pairs
 
 import crystal_ext
 from crystal_ext.model.objective import crystal_objective
@@ -36,16 +37,9 @@ def test_published_step_equals_ours_fp32():
     assert ours.kl_attn > 0 and ours.kl_pred > 0
     ours.loss.backward()
     theirs.loss.backward()
-    theirs_params = dict(theirs_model.named_parameters())
-    compared = 0
-    for name, p in model.named_parameters():
-        theirs_grad = theirs_params[name].grad
-        assert (p.grad is None) == (theirs_grad is None), f"{name}: a gradient on one side only"
-        if p.grad is not None:
-            torch.testing.assert_close(
-                p.grad, theirs_grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
-            )
-            compared += 1
+    pairs = gradient_pairs(model, theirs_model)
+    for name, got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     trainable = sum(p.requires_grad for p in model.parameters())
-    assert compared == trainable, f"gradients compared for {compared} of {trainable} trainable parameters"
+    assert len(pairs) == trainable, f"gradients compared for {len(pairs)} of {trainable} trainable parameters"
     assert model.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0  # the loss reaches the image side
