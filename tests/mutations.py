@@ -58,8 +58,7 @@ MUTATIONS = [
             ),
             (
                 "crystal_ext/training/checkpoints.py",
-                "    fd = os.open(folder, os.O_RDONLY)\n    try:\n        os.fsync(fd)\n    finally:\n"
-                "        os.close(fd)\n",
+                "    _fsync(folder)  # the rename itself made durable\n",
                 "    _fsync_tree(folder)\n",
             ),
         ],

@@ -61,21 +61,22 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str) -> str | None:
     return value
 
 
+def _fsync(path: str) -> None:
+    """Flush one file, or one folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(folder: str) -> None:
     """Flush every file of `folder` (and the folders themselves) to disk, so the marker written
     after this never survives a crash that the files it vouches for do not."""
     for root, _dirs, files in os.walk(folder):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            _fsync(os.path.join(root, name))
+        _fsync(root)
 
 
 def write_complete_marker(folder: str, step: int) -> None:
@@ -86,8 +87,4 @@ def write_complete_marker(folder: str, step: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(folder, COMPLETE_MARKER))  # atomic: the marker exists whole or not at all
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(folder)  # the rename itself made durable
