@@ -41,6 +41,19 @@ def dense_additive_mask(layout: torch.Tensor, length: int, dtype=torch.float32) 
     return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
 
 
+def dense_mask_forward(model, batch, **kwargs):
+    """`model` on `batch` with the dense dual-path mask as its 4-D additive attention mask (in the
+    model's precision), the batch's position ids and image inputs; `kwargs` go to the forward."""
+    additive = dense_additive_mask(batch["layout"], batch["input_ids"].shape[1], model.dtype)
+    return model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=additive,
+        **batch["images"],
+        **kwargs,
+    )
+
+
 def plain_losses(logits, q, k, batch, scale, probs=None):
     """(CE, KL_pred, KL_attn): the published formulas written out with full logits and dense
     attention probabilities, the last layer's: `probs` when given, else computed from its rotated

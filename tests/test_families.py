@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
-from dual_path_helpers import cast_floats, dense_additive_mask, gradient_pairs, plain_losses
+from dual_path_helpers import cast_floats, dense_mask_forward, gradient_pairs, plain_losses
 from family_models import FAMILIES, build
 from PIL import Image
 
@@ -89,16 +89,8 @@ def _eager_run(model, batch):
     AttentionMaskInterface.register(CAPTURE, eager_mask)
     eager = copy.deepcopy(model)
     eager.set_attn_implementation(CAPTURE)
-    additive = dense_additive_mask(batch["layout"], batch["input_ids"].shape[1], torch.float64)
     sink = {}
-    out = eager(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        attention_mask=additive,
-        use_cache=False,
-        crystal_test_sink=sink,
-        **batch["images"],
-    )
+    out = dense_mask_forward(eager, batch, use_cache=False, crystal_test_sink=sink)
     return out.logits, sink["q"], sink["k"], sink["scale"], eager
 
 

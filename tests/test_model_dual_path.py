@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
-from dual_path_helpers import cast_floats, dense_additive_mask, gradient_pairs, plain_losses
+from dual_path_helpers import cast_floats, dense_mask_forward, gradient_pairs, plain_losses
 from family_models import build
 from PIL import Image
 
@@ -55,7 +55,6 @@ def _eager_run(model, batch):
 
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
-    additive = dense_additive_mask(batch["layout"], batch["input_ids"].shape[1])
     captured = {}
     last = eager.model.language_model.layers[-1].self_attn
 
@@ -68,13 +67,7 @@ def _eager_run(model, batch):
         captured["q"], captured["k"] = mq.apply_rotary_pos_emb(q, k, cos, sin)
 
     handle = last.register_forward_pre_hook(grab, with_kwargs=True)
-    out = eager(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        **batch["images"],
-        attention_mask=additive,
-        output_hidden_states=True,
-    )
+    out = dense_mask_forward(eager, batch, output_hidden_states=True)
     handle.remove()
     return eager, out, captured
 
@@ -185,14 +178,7 @@ def test_qwen2_vl_objective_matches_plain_composition():
     ours = crystal_objective(model, batch, REFERENCE_HEAD)
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
-    additive = dense_additive_mask(batch["layout"], batch["input_ids"].shape[1])
-    out = eager(
-        input_ids=batch["input_ids"],
-        **batch["images"],
-        position_ids=batch["position_ids"],
-        attention_mask=additive,
-        output_attentions=True,
-    )
+    out = dense_mask_forward(eager, batch, output_attentions=True)
     ce, kl_pred, kl_attn = plain_losses(out.logits, None, None, batch, None, probs=out.attentions[-1])
     for got, want in ((ours.ce, ce), (ours.kl_pred, kl_pred), (ours.kl_attn, kl_attn)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
