@@ -10,6 +10,9 @@ The tokenizer is word-level (the `tokenizers` library wrapped in PreTrainedToken
 it knows Qwen's chat and vision special tokens, carries Qwen's chat template, and the words of the synthetic task
 (crystal_ext.data.synthetic), so a sample is about 30 tokens per path. Everything saves with
 `save_pretrained` and loads back with the stock `from_pretrained` / `AutoProcessor`.
+
+The pieces (word_level_tokenizer, text_config, mrope, qwen2_5_vl_config) also build the test
+suite's and the benchmarks' smaller models (tests/family_models.py, benchmarks/step_models.py).
 """
 
 from __future__ import annotations
@@ -120,12 +123,12 @@ def tiny_processor(tokenizer, image_size: int = 112):
     )
 
 
-def mrope(hidden: int, theta: float = 10000.0) -> dict:
+def mrope(hidden: int) -> dict:
     """Qwen-VL's multimodal RoPE for 4 heads of `hidden`: halves of (temporal, height, width)
     summing to head_dim / 2."""
     return {
         "rope_type": "default",
-        "rope_theta": theta,
+        "rope_theta": 10000.0,
         "mrope_section": [hidden // 16, hidden // 32, hidden // 32],
     }
 
