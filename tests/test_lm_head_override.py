@@ -9,6 +9,7 @@ import torch
 
 import crystal_ext
 from crystal_ext.ops import reference
+from crystal_ext.ops.lm_head_plan import lm_head_plan
 
 fused_only = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason="compiled extension unavailable"
@@ -224,11 +225,16 @@ def test_opcheck(bias):
         prob["hidden"].requires_grad_(),
         prob["weight"],
         prob["bias"],
-        prob["targets"],
-        prob["teacher_rows"],
-        prob["student_rows"],
-        prob["pair_sample"],
-        0.5,
+        *lm_head_plan(
+            prob["targets"],
+            prob["teacher_rows"],
+            prob["student_rows"],
+            prob["pair_sample"],
+            0.5,
+            prob["hidden"].shape[0],
+            prob["weight"].shape[0],
+            prob["hidden"].device,
+        ).tensors(),  # fmt: skip
         prob["override_ids"],
         prob["override_rows"].requires_grad_(),
         True,
