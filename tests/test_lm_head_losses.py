@@ -760,5 +760,10 @@ def test_cuda_forward_and_backward_without_host_synchronisation(cuda, dtype, wei
         got = run(crystal_ext.lm_head_losses, prob, dtype=dtype, plan=plan)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
-    _assert_identical(got, expected)
-    _assert_identical(run(crystal_ext.lm_head_losses, prob, 0.3, dtype=dtype), expected)
+    # Close rather than equal: pairs sharing a student row add their gradients atomically.
+    for a, b in zip(got, expected):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(run(crystal_ext.lm_head_losses, prob, 0.3, dtype=dtype), expected):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

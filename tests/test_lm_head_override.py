@@ -10,6 +10,7 @@ import torch
 import crystal_ext
 from crystal_ext.ops import reference
 from crystal_ext.ops.lm_head_plan import lm_head_plan
+from crystal_ext.ops.override_rows import check_override
 
 fused_only = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason="compiled extension unavailable"
@@ -240,3 +241,13 @@ def test_opcheck(bias):
         True,
     )
     torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_override_fwd.default, args)
+
+
+def test_override_ids_off_the_cpu_are_not_read_on_each_call():
+    """Ids on an accelerator are checked where they are made (NewTokenRows), not on every call:
+    reading them back would wait for the device. Meta tensors have no values to read."""
+    weight = torch.empty(23, 6, device="meta")
+    ids = torch.empty(3, dtype=torch.long, device="meta")
+    assert check_override(weight, ids, torch.empty(3, 6, device="meta"), "op")
+    with pytest.raises(ValueError, match="override_rows must be"):
+        check_override(weight, ids, torch.empty(2, 6, device="meta"), "op")

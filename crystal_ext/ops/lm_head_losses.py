@@ -32,6 +32,12 @@ float32) by the two upstream gradients: no logits are recomputed for hidden. Onl
 or bias requires grad does the backward sweep the vocabulary once more, for the CE rows and
 the kept pairs' rows only, using the saved lse; with a frozen head nothing of that runs.
 
+The index arguments reach the kernels as a plan (crystal_ext.ops.lm_head_plan.LmHeadPlan):
+checked and built once on the host and copied to the device in one pinned asynchronous copy,
+so that the op itself reads no value on the host; the per-sample top-k selection runs in ATen
+ops on the compute device. A caller that has its indices on the host passes the plan (the
+objective does); a plain call with index tensors builds it on every call.
+
 Edge cases: no targeted rows gives ce = 0 and no pairs gives kl = 0; both still
 backpropagate (zero gradients). Pairs may share rows; a row may be a teacher in one pair and
 a student in another; ties in the top-k are broken towards the earlier pair.
