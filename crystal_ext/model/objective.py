@@ -148,7 +148,12 @@ def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveCon
         indices = copy_to_device((row_targets, teacher, student, sample), hidden.device) + (
             config.topk_fraction,
         )
-    ce, kl_pred = fn(hidden.flatten(0, 1)[flat_on_device], head.weight, *indices, bias=head.bias)
+    ce, kl_pred = fn(
+        hidden.flatten(0, 1)[flat_on_device],
+        head.weight,
+        *indices,
+        bias=head.bias,
+    )
     return CrystalLoss(ce + config.lambda_pred * kl_pred + config.lambda_attn * kl_attn, ce, kl_pred, kl_attn)
 
 
