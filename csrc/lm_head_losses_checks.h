@@ -1,18 +1,18 @@
-// Input validation and host-side planning of lm_head_losses, shared by the CPU and CUDA entry
-// points. Every message names the argument and what was expected. Shape, dtype and value
-// problems raise ValueError (TORCH_CHECK_VALUE); device problems RuntimeError (TORCH_CHECK).
+// Input validation of lm_head_losses, shared by the CPU and CUDA entry points. Every message
+// names the argument and what was expected. Shape, dtype and value problems raise ValueError
+// (TORCH_CHECK_VALUE); device problems RuntimeError (TORCH_CHECK).
 //
-// The index tensors (targets, teacher_rows, student_rows, pair_sample) are small ([N], [M])
-// and are read on the host: range checks, the list of rows that need logits, and the top-k
-// selection (which needs all M pair KLs at once) all happen here.
+// The op's index arguments are a plan (crystal_ext/ops/lm_head_plan.py) that the caller built
+// once on the host, where the values of targets, teacher_rows, student_rows and pair_sample
+// were checked. The op itself checks only the plan's shapes, dtypes and devices (no value is
+// read, so on a GPU nothing waits for the device); the CPU kernel also reads the plan's values
+// (a free host read there) and checks them, so that no kernel indexes out of bounds.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
-#include <map>
-#include <numeric>
 #include <utility>
 #include <vector>
 
@@ -22,34 +22,46 @@
 namespace crystal_ext {
 namespace lm_head {
 
-struct Problem {
-  int64_t n_rows = 0, hidden_dim = 0, vocab = 0, n_pairs = 0;
-  int64_t n_targeted = 0;
-  at::Tensor targets_cpu, teacher_cpu, student_cpu;  // int64, contiguous, CPU
-  // Rows that need logits (CE rows, teacher rows, student rows), each once: paired rows
-  // first, then CE-only rows. `local[r]` is the position of row r in `rows` (-1: unused).
-  std::vector<int64_t> rows;
-  std::vector<int64_t> local;
-  int64_t n_paired_rows = 0;
-  // Pair -> dense sample index (0 .. n_samples-1, in increasing pair_sample order).
-  std::vector<int64_t> pair_sample_index;
-  int64_t n_samples = 0;
+// The plan's tensors, in the schema's order (all int64, on hidden's device).
+struct Plan {
+  const at::Tensor& rows;          // [R] rows of hidden needing logits, paired rows first
+  const at::Tensor& row_targets;   // [R] their targets (-100: none)
+  const at::Tensor& ce_rows;       // [T] positions in rows of the targeted rows
+  const at::Tensor& pair_rows;     // [2, M] positions in rows of each pair's teacher, student
+  const at::Tensor& sample_pairs;  // [S, W] pairs of each sample, padded with -1
+  const at::Tensor& sample_k;      // [S] pairs kept per sample
+  const at::Tensor& kept_slots;    // [K] flat positions s * W + j (j < k_s) of kept ranks
+  int64_t paired_rows;             // rows[:paired_rows] are the paired rows
 };
 
+// What the op knows from metadata alone: the sizes of hidden and weight and, from the widths
+// of the plan's tensors, the row, pair, sample and kept-pair counts.
+struct Problem {
+  int64_t n_rows = 0, hidden_dim = 0, vocab = 0;
+  int64_t n_logit_rows = 0;   // R
+  int64_t n_paired_rows = 0;  // the first n_paired_rows of the R rows are paired rows
+  int64_t n_targeted = 0;     // T
+  int64_t n_pairs = 0;        // M
+  int64_t n_samples = 0;      // S
+  int64_t max_pairs = 0;      // W
+  int64_t n_kept = 0;         // K
+};
 
-inline void check_index_tensor(const at::Tensor& t, const char* name, const at::Tensor& hidden) {
-  TORCH_CHECK_VALUE(t.dim() == 1, "lm_head_losses: ", name, " must be 1-D, got shape ",
-                    t.sizes());
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong, "lm_head_losses: ", name,
+inline void check_plan_tensor(const at::Tensor& t, const char* name, const at::Tensor& hidden,
+                              at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong, "lm_head_losses: plan tensor ", name,
                     " must be int64 (torch.long), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == hidden.device(), "lm_head_losses: ", name,
+  TORCH_CHECK(t.device() == hidden.device(), "lm_head_losses: plan tensor ", name,
               " must be on the device of hidden (", hidden.device(), "), got ", t.device());
+  bool ok = t.dim() == static_cast<int64_t>(shape.size());
+  for (size_t d = 0; ok && d < shape.size(); ++d) ok = shape[d] < 0 || t.size(d) == shape[d];
+  TORCH_CHECK_VALUE(ok, "lm_head_losses: plan tensor ", name, " must have shape ", shape,
+                    " (-1: any; build it with lm_head_plan), got ", t.sizes());
 }
 
+// Metadata checks of the op's arguments (shapes, dtypes, devices; no values).
 inline Problem check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
-                            const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
-                            const at::Tensor& teacher_rows, const at::Tensor& student_rows,
-                            const at::Tensor& pair_sample, double topk_fraction) {
+                            const c10::optional<at::Tensor>& bias, const Plan& plan) {
   TORCH_CHECK_VALUE(hidden.dim() == 2, "lm_head_losses: hidden must be 2-D [N, hidden_dim], "
                     "got shape ", hidden.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 2, "lm_head_losses: weight must be 2-D [vocab, hidden_dim], "
@@ -78,82 +90,133 @@ inline Problem check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
     TORCH_CHECK(bias->device() == hidden.device(), "lm_head_losses: bias must be on the device "
                 "of hidden (", hidden.device(), "), got ", bias->device());
   }
-  check_index_tensor(targets, "targets", hidden);
-  check_index_tensor(teacher_rows, "teacher_rows", hidden);
-  check_index_tensor(student_rows, "student_rows", hidden);
-  check_index_tensor(pair_sample, "pair_sample", hidden);
-  TORCH_CHECK_VALUE(targets.size(0) == hidden.size(0), "lm_head_losses: targets has ",
-                    targets.size(0), " entries but hidden has ", hidden.size(0), " rows");
-  TORCH_CHECK_VALUE(student_rows.size(0) == teacher_rows.size(0),
-                    "lm_head_losses: student_rows has ", student_rows.size(0),
-                    " entries but teacher_rows has ", teacher_rows.size(0),
-                    " (one entry per pair in each)");
-  TORCH_CHECK_VALUE(pair_sample.size(0) == teacher_rows.size(0),
-                    "lm_head_losses: pair_sample has ", pair_sample.size(0),
-                    " entries but teacher_rows has ", teacher_rows.size(0),
-                    " (one entry per pair in each)");
-  TORCH_CHECK_VALUE(std::isfinite(topk_fraction) && topk_fraction > 0.0 && topk_fraction <= 1.0,
-                    "lm_head_losses: topk_fraction must lie in (0, 1], got ", topk_fraction);
-
+  check_plan_tensor(plan.rows, "rows", hidden, {-1});
+  const int64_t R = plan.rows.size(0);
+  check_plan_tensor(plan.row_targets, "row_targets", hidden, {R});
+  check_plan_tensor(plan.ce_rows, "ce_rows", hidden, {-1});
+  check_plan_tensor(plan.pair_rows, "pair_rows", hidden, {2, -1});
+  check_plan_tensor(plan.sample_pairs, "sample_pairs", hidden, {-1, -1});
+  const int64_t S = plan.sample_pairs.size(0), W = plan.sample_pairs.size(1);
+  check_plan_tensor(plan.sample_k, "sample_k", hidden, {S});
+  check_plan_tensor(plan.kept_slots, "kept_slots", hidden, {-1});
   Problem p;
   p.n_rows = hidden.size(0);
   p.hidden_dim = hidden.size(1);
   p.vocab = weight.size(0);
-  p.n_pairs = teacher_rows.size(0);
-  p.targets_cpu = targets.to(at::kCPU).contiguous();
-  p.teacher_cpu = teacher_rows.to(at::kCPU).contiguous();
-  p.student_cpu = student_rows.to(at::kCPU).contiguous();
-  const at::Tensor sample_cpu = pair_sample.to(at::kCPU).contiguous();
-
-  const int64_t* tg = p.targets_cpu.data_ptr<int64_t>();
-  for (int64_t r = 0; r < p.n_rows; ++r) {
-    TORCH_CHECK_VALUE(tg[r] == kIgnoreIndex || (tg[r] >= 0 && tg[r] < p.vocab),
-                      "lm_head_losses: targets[", r, "] = ", tg[r], " is outside [0, vocab=",
-                      p.vocab, ") and is not the ignore index -100");
-    if (tg[r] != kIgnoreIndex) ++p.n_targeted;
-  }
-  const int64_t* te = p.teacher_cpu.data_ptr<int64_t>();
-  const int64_t* st = p.student_cpu.data_ptr<int64_t>();
-  for (int64_t i = 0; i < p.n_pairs; ++i) {
-    TORCH_CHECK_VALUE(te[i] >= 0 && te[i] < p.n_rows, "lm_head_losses: teacher_rows[", i,
-                      "] = ", te[i], " is not a row of hidden (N=", p.n_rows, ")");
-    TORCH_CHECK_VALUE(st[i] >= 0 && st[i] < p.n_rows, "lm_head_losses: student_rows[", i,
-                      "] = ", st[i], " is not a row of hidden (N=", p.n_rows, ")");
-  }
-
-  // Rows that need logits: paired rows first (so that a pair's two rows always sit in the
-  // same row chunk), then the remaining CE rows.
-  p.local.assign(p.n_rows, -1);
-  auto add_row = [&](int64_t r) {
-    if (p.local[r] < 0) {
-      p.local[r] = static_cast<int64_t>(p.rows.size());
-      p.rows.push_back(r);
-    }
-  };
-  for (int64_t i = 0; i < p.n_pairs; ++i) {
-    add_row(te[i]);
-    add_row(st[i]);
-  }
-  p.n_paired_rows = static_cast<int64_t>(p.rows.size());
-  for (int64_t r = 0; r < p.n_rows; ++r)
-    if (tg[r] != kIgnoreIndex) add_row(r);
-
-  const int64_t* ps = sample_cpu.data_ptr<int64_t>();
-  std::map<int64_t, int64_t> sample_ids;
-  for (int64_t i = 0; i < p.n_pairs; ++i) sample_ids.emplace(ps[i], 0);
-  int64_t next = 0;
-  for (auto& kv : sample_ids) kv.second = next++;
-  p.n_samples = next;
-  p.pair_sample_index.resize(p.n_pairs);
-  for (int64_t i = 0; i < p.n_pairs; ++i) p.pair_sample_index[i] = sample_ids[ps[i]];
+  p.n_logit_rows = R;
+  p.n_paired_rows = plan.paired_rows;
+  p.n_targeted = plan.ce_rows.size(0);
+  p.n_pairs = plan.pair_rows.size(1);
+  p.n_samples = S;
+  p.max_pairs = W;
+  p.n_kept = plan.kept_slots.size(0);
+  TORCH_CHECK_VALUE(R <= p.n_rows && p.n_targeted <= R && p.n_paired_rows >= 0 &&
+                        p.n_paired_rows <= R && p.n_paired_rows <= 2 * p.n_pairs &&
+                        (p.n_pairs > 0) == (p.n_paired_rows > 0),
+                    "lm_head_losses: the plan (rows ", plan.rows.sizes(), ", ce_rows ",
+                    plan.ce_rows.sizes(), ", pair_rows ", plan.pair_rows.sizes(), ", paired_rows ",
+                    p.n_paired_rows, ") does not fit hidden with ", p.n_rows,
+                    " rows; build it with lm_head_plan");
+  TORCH_CHECK_VALUE((p.n_pairs > 0) == (S > 0) && S <= p.n_pairs && W <= p.n_pairs &&
+                        (S == 0 || W >= 1) && p.n_kept >= S && p.n_kept <= p.n_pairs,
+                    "lm_head_losses: the plan's samples (sample_pairs ", plan.sample_pairs.sizes(),
+                    ", kept_slots ", plan.kept_slots.sizes(), ") do not fit its ", p.n_pairs,
+                    " pairs; build it with lm_head_plan");
   return p;
 }
 
-// Row chunks over p.rows: the first chunk holds every paired row (and is at least
+// The plan's values on the host, for the CPU kernel, checked (so that no kernel reads out of
+// bounds with a hand-made plan): hidden rows of the logit rows, their targets, each pair's
+// local teacher / student positions and hidden student row.
+struct HostPlan {
+  std::vector<int64_t> rows, row_targets, pair_t, pair_s, student;
+};
+
+inline std::vector<int64_t> host_values(const at::Tensor& t) {
+  const at::Tensor c = t.to(at::kCPU).contiguous();
+  const int64_t* v = c.data_ptr<int64_t>();
+  return std::vector<int64_t>(v, v + c.numel());
+}
+
+inline HostPlan host_plan(const Plan& plan, const Problem& p) {
+  HostPlan h;
+  h.rows = host_values(plan.rows);
+  h.row_targets = host_values(plan.row_targets);
+  const std::vector<int64_t> ce = host_values(plan.ce_rows), pairs = host_values(plan.pair_rows);
+  const std::vector<int64_t> samples = host_values(plan.sample_pairs),
+                             ks = host_values(plan.sample_k), kept = host_values(plan.kept_slots);
+  const char* rebuild = "; build the plan with lm_head_plan";
+  std::vector<char> seen(p.n_rows, 0);
+  for (int64_t j = 0; j < p.n_logit_rows; ++j) {
+    const int64_t r = h.rows[j];
+    TORCH_CHECK_VALUE(r >= 0 && r < p.n_rows && !seen[r], "lm_head_losses: plan rows[", j,
+                      "] = ", r, " is not a distinct row of hidden (N=", p.n_rows, ")", rebuild);
+    seen[r] = 1;
+    const int64_t t = h.row_targets[j];
+    TORCH_CHECK_VALUE(t == kIgnoreIndex || (t >= 0 && t < p.vocab), "lm_head_losses: plan "
+                      "row_targets[", j, "] = ", t, " is outside [0, vocab=", p.vocab,
+                      ") and is not the ignore index -100", rebuild);
+  }
+  int64_t targeted = 0;
+  for (int64_t t : h.row_targets) targeted += t != kIgnoreIndex;
+  TORCH_CHECK_VALUE(targeted == p.n_targeted, "lm_head_losses: plan ce_rows has ", p.n_targeted,
+                    " entries but row_targets has ", targeted, " targeted rows", rebuild);
+  for (int64_t j = 0; j < p.n_targeted; ++j)
+    TORCH_CHECK_VALUE(ce[j] >= 0 && ce[j] < p.n_logit_rows &&
+                          h.row_targets[ce[j]] != kIgnoreIndex,
+                      "lm_head_losses: plan ce_rows[", j, "] = ", ce[j],
+                      " is not the position of a targeted row", rebuild);
+  h.pair_t.assign(pairs.begin(), pairs.begin() + p.n_pairs);
+  h.pair_s.assign(pairs.begin() + p.n_pairs, pairs.end());
+  for (int64_t i = 0; i < p.n_pairs; ++i) {
+    TORCH_CHECK_VALUE(h.pair_t[i] >= 0 && h.pair_t[i] < p.n_paired_rows && h.pair_s[i] >= 0 &&
+                          h.pair_s[i] < p.n_paired_rows,
+                      "lm_head_losses: plan pair_rows[:, ", i, "] = (", h.pair_t[i], ", ",
+                      h.pair_s[i], ") are not positions of paired rows (paired_rows=",
+                      p.n_paired_rows, ")", rebuild);
+    h.student.push_back(h.rows[h.pair_s[i]]);
+  }
+  std::vector<int64_t> pair_seen(p.n_pairs, 0);
+  for (int64_t s = 0; s < p.n_samples; ++s) {
+    int64_t count = 0;
+    bool padding = false;
+    for (int64_t j = 0; j < p.max_pairs; ++j) {
+      const int64_t i = samples[s * p.max_pairs + j];
+      if (i == -1) {
+        padding = true;
+        continue;
+      }
+      TORCH_CHECK_VALUE(!padding && i >= 0 && i < p.n_pairs && !pair_seen[i],
+                        "lm_head_losses: plan sample_pairs[", s, ", ", j, "] = ", i,
+                        " is not a new pair before the -1 padding", rebuild);
+      pair_seen[i] = 1;
+      ++count;
+    }
+    TORCH_CHECK_VALUE(ks[s] >= 1 && ks[s] <= count, "lm_head_losses: plan sample_k[", s, "] = ",
+                      ks[s], " is outside [1, ", count, "]", rebuild);
+  }
+  for (int64_t i = 0; i < p.n_pairs; ++i)
+    TORCH_CHECK_VALUE(pair_seen[i], "lm_head_losses: plan sample_pairs lacks pair ", i, rebuild);
+  int64_t k_total = 0;
+  for (int64_t s = 0; s < p.n_samples; ++s) {
+    for (int64_t j = 0; j < ks[s]; ++j) {
+      const int64_t at = k_total + j;
+      TORCH_CHECK_VALUE(at < p.n_kept && kept[at] == s * p.max_pairs + j, "lm_head_losses: plan "
+                        "kept_slots does not list the first sample_k ranks of each sample",
+                        rebuild);
+    }
+    k_total += ks[s];
+  }
+  TORCH_CHECK_VALUE(k_total == p.n_kept, "lm_head_losses: plan kept_slots has ", p.n_kept,
+                    " entries but sample_k sums to ", k_total, rebuild);
+  return h;
+}
+
+// Row chunks over the R logit rows: the first chunk holds every paired row (and is at least
 // `max_rows` long), the others at most `max_rows` rows. Returns (begin, end) pairs.
 inline std::vector<std::pair<int64_t, int64_t>> row_chunks(const Problem& p, int64_t max_rows) {
   std::vector<std::pair<int64_t, int64_t>> chunks;
-  const int64_t total = static_cast<int64_t>(p.rows.size());
+  const int64_t total = p.n_logit_rows;
   int64_t begin = 0;
   while (begin < total) {
     int64_t end = std::min(total, begin + max_rows);
@@ -162,34 +225,6 @@ inline std::vector<std::pair<int64_t, int64_t>> row_chunks(const Problem& p, int
     begin = end;
   }
   return chunks;
-}
-
-// Top-k selection on the host. `pair_kl` holds each pair's KL (any floating type, on the CPU).
-// Returns the KL loss (mean over samples of the mean of each sample's top k pairs) and fills
-// `coef[i]` = d loss / d KL_i: 1 / (k_sample * n_samples) for kept pairs, 0 otherwise.
-// Ties are broken towards the earlier pair.
-template <typename T>
-double select_topk(const Problem& p, const T* pair_kl, double topk_fraction, T* coef) {
-  std::vector<std::vector<int64_t>> by_sample(p.n_samples);
-  for (int64_t i = 0; i < p.n_pairs; ++i) by_sample[p.pair_sample_index[i]].push_back(i);
-  for (int64_t i = 0; i < p.n_pairs; ++i) coef[i] = T(0);
-  double total = 0.0;
-  for (auto& members : by_sample) {
-    // NaN ranks above every number, as in torch.topk.
-    std::stable_sort(members.begin(), members.end(), [&](int64_t a, int64_t b) {
-      const bool a_nan = std::isnan(static_cast<double>(pair_kl[a]));
-      const bool b_nan = std::isnan(static_cast<double>(pair_kl[b]));
-      return a_nan != b_nan ? a_nan : pair_kl[a] > pair_kl[b];
-    });
-    const int64_t k = topk_count(topk_fraction, static_cast<int64_t>(members.size()));
-    double sample_sum = 0.0;
-    for (int64_t j = 0; j < k; ++j) {
-      sample_sum += static_cast<double>(pair_kl[members[j]]);
-      coef[members[j]] = static_cast<T>(1.0 / (static_cast<double>(k) * p.n_samples));
-    }
-    total += sample_sum / static_cast<double>(k);
-  }
-  return p.n_samples > 0 ? total / static_cast<double>(p.n_samples) : 0.0;
 }
 
 }  // namespace lm_head

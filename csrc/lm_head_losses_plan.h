@@ -26,8 +26,8 @@ namespace cuda_plan {
 constexpr int64_t kMaxChunkRows = 4096;
 constexpr int64_t kBlockElements = int64_t(1) << 23;  // S block of about 32 MB in fp32
 
-// About kBlockElements logits per block, a multiple of 256, in [1024, 32768]; bf16/fp16
-// weight blocks are copied to fp32, so that copy is kept near kBlockElements too.
+// About kBlockElements logits per block, a multiple of 256, in [1024, 32768], and at most
+// 2 * kBlockElements weight elements per block (bounds the per-block GEMM temporaries).
 inline int64_t vocab_block(int64_t rows, int64_t vocab, int64_t hidden_dim) {
   int64_t vb = kBlockElements / std::max<int64_t>(rows, 1);
   vb = std::min<int64_t>(vb, 2 * kBlockElements / std::max<int64_t>(hidden_dim, 1));

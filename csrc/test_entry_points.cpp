@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/gemm_bf16.h"
+#include "lm_head_losses_host.h"
 #include "lm_head_losses_plan.h"
 
 namespace crystal_ext {
@@ -58,6 +59,28 @@ std::tuple<int64_t, int64_t> lm_head_losses_plan(bool cuda, int64_t rows, int64_
   return {lh::cpu_plan::kMaxChunkRows, lh::cpu_plan::vocab_block(rows, vocab)};
 }
 
+// The per-sample top-k selection of lm_head_losses (lm_head::select_topk, the same ATen code on
+// every device) on given pair KLs [M] and a plan's sample_pairs, sample_k and kept_slots:
+// (kl, coef).
+std::tuple<at::Tensor, at::Tensor> lm_head_select_topk(const at::Tensor& pair_kl,
+                                                       const at::Tensor& sample_pairs,
+                                                       const at::Tensor& sample_k,
+                                                       const at::Tensor& kept_slots) {
+  namespace lh = crystal_ext::lm_head;
+  TORCH_CHECK(pair_kl.dim() == 1 && sample_pairs.dim() == 2 && sample_k.dim() == 1 &&
+                  kept_slots.dim() == 1,
+              "lm_head_select_topk: pair_kl [M], sample_pairs [S, W], sample_k [S], kept_slots [K]");
+  const at::Tensor none = at::empty({0}, sample_pairs.options());
+  const lh::Plan plan{none, none, none, none, sample_pairs, sample_k, kept_slots, 0};
+  lh::Problem p;
+  p.n_pairs = pair_kl.size(0);
+  p.n_samples = sample_pairs.size(0);
+  p.max_pairs = sample_pairs.size(1);
+  p.n_kept = kept_slots.size(0);
+  auto out = lh::select_topk(pair_kl, plan, p);
+  return {out.first, out.second};
+}
+
 }  // namespace
 
 void register_test_entry_points(pybind11::module_& m) {
@@ -72,6 +95,10 @@ void register_test_entry_points(pybind11::module_& m) {
         "Internal, for tests: (max_chunk_rows, vocab_block) of lm_head_losses on a device",
         pybind11::arg("cuda"), pybind11::arg("rows"), pybind11::arg("vocab"),
         pybind11::arg("hidden_dim"));
+  m.def("lm_head_select_topk", &lm_head_select_topk,
+        "Internal, for tests: lm_head_losses' per-sample top-k selection, (kl, coef)",
+        pybind11::arg("pair_kl"), pybind11::arg("sample_pairs"), pybind11::arg("sample_k"),
+        pybind11::arg("kept_slots"));
 }
 
 }  // namespace testing

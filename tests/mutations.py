@@ -172,8 +172,8 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/ops/override_rows.py",
-                "    if teacher.numel():\n        dz = dz.index_add(",
-                "    if False:\n        dz = dz.index_add(",
+                "    if pair_rows.shape[1]:\n        teacher, student = ",
+                "    if False:\n        teacher, student = ",
             )
         ],
         ["tests/test_lm_head_override.py::test_fused_override_matches_the_reference"],

@@ -3,12 +3,15 @@ opcheck, edge cases and bad inputs. CUDA tests run only where a GPU is visible."
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import crystal_ext
 from crystal_ext.ops import reference
 from crystal_ext.ops._extension import _C
+from crystal_ext.ops.lm_head_plan import LmHeadPlan, lm_head_plan
 
 pytestmark = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason="compiled extension unavailable"
@@ -55,22 +58,28 @@ def make_problem(
     )
 
 
-def run(fn, prob, topk=0.1, dtype=None, g_ce=0.7, g_kl=1.3):
-    """Forward + backward of g_ce * ce + g_kl * kl; returns (ce, kl, d hidden, d weight, d bias)."""
+def plan_of(prob, topk):
+    """The op's plan for prob, built from host copies of its index tensors on hidden's device."""
+    cpu = {k: prob[k].cpu() for k in ("targets", "teacher_rows", "student_rows", "pair_sample")}
+    n, vocab = prob["hidden"].shape[0], prob["weight"].shape[0]
+    return lm_head_plan(
+        cpu["targets"], cpu["teacher_rows"], cpu["student_rows"], cpu["pair_sample"], topk, n, vocab,
+        prob["hidden"].device,
+    )  # fmt: skip
+
+
+def run(fn, prob, topk=0.1, dtype=None, g_ce=0.7, g_kl=1.3, plan=None):
+    """Forward + backward of g_ce * ce + g_kl * kl; returns (ce, kl, d hidden, d weight, d bias).
+    With `plan` (fused op only) the op gets the prebuilt plan instead of the index tensors."""
     cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
     hidden = cast(prob["hidden"]).detach().requires_grad_()
     weight = cast(prob["weight"]).detach().requires_grad_(prob["weight_grad"])
     bias = None if prob["bias"] is None else cast(prob["bias"]).detach().requires_grad_()
-    ce, kl = fn(
-        hidden,
-        weight,
-        prob["targets"],
-        prob["teacher_rows"],
-        prob["student_rows"],
-        prob["pair_sample"],
-        topk,
-        bias=bias,
-    )
+    if plan is not None:
+        indices = (plan,)
+    else:
+        indices = (prob["targets"], prob["teacher_rows"], prob["student_rows"], prob["pair_sample"], topk)
+    ce, kl = fn(hidden, weight, *indices, bias=bias)
     (g_ce * ce + g_kl * kl).backward()
     return ce.detach(), kl.detach(), hidden.grad, weight.grad, None if bias is None else bias.grad
 
@@ -318,17 +327,7 @@ def test_opcheck(bias):
     hidden = prob["hidden"].requires_grad_()
     weight = prob["weight"].requires_grad_()
     b = prob["bias"].requires_grad_() if bias else None
-    args = (
-        hidden,
-        weight,
-        b,
-        prob["targets"],
-        prob["teacher_rows"],
-        prob["student_rows"],
-        prob["pair_sample"],
-        0.5,
-        True,
-    )
+    args = (hidden, weight, b, *plan_of(prob, 0.5).tensors(), True)
     torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_fwd.default, args)
 
 
@@ -435,6 +434,167 @@ def test_bad_device_mix(cuda):
         _bad(hidden=torch.randn(6, 4, device="cuda"))()
 
 
+# ---- the plan (crystal_ext.ops.lm_head_plan) and the device top-k ----
+
+PLAN_CASES = [
+    # (N, Hd, V, pairs per sample, bias, ignore_fraction, dtype)
+    (23, 13, 1001, [5, 1, 12], True, 0.3, torch.float32),  # several samples of different lengths
+    (11, 8, 9001, [4, 7], True, 0.2, torch.bfloat16),  # two vocabulary blocks on the CPU
+    (11, 8, 9001, [4, 7], False, 0.2, torch.float16),
+    (2100, 4, 131, [30, 3], False, 0.0, torch.float32),  # two row chunks on the CPU
+    (9, 6, 301, [3, 2], True, 0.3, torch.float64),
+]
+
+
+@pytest.mark.parametrize("case", PLAN_CASES, ids=lambda c: f"N{c[0]}-V{c[2]}-{str(c[6])[6:]}")
+def test_prebuilt_plan_equals_the_plain_call_and_the_reference(case):
+    n, hd, vocab, pairs, bias, ignore, dtype = case
+    prob = make_problem(n, hd, vocab, pairs, bias=bias, ignore_fraction=ignore, seed=n + vocab, dtype=dtype)
+    plan = plan_of(prob, 0.4)
+    assert isinstance(plan, LmHeadPlan) and plan.sample_pairs.shape == (len(pairs), max(pairs))
+    planned = run(crystal_ext.lm_head_losses, prob, plan=plan)
+    _assert_identical(planned, run(crystal_ext.lm_head_losses, prob, 0.4))
+    if dtype in (torch.float32, torch.float64):
+        gold = run(reference.lm_head_losses, prob, 0.4, dtype=torch.float64)
+        for name, f, g in zip(["ce", "kl", "d hidden", "d weight", "d bias"], planned, gold):
+            if g is not None:
+                torch.testing.assert_close(
+                    f.double(), g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name
+                )
+
+
+@pytest.mark.parametrize("columns", ["first-block", "single-column"])
+def test_prebuilt_plan_with_neg_inf_and_nan(columns):
+    prob = make_problem(11, 8, 9001, [4, 7], bias=True, seed=3)
+    prob["bias"][: 8192 if columns == "first-block" else 1] = float("-inf")
+    plan = plan_of(prob, 0.4)
+    planned = run(crystal_ext.lm_head_losses, prob, plan=plan)
+    for a, b in zip(planned[:2], run(reference.lm_head_losses, prob, 0.4)[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    prob["hidden"][int(prob["student_rows"][0])] = float("nan")
+    ce, kl = run(crystal_ext.lm_head_losses, prob, plan=plan)[:2]
+    assert ce.isnan() and kl.isnan()
+
+
+def _select_topk_rule(pair_kl, pair_sample, fraction):
+    """The published selection in plain Python: per sample (in label order) the k largest KLs,
+    NaN above every number, ties to the earlier pair; (kl, coef)."""
+    values = pair_kl.tolist()
+    labels = sorted(set(pair_sample.tolist()))
+    coef = [0.0] * len(values)
+    total = 0.0
+    for label in labels:
+        members = [i for i, s in enumerate(pair_sample.tolist()) if s == label]
+        ranked = sorted(
+            members,
+            key=lambda i: (not math.isnan(values[i]), -values[i] if not math.isnan(values[i]) else 0, i),
+        )
+        k = max(1, int(fraction * len(members)))
+        for i in ranked[:k]:
+            coef[i] = 1.0 / (k * len(labels))
+        total += sum(values[i] for i in ranked[:k]) / k
+    return total / len(labels), torch.tensor(coef, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_device_topk_selection_matches_the_rule_with_ties_and_nan(seed):
+    """The ATen selection the kernels run on every device, on KLs with many ties and NaNs."""
+    g = torch.Generator().manual_seed(seed)
+    m = 40
+    pair_kl = torch.randint(0, 5, (m,), generator=g).double() / 4  # few distinct values: ties
+    pair_kl[torch.rand(m, generator=g) < 0.15] = float("nan")
+    pair_sample = torch.randint(0, 4, (m,), generator=g) * 7 - 3
+    fraction = [0.1, 0.3, 0.5, 1.0, 0.25, 0.7][seed]
+    plan = lm_head_plan(torch.zeros(1, dtype=torch.long), torch.zeros(m, dtype=torch.long),
+                        torch.zeros(m, dtype=torch.long), pair_sample, fraction, 1, 3, "cpu")  # fmt: skip
+    want_kl, want_coef = _select_topk_rule(pair_kl, pair_sample, fraction)
+    for dtype in (torch.float64, torch.float32):
+        kl, coef = _C.lm_head_select_topk(
+            pair_kl.to(dtype), plan.sample_pairs, plan.sample_k, plan.kept_slots
+        )
+        assert kl.dtype == dtype and coef.dtype == dtype
+        torch.testing.assert_close(coef, want_coef.to(dtype), rtol=0, atol=0)
+        if math.isnan(want_kl):
+            assert kl.isnan()
+        else:
+            torch.testing.assert_close(kl.double(), torch.tensor(want_kl, dtype=torch.float64))
+    # The kept values are torch.topk's values, sample by sample.
+    for label in pair_sample.unique().tolist():
+        values = pair_kl[pair_sample == label]
+        k = max(1, int(fraction * values.numel()))
+        kept = pair_kl[(pair_sample == label) & (want_coef > 0)]
+        torch.testing.assert_close(kept.sort().values, values.topk(k).values.sort().values, equal_nan=True)
+
+
+def _plan_tensors(prob, topk=0.5):
+    return dict(zip(("rows", "row_targets", "ce_rows", "pair_rows", "sample_pairs", "sample_k",
+                     "kept_slots", "paired_rows"), plan_of(prob, topk).tensors()))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name", ["rows", "row_targets", "ce_rows", "pair_rows", "sample_pairs", "sample_k", "kept_slots"]
+)
+def test_wrong_plan_tensors_name_the_argument(name):
+    prob = make_problem(9, 5, 67, [3, 2], bias=True, seed=2)
+    call = lambda p: torch.ops.crystal_ext.lm_head_losses_fwd(  # noqa: E731
+        prob["hidden"], prob["weight"], prob["bias"], *p.values(), False
+    )
+    plan = _plan_tensors(prob)
+    call(plan)
+    with pytest.raises(ValueError, match=f"plan tensor {name} must be int64"):
+        call({**plan, name: plan[name].int()})
+    with pytest.raises(ValueError, match=f"plan tensor {name} must have shape"):
+        call({**plan, name: plan[name].unsqueeze(0)})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "name", ["rows", "row_targets", "ce_rows", "pair_rows", "sample_pairs", "sample_k", "kept_slots"]
+)
+def test_cuda_plan_tensor_on_the_cpu_is_refused(name, cuda):
+    prob = make_problem(9, 5, 67, [3, 2], bias=True, seed=2, device="cuda")
+    plan = _plan_tensors(prob)
+    plan[name] = plan[name].cpu()
+    with pytest.raises(RuntimeError, match=f"plan tensor {name} must be on the device of hidden"):
+        torch.ops.crystal_ext.lm_head_losses_fwd(
+            prob["hidden"], prob["weight"], prob["bias"], *plan.values(), False
+        )
+
+
+@pytest.mark.parametrize(
+    "name, change, match",
+    [
+        ("rows", lambda t: t.clone().fill_(9), r"plan rows\[0\] = 9 is not a distinct row"),
+        ("row_targets", lambda t: t.clone().fill_(67), r"plan row_targets\[0\] = 67"),
+        ("pair_rows", lambda t: t.clone().fill_(-1), r"plan pair_rows\[:, 0\]"),
+        ("sample_pairs", lambda t: t.clone().fill_(0), r"plan sample_pairs\[0, 1\] = 0"),
+        ("sample_k", lambda t: t.clone().fill_(7), r"plan sample_k\[0\] = 7"),
+        ("kept_slots", lambda t: t.flip(0), "plan kept_slots does not list"),
+    ],
+)
+def test_cpu_kernel_refuses_hand_made_plan_values(name, change, match):
+    """The CPU kernel reads the plan on the host anyway, and checks it: a clear error, not a
+    read out of bounds."""
+    prob = make_problem(9, 5, 67, [3, 2], bias=True, seed=2)
+    plan = _plan_tensors(prob)
+    plan[name] = change(plan[name])
+    with pytest.raises(ValueError, match=match):
+        torch.ops.crystal_ext.lm_head_losses_fwd(
+            prob["hidden"], prob["weight"], prob["bias"], *plan.values(), False
+        )
+
+
+def test_plan_for_another_problem_is_refused():
+    prob = make_problem(9, 5, 67, [3, 2], seed=2)
+    plan = plan_of(prob, 0.5)
+    with pytest.raises(ValueError, match=r"was built for 9 rows and vocabulary 67"):
+        crystal_ext.lm_head_losses(prob["hidden"][:8], prob["weight"], plan)
+    with pytest.raises(ValueError, match="teacher_rows, student_rows and pair_sample must be None"):
+        crystal_ext.lm_head_losses(prob["hidden"], prob["weight"], plan, prob["teacher_rows"])
+    with pytest.raises(RuntimeError, match=r"was built on cpu, but hidden is on meta"):
+        crystal_ext.lm_head_losses(prob["hidden"].to("meta"), prob["weight"].to("meta"), plan)
+
+
 # ---- CUDA ----
 
 
@@ -477,11 +637,7 @@ def test_cuda_opcheck_and_edge_cases(cuda):
         prob["hidden"].requires_grad_(),
         prob["weight"].requires_grad_(),
         prob["bias"].requires_grad_(),
-        prob["targets"],
-        prob["teacher_rows"],
-        prob["student_rows"],
-        prob["pair_sample"],
-        0.5,
+        *plan_of(prob, 0.5).tensors(),
         True,
     )
     torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_fwd.default, args)
@@ -588,17 +744,26 @@ def test_cuda_non_default_stream(cuda):
     _assert_identical(on_side, on_default)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the op still reads its index tensors on the host (value checks, row plan) and selects "
-    "the top-k pairs there: each of those waits for the GPU (docs/ops.md, numerics notes)",
-)
-def test_cuda_forward_and_backward_without_host_synchronisation(cuda):
-    prob = make_problem(40, 64, 9001, [10, 6], bias=True, seed=13, device="cuda")
-    run(crystal_ext.lm_head_losses, prob, 0.3)  # warm-up: allocator and lazy init may sync
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_grad", [True, False], ids=["head-trained", "head-frozen"])
+def test_cuda_forward_and_backward_without_host_synchronisation(cuda, dtype, weight_grad):
+    """With the plan built beforehand (its one pinned copy happens there), neither direction
+    waits for the GPU: no .item(), no device-to-host or pageable copy, no synchronize; the
+    top-k selection and the weight sweep's choice of the kept pairs run on the device."""
+    prob = make_problem(40, 64, 9001, [10, 6, 1], bias=True, seed=13, device="cuda", weight_grad=weight_grad)
+    plan = plan_of(prob, 0.3)
+    expected = run(crystal_ext.lm_head_losses, prob, dtype=dtype, plan=plan)  # warm-up: lazy init may sync
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        run(crystal_ext.lm_head_losses, prob, 0.3)
+        got = run(crystal_ext.lm_head_losses, prob, dtype=dtype, plan=plan)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+    # Close rather than equal: pairs sharing a student row add their gradients atomically.
+    for a, b in zip(got, expected):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(run(crystal_ext.lm_head_losses, prob, 0.3, dtype=dtype), expected):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -9,6 +9,8 @@ import torch
 
 import crystal_ext
 from crystal_ext.ops import reference
+from crystal_ext.ops.lm_head_plan import lm_head_plan
+from crystal_ext.ops.override_rows import check_override
 
 fused_only = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason="compiled extension unavailable"
@@ -224,13 +226,63 @@ def test_opcheck(bias):
         prob["hidden"].requires_grad_(),
         prob["weight"],
         prob["bias"],
-        prob["targets"],
-        prob["teacher_rows"],
-        prob["student_rows"],
-        prob["pair_sample"],
-        0.5,
+        *lm_head_plan(
+            prob["targets"],
+            prob["teacher_rows"],
+            prob["student_rows"],
+            prob["pair_sample"],
+            0.5,
+            prob["hidden"].shape[0],
+            prob["weight"].shape[0],
+            prob["hidden"].device,
+        ).tensors(),  # fmt: skip
         prob["override_ids"],
         prob["override_rows"].requires_grad_(),
         True,
     )
     torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_override_fwd.default, args)
+
+
+def test_override_ids_off_the_cpu_are_not_read_on_each_call():
+    """Ids on an accelerator are checked where they are made (NewTokenRows), not on every call:
+    reading them back would wait for the device. Meta tensors have no values to read."""
+    weight = torch.empty(23, 6, device="meta")
+    ids = torch.empty(3, dtype=torch.long, device="meta")
+    assert check_override(weight, ids, torch.empty(3, 6, device="meta"), "op")
+    with pytest.raises(ValueError, match="override_rows must be"):
+        check_override(weight, ids, torch.empty(2, 6, device="meta"), "op")
+
+
+@fused_only
+@pytest.mark.cuda
+def test_cuda_override_forward_and_backward_without_host_synchronisation(cuda):
+    """With the plan built beforehand and the ids on the GPU (checked where they were made), the
+    override path waits for the device in neither direction."""
+    prob = problem(dtype=torch.float32)
+    plan = lm_head_plan(
+        prob["targets"], prob["teacher_rows"], prob["student_rows"], prob["pair_sample"], 0.5,
+        prob["hidden"].shape[0], prob["weight"].shape[0], torch.device("cuda", torch.cuda.current_device()),
+    )  # fmt: skip
+    on_gpu = {k: v.cuda() for k, v in prob.items() if isinstance(v, torch.Tensor)}
+
+    def step():
+        hidden = on_gpu["hidden"].detach().requires_grad_()
+        rows = on_gpu["override_rows"].detach().requires_grad_()
+        ce, kl = crystal_ext.lm_head_losses(
+            hidden, on_gpu["weight"], plan, override_ids=on_gpu["override_ids"], override_rows=rows
+        )
+        (0.7 * ce + 1.3 * kl).backward()
+        return ce.detach(), kl.detach(), hidden.grad, rows.grad
+
+    expected = step()  # warm-up: lazy init may sync
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    want = losses_and_grads(reference.lm_head_losses, prob)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)

@@ -294,6 +294,34 @@ def test_alignment_op_gets_the_plans_indices(monkeypatch):
     assert len(received) == 1 and isinstance(received[0], AlignmentIndices)
 
 
+def test_fused_lm_head_losses_get_a_plan_built_once_per_forward(monkeypatch):
+    """The objective builds the LM-head op's plan once per forward on the host and hands it to
+    the fused op (so the op reads nothing on the host); the losses equal the reference head's."""
+    import crystal_ext.model.objective as objective
+    from crystal_ext.ops.lm_head_plan import LmHeadPlan
+
+    model, batch = _setup()
+    built, received = [], []
+    original_build, original_op = objective.lm_head_plan, objective.fused_lm_head_losses
+
+    def counting_build(*args, **kwargs):
+        built.append(1)
+        return original_build(*args, **kwargs)
+
+    def recording_op(hidden, weight, *args, **kwargs):
+        received.append(args)
+        return original_op(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(objective, "lm_head_plan", counting_build)
+    monkeypatch.setattr(objective, "fused_lm_head_losses", recording_op)
+    fused = crystal_objective(model, batch, ObjectiveConfig())
+    assert len(built) == 1
+    assert len(received) == 1 and len(received[0]) == 1 and isinstance(received[0][0], LmHeadPlan)
+    want = crystal_objective(model, batch, REFERENCE_HEAD)
+    for name in ("ce", "kl_pred"):
+        torch.testing.assert_close(getattr(fused, name), getattr(want, name), rtol=1e-4, atol=1e-5, msg=name)
+
+
 def _parts(model, batch, config, autocast):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = crystal_objective(model, batch, config)

@@ -28,7 +28,8 @@ from crystal_ext.model.new_token_rows import new_token_rows_of
 from crystal_ext.model.parts import backbone_and_head, text_config
 from crystal_ext.ops import lm_head_losses as fused_lm_head_losses
 from crystal_ext.ops import reference
-from crystal_ext.ops.layout import IGNORE, Segments, segments_of, validate_layout
+from crystal_ext.ops.layout import IGNORE, Segments, copy_to_device, segments_of, validate_layout
+from crystal_ext.ops.lm_head_plan import lm_head_plan
 
 LM_HEAD_IMPLEMENTATIONS = ("fused", "reference")
 
@@ -131,15 +132,26 @@ def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveCon
     input_ids, targets = batch["input_ids"], batch["targets"]
     samples = validate_layout(batch["layout"], *input_ids.shape, "crystal_objective")
     hidden, kl_attn = dual_path_hidden(backbone, batch)
-    flat, teacher, student, sample = (t.to(hidden.device) for t in _logit_rows(targets.cpu(), samples))
+    targets_cpu = targets.cpu()
+    flat, teacher, student, sample = _logit_rows(targets_cpu, samples)
+    row_targets = targets_cpu.flatten()[flat]
+    (flat_on_device,) = copy_to_device((flat,), hidden.device)
+    if config.lm_head_losses == "fused":
+        # Built once per forward on the host, where the indices are: the op then reads nothing
+        # on the host and, on a GPU, waits for nothing (crystal_ext.ops.lm_head_plan).
+        vocab = head.weight.shape[0]
+        plan = lm_head_plan(
+            row_targets, teacher, student, sample, config.topk_fraction, flat.numel(), vocab, hidden.device
+        )  # fmt: skip
+        indices = (plan,)
+    else:
+        indices = copy_to_device((row_targets, teacher, student, sample), hidden.device) + (
+            config.topk_fraction,
+        )
     ce, kl_pred = fn(
-        hidden.flatten(0, 1)[flat],
+        hidden.flatten(0, 1)[flat_on_device],
         head.weight,
-        targets.flatten()[flat].to(hidden.device),
-        teacher,
-        student,
-        sample,
-        config.topk_fraction,
+        *indices,
         bias=head.bias,
     )
     return CrystalLoss(ce + config.lambda_pred * kl_pred + config.lambda_attn * kl_attn, ce, kl_pred, kl_attn)

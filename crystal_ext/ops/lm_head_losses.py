@@ -32,6 +32,12 @@ float32) by the two upstream gradients: no logits are recomputed for hidden. Onl
 or bias requires grad does the backward sweep the vocabulary once more, for the CE rows and
 the kept pairs' rows only, using the saved lse; with a frozen head nothing of that runs.
 
+The index arguments reach the kernels as a plan (crystal_ext.ops.lm_head_plan.LmHeadPlan):
+checked and built once on the host and copied to the device in one pinned asynchronous copy,
+so that the op itself reads no value on the host; the per-sample top-k selection runs in ATen
+ops on the compute device. A caller that has its indices on the host passes the plan (the
+objective does); a plain call with index tensors builds it on every call.
+
 Edge cases: no targeted rows gives ce = 0 and no pairs gives kl = 0; both still
 backpropagate (zero gradients). Pairs may share rows; a row may be a teacher in one pair and
 a student in another; ties in the top-k are broken towards the earlier pair.
@@ -42,18 +48,20 @@ from __future__ import annotations
 import torch
 
 import crystal_ext.ops._extension as _extension
+from crystal_ext.ops.lm_head_plan import LmHeadPlan, lm_head_plan
 from crystal_ext.ops.override_rows import check_override, override_lm_head_losses
 
 _OP = "crystal_ext::lm_head_losses_fwd"
+_NAME = "lm_head_losses"
 
 
 def lm_head_losses(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    targets: torch.Tensor,
-    teacher_rows: torch.Tensor,
-    student_rows: torch.Tensor,
-    pair_sample: torch.Tensor,
+    targets: torch.Tensor | LmHeadPlan,
+    teacher_rows: torch.Tensor | None = None,
+    student_rows: torch.Tensor | None = None,
+    pair_sample: torch.Tensor | None = None,
     topk_fraction: float = 0.1,
     bias: torch.Tensor | None = None,
     override_ids: torch.Tensor | None = None,
@@ -64,7 +72,13 @@ def lm_head_losses(
     Args:
         hidden: [N, Hd] final hidden states, float32 / bfloat16 / float16 (float64 for tests).
         weight: [V, Hd] LM-head weight, same dtype and device.
-        targets: int64 [N]; row i predicts targets[i] (already shifted); -100 is ignored.
+        targets: int64 [N]; row i predicts targets[i] (already shifted); -100 is ignored. Or
+            the `LmHeadPlan` of all four index arguments and topk_fraction
+            (crystal_ext.ops.lm_head_plan.lm_head_plan(targets, teacher_rows, student_rows,
+            pair_sample, topk_fraction, N, V, hidden.device)), which a caller that has them
+            on the host builds once: with a plan the op reads no index value on the host and,
+            on a GPU, never waits for the device. teacher_rows, student_rows and pair_sample
+            are then None and topk_fraction is the plan's.
         teacher_rows, student_rows: int64 [M], row indices into hidden; pair i is
             (teacher_rows[i], student_rows[i]).
         pair_sample: int64 [M], the sample each pair belongs to (any integer labels).
@@ -75,76 +89,107 @@ def lm_head_losses(
             bias) instead of the weight's row; the weight is not copied and gets no gradient,
             override_rows does (crystal_ext.ops.override_rows).
 
+    Index tensors (without a plan) may be on the CPU or on hidden's device; they are read on
+    the host to build the plan (on a GPU: pass host copies, or the copy back waits for it).
+
     Returns:
         (ce, kl): scalars in float32 (float64 for float64 inputs). ce is the mean cross
         entropy over targeted rows (0 when there are none); kl the mean over samples of the
         mean of each sample's top-k pair KLs (0 when there are no pairs). Gradients reach
         hidden, and weight / bias only when they require grad.
     """
-    _extension.require_fused("lm_head_losses", hidden, weight)
+    _extension.require_fused(_NAME, hidden, weight)
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise ValueError("lm_head_losses: hidden and weight must be tensors")
-    if check_override(weight, override_ids, override_rows, "lm_head_losses"):
-        return override_lm_head_losses(
-            hidden, weight, targets, teacher_rows, student_rows, pair_sample, topk_fraction, bias,
-            override_ids, override_rows,
-        )  # fmt: skip
-    ce, kl, *_ = torch.ops.crystal_ext.lm_head_losses_fwd(
-        hidden,
-        weight,
-        bias,
-        targets,
-        teacher_rows,
-        student_rows,
-        pair_sample,
-        float(topk_fraction),
-        bool(torch.is_grad_enabled() and hidden.requires_grad),
-    )
+        raise ValueError(f"{_NAME}: hidden and weight must be tensors")
+    plan = _plan_of(hidden, weight, targets, teacher_rows, student_rows, pair_sample, topk_fraction)
+    if check_override(weight, override_ids, override_rows, _NAME):
+        return override_lm_head_losses(hidden, weight, bias, plan, override_ids, override_rows)
+    grad_hidden = bool(torch.is_grad_enabled() and hidden.requires_grad)
+    ce, kl, *_ = torch.ops.crystal_ext.lm_head_losses_fwd(hidden, weight, bias, *plan.tensors(), grad_hidden)
     return ce, kl
+
+
+def _plan_of(hidden, weight, targets, teacher_rows, student_rows, pair_sample, topk_fraction) -> LmHeadPlan:
+    """The caller's plan, checked against hidden and weight, or one built from the index tensors."""
+    n_rows = hidden.shape[0] if hidden.dim() >= 1 else 0
+    vocab = weight.shape[0] if weight.dim() >= 1 else 0
+    if isinstance(targets, LmHeadPlan):
+        plan = targets
+        if not (teacher_rows is None and student_rows is None and pair_sample is None):
+            raise ValueError(
+                f"{_NAME}: with a plan (targets is an LmHeadPlan), teacher_rows, student_rows and "
+                f"pair_sample must be None: the plan holds them"
+            )
+        if plan.device != hidden.device:
+            raise RuntimeError(
+                f"{_NAME}: targets (LmHeadPlan) was built on {plan.device}, but hidden is on {hidden.device}"
+            )
+        if (plan.n_rows, plan.vocab) != (n_rows, vocab):
+            raise ValueError(
+                f"{_NAME}: targets (LmHeadPlan) was built for {plan.n_rows} rows and vocabulary "
+                f"{plan.vocab}, but hidden has {n_rows} rows and weight {vocab}"
+            )
+        return plan
+    named = (
+        ("targets", targets),
+        ("teacher_rows", teacher_rows),
+        ("student_rows", student_rows),
+        ("pair_sample", pair_sample),
+    )
+    for name, t in named:
+        # A tensor on another device would otherwise be read from wherever it is.
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu" and t.device != hidden.device:
+            raise RuntimeError(
+                f"{_NAME}: {name} must be on the CPU or on the device of hidden ({hidden.device}), got {t.device}"
+            )
+    return lm_head_plan(
+        targets, teacher_rows, student_rows, pair_sample, topk_fraction, n_rows, vocab, hidden.device
+    )
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def forward_outputs_fake(hidden: torch.Tensor, n_pairs: int, grad_hidden: bool) -> tuple[torch.Tensor, ...]:
+    """Empty tensors shaped like the forward's outputs (ce, kl, d ce / d hidden, d kl / d hidden,
+    lse, pair coefficients): the fake kernel of lm_head_losses_fwd and of the override op."""
+    acc = _accumulate_dtype(hidden.dtype)
+    grad_shape = tuple(hidden.shape) if grad_hidden else (0,)
+    return (
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty(grad_shape, dtype=acc),
+        hidden.new_empty(grad_shape, dtype=acc),
+        hidden.new_empty((hidden.shape[0],), dtype=acc),
+        hidden.new_empty((n_pairs,), dtype=acc),
+    )
+
+
+_PLAN_ARGS = 8  # rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots, paired_rows
+
 if _extension.extension_available():
 
     @torch.library.register_fake(_OP)
     def _forward_fake(
-        hidden, weight, bias, targets, teacher_rows, student_rows, pair_sample, topk_fraction, grad_hidden
-    ):
-        acc = _accumulate_dtype(hidden.dtype)
-        n = hidden.shape[0]
-        grad_shape = tuple(hidden.shape) if grad_hidden else (0,)
-        return (
-            hidden.new_empty((), dtype=acc),
-            hidden.new_empty((), dtype=acc),
-            hidden.new_empty(grad_shape, dtype=acc),
-            hidden.new_empty(grad_shape, dtype=acc),
-            hidden.new_empty((n,), dtype=acc),
-            hidden.new_empty((teacher_rows.shape[0],), dtype=acc),
-        )
-
-    @torch.library.register_fake("crystal_ext::lm_head_losses_bwd")
-    def _backward_fake(
-        grad_ce,
-        grad_kl,
         hidden,
         weight,
         bias,
-        targets,
-        teacher_rows,
-        student_rows,
-        pair_sample,
-        topk_fraction,
-        grad_hidden_ce,
-        grad_hidden_kl,
-        lse,
-        kl_coef,
+        rows,
+        row_targets,
+        ce_rows,
+        pair_rows,
+        sample_pairs,
+        sample_k,
+        kept_slots,
+        paired_rows,
         grad_hidden,
-        grad_weight,
-        grad_bias,
     ):
+        return forward_outputs_fake(hidden, pair_rows.shape[1], grad_hidden)
+
+    @torch.library.register_fake("crystal_ext::lm_head_losses_bwd")
+    def _backward_fake(grad_ce, grad_kl, hidden, weight, bias, *rest):
+        *_plan, _grad_hidden_ce, _grad_hidden_kl, _lse, _kl_coef, grad_hidden, grad_weight, grad_bias = rest
         return (
             hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty((0,)),
             weight.new_empty(weight.shape) if grad_weight else weight.new_empty((0,)),
@@ -152,49 +197,16 @@ if _extension.extension_available():
         )
 
     def _setup_context(ctx, inputs, output):
-        (
-            hidden,
-            weight,
-            bias,
-            targets,
-            teacher_rows,
-            student_rows,
-            pair_sample,
-            topk_fraction,
-            grad_hidden,
-        ) = inputs
+        hidden, weight, bias, *plan, grad_hidden = inputs
         _ce, _kl, grad_hidden_ce, grad_hidden_kl, lse, kl_coef = output
         ctx.grad_hidden = bool(grad_hidden)
         ctx.has_bias = bias is not None
-        ctx.topk_fraction = topk_fraction
-        ctx.save_for_backward(
-            hidden,
-            weight,
-            bias,
-            targets,
-            teacher_rows,
-            student_rows,
-            pair_sample,
-            grad_hidden_ce,
-            grad_hidden_kl,
-            lse,
-            kl_coef,
-        )
+        ctx.paired_rows = plan[-1]
+        ctx.save_for_backward(hidden, weight, bias, *plan[:-1], grad_hidden_ce, grad_hidden_kl, lse, kl_coef)
 
     def _backward(ctx, grad_ce, grad_kl, *_unused):
-        (
-            hidden,
-            weight,
-            bias,
-            targets,
-            teacher_rows,
-            student_rows,
-            pair_sample,
-            grad_hidden_ce,
-            grad_hidden_kl,
-            lse,
-            kl_coef,
-        ) = ctx.saved_tensors
+        hidden, weight, bias, *rest = ctx.saved_tensors
+        plan, saved = rest[: _PLAN_ARGS - 1], rest[_PLAN_ARGS - 1 :]
         need_hidden = ctx.needs_input_grad[0]
         need_weight = ctx.needs_input_grad[1]
         need_bias = ctx.has_bias and ctx.needs_input_grad[2]
@@ -203,23 +215,18 @@ if _extension.extension_available():
                 "lm_head_losses: hidden did not require grad when the forward ran, so its "
                 "gradient was not prepared; set requires_grad before calling the op"
             )
+        none = (None,) * (_PLAN_ARGS + 1)
         if not (need_hidden or need_weight or need_bias):
-            return (None,) * 9
+            return (None, None, None, *none)
         gh, gw, gb = torch.ops.crystal_ext.lm_head_losses_bwd(
             grad_ce,
             grad_kl,
             hidden,
             weight,
             bias,
-            targets,
-            teacher_rows,
-            student_rows,
-            pair_sample,
-            ctx.topk_fraction,
-            grad_hidden_ce,
-            grad_hidden_kl,
-            lse,
-            kl_coef,
+            *plan,
+            ctx.paired_rows,
+            *saved,
             bool(need_hidden),
             bool(need_weight),
             bool(need_bias),
@@ -228,12 +235,7 @@ if _extension.extension_available():
             gh if need_hidden else None,
             gw if need_weight else None,
             gb if need_bias else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
+            *none,
         )
 
     torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)

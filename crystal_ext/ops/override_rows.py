@@ -31,7 +31,12 @@ import torch
 
 
 def check_override(weight: torch.Tensor, override_ids, override_rows, op: str) -> bool:
-    """True when an override is given (both arguments), after checking it; errors name the argument."""
+    """True when an override is given (both arguments), after checking it; errors name the argument.
+
+    Shapes, dtypes and devices are checked on every call. The ids' values (in [0, V), no
+    duplicates) are checked only when they are on the CPU, a free read there: ids on a GPU
+    would have to be copied back, which waits for it, so they are checked where they are made
+    (crystal_ext.model.new_token_rows.NewTokenRows checks its ids once, on creation)."""
     if override_ids is None and override_rows is None:
         return False
     if override_ids is None or override_rows is None:
@@ -51,11 +56,18 @@ def check_override(weight: torch.Tensor, override_ids, override_rows, op: str) -
         raise RuntimeError(
             f"{op}: override_ids and override_rows must be on the weight's device ({weight.device})"
         )
-    if n and (int(override_ids.min()) < 0 or int(override_ids.max()) >= vocab):
-        raise ValueError(f"{op}: override_ids must be in [0, {vocab}), got {override_ids.tolist()}")
-    if override_ids.unique().numel() != n:
-        raise ValueError(f"{op}: override_ids has duplicates: {override_ids.tolist()}")
+    if override_ids.device.type == "cpu":
+        check_override_ids(override_ids, vocab, op)
     return True
+
+
+def check_override_ids(ids: torch.Tensor, vocab: int, op: str) -> None:
+    """The ids' values: in [0, vocab) and without duplicates (read on the host)."""
+    ids = ids.cpu()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"{op}: override_ids must be in [0, {vocab}), got {ids.tolist()}")
+    if ids.unique().numel() != ids.numel():
+        raise ValueError(f"{op}: override_ids has duplicates: {ids.tolist()}")
 
 
 _OP = "crystal_ext::lm_head_losses_override_fwd"
@@ -66,17 +78,21 @@ def _override_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    teacher_rows: torch.Tensor,
-    student_rows: torch.Tensor,
-    pair_sample: torch.Tensor,
-    topk_fraction: float,
+    rows: torch.Tensor,
+    row_targets: torch.Tensor,
+    ce_rows: torch.Tensor,
+    pair_rows: torch.Tensor,
+    sample_pairs: torch.Tensor,
+    sample_k: torch.Tensor,
+    kept_slots: torch.Tensor,
+    paired_rows: int,
     override_ids: torch.Tensor,
     override_rows: torch.Tensor,
     grad_hidden: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The compiled forward with the override rows written into the weight for the call:
-    (ce, kl, d ce / d hidden, d kl / d hidden, lse, pair coefficients), as lm_head_losses_fwd."""
+    (ce, kl, d ce / d hidden, d kl / d hidden, lse, pair coefficients), as lm_head_losses_fwd.
+    rows .. paired_rows: the plan (crystal_ext.ops.lm_head_plan.LmHeadPlan.tensors())."""
     # Written through .data and put back before returning: the weight is unchanged for every
     # reader, and its version counter (shared with its base: under FSDP the head and the
     # trained rows are views of one flat parameter) is not bumped, which would make autograd
@@ -87,8 +103,8 @@ def _override_forward(
         storage[override_ids] = override_rows.detach().to(weight.dtype)
         try:
             out = torch.ops.crystal_ext.lm_head_losses_fwd(
-                hidden, storage, bias, targets, teacher_rows, student_rows, pair_sample,
-                topk_fraction, grad_hidden,
+                hidden, storage, bias, rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k,
+                kept_slots, paired_rows, grad_hidden,
             )  # fmt: skip
         finally:
             storage[override_ids] = kept
@@ -96,29 +112,26 @@ def _override_forward(
 
 
 @_override_forward.register_fake
-def _override_forward_fake(
-    hidden, weight, bias, targets, teacher_rows, student_rows, pair_sample, topk_fraction, ids, rows, grads
-):
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    grad_shape = tuple(hidden.shape) if grads else (0,)
-    return (
-        hidden.new_empty((), dtype=acc),
-        hidden.new_empty((), dtype=acc),
-        hidden.new_empty(grad_shape, dtype=acc),
-        hidden.new_empty(grad_shape, dtype=acc),
-        hidden.new_empty((hidden.shape[0],), dtype=acc),
-        hidden.new_empty((teacher_rows.shape[0],), dtype=acc),
-    )
+def _override_forward_fake(hidden, weight, bias, rows, row_targets, ce_rows, pair_rows, *rest):
+    # Imported here: crystal_ext.ops.lm_head_losses imports this module.
+    from crystal_ext.ops.lm_head_losses import forward_outputs_fake
+
+    return forward_outputs_fake(hidden, pair_rows.shape[1], rest[-1])
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, _weight, bias, targets, teacher, student, _sample, _topk, ids, rows, _grads = inputs
+    hidden, _weight, bias, rows, row_targets, ce_rows, pair_rows, *_rest = inputs
+    ids, override, _grads = inputs[-3:]
     _ce, _kl, grad_ce, grad_kl, lse, coef = output
-    ctx.save_for_backward(hidden, rows, bias, targets, teacher, student, ids, grad_ce, grad_kl, lse, coef)
+    ctx.save_for_backward(
+        hidden, override, bias, rows, row_targets, ce_rows, pair_rows, ids, grad_ce, grad_kl, lse, coef
+    )
 
 
 def _backward(ctx, g_ce, g_kl, *_unused):
-    hidden, rows, bias, targets, teacher, student, ids, grad_ce, grad_kl, lse, coef = ctx.saved_tensors
+    (hidden, override, bias, rows, row_targets, ce_rows, pair_rows, ids, grad_ce, grad_kl, lse, coef) = (
+        ctx.saved_tensors
+    )
     acc = lse.dtype
     grad_hidden = None
     if ctx.needs_input_grad[0]:
@@ -128,19 +141,20 @@ def _backward(ctx, g_ce, g_kl, *_unused):
                 "gradient was not prepared; set requires_grad before calling the op"
             )
         grad_hidden = (g_ce * grad_ce + g_kl * grad_kl).to(hidden.dtype)
-    h = hidden.to(acc)
-    z = h @ rows.to(hidden.dtype).to(acc).T  # [N, n]: the override columns of the logits
+    # The override columns of the logits of the rows that have logits (the plan's rows), [R, n].
+    h = hidden[rows].to(acc)
+    z = h @ override.to(hidden.dtype).to(acc).T
     if bias is not None:
         z = z + bias[ids].to(acc)
-    p = (z - lse[:, None]).exp()
-    targeted = (targets != -100).to(acc)
-    onehot = (targets[:, None] == ids[None, :]).to(acc)
-    # No targeted rows: every term is multiplied by 0 (the clamp only avoids 0 / 0).
-    dz = (p - onehot) * targeted[:, None] * (g_ce / targeted.sum().clamp(min=1))
-    if teacher.numel():
+    p = (z - lse[rows][:, None]).exp()
+    # CE rows (their count is a shape: nothing is read on the host).
+    onehot = (row_targets[ce_rows][:, None] == ids[None, :]).to(acc)
+    dz = torch.zeros_like(p).index_add(0, ce_rows, (p[ce_rows] - onehot) * (g_ce / max(ce_rows.numel(), 1)))
+    if pair_rows.shape[1]:
+        teacher, student = pair_rows[0], pair_rows[1]
         dz = dz.index_add(0, student, coef[:, None] * (p[student] - p[teacher]) * g_kl)
-    grad_rows = (dz.T @ h).to(rows.dtype) if ctx.needs_input_grad[9] else None
-    return grad_hidden, None, None, None, None, None, None, None, None, grad_rows, None
+    grad_override = (dz.T @ h).to(override.dtype) if ctx.needs_input_grad[12] else None
+    return (grad_hidden, *(None,) * 11, grad_override, None)
 
 
 _override_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -149,28 +163,15 @@ _override_forward.register_autograd(_backward, setup_context=_setup_context)
 def override_lm_head_losses(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    targets: torch.Tensor,
-    teacher_rows: torch.Tensor,
-    student_rows: torch.Tensor,
-    pair_sample: torch.Tensor,
-    topk_fraction: float,
     bias: torch.Tensor | None,
+    plan,
     override_ids: torch.Tensor,
     override_rows: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compiled losses with override rows (checked by the caller, crystal_ext.lm_head_losses)."""
+    """The compiled losses with override rows, for crystal_ext.lm_head_losses, which checked
+    the override and built the plan (crystal_ext.ops.lm_head_plan.LmHeadPlan)."""
     grads = torch.is_grad_enabled() and (hidden.requires_grad or override_rows.requires_grad)
     ce, kl, *_ = _override_forward(
-        hidden,
-        weight,
-        bias,
-        targets,
-        teacher_rows,
-        student_rows,
-        pair_sample,
-        float(topk_fraction),
-        override_ids,
-        override_rows,
-        grads,
+        hidden, weight, bias, *plan.tensors(), override_ids, override_rows, bool(grads)
     )
     return ce, kl

@@ -99,10 +99,11 @@ at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
 template <typename acc_t>
 struct Forward {
   const Problem& p;
+  const Plan& plan;
+  const HostPlan& h_plan;
   const at::Tensor& hidden;  // contiguous, input dtype
   const at::Tensor& weight;  // contiguous, input dtype
   const c10::optional<at::Tensor>& bias;
-  double topk_fraction;
   bool grad_hidden;
   at::ScalarType acc;
 
@@ -126,7 +127,7 @@ struct Forward {
   double run_chunk(int64_t begin, int64_t end) {
     const int64_t R = end - begin, Hd = p.hidden_dim, V = p.vocab;
     const auto opts = hidden.options().dtype(acc);
-    const std::vector<int64_t> chunk_rows(p.rows.begin() + begin, p.rows.begin() + end);
+    const std::vector<int64_t> chunk_rows(h_plan.rows.begin() + begin, h_plan.rows.begin() + end);
     const int64_t Vb = vocab_block(R, V);
     const at::Tensor s_buf = at::empty({R * Vb}, opts);
     // Pairs live in the first chunk (their rows come first in p.rows).
@@ -144,19 +145,12 @@ struct Forward {
     at::Tensor expect = grad_hidden ? at::zeros({R, Hd}, opts) : at::Tensor();
     std::vector<acc_t> run_max(R, neg_inf<acc_t>()), run_sum(R, acc_t(0)),
         alpha(R, acc_t(0)), target_logit(R, acc_t(0));
-    std::vector<int64_t> target(R);
-    const int64_t* tg = p.targets_cpu.data_ptr<int64_t>();
-    for (int64_t j = 0; j < R; ++j) target[j] = tg[chunk_rows[j]];
+    const std::vector<int64_t> target(h_plan.row_targets.begin() + begin,
+                                      h_plan.row_targets.begin() + end);
     std::vector<acc_t> cross(has_pairs ? p.n_pairs : 0, acc_t(0));
-    std::vector<int64_t> pair_t, pair_s;
-    if (has_pairs) {
-      const int64_t* te = p.teacher_cpu.data_ptr<int64_t>();
-      const int64_t* st = p.student_cpu.data_ptr<int64_t>();
-      for (int64_t i = 0; i < p.n_pairs; ++i) {
-        pair_t.push_back(p.local[te[i]]);
-        pair_s.push_back(p.local[st[i]]);
-      }
-    }
+    // Local positions of each pair's rows (the first chunk starts at position 0).
+    const std::vector<int64_t>& pair_t = h_plan.pair_t;
+    const std::vector<int64_t>& pair_s = h_plan.pair_s;
 
     for (int64_t v0 = 0; v0 < V; v0 += Vb) {
       const int64_t vb = std::min(Vb, V - v0);
@@ -271,17 +265,21 @@ struct Forward {
     }
 
     if (has_pairs) {
-      std::vector<acc_t> pair_kl_values(p.n_pairs);
+      at::Tensor pair_kl_values = at::empty({p.n_pairs}, opts);
+      acc_t* kl_ptr = pair_kl_values.data_ptr<acc_t>();
       for (int64_t i = 0; i < p.n_pairs; ++i)
-        pair_kl_values[i] = pair_kl(cross[i], run_sum[pair_t[i]], chunk_lse[pair_t[i]],
-                                    chunk_lse[pair_s[i]]);
-      acc_t* c = coef.data_ptr<acc_t>();
-      kl = static_cast<acc_t>(select_topk(p, pair_kl_values.data(), topk_fraction, c));
+        kl_ptr[i] = pair_kl(cross[i], run_sum[pair_t[i]], chunk_lse[pair_t[i]],
+                            chunk_lse[pair_s[i]]);
+      // The same ATen selection as on the GPU (lm_head_losses_host.h).
+      auto selected = select_topk(pair_kl_values, plan, p);
+      kl = selected.first.template item<acc_t>();
+      coef = selected.second;
+      const acc_t* c = coef.data_ptr<acc_t>();
       if (grad_hidden) {
         // d KL / d h_s = sum over kept pairs i with student s of coef_i (E_s - E_teacher).
         const acc_t* e_ptr = expect.data_ptr<acc_t>();
         acc_t* g_ptr = grad_kl.data_ptr<acc_t>();
-        const int64_t* st = p.student_cpu.data_ptr<int64_t>();
+        const std::vector<int64_t>& st = h_plan.student;
         for (int64_t i = 0; i < p.n_pairs; ++i) {
           if (c[i] == acc_t(0)) continue;
           const acc_t* es = e_ptr + pair_s[i] * Hd;
@@ -295,12 +293,13 @@ struct Forward {
   }
 };
 
-ForwardOutputs forward_sweep(const Problem& p, const at::Tensor& hidden, const at::Tensor& weight,
-                             const c10::optional<at::Tensor>& bias, double topk_fraction,
+ForwardOutputs forward_sweep(const Problem& p, const Plan& plan, const at::Tensor& hidden,
+                             const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              bool grad_hidden, at::ScalarType acc) {
   ForwardOutputs o;
+  const HostPlan h_plan = host_plan(plan, p);
   AT_DISPATCH_FLOATING_TYPES(acc, "lm_head_losses_fwd_cpu", [&] {
-    Forward<scalar_t> f{p, hidden, weight, bias, topk_fraction, grad_hidden, acc};
+    Forward<scalar_t> f{p, plan, h_plan, hidden, weight, bias, grad_hidden, acc};
     f.run();
     o = {at::scalar_tensor(f.ce, hidden.options().dtype(acc)),
          at::scalar_tensor(f.kl, hidden.options().dtype(acc)), f.grad_ce, f.grad_kl, f.lse,
@@ -312,13 +311,17 @@ ForwardOutputs forward_sweep(const Problem& p, const at::Tensor& hidden, const a
 // d weight and d bias: one more sweep over the vocabulary for the CE rows and the kept pairs'
 // rows only, with the saved lse, writing each vocabulary block of the gradients once.
 template <typename acc_t>
-void weight_grad_sweep(const Problem& p, const at::Tensor& hidden, const at::Tensor& weight,
-                       const c10::optional<at::Tensor>& bias, const at::Tensor& coef_t,
-                       const at::Tensor& lse_t, acc_t g_ce, acc_t g_kl, at::ScalarType acc,
-                       at::Tensor* grad_weight, at::Tensor* grad_bias) {
-  const int64_t* tg = p.targets_cpu.data_ptr<int64_t>();
-  const int64_t* te = p.teacher_cpu.data_ptr<int64_t>();
-  const int64_t* st = p.student_cpu.data_ptr<int64_t>();
+void weight_grad_sweep(const Problem& p, const HostPlan& h_plan, const at::Tensor& hidden,
+                       const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       const at::Tensor& coef_t, const at::Tensor& lse_t, acc_t g_ce, acc_t g_kl,
+                       at::ScalarType acc, at::Tensor* grad_weight, at::Tensor* grad_bias) {
+  // Each hidden row's target, and each pair's teacher and student rows of hidden.
+  std::vector<int64_t> targets(p.n_rows, kIgnoreIndex), teachers(p.n_pairs);
+  for (int64_t j = 0; j < p.n_logit_rows; ++j) targets[h_plan.rows[j]] = h_plan.row_targets[j];
+  for (int64_t i = 0; i < p.n_pairs; ++i) teachers[i] = h_plan.rows[h_plan.pair_t[i]];
+  const int64_t* tg = targets.data();
+  const int64_t* te = teachers.data();
+  const int64_t* st = h_plan.student.data();
   const acc_t* coef = coef_t.data_ptr<acc_t>();
   const acc_t* lse = lse_t.data_ptr<acc_t>();
   // Rows whose logits are needed, and the rows of the logit-gradient matrix D.
@@ -404,12 +407,14 @@ void weight_grad_sweep(const Problem& p, const at::Tensor& hidden, const at::Ten
   if (grad_bias) *grad_bias = grad_bias->to(weight.scalar_type());
 }
 
-void weight_grads(const Problem& p, const at::Tensor& hidden, const at::Tensor& weight,
-                  const c10::optional<at::Tensor>& bias, const at::Tensor& coef,
-                  const at::Tensor& lse, const at::Tensor& grad_ce, const at::Tensor& grad_kl,
-                  at::ScalarType acc, at::Tensor* grad_weight, at::Tensor* grad_bias) {
+void weight_grads(const Problem& p, const Plan& plan, const at::Tensor& hidden,
+                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                  const at::Tensor& coef, const at::Tensor& lse, const at::Tensor& grad_ce,
+                  const at::Tensor& grad_kl, at::ScalarType acc, at::Tensor* grad_weight,
+                  at::Tensor* grad_bias) {
+  const HostPlan h_plan = host_plan(plan, p);
   AT_DISPATCH_FLOATING_TYPES(acc, "lm_head_losses_bwd_cpu", [&] {
-    weight_grad_sweep<scalar_t>(p, hidden, weight, bias, coef, lse,
+    weight_grad_sweep<scalar_t>(p, h_plan, hidden, weight, bias, coef, lse,
                                 grad_ce.to(acc).item<scalar_t>(), grad_kl.to(acc).item<scalar_t>(),
                                 acc, grad_weight, grad_bias);
   });
@@ -417,22 +422,27 @@ void weight_grads(const Problem& p, const at::Tensor& hidden, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& targets, const at::Tensor& teacher_rows, const at::Tensor& student_rows,
-    const at::Tensor& pair_sample, double topk_fraction, bool grad_hidden) {
-  return host_forward(at::kCPU, &forward_sweep, hidden, weight, bias, targets, teacher_rows,
-                      student_rows, pair_sample, topk_fraction, grad_hidden);
+    const at::Tensor& rows, const at::Tensor& row_targets, const at::Tensor& ce_rows,
+    const at::Tensor& pair_rows, const at::Tensor& sample_pairs, const at::Tensor& sample_k,
+    const at::Tensor& kept_slots, int64_t paired_rows, bool grad_hidden) {
+  const Plan plan{rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots,
+                  paired_rows};
+  return host_forward(at::kCPU, &forward_sweep, hidden, weight, bias, plan, grad_hidden);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_ce, const at::Tensor& grad_kl, const at::Tensor& hidden,
-    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
-    const at::Tensor& teacher_rows, const at::Tensor& student_rows, const at::Tensor& pair_sample,
-    double topk_fraction, const at::Tensor& grad_hidden_ce, const at::Tensor& grad_hidden_kl,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& rows,
+    const at::Tensor& row_targets, const at::Tensor& ce_rows, const at::Tensor& pair_rows,
+    const at::Tensor& sample_pairs, const at::Tensor& sample_k, const at::Tensor& kept_slots,
+    int64_t paired_rows, const at::Tensor& grad_hidden_ce, const at::Tensor& grad_hidden_kl,
     const at::Tensor& lse, const at::Tensor& coef, bool grad_hidden, bool grad_weight,
     bool grad_bias) {
-  return host_backward(at::kCPU, &weight_grads, grad_ce, grad_kl, hidden, weight, bias, targets,
-                       teacher_rows, student_rows, pair_sample, topk_fraction, grad_hidden_ce,
-                       grad_hidden_kl, lse, coef, grad_hidden, grad_weight, grad_bias);
+  const Plan plan{rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots,
+                  paired_rows};
+  return host_backward(at::kCPU, &weight_grads, grad_ce, grad_kl, hidden, weight, bias, plan,
+                       grad_hidden_ce, grad_hidden_kl, lse, coef, grad_hidden, grad_weight,
+                       grad_bias);
 }
 
 }  // namespace

@@ -3,9 +3,15 @@
 // the vocabulary in blocks; per block the logits GEMM (ATen / cuBLAS on the current stream;
 // bf16/fp16 inputs use the bf16/fp16 GEMM with float32 output, so the logits are never
 // rounded to bf16), then our kernels for the online softmax statistics and the KL cross term,
-// then the expectation GEMM O += P W_blk in float32. The per-row and per-pair arithmetic comes
-// from the shared header. The top-k selection runs on the host on the [M] pair KLs (one small
-// device-to-host copy, like the index checks).
+// then the expectation GEMM O += P W_blk (for bf16/fp16 inputs on the half-precision weight
+// block with float32 output, P split into a half-precision hi part and the remainder lo, so
+// that P keeps about fp32 accuracy and the weight block is never copied to fp32). The per-row
+// and per-pair arithmetic comes from the shared header.
+//
+// No value is read on the host: the rows, targets and pairs come from the caller's plan,
+// already on the device (crystal_ext/ops/lm_head_plan.py), the per-sample top-k selection runs
+// in ATen ops on the device (select_topk, lm_head_losses_host.h), and the weight sweep picks
+// the kept pairs and their lse on the device too. So neither direction waits for the GPU.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,13 +33,6 @@ namespace {
 constexpr int kThreads = 256;
 using cuda_plan::kMaxChunkRows;
 using cuda_plan::vocab_block;
-
-at::Tensor to_device_long(const std::vector<int64_t>& v, const at::Device& device) {
-  at::Tensor t = at::empty({static_cast<int64_t>(v.size())},
-                           at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
-  return t.to(device, /*non_blocking=*/true);
-}
 
 at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
   return flat.narrow(0, 0, rows * cols).view({rows, cols});
@@ -173,11 +172,11 @@ __global__ void pair_kl_kernel(const acc_t* __restrict__ cross, const int64_t* _
 }
 
 // One block per pair: d kl / d h_student += coef_i (E_s - E_teacher); pairs may share a
-// student row, hence the atomics.
+// student row, hence the atomics. rows maps local positions to rows of hidden.
 template <typename acc_t>
 __global__ void kl_grad_kernel(const acc_t* __restrict__ expect, const int64_t* __restrict__ pair_t,
                                const int64_t* __restrict__ pair_s,
-                               const int64_t* __restrict__ student_rows,
+                               const int64_t* __restrict__ rows,
                                const acc_t* __restrict__ coef, acc_t* __restrict__ grad_kl,
                                int64_t hidden_dim) {
   const int64_t i = blockIdx.x;
@@ -185,7 +184,7 @@ __global__ void kl_grad_kernel(const acc_t* __restrict__ expect, const int64_t* 
   if (c == acc_t(0)) return;
   const acc_t* es = expect + pair_s[i] * hidden_dim;
   const acc_t* et = expect + pair_t[i] * hidden_dim;
-  acc_t* g = grad_kl + student_rows[i] * hidden_dim;
+  acc_t* g = grad_kl + rows[pair_s[i]] * hidden_dim;
   for (int64_t d = threadIdx.x; d < hidden_dim; d += kThreads)
     atomicAdd(g + d, kl_hidden_grad(es[d], et[d], c));
 }
@@ -232,25 +231,43 @@ void block_logits(at::Tensor& S, const at::Tensor& h, const at::Tensor& w_blk, a
   }
 }
 
+// Expectation GEMM O += P W_blk. For bf16/fp16 inputs P (float32, in [0, 1]) is split into
+// hi = P rounded to the input type and lo = (P - hi) rounded, and both products run on the
+// half-precision weight block with float32 output: P keeps about fp32 accuracy (the paired
+// rows' KL gradient E_s - E_teacher is a difference of nearly equal expectations) and the
+// weight block is never converted to fp32.
+void expectation_update(at::Tensor& expect, const at::Tensor& P, const at::Tensor& w_blk,
+                        at::ScalarType acc) {
+  const auto half_type = w_blk.scalar_type();
+  if (half_type == at::kHalf || half_type == at::kBFloat16) {
+    const at::Tensor p_hi = P.to(half_type);
+    const at::Tensor p_lo = (P - p_hi.to(acc)).to(half_type);
+    expect.add_(at::mm(p_hi, w_blk, acc));
+    expect.add_(at::mm(p_lo, w_blk, acc));
+  } else {
+    expect.addmm_(P, w_blk);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 struct ForwardCuda {
   const Problem& p;
+  const Plan& plan;
   const at::Tensor& hidden;
   const at::Tensor& weight;
   const c10::optional<at::Tensor>& bias;
-  double topk_fraction;
   bool grad_hidden;
   at::ScalarType acc;
-  at::Tensor lse, coef, grad_ce, grad_kl, ce_terms, pair_kl_dev;
-  double kl = 0.0;
+  at::Tensor lse, coef, grad_ce, grad_kl, ce_terms, kl;
 
   void run() {
     const auto opts = hidden.options().dtype(acc);
     lse = at::zeros({p.n_rows}, opts);
     coef = at::zeros({p.n_pairs}, opts);
+    kl = at::zeros({}, opts);
     grad_ce = grad_hidden ? at::zeros({p.n_rows, p.hidden_dim}, opts) : at::empty({0}, opts);
     grad_kl = grad_hidden ? at::zeros({p.n_rows, p.hidden_dim}, opts) : at::empty({0}, opts);
-    ce_terms = at::zeros({static_cast<int64_t>(p.rows.size())}, opts);
+    ce_terms = at::zeros({p.n_logit_rows}, opts);
     for (const auto& chunk : row_chunks(p, kMaxChunkRows)) run_chunk(chunk.first, chunk.second);
   }
 
@@ -258,12 +275,8 @@ struct ForwardCuda {
     const int64_t R = end - begin, Hd = p.hidden_dim, V = p.vocab;
     const auto opts = hidden.options().dtype(acc);
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    const std::vector<int64_t> chunk_rows(p.rows.begin() + begin, p.rows.begin() + end);
-    std::vector<int64_t> chunk_targets(R);
-    const int64_t* tg = p.targets_cpu.data_ptr<int64_t>();
-    for (int64_t j = 0; j < R; ++j) chunk_targets[j] = tg[chunk_rows[j]];
-    const at::Tensor rows_dev = to_device_long(chunk_rows, hidden.device());
-    const at::Tensor target_dev = to_device_long(chunk_targets, hidden.device());
+    const at::Tensor rows_dev = plan.rows.narrow(0, begin, R).contiguous();
+    const at::Tensor target_dev = plan.row_targets.narrow(0, begin, R).contiguous();
     const bool half = hidden.scalar_type() == at::kHalf || hidden.scalar_type() == at::kBFloat16;
     const at::Tensor h = half ? hidden.index_select(0, rows_dev).contiguous()
                               : hidden.index_select(0, rows_dev).to(acc).contiguous();
@@ -276,15 +289,9 @@ struct ForwardCuda {
     const bool has_pairs = begin == 0 && p.n_pairs > 0;
     at::Tensor cross, pair_t_dev, pair_s_dev;
     if (has_pairs) {
-      std::vector<int64_t> pt(p.n_pairs), ps(p.n_pairs);
-      const int64_t* te = p.teacher_cpu.data_ptr<int64_t>();
-      const int64_t* st = p.student_cpu.data_ptr<int64_t>();
-      for (int64_t i = 0; i < p.n_pairs; ++i) {
-        pt[i] = p.local[te[i]];
-        ps[i] = p.local[st[i]];
-      }
-      pair_t_dev = to_device_long(pt, hidden.device());
-      pair_s_dev = to_device_long(ps, hidden.device());
+      // Local positions of each pair's rows (the first chunk starts at position 0).
+      pair_t_dev = plan.pair_rows.select(0, 0).contiguous();
+      pair_s_dev = plan.pair_rows.select(0, 1).contiguous();
       cross = at::zeros({p.n_pairs}, opts);
     }
     acc_t* e_ptr = grad_hidden ? expect.data_ptr<acc_t>() : nullptr;
@@ -308,7 +315,7 @@ struct ForwardCuda {
             pair_s_dev.data_ptr<int64_t>(), alpha.data_ptr<acc_t>(), cross.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      if (grad_hidden) expect.addmm_(P, w_blk.to(acc));
+      if (grad_hidden) expectation_update(expect, P, w_blk, acc);
     }
 
     const acc_t inv_n = p.n_targeted > 0 ? acc_t(1) / acc_t(p.n_targeted) : acc_t(0);
@@ -327,33 +334,31 @@ struct ForwardCuda {
           rows_dev.data_ptr<int64_t>(), run_sum.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
           pair_kl_values.data_ptr<acc_t>(), p.n_pairs);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const at::Tensor kl_host = pair_kl_values.to(at::kCPU);  // synchronises: [M] values
-      at::Tensor coef_host = at::zeros({p.n_pairs}, kl_host.options());
-      kl = select_topk(p, kl_host.data_ptr<acc_t>(), topk_fraction, coef_host.data_ptr<acc_t>());
-      coef.copy_(coef_host.pin_memory(), /*non_blocking=*/true);
+      auto selected = select_topk(pair_kl_values, plan, p);
+      kl = selected.first;
+      coef = selected.second;
       if (grad_hidden) {
-        const at::Tensor student_dev = to_device_async(p.student_cpu, hidden.device());
         kl_grad_kernel<acc_t><<<p.n_pairs, kThreads, 0, stream>>>(
             e_ptr, pair_t_dev.data_ptr<int64_t>(), pair_s_dev.data_ptr<int64_t>(),
-            student_dev.data_ptr<int64_t>(), coef.data_ptr<acc_t>(), grad_kl.data_ptr<acc_t>(), Hd);
+            rows_dev.data_ptr<int64_t>(), coef.data_ptr<acc_t>(), grad_kl.data_ptr<acc_t>(), Hd);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
   }
 };
 
-ForwardOutputs forward_sweep(const Problem& p, const at::Tensor& hidden, const at::Tensor& weight,
-                             const c10::optional<at::Tensor>& bias, double topk_fraction,
+ForwardOutputs forward_sweep(const Problem& p, const Plan& plan, const at::Tensor& hidden,
+                             const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              bool grad_hidden, at::ScalarType acc) {
   ForwardOutputs o;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(),
                                   "lm_head_losses_fwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    ForwardCuda<scalar_t, acc_t> f{p, hidden, weight, bias, topk_fraction, grad_hidden, acc};
+    ForwardCuda<scalar_t, acc_t> f{p, plan, hidden, weight, bias, grad_hidden, acc};
     f.run();
     o.ce = p.n_targeted > 0 ? f.ce_terms.sum().div_(static_cast<double>(p.n_targeted))
                             : at::zeros({}, hidden.options().dtype(acc));
-    o.kl = at::full({}, f.kl, hidden.options().dtype(acc));
+    o.kl = f.kl;
     o.lse = f.lse;
     o.coef = f.coef;
     o.grad_ce = f.grad_ce;
@@ -362,78 +367,56 @@ ForwardOutputs forward_sweep(const Problem& p, const at::Tensor& hidden, const a
   return o;
 }
 
+// d weight and d bias: one more sweep over the vocabulary for the CE rows and the kept pairs'
+// rows only, with the saved lse. Which pairs are kept is known on the device only (coef); how
+// many (K) is known from the plan's shape, so the kept pairs are the K pairs with a nonzero
+// coefficient, found by a top-k on the device. Logit rows: the T CE rows, then the K kept
+// students, then the K kept teachers (a row can appear twice: no host read to deduplicate).
 template <typename acc_t>
-void weight_grad_sweep_cuda(const Problem& p, const at::Tensor& hidden, const at::Tensor& weight,
-                            const c10::optional<at::Tensor>& bias, const at::Tensor& coef_dev,
-                            const at::Tensor& lse_dev, const at::Tensor& g_ce,
+void weight_grad_sweep_cuda(const Problem& p, const Plan& plan, const at::Tensor& hidden,
+                            const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                            const at::Tensor& coef, const at::Tensor& lse, const at::Tensor& g_ce,
                             const at::Tensor& g_kl, at::ScalarType acc, at::Tensor* grad_weight,
                             at::Tensor* grad_bias) {
-  const int64_t* tg = p.targets_cpu.data_ptr<int64_t>();
-  const int64_t* te = p.teacher_cpu.data_ptr<int64_t>();
-  const int64_t* st = p.student_cpu.data_ptr<int64_t>();
-  const at::Tensor coef_host = coef_dev.to(at::kCPU);
-  const at::Tensor lse_host = lse_dev.to(at::kCPU);
-  const acc_t* coef = coef_host.data_ptr<acc_t>();
-  const acc_t* lse = lse_host.data_ptr<acc_t>();
-  std::vector<int64_t> logit_rows, local(p.n_rows, -1);
-  auto add = [&](int64_t r) {
-    if (local[r] < 0) {
-      local[r] = static_cast<int64_t>(logit_rows.size());
-      logit_rows.push_back(r);
-    }
-  };
-  std::vector<int64_t> d_hidden_rows, d_a, d_b;
-  std::vector<acc_t> d_lse_a, d_lse_b, d_coef;
-  const acc_t inv_n = p.n_targeted > 0 ? acc_t(1) / acc_t(p.n_targeted) : acc_t(0);
-  for (int64_t r = 0; r < p.n_rows; ++r) {
-    if (tg[r] == kIgnoreIndex) continue;
-    add(r);
-    d_hidden_rows.push_back(r);
-    d_a.push_back(local[r]);
-    d_b.push_back(tg[r]);
-    d_lse_a.push_back(lse[r]);
-    d_lse_b.push_back(acc_t(0));
-    d_coef.push_back(inv_n);
-  }
-  const int64_t n_ce = static_cast<int64_t>(d_hidden_rows.size());
-  for (int64_t i = 0; i < p.n_pairs; ++i) {
-    if (coef[i] == acc_t(0)) continue;
-    add(te[i]);
-    add(st[i]);
-    d_hidden_rows.push_back(st[i]);
-    d_a.push_back(local[st[i]]);
-    d_b.push_back(local[te[i]]);
-    d_lse_a.push_back(lse[st[i]]);
-    d_lse_b.push_back(lse[te[i]]);
-    d_coef.push_back(coef[i]);
-  }
-  const int64_t n_d = static_cast<int64_t>(d_hidden_rows.size());
-  const int64_t Q = static_cast<int64_t>(logit_rows.size()), V = p.vocab;
+  const int64_t T = p.n_targeted, K = p.n_pairs > 0 ? p.n_kept : 0, V = p.vocab;
+  const int64_t n_d = T + K, Q = T + 2 * K;
   const auto opts = hidden.options().dtype(acc);
-  if (n_d == 0) {
+  if (n_d == 0) {  // nothing targeted and no pairs: zero gradients
     if (grad_weight) *grad_weight = at::zeros_like(weight);
     if (grad_bias) *grad_bias = at::zeros({V}, weight.options());
     return;
   }
+  // Every vocabulary block of the gradients is written exactly once below.
   if (grad_weight) *grad_weight = at::empty_like(weight);
   if (grad_bias) *grad_bias = at::empty({V}, opts);
-  const auto dev = hidden.device();
-  auto to_dev_acc = [&](const std::vector<acc_t>& v) {
-    at::Tensor t = at::empty({static_cast<int64_t>(v.size())},
-                             opts.device(at::kCPU).pinned_memory(true));
-    std::copy(v.begin(), v.end(), t.data_ptr<acc_t>());
-    return t.to(dev, /*non_blocking=*/true);
-  };
-  const at::Tensor d_a_dev = to_device_long(d_a, dev), d_b_dev = to_device_long(d_b, dev);
-  const at::Tensor d_lse_a_dev = to_dev_acc(d_lse_a), d_lse_b_dev = to_dev_acc(d_lse_b),
-                   d_coef_dev = to_dev_acc(d_coef);
+  const auto long_opts = hidden.options().dtype(at::kLong);
+  const at::Tensor ce_hidden = plan.rows.index_select(0, plan.ce_rows);  // [T] rows of hidden
+  at::Tensor kept = at::empty({0}, long_opts), student = kept, teacher = kept;
+  if (K > 0) {
+    kept = std::get<1>(at::topk(coef, K));
+    student = plan.rows.index_select(0, plan.pair_rows.select(0, 1).index_select(0, kept));
+    teacher = plan.rows.index_select(0, plan.pair_rows.select(0, 0).index_select(0, kept));
+  }
+  const at::Tensor logit_rows = at::cat({ce_hidden, student, teacher});  // [Q]
+  const at::Tensor d_hidden_rows = at::cat({ce_hidden, student});        // [n_d]
+  // Per D row: a = the S row of its (student or CE) logits, b = the target (CE) or the S row
+  // of the teacher (KL), their lse, and the coefficient.
+  const at::Tensor positions = at::arange(Q, long_opts);
+  const at::Tensor d_a = positions.narrow(0, 0, n_d).contiguous();
+  const at::Tensor d_b = at::cat({plan.row_targets.index_select(0, plan.ce_rows),
+                                  positions.narrow(0, T + K, K)});
+  const at::Tensor d_lse_a = lse.index_select(0, d_hidden_rows).contiguous();
+  const at::Tensor d_lse_b = at::cat({at::zeros({T}, opts), lse.index_select(0, teacher)});
+  const at::Tensor d_coef =
+      at::cat({at::full({T}, T > 0 ? 1.0 / static_cast<double>(T) : 0.0, opts),
+               coef.index_select(0, kept)});
   const bool half = hidden.scalar_type() == at::kHalf || hidden.scalar_type() == at::kBFloat16;
-  const at::Tensor logit_rows_dev = to_device_long(logit_rows, dev);
-  const at::Tensor h = half ? hidden.index_select(0, logit_rows_dev).contiguous()
-                            : hidden.index_select(0, logit_rows_dev).to(acc).contiguous();
-  const at::Tensor hd = hidden.index_select(0, to_device_long(d_hidden_rows, dev)).to(acc).contiguous();
+  const at::Tensor h = half ? hidden.index_select(0, logit_rows).contiguous()
+                            : hidden.index_select(0, logit_rows).to(acc).contiguous();
+  const at::Tensor hd = hidden.index_select(0, d_hidden_rows).to(acc).contiguous();
   // The upstream gradients may arrive as CPU scalars in a direct op call: the kernels read them.
-  const at::Tensor gce = g_ce.to(dev, acc).contiguous(), gkl = g_kl.to(dev, acc).contiguous();
+  const at::Tensor gce = g_ce.to(hidden.device(), acc).contiguous(),
+                   gkl = g_kl.to(hidden.device(), acc).contiguous();
   const int64_t Vb = vocab_block(std::max(Q, n_d), V, hidden.size(1));
   const at::Tensor s_buf = at::empty({Q * Vb}, opts), d_buf = at::empty({n_d * Vb}, opts);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -445,9 +428,9 @@ void weight_grad_sweep_cuda(const Problem& p, const at::Tensor& hidden, const at
     at::Tensor b_blk;
     if (bias.has_value() && bias->defined()) b_blk = bias->narrow(0, v0, vb).to(acc).contiguous();
     logit_grad_kernel<acc_t><<<n_d, kThreads, 0, stream>>>(
-        S.data_ptr<acc_t>(), vb, v0, b_blk.defined() ? b_blk.data_ptr<acc_t>() : nullptr, n_ce,
-        d_a_dev.data_ptr<int64_t>(), d_b_dev.data_ptr<int64_t>(), d_lse_a_dev.data_ptr<acc_t>(),
-        d_lse_b_dev.data_ptr<acc_t>(), d_coef_dev.data_ptr<acc_t>(), gce.data_ptr<acc_t>(),
+        S.data_ptr<acc_t>(), vb, v0, b_blk.defined() ? b_blk.data_ptr<acc_t>() : nullptr, T,
+        d_a.data_ptr<int64_t>(), d_b.data_ptr<int64_t>(), d_lse_a.data_ptr<acc_t>(),
+        d_lse_b.data_ptr<acc_t>(), d_coef.data_ptr<acc_t>(), gce.data_ptr<acc_t>(),
         gkl.data_ptr<acc_t>(), D.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (grad_weight) grad_weight->narrow(0, v0, vb).copy_(at::mm(D.t(), hd));
@@ -456,39 +439,45 @@ void weight_grad_sweep_cuda(const Problem& p, const at::Tensor& hidden, const at
   if (grad_bias) *grad_bias = grad_bias->to(weight.scalar_type());
 }
 
-void weight_grads(const Problem& p, const at::Tensor& hidden, const at::Tensor& weight,
-                  const c10::optional<at::Tensor>& bias, const at::Tensor& coef,
-                  const at::Tensor& lse, const at::Tensor& grad_ce, const at::Tensor& grad_kl,
-                  at::ScalarType acc, at::Tensor* grad_weight, at::Tensor* grad_bias) {
+void weight_grads(const Problem& p, const Plan& plan, const at::Tensor& hidden,
+                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                  const at::Tensor& coef, const at::Tensor& lse, const at::Tensor& grad_ce,
+                  const at::Tensor& grad_kl, at::ScalarType acc, at::Tensor* grad_weight,
+                  at::Tensor* grad_bias) {
   AT_DISPATCH_FLOATING_TYPES(acc, "lm_head_losses_bwd_cuda", [&] {
-    weight_grad_sweep_cuda<scalar_t>(p, hidden, weight, bias, coef, lse, grad_ce, grad_kl, acc,
-                                     grad_weight, grad_bias);
+    weight_grad_sweep_cuda<scalar_t>(p, plan, hidden, weight, bias, coef, lse, grad_ce, grad_kl,
+                                     acc, grad_weight, grad_bias);
   });
 }
 
 // The ops' fp32 GEMMs run in full fp32 whatever the global TF32 flag says (Fp32GemmPrecisionGuard).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& targets, const at::Tensor& teacher_rows, const at::Tensor& student_rows,
-    const at::Tensor& pair_sample, double topk_fraction, bool grad_hidden) {
+    const at::Tensor& rows, const at::Tensor& row_targets, const at::Tensor& ce_rows,
+    const at::Tensor& pair_rows, const at::Tensor& sample_pairs, const at::Tensor& sample_k,
+    const at::Tensor& kept_slots, int64_t paired_rows, bool grad_hidden) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const Fp32GemmPrecisionGuard fp32_gemms;
-  return host_forward(at::kCUDA, &forward_sweep, hidden, weight, bias, targets, teacher_rows,
-                      student_rows, pair_sample, topk_fraction, grad_hidden);
+  const Plan plan{rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots,
+                  paired_rows};
+  return host_forward(at::kCUDA, &forward_sweep, hidden, weight, bias, plan, grad_hidden);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_ce, const at::Tensor& grad_kl, const at::Tensor& hidden,
-    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
-    const at::Tensor& teacher_rows, const at::Tensor& student_rows, const at::Tensor& pair_sample,
-    double topk_fraction, const at::Tensor& grad_hidden_ce, const at::Tensor& grad_hidden_kl,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& rows,
+    const at::Tensor& row_targets, const at::Tensor& ce_rows, const at::Tensor& pair_rows,
+    const at::Tensor& sample_pairs, const at::Tensor& sample_k, const at::Tensor& kept_slots,
+    int64_t paired_rows, const at::Tensor& grad_hidden_ce, const at::Tensor& grad_hidden_kl,
     const at::Tensor& lse, const at::Tensor& coef, bool grad_hidden, bool grad_weight,
     bool grad_bias) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const Fp32GemmPrecisionGuard fp32_gemms;
-  return host_backward(at::kCUDA, &weight_grads, grad_ce, grad_kl, hidden, weight, bias, targets,
-                       teacher_rows, student_rows, pair_sample, topk_fraction, grad_hidden_ce,
-                       grad_hidden_kl, lse, coef, grad_hidden, grad_weight, grad_bias);
+  const Plan plan{rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots,
+                  paired_rows};
+  return host_backward(at::kCUDA, &weight_grads, grad_ce, grad_kl, hidden, weight, bias, plan,
+                       grad_hidden_ce, grad_hidden_kl, lse, coef, grad_hidden, grad_weight,
+                       grad_bias);
 }
 
 }  // namespace
