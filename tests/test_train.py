@@ -355,3 +355,13 @@ def test_alignment_warm_up_scales_the_kl_weights():
     assert weights == [(0.0, 0.0), (0.5, 0.125), (1.0, 0.25), (1.5, 0.375), (2.0, 0.5), (2.0, 0.5)]
     assert objective_at(full, 0, 0) is full  # no warm-up: the objective as given
     assert objective_at(full, 1, 4).topk_fraction == full.topk_fraction
+
+
+def test_topk_fraction_default_keeps_every_answer_row_on_the_embedded_task(tmp_path):
+    """The embedded task's 4-row answers: 0.1 would keep the answer word alone (the loss-climb
+    cause in docs/results.md), so the tiny run keeps all rows; a given value always wins."""
+    from crystal_ext.training.arguments import parse_args
+
+    out = ["--output_dir", str(tmp_path / "o")]
+    assert parse_args(out)[0].topk_fraction == 1.0
+    assert parse_args([*out, "--topk_fraction", "0.1"])[0].topk_fraction == 0.1
