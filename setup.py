@@ -105,7 +105,11 @@ include_dirs = [str(ROOT / "csrc")]
 
 if with_cuda:
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
-    include_dirs += nvidia_wheel_include_dirs()
+    # The toolkit's own headers before the wheels': a torch built for a newer CUDA brings a newer
+    # cuda_runtime.h in its wheels, and CCCL stops the compile when nvcc and the runtime headers
+    # disagree ("CUDA compiler and CUDA toolkit headers are incompatible"). The wheels then only
+    # supply what the toolkit lacks (cuBLAS, cuSPARSE).
+    include_dirs += [str(cuda_home / "include")] + nvidia_wheel_include_dirs()
     arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
     defines += [("CRYSTAL_WITH_CUDA", "1"), ("CRYSTAL_CUDA_ARCH_LIST", f'"{arch_list}"')]
     # Only the C++ compiler sees the string macros (build_info lives in bindings.cpp).
