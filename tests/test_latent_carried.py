@@ -168,7 +168,9 @@ def test_evaluation_of_latents_that_carry_nothing_is_at_chance():
     assert [r["latent_carried_correct"] for r in result["examples"]] == [
         c == g for c, g in zip(carried, gold)
     ]
-    assert result["attention_kl"] > 0 and result["n"] == 9
+    # With the latent block blanked the two paths' attention over it nearly agree: a KL of 0 up
+    # to rounding (the renormalisation's 1e-8 lets it dip below 0 by ~1e-9), but a number.
+    assert result["attention_kl"] > -1e-6 and result["n"] == 9
     assert {"intact", "blurred", "intact_correct", "blurred_correct"} <= set(result["examples"][0])
 
 
