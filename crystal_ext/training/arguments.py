@@ -120,7 +120,14 @@ class CrystalArguments:
     max_length: int = field(
         default=4096, metadata={"help": "Longest packed dual-path sequence; longer ones are skipped."}
     )
-    system_prompt: str | None = field(default=None, metadata={"help": "System message (default: Qwen's)."})
+    system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "System turn for records that have none. Default: none injected; the prompt is the chat "
+            "template's own (Qwen2/2.5-VL's writes its default system turn, Qwen3-VL's and most others none). "
+            "Serve the model with the same system turn."
+        },
+    )
     max_train_minutes: float | None = field(
         default=None,
         metadata={
@@ -280,11 +287,6 @@ def parse_args(argv: list[str] | None = None):
         # of the tiny model took 0.24 s with 1 thread and 10.8 s with 2 (OpenMP threads spin
         # against the other process); idle, 2 threads gain little on a 1 M-parameter model.
         cargs.cpu_threads = 1
-    if cargs.system_prompt is None:
-        # The tiny tokenizer is word-level and lower-case: its system text uses only its words.
-        cargs.system_prompt = (
-            "you are a helpful assistant ." if cargs.tiny else "You are a helpful assistant."
-        )
     validate(cargs, targs)
     return cargs, targs
 
