@@ -225,7 +225,7 @@ def headline(result: dict) -> str:
             f"attention KL {result['attention_kl']:.4f}",
         ]
         if result.get("latent_carried_unpacked"):
-            parts[-2] += f" ({result['latent_carried_unpacked']} answers the packer could not use)"
+            parts[-2] += f" ({result['latent_carried_unpacked']} could not be packed)"
     return ", ".join(parts)
 
 
