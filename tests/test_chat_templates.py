@@ -215,3 +215,33 @@ def test_embedded_default_packs_what_it_packed_with_its_injected_system_turn():
         f"<|im_start|>system\n{TINY_DEFAULT_SYSTEM}<|im_end|>", add_special_tokens=False
     ).input_ids
     assert now["input_ids"][: len(system_turn)].tolist() == system_turn
+
+
+def test_template_kwargs_option_reaches_training_and_evaluation(tmp_path):
+    """--chat_template_kwargs: JSON text on the command line, a mapping in a recipe, checked up
+    front; the run config carries it to crystal_ext.evaluate's packer."""
+    from crystal_ext.training.arguments import parse_args
+    from crystal_ext.training.evaluation import run_packer
+
+    flag = '{"enable_thinking": false}'
+    cargs, _ = parse_args(["--chat_template_kwargs", flag, "--output_dir", str(tmp_path)])
+    assert cargs.template_kwargs() == {"enable_thinking": False}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("chat_template_kwargs:\n  enable_thinking: false\n")
+    assert parse_args([str(recipe), "--output_dir", str(tmp_path)])[0].template_kwargs() == {
+        "enable_thinking": False
+    }
+    for bad in ("[1]", "{enable_thinking: false}"):
+        with pytest.raises(ValueError, match="--chat_template_kwargs must be a JSON object"):
+            parse_args(["--chat_template_kwargs", bad, "--output_dir", str(tmp_path)])
+    model, processor, _ = _build("qwen3_vl")
+    use_template(processor, HYBRID_THINKING_TEMPLATE)
+    config = dict(
+        num_latent_tokens=4, corruption="blur", blur_radius_min=2.0, blur_radius_max=5.0, seed=0,
+        image_size=None, max_length=4096, system_prompt=None, chat_template_kwargs=flag,
+    )  # fmt: skip
+    packer = run_packer(model, processor, config)
+    assert packer.template_kwargs == {"enable_thinking": False}
+    assert packer.prompt(Example("k", _image(), QUESTION, ANSWER)).endswith(f"{THINK_CLOSE}\n\n")
+    del config["chat_template_kwargs"]  # a run written before the option: the template's defaults
+    assert run_packer(model, processor, config).template_kwargs == {}

@@ -49,6 +49,22 @@ def render(
     )
 
 
+def parse_template_kwargs(text: str | None) -> dict:
+    """The chat template's variables from their JSON text (None: none), e.g.
+    '{"enable_thinking": false}'; ValueError when it is not a JSON object."""
+    import json
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--chat_template_kwargs must be a JSON object, got {text!r}: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--chat_template_kwargs must be a JSON object, got {text!r}")
+    return value
+
+
 def generation_prompt(
     processor, example: Example, system: str | None = None, template_kwargs: dict | None = None
 ) -> str:

@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from crystal_ext.data.chat import generation_prompt, turn_end
+from crystal_ext.data.chat import generation_prompt, parse_template_kwargs, turn_end
 from crystal_ext.model.attention_registration import register_dual_path_attention
 from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training import latent_carried
@@ -250,6 +250,7 @@ def run_packer(model, processor, config: dict):
         image_size=config["image_size"],
         max_length=config["max_length"],
         system=config["system_prompt"],
+        template_kwargs=parse_template_kwargs(config.get("chat_template_kwargs")),
     )
 
 
@@ -367,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         processor,
         dataset,
         system=config["system_prompt"],
+        template_kwargs=parse_template_kwargs(config.get("chat_template_kwargs")),
         image_size=config["image_size"],
         num_latent_tokens=config["num_latent_tokens"],
         blur_radius=(config["blur_radius_min"], config["blur_radius_max"]),
