@@ -66,8 +66,8 @@ def add_latent_tokens(tokenizer, model: nn.Module | None = None, k: int = 8) -> 
         if tokenizer(token, add_special_tokens=False).input_ids != [vocab[token]]:
             raise ValueError(
                 f"add_latent_tokens: the tokenizer has {token!r} (id {vocab[token]}) but splits the text "
-                f"{token!r} into {tokenizer(token, add_special_tokens=False).input_ids}: it cannot mark the "
-                "think block; use a tokenizer that encodes it as one token"
+                f"{token!r} into {tokenizer(token, add_special_tokens=False).input_ids}: it cannot mark the latent "
+                "block or the answer; use a tokenizer that encodes it as one token"
             )
     missing = [t for t in wanted if t not in vocab]
     # add_tokens(special_tokens=True) rather than add_special_tokens: same effect (never split),
