@@ -181,6 +181,7 @@ def evaluate_held_out(cargs, targs, model, processor, packer, held_out) -> dict:
         processor,
         held_out,
         system=cargs.system_prompt,
+        template_kwargs=cargs.template_kwargs(),
         image_size=cargs.image_size,
         num_latent_tokens=cargs.num_latent_tokens,
         blur_radius=(cargs.blur_radius_min, cargs.blur_radius_max),
@@ -308,6 +309,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         image_size=cargs.image_size,
         max_length=cargs.max_length,
         system=cargs.system_prompt,
+        template_kwargs=cargs.template_kwargs(),
     )
     write_run_config(cargs, targs, base_model)
 

@@ -217,6 +217,68 @@ MUTATIONS = [
         ["tests/test_cpu_gemm_bf16.py"],
         csrc=True,
     ),
+    Mutation(
+        "prompt_injects_a_system_turn",
+        "the prompt gets a system turn that neither the record, the option nor the template wrote",
+        [
+            (
+                "crystal_ext/data/chat.py",
+                "messages = example.prompt_messages(system)",
+                'messages = example.prompt_messages(system or "You are a helpful assistant.")',
+            )
+        ],
+        ["tests/test_chat_templates.py::test_path1_is_the_stock_rendering_then_the_trained_block"],
+    ),
+    Mutation(
+        "think_block_opened_twice",
+        "the latent block opens its own <think> after a generation prompt that already opened one",
+        [
+            (
+                "crystal_ext/data/packing.py",
+                "opening = [] if opens_think_block(prompt) else [lt.think_open]",
+                "opening = [lt.think_open]",
+            )
+        ],
+        [
+            "tests/test_chat_templates.py::test_a_generation_prompt_that_opens_a_think_block_is_continued_by_the_latents"
+        ],
+    ),
+    Mutation(
+        "evaluation_prompt_drops_template_kwargs",
+        "evaluation renders the prompt without the run's chat-template variables",
+        [
+            (
+                "crystal_ext/training/evaluation.py",
+                "generation_prompt(processor, e, system, template_kwargs)",
+                "generation_prompt(processor, e, system, None)",
+            )
+        ],
+        ["tests/test_chat_templates.py::test_evaluation_generates_from_the_prompt_training_packs"],
+    ),
+    Mutation(
+        "existing_think_tokens_made_special",
+        "add_latent_tokens re-adds the tokens the tokenizer already has, as special tokens",
+        [
+            (
+                "crystal_ext/model/latent_tokens.py",
+                "tokenizer.add_tokens(missing, special_tokens=True)",
+                "tokenizer.add_tokens(wanted, special_tokens=True)",
+            )
+        ],
+        ["tests/test_latent_tokens.py::test_tokens_the_tokenizer_has_are_left_as_they_are"],
+    ),
+    Mutation(
+        "unpackable_answer_ends_the_batch",
+        "one example the packer refuses during latent-carried decoding stops every example of the batch",
+        [
+            (
+                "crystal_ext/training/latent_carried.py",
+                "            done[i] = unpacked[i] = True\n            continue\n",
+                "            done[i] = unpacked[i] = True\n            return [], []\n",
+            )
+        ],
+        ["tests/test_latent_carried.py::test_an_answer_the_packer_cannot_use_affects_only_its_example"],
+    ),
 ]
 
 

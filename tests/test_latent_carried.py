@@ -213,6 +213,37 @@ def test_evaluation_reports_the_answers_it_was_given(monkeypatch):
     assert "accuracy_latent_carried" not in no_packer and "attention_kl" not in no_packer
 
 
+def test_an_answer_the_packer_cannot_use_affects_only_its_example():
+    """An example the packer refuses ("no answer": its answer is whitespace, as a partial answer
+    decoding to whitespace is) gets None; the other examples of the batch answer as they do alone."""
+    tok, model, packer = _setup()
+    examples = _examples(3)
+    examples[1] = Example(examples[1].key, examples[1].image, examples[1].question, "  ")
+    alone = [latent_carried.latent_carried_answers(model, packer, [e], tok, 3)[0] for e in examples]
+    assert alone[1] is None and all(alone[i] for i in (0, 2))
+    assert latent_carried.latent_carried_answers(model, packer, examples, tok, 3) == alone
+
+
+def test_evaluation_counts_the_answers_the_packer_could_not_use(monkeypatch):
+    from crystal_ext.training import evaluation
+
+    tok, model, packer = _setup()
+    examples = _examples(3)
+    monkeypatch.setattr(
+        evaluation, "generate_answers", lambda model, processor, images, *a, **k: [[] for _ in images]
+    )
+    monkeypatch.setattr(
+        evaluation.latent_carried,
+        "latent_carried_answers",
+        lambda model, packer, exs, *a: [None if e.key == examples[1].key else e.answer for e in exs],
+    )
+    monkeypatch.setattr(evaluation.latent_carried, "held_out_attention_kl", lambda *a: 0.0)
+    result = _evaluate(model, tok, packer, examples)
+    assert result["latent_carried_unpacked"] == 1
+    assert [r["latent_carried_correct"] for r in result["examples"]] == [True, False, True]
+    assert "(1 could not be packed)" in evaluation.headline(result)
+
+
 def test_picture_names_tokens_and_shows_the_answers():
     from crystal_ext.training.pictures import example_picture
 

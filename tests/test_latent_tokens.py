@@ -9,6 +9,7 @@ from peft import PeftModel
 
 from crystal_ext.model.latent_tokens import (
     ANSWER_CLOSE,
+    THINK_CLOSE,
     THINK_OPEN,
     add_latent_tokens,
     apply_lora,
@@ -47,6 +48,47 @@ def test_adding_twice_adds_nothing_new(setup):
     tok, model, lat, _, _ = setup
     again = add_latent_tokens(tok, model, k=8)
     assert again.new_ids == () and again.latent_ids == lat.latent_ids
+
+
+def _tokenizer_with_think_tokens():
+    """Qwen3's case: `<think>` / `</think>` already added to the tokenizer, not special."""
+    from tokenizers import AddedToken
+
+    tok = qwen_tokenizer()
+    tok.add_tokens([AddedToken(t, special=False, normalized=True) for t in (THINK_OPEN, THINK_CLOSE)])
+    return tok
+
+
+def test_tokens_the_tokenizer_has_are_left_as_they_are(tmp_path):
+    """Qwen3's `<think>` keeps its id, its non-special flag and its normalisation, also in the saved
+    tokenizer: decode(skip_special_tokens=True) keeps it, as serving stacks that parse it need."""
+    from transformers import AutoTokenizer
+
+    tok = _tokenizer_with_think_tokens()
+    before = {
+        t: (tok.convert_tokens_to_ids(t), str(tok.added_tokens_decoder[tok.convert_tokens_to_ids(t)]))
+        for t in (THINK_OPEN, THINK_CLOSE)
+    }
+    old_len = len(tok)
+    lat = add_latent_tokens(tok, None, k=2)
+    assert (lat.think_open, lat.think_close) == (before[THINK_OPEN][0], before[THINK_CLOSE][0])
+    assert set(lat.new_ids) == set(range(old_len, old_len + 4))  # 2 latents, <answer>, </answer>
+    assert lat.think_open not in lat.new_ids and lat.think_close not in lat.new_ids
+    tok.save_pretrained(tmp_path)
+    for loaded in (tok, AutoTokenizer.from_pretrained(tmp_path)):
+        for t, (i, added) in before.items():
+            assert loaded.convert_tokens_to_ids(t) == i and str(loaded.added_tokens_decoder[i]) == added
+        text = loaded.decode([lat.think_open, lat.latent_ids[0], lat.think_close], skip_special_tokens=True)
+        assert text.replace(" ", "") == f"{THINK_OPEN}{THINK_CLOSE}"
+        assert loaded.added_tokens_decoder[lat.latent_ids[0]].special
+
+
+def test_a_token_the_tokenizer_splits_is_refused():
+    from crystal_ext.training.tiny_model import SPECIAL, word_level_tokenizer
+
+    tok = word_level_tokenizer(["answer", "<", ">", "<answer>"], SPECIAL)  # in the vocabulary, split
+    with pytest.raises(ValueError, match="'<answer>'.*splits the text"):
+        add_latent_tokens(tok, None, k=2)
 
 
 def test_lora_defaults_targets_and_merger(setup):

@@ -5,10 +5,14 @@ Segments (docs/method.md):
   B  every corrupted image of the sample, and all the text that follows up to and including the
      opening of the last assistant turn (earlier turns of a multi-turn record included)
   C  the same with the intact images (|C| = |B|: a corruption keeps the image size)
-  D  <think>{K latent tokens}</think>
+  D  the latent block <think>{K latent tokens}</think>; when the chat template's generation prompt
+     already opens a think block (Qwen3-VL-Thinking's "<think>\n"), that opening stays in the
+     prompt (B, C) and D continues it: {K latent tokens}</think>
   E  <answer>{answer}</answer>{the chat template's end of turn}
   F  a copy of E
 
+Path 1 is therefore the processor's own `apply_chat_template(messages, add_generation_prompt=True)`
+followed by the trained block (D, E): nothing is injected into the prompt (crystal_ext.data.chat).
 The prompt text comes from the processor's chat template (crystal_ext.data.chat), the image
 tokens, their number and the pixel inputs from the processor itself; what differs between model
 families (position ids, how image inputs are passed) comes from crystal_ext.model.families.
@@ -29,7 +33,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from crystal_ext.data.chat import answer_text, render, turn_end
+from crystal_ext.data.chat import answer_text, generation_prompt, opens_think_block, turn_end
 from crystal_ext.data.corruption import CorruptionConfig, corrupt
 from crystal_ext.data.example import Example, SkipExample
 from crystal_ext.model.families import family_of
@@ -47,7 +51,9 @@ class DualPathPacker:
 
     processor: the model's processor (with a chat template); model: the model (its family and,
     for M-RoPE models, its rope-index function); image_size: resize every image to this square
-    side first (None: the processor's own sizing)."""
+    side first (None: the processor's own sizing); system: the system turn of records that have
+    none (None: whatever the chat template writes by itself); template_kwargs: the chat template's
+    variables (e.g. {"enable_thinking": False}), the same ones the model is to be served with."""
 
     def __init__(
         self,
@@ -58,7 +64,8 @@ class DualPathPacker:
         seed: int = 0,
         image_size: int | None = None,
         max_length: int = 2048,
-        system: str | None = "You are a helpful assistant.",
+        system: str | None = None,
+        template_kwargs: dict | None = None,
     ):
         if image_size is not None and image_size <= 0:
             raise ValueError(f"DualPathPacker: image_size must be positive or None, got {image_size}")
@@ -67,10 +74,11 @@ class DualPathPacker:
         self.positions = self.family.position_ids_fn(model)
         self.corruption, self.seed, self.image_size = corruption, seed, image_size
         self.max_length, self.system = max_length, system
+        self.template_kwargs = dict(template_kwargs or {})
         if getattr(processor, "image_token", None) is None:
             raise ValueError(f"DualPathPacker: {type(processor).__name__} has no image_token")
         self.image_open = self.family.image_open(processor)
-        self.turn_end = turn_end(processor)
+        self.turn_end = turn_end(processor, self.template_kwargs)
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids
@@ -105,18 +113,15 @@ class DualPathPacker:
         return self.processor(text=[text], images=[images], return_tensors="pt", add_special_tokens=False)
 
     def prompt(self, ex: Example) -> str:
-        """The chat text up to the opening of the last assistant turn, with image placeholders."""
-        messages = ex.prompt_messages(self.system)
-        n_parts = sum(
-            1
-            for m in messages
-            if not isinstance(m["content"], str)
-            for p in m["content"]
-            if p.get("type") == "image"
-        )
-        if n_parts != len(ex.images):
-            raise SkipExample(f"{n_parts} image places in the conversation but {len(ex.images)} images")
-        return render(self.processor, messages)
+        """The chat text up to the opening of the last assistant turn, with image placeholders:
+        the chat template's generation prompt (crystal_ext.data.chat.generation_prompt)."""
+        return generation_prompt(self.processor, ex, self.system, self.template_kwargs)
+
+    def latent_block(self, prompt: str) -> list[int]:
+        """Segment D: the think block, or its continuation when the prompt already opened it."""
+        lt = self.latent
+        opening = [] if opens_think_block(prompt) else [lt.think_open]
+        return [*opening, *lt.latent_ids, lt.think_close]
 
     def pack(self, ex: Example) -> dict:
         if ex.answer is None or not str(ex.answer).strip():
@@ -133,9 +138,8 @@ class DualPathPacker:
         before = self._ids(prompt[: prompt.index(self.image_open)])
         if ids[: len(before)].tolist() != before:
             raise SkipExample("the text before the first image does not tokenise on its own")
-        lt = self.latent
         seg_a, prompt_ids = before, ids[len(before) :].tolist()
-        seg_d = [lt.think_open, *lt.latent_ids, lt.think_close]
+        seg_d = self.latent_block(prompt)
         seg_e = self._ids(answer_text(ex.answer, ANSWER_OPEN, ANSWER_CLOSE, self.turn_end))
         segments = [seg_a, prompt_ids, prompt_ids, seg_d, seg_e, seg_e]
         length = sum(map(len, segments))
@@ -198,6 +202,10 @@ class DualPathCollator:
                     self.warned.add(key)
                     warnings.warn(f"crystal_ext: skipping example {key!r}: {exc}", stacklevel=2)
         self.skipped += skipped
+        return self.batch_of(packed, skipped)
+
+    def batch_of(self, packed: list[dict], skipped: int = 0) -> dict | None:
+        """One padded batch of `DualPathPacker.pack` results (None for none)."""
         if not packed:
             return None
         length = max(p["input_ids"].numel() for p in packed)

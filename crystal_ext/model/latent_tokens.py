@@ -1,7 +1,9 @@
 """Latent tokens and what is trained (docs/method.md, "What is trained").
 
 - K (default 8) latent tokens plus the think/answer markers are added to the tokenizer as
-  special tokens (one id each, never split); the model's embedding and LM head grow to fit.
+  special tokens (one id each, never split) when it lacks them; a token it already has (Qwen3
+  tokenizers hold `<think>` / `</think>` as added, non-special tokens) keeps its id, special
+  flag and normalisation. The model's embedding and LM head grow to fit.
 - With the base frozen, only the rows of the newly added tokens are trained in the
   embedding and LM-head matrices, as their own [n_new, Hd] parameters over the frozen
   matrices (crystal_ext.model.new_token_rows.attach_new_token_rows): no gradient or
@@ -43,7 +45,12 @@ class LatentTokens:
 
 
 def add_latent_tokens(tokenizer, model: nn.Module | None = None, k: int = 8) -> LatentTokens:
-    """Add the K latent tokens and the markers to `tokenizer` and grow `model`'s embeddings.
+    """Add the K latent tokens and the markers that `tokenizer` lacks, and grow `model`'s embeddings.
+
+    A token the tokenizer already has is reused as it is: its id, its special flag and its
+    normalisation stay (a served model's stack parses `</think>` and decodes it with
+    skip_special_tokens=True, so turning it special would change what the saved tokenizer does).
+    It must encode to its one id, or the packed think block would not be what the text says.
 
     The embedding (and an untied LM head) is resized only when the tokenizer outgrows it
     (Qwen's matrices carry spare rows). Rows of the added tokens start at the mean of the
@@ -54,12 +61,21 @@ def add_latent_tokens(tokenizer, model: nn.Module | None = None, k: int = 8) -> 
         raise ValueError(f"add_latent_tokens: k must be >= 1, got {k}")
     old_len = len(tokenizer)
     wanted = latent_token_strings(k) + [THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE]
-    present = set(tokenizer.get_vocab())
+    vocab = tokenizer.get_vocab()
+    for token in (t for t in wanted if t in vocab):
+        if tokenizer(token, add_special_tokens=False).input_ids != [vocab[token]]:
+            raise ValueError(
+                f"add_latent_tokens: the tokenizer has {token!r} (id {vocab[token]}) but splits the text "
+                f"{token!r} into {tokenizer(token, add_special_tokens=False).input_ids}: it cannot mark the latent "
+                "block or the answer; use a tokenizer that encodes it as one token"
+            )
+    missing = [t for t in wanted if t not in vocab]
     # add_tokens(special_tokens=True) rather than add_special_tokens: same effect (never split),
     # and its signature is the same in transformers 4 and 5.
-    tokenizer.add_tokens(wanted, special_tokens=True)
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
     ids = tokenizer.convert_tokens_to_ids(wanted)
-    new_ids = tuple(i for tok, i in zip(wanted, ids) if tok not in present)
+    new_ids = tuple(tokenizer.convert_tokens_to_ids(missing))
     if model is not None:
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)

@@ -120,7 +120,22 @@ class CrystalArguments:
     max_length: int = field(
         default=4096, metadata={"help": "Longest packed dual-path sequence; longer ones are skipped."}
     )
-    system_prompt: str | None = field(default=None, metadata={"help": "System message (default: Qwen's)."})
+    system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "System turn for records that have none. Default: none injected; the prompt is the chat "
+            "template's own (Qwen2/2.5-VL's writes its default system turn, Qwen3-VL's and most others none). "
+            "Serve the model with the same system turn."
+        },
+    )
+    # ---- the chat template: training packs the prompt the model is served with ----
+    chat_template_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON object of the chat template's own variables, passed to apply_chat_template in training "
+            "and evaluation, e.g. '{\"enable_thinking\": false}'. Serve the model with the same ones."
+        },
+    )
     max_train_minutes: float | None = field(
         default=None,
         metadata={
@@ -162,6 +177,11 @@ class CrystalArguments:
             topk_fraction=self.topk_fraction,
             lm_head_losses=self.lm_head_losses,
         )
+
+    def template_kwargs(self) -> dict:
+        from crystal_ext.data.chat import parse_template_kwargs
+
+        return parse_template_kwargs(self.chat_template_kwargs)
 
     def corruption_config(self) -> CorruptionConfig:
         return CorruptionConfig(
@@ -250,6 +270,8 @@ def recipe_argv(argv: list[str]) -> list[str]:
     for name, value in settings.items():
         if value is None:
             continue
+        if isinstance(value, dict):  # e.g. chat_template_kwargs: the flag takes JSON text
+            value = json.dumps(value)
         if name == "deepspeed" and isinstance(value, str) and not os.path.isabs(value):
             value = os.path.join(os.path.dirname(os.path.abspath(path)), value)
         values = value if isinstance(value, list) else [value]
@@ -280,11 +302,6 @@ def parse_args(argv: list[str] | None = None):
         # of the tiny model took 0.24 s with 1 thread and 10.8 s with 2 (OpenMP threads spin
         # against the other process); idle, 2 threads gain little on a 1 M-parameter model.
         cargs.cpu_threads = 1
-    if cargs.system_prompt is None:
-        # The tiny tokenizer is word-level and lower-case: its system text uses only its words.
-        cargs.system_prompt = (
-            "you are a helpful assistant ." if cargs.tiny else "You are a helpful assistant."
-        )
     validate(cargs, targs)
     return cargs, targs
 
@@ -328,6 +345,10 @@ def validate(cargs: CrystalArguments, targs) -> None:
         bad(f"--task must be one of {', '.join(sorted(TASKS))}, got {cargs.task!r}")
     if cargs.train_examples < 1 or cargs.eval_examples < 0:
         bad("--train_examples must be >= 1 and --eval_examples >= 0")
+    try:
+        cargs.template_kwargs()
+    except ValueError as exc:
+        bad(str(exc))
     if cargs.lm_head_losses not in ("fused", "reference"):
         bad(f"--lm_head_losses must be fused or reference, got {cargs.lm_head_losses!r}")
     if cargs.max_train_minutes is not None and cargs.max_train_minutes <= 0:

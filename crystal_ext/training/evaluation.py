@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from crystal_ext.data.chat import render, turn_end
+from crystal_ext.data.chat import generation_prompt, parse_template_kwargs, turn_end
 from crystal_ext.model.attention_registration import register_dual_path_attention
 from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training import latent_carried
@@ -78,10 +78,18 @@ def end_of_turn_id(tokenizer_or_processor) -> int | None:
 
 @torch.no_grad()
 def generate_answers(
-    model, processor, images, questions, system: str, max_new_tokens: int, examples=None
+    model,
+    processor,
+    images,
+    questions,
+    system: str | None,
+    max_new_tokens: int,
+    examples=None,
+    template_kwargs: dict | None = None,
 ) -> list[list[int]]:
     """Greedy answers; `images[i]` is one image or the list of an example's images; the prompt is
-    the processor's chat template over `examples[i]`'s turns (default: one image, `questions[i]`)."""
+    training's (crystal_ext.data.chat.generation_prompt) over `examples[i]`'s turns (default: one
+    image, `questions[i]`)."""
     from crystal_ext.data.example import Example
 
     tok = processor.tokenizer
@@ -91,7 +99,7 @@ def generate_answers(
     tok.padding_side = "left"  # batched greedy decoding continues every row at its real end
     try:
         inputs = processor(
-            text=[render(processor, e.prompt_messages(system)) for e in examples],
+            text=[generation_prompt(processor, e, system, template_kwargs) for e in examples],
             images=[im if isinstance(im, list) else [im] for im in images],
             return_tensors="pt",
             padding=True,
@@ -117,7 +125,7 @@ def evaluate_model(
     processor,
     dataset,
     *,
-    system: str,
+    system: str | None,
     image_size: int | None,
     num_latent_tokens: int,
     blur_radius=(2.0, 5.0),
@@ -126,13 +134,16 @@ def evaluate_model(
     max_answer_tokens: int = 32,
     progress: bool = True,
     packer=None,
+    template_kwargs: dict | None = None,
 ) -> dict:
     """Accuracy on the intact and on blurred images of `dataset` (Examples); greedy, intact path.
 
     With a `packer` (the run's DualPathPacker: its corruption, seed and think block) also the
-    latent-carried accuracy and the mean held-out attention KL (`attention_kl`). Every example
-    record holds each answer given (`intact`, `blurred`, `latent_carried`) and whether it is
-    right (`intact_correct`, ...)."""
+    latent-carried accuracy and the mean held-out attention KL (`attention_kl`); an example whose
+    latent-carried answer the packer could not use has `latent_carried` None (wrong) and is counted
+    in `latent_carried_unpacked`. Every example record holds each answer given (`intact`,
+    `blurred`, `latent_carried`) and whether it is right (`intact_correct`, ...). The prompt is
+    training's: `system` and `template_kwargs` as the run's packer has them."""
     from PIL import Image
 
     from crystal_ext.data.corruption import CorruptionConfig, corrupt
@@ -167,7 +178,16 @@ def evaluate_model(
             questions = [e.question for e in exs]
             got = {}
             for name, images in (("intact", intact), ("blurred", blurred)):
-                outs = generate_answers(model, processor, images, questions, system, max_new, examples=exs)
+                outs = generate_answers(
+                    model,
+                    processor,
+                    images,
+                    questions,
+                    system,
+                    max_new,
+                    examples=exs,
+                    template_kwargs=template_kwargs,
+                )
                 got[name] = [extract_answer(tok, o) for o in outs]
             if packer is not None:
                 got["latent_carried"] = latent_carried.latent_carried_answers(
@@ -191,6 +211,7 @@ def evaluate_model(
     summary = {"n": count, **{f"accuracy_{name}": sum(results[name]) / max(count, 1) for name in names}}
     if packer is not None:
         summary["attention_kl"] = kl_sum / kl_count if kl_count else float("nan")
+        summary["latent_carried_unpacked"] = sum(r["latent_carried"] is None for r in records)
         summary["corruption"] = packer.corruption.kind
     return {**summary, "blur_radius": list(blur_radius), "examples": records}
 
@@ -203,6 +224,8 @@ def headline(result: dict) -> str:
             f"latent-carried {result['accuracy_latent_carried']:.3f}",
             f"attention KL {result['attention_kl']:.4f}",
         ]
+        if result.get("latent_carried_unpacked"):
+            parts[-2] += f" ({result['latent_carried_unpacked']} could not be packed)"
     return ", ".join(parts)
 
 
@@ -227,6 +250,7 @@ def run_packer(model, processor, config: dict):
         image_size=config["image_size"],
         max_length=config["max_length"],
         system=config["system_prompt"],
+        template_kwargs=parse_template_kwargs(config.get("chat_template_kwargs")),
     )
 
 
@@ -344,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         processor,
         dataset,
         system=config["system_prompt"],
+        template_kwargs=parse_template_kwargs(config.get("chat_template_kwargs")),
         image_size=config["image_size"],
         num_latent_tokens=config["num_latent_tokens"],
         blur_radius=(config["blur_radius_min"], config["blur_radius_max"]),

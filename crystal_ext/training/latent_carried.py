@@ -13,8 +13,11 @@ never the intact image. So, per held-out example:
 - **held-out attention KL**: the attention-alignment loss (the answer rows' attention over the
   latent block, intact path vs corrupted path, last layer) with the gold answer teacher-forced.
 
-The think block is the canonical one (`<think>`, the K latent tokens, `</think>`): that is what
-the model is trained to write, and what the intact-path evaluation checks it writes.
+The think block is the one the packer writes (`<think>`, the K latent tokens, `</think>`, or its
+continuation after a generation prompt that opened it): what the model is trained to write.
+
+An answer the packer cannot use (a partial answer that decodes to whitespace has "no answer")
+ends that example's decoding with the answer None; the other examples of the batch go on.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import replace
 import torch
 
 from crystal_ext.data.example import Example, SkipExample
-from crystal_ext.data.packing import DualPathCollator
+from crystal_ext.data.packing import DualPathCollator, DualPathPacker
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
 from crystal_ext.model.objective import dual_path_hidden
 from crystal_ext.model.parts import backbone_and_head, text_config
@@ -76,38 +79,25 @@ def next_token_rows(batch: dict, answer_close: int, decoded: list[list[int]]) ->
 def latent_carried_answers(
     model, packer, examples: list[Example], tokenizer, max_answer_tokens: int = 32
 ) -> list[str | None]:
-    """The corrupted path's greedy answer for each example (None when it cannot be packed),
-    normalised like the intact-path evaluation (decoded, stripped, lower case)."""
+    """The corrupted path's greedy answer for each example, normalised like the intact-path
+    evaluation (decoded, stripped, lower case); None for an example the packer could not pack at
+    some step (its answer so far unusable), which leaves the other examples' decoding as it is."""
     latent = packer.latent
     stop = {latent.answer_close, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     device = next(model.parameters()).device
     collate = DualPathCollator(packer, tokenizer.pad_token_id)
     decoded: list[list[int]] = [[] for _ in examples]
     done = [False] * len(examples)
+    unpacked = [False] * len(examples)
     was_training = model.training
     model.eval()
     try:
         with DualPathAttentionOn(model):
             for _ in range(max_answer_tokens):
-                live = [i for i, d in enumerate(done) if not d]
+                live, packed = _pack_live(packer, examples, decoded, done, unpacked, tokenizer)
                 if not live:
                     break
-                # The packed answer is the text decoded so far; with nothing decoded yet any
-                # answer does, since only F's first row (before it) is read.
-                partial = [
-                    replace(
-                        examples[i],
-                        answer=tokenizer.decode(decoded[i], skip_special_tokens=False)
-                        or str(examples[i].answer),
-                    )
-                    for i in live
-                ]
-                try:
-                    batch = _to(_pack_all(collate, partial), device)
-                except SkipExample:
-                    for i in live:
-                        done[i] = True
-                    break
+                batch = _to(collate.batch_of(packed), device)
                 hidden, _ = dual_path_forward(model, batch)
                 rows = next_token_rows(batch, latent.answer_close, [decoded[i] for i in live])
                 head = backbone_and_head(model)[2]
@@ -120,14 +110,35 @@ def latent_carried_answers(
                         decoded[i].append(token)
     finally:
         model.train(was_training)
-    return [tokenizer.decode(ids, skip_special_tokens=False).strip().lower() for ids in decoded]
+    return [
+        None if bad else tokenizer.decode(ids, skip_special_tokens=False).strip().lower()
+        for ids, bad in zip(decoded, unpacked)
+    ]
 
 
-def _pack_all(collate, examples: list[Example]) -> dict:
-    batch = collate(examples)
-    if batch is None or len(batch["keys"]) != len(examples):
-        raise SkipExample("an example of the batch could not be packed")
-    return batch
+def _pack_live(
+    packer: DualPathPacker,
+    examples: list[Example],
+    decoded,
+    done: list[bool],
+    unpacked: list[bool],
+    tokenizer,
+) -> tuple[list[int], list[dict]]:
+    """(indices, packed sequences) of the examples still decoding, each packed with the answer
+    decoded so far; an example the packer refuses is marked done and unpacked, alone."""
+    live, packed = [], []
+    for i, example in enumerate(examples):
+        if done[i]:
+            continue
+        # With nothing decoded yet any answer does, since only F's first row (before it) is read.
+        answer = tokenizer.decode(decoded[i], skip_special_tokens=False) or str(example.answer)
+        try:
+            packed.append(packer.pack(replace(example, answer=answer)))
+        except SkipExample:
+            done[i] = unpacked[i] = True
+            continue
+        live.append(i)
+    return live, packed
 
 
 @torch.no_grad()

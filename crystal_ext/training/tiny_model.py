@@ -53,9 +53,12 @@ BASE_WORDS = [
 ]
 
 
-# Qwen's chat format (ChatML with vision markers), as Qwen2.5-VL's own chat template writes it.
+# Qwen's chat format (ChatML with vision markers), as Qwen2.5-VL's own chat template writes it,
+# default system turn included (in this tokenizer's lower-case words) when a conversation has none.
+TINY_DEFAULT_SYSTEM = "you are a helpful assistant ."
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + TINY_DEFAULT_SYSTEM + "<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
     "{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ p['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
