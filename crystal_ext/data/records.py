@@ -155,7 +155,9 @@ class RecordDataset(Dataset):
 
     def __getitem__(self, index: int) -> Example:
         i = index if self.indices is None else self.indices[index]
-        return record_to_example(self.records[i], i, self.image_folder)
+        example = record_to_example(self.records[i], i, self.image_folder)
+        example.where = self._label(i)
+        return example
 
 
 def _problem(example: Example) -> str | None:
