@@ -4,16 +4,22 @@ With no arguments it trains the embedded tiny Qwen2.5-VL on the synthetic task (
 CPU cores, a few minutes) and writes to outputs/crystal-tiny:
   checkpoint-N/                 Trainer checkpoints (complete ones carry crystal_checkpoint_complete.json)
   model.safetensors, config.json, tokenizer/processor files   the final model (stock from_pretrained)
-  crystal_config.json           the run's CrystaL settings (read by crystal_ext.evaluate)
+  base_model/                   a LoRA run of the tiny model only: the random base the adapter loads on
+  adapter_*, crystal_token_rows.safetensors   a LoRA run: the adapter and the new tokens' trained rows
+  crystal_config.json           the run's settings (training/run_config.py; read by crystal_ext.evaluate)
   metrics.jsonl                 every log record (loss, ce, kl_pred, kl_attn, lr, ...; with
                                 --eval_strategy steps the eval_* accuracies and attention KL)
   tensorboard/                  TensorBoard event files
   eval_results.json             held-out accuracy (intact and blurred images, greedy, intact path;
-                                latent-carried: the corrupted path answering from the latents)
+                                latent-carried: the corrupted path answering from the latents),
+                                and the held-out examples skipped (unreadable image) by name
   pictures/attention_*.png      answer->latent and latent->image attention maps, the answers given
 Everything transformers' Trainer offers (gradient accumulation, bf16, gradient checkpointing,
 torchrun DDP, FSDP, DeepSpeed, --resume_from_checkpoint, --report_to) is a TrainingArguments
 flag; see docs/training.md, and `--help` for all options.
+
+A record that cannot be used is named (file:line) and left out, in training and evaluation alike;
+with --overwrite_output_dir the earlier run's outputs are removed only after every check passed.
 """
 
 from __future__ import annotations

@@ -299,6 +299,12 @@ MUTATIONS = [
         ["tests/test_bad_input.py::test_unusable_data_stops_with_the_records_named_and_the_earlier_run_kept"],
     ),
     Mutation(
+        "readme_results_hand_edited",
+        "a README results figure is edited by hand and no longer comes from docs/benchmark_output.txt",
+        [("README.md", "| 7.85 s, 597 MB |", "| 7.5 s, 597 MB |")],
+        ["tests/test_docs_results.py"],
+    ),
+    Mutation(
         "block_rescale_squared",
         "the online log-sum-exp rescale of lm_head_losses is alpha^2 instead of alpha; caught only by a "
         "CPU row whose running maximum grows in a later vocabulary block (tests/test_lm_head_losses.py)",

@@ -13,7 +13,12 @@ teacher-forced.
 
 `--merge DIR` writes a plain model: LoRA folded into the weights (peft merge_and_unload), the
 trained token rows in place, the attention implementation reset to sdpa, and the processor;
-`<ModelClass>.from_pretrained(DIR)` loads it with no crystal_ext or peft code.
+`<ModelClass>.from_pretrained(DIR)` loads it with no crystal_ext or peft code. Alone it only
+merges (no held-out data needed); with `--data` or `--eval_examples N` it evaluates first.
+
+The held-out data, the packer and the evaluation's settings come from the run's configuration
+(crystal_ext.training.run_config), exactly as the training run used them. A held-out example whose
+image cannot be read is skipped with a warning naming it and listed under `skipped` in the results.
 """
 
 from __future__ import annotations
