@@ -305,6 +305,12 @@ MUTATIONS = [
         ["tests/test_docs_results.py"],
     ),
     Mutation(
+        "held_out_reads_the_train_split",
+        "held-out data from a DatasetDict folder or a hub data set is read from its train split",
+        [("crystal_ext/training/run_config.py", "HELD_OUT_SPLIT, limit)", "TRAIN_SPLIT, limit)")],
+        ["tests/test_run_config.py"],
+    ),
+    Mutation(
         "block_rescale_squared",
         "the online log-sum-exp rescale of lm_head_losses is alpha^2 instead of alpha; caught only by a "
         "CPU row whose running maximum grows in a later vocabulary block (tests/test_lm_head_losses.py)",
