@@ -311,6 +311,18 @@ MUTATIONS = [
         ["tests/test_run_config.py"],
     ),
     Mutation(
+        "malformed_record_crashes_the_check",
+        "a record whose fields have the wrong types raises out of the data check (a traceback, no record named)",
+        [
+            (
+                "crystal_ext/data/records.py",
+                "    except (TypeError, AttributeError, KeyError, ValueError) as exc:\n",
+                "    except KeyError as exc:\n",
+            )
+        ],
+        ["tests/test_train_data.py::test_a_record_of_the_wrong_structure_is_left_out_by_name"],
+    ),
+    Mutation(
         "block_rescale_squared",
         "the online log-sum-exp rescale of lm_head_losses is alpha^2 instead of alpha; caught only by a "
         "CPU row whose running maximum grows in a later vocabulary block (tests/test_lm_head_losses.py)",

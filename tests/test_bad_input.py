@@ -1,7 +1,8 @@
 """Fault injection through the command lines: truncated, missing and unreadable images, malformed
-lines and wrong image counts in `--data`, `--eval_data` and `crystal_ext.evaluate --data`. Every
-run ends with a message naming each bad record, its outputs written (or, when the data cannot be
-used at all, exit status 2 with the earlier run's outputs left as they were), and no traceback."""
+lines, records of the wrong structure and wrong image counts in `--data`, `--eval_data` and
+`crystal_ext.evaluate --data`. Every run ends with a message naming each bad record, its outputs
+written (or, when the data cannot be used at all, exit status 2 with the earlier run's outputs
+left as they were), and no traceback."""
 
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def _data_file(folder, name: str, good: int) -> tuple[str, dict]:
         "unreadable": _record(["not_an_image.png"]),
         "missing": _record(["missing.png"]),
         "malformed": '{"messages": [',
+        "wrong structure": json.dumps(
+            {"messages": [{"role": "user", "content": 5}], "images": ["good0.png"]}
+        ),
         "more places than images": _record(["good0.png"], places=2),
         "more images than places": _record(["good0.png", "good1.png"], places=1),
     }
@@ -114,7 +118,7 @@ def test_training_names_every_bad_record_and_writes_its_outputs(faulty, trained)
     assert len(list((out / "pictures").glob("*.png"))) == 2
     assert "2 examples skipped" in proc.stdout and "evaluation:" in proc.stdout
     check = [r["data_check"] for r in metrics(out) if "data_check" in r]
-    assert check == [{"records": 14, "usable": 10, "skipped": 4}]
+    assert check == [{"records": 15, "usable": 10, "skipped": 5}]
 
 
 def test_evaluate_names_every_bad_record_and_writes_its_results(faulty, trained, tmp_path):

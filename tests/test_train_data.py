@@ -273,6 +273,36 @@ def test_data_check_refuses_image_places_and_images_that_differ(tmp_path, record
         assert check_dataset(load_examples(str(path))) == {"records": 3, "usable": 2, "skipped": 1}
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        {
+            "messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "A"}],
+            "images": ["a.png"],
+        },
+        {"messages": "not a list of turns", "images": ["a.png"]},
+        {"conversations": [1, 2], "image": "a.png"},
+        {"messages": [{"role": "user", "content": ["<image>Q", 7]}, {"role": "assistant", "content": "A"}]},
+    ],
+)
+def test_a_record_of_the_wrong_structure_is_left_out_by_name(tmp_path, record):
+    from crystal_ext.data.records import check_dataset
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
+    good = {"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}]}
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join([json.dumps({**good, "images": ["a.png"]})] * 2 + [json.dumps(record)]))
+    with pytest.warns(UserWarning, match=rf"{path}:3: malformed record \((TypeError|AttributeError)"):
+        assert check_dataset(load_examples(str(path))) == {"records": 3, "usable": 2, "skipped": 1}
+
+
+def test_a_data_file_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xff\xfe\x00 not text\n")
+    with pytest.raises(ValueError, match=rf"{path}: not UTF-8 text"):
+        load_examples(str(path))
+
+
 def test_unknown_words_of_the_tiny_tokenizer_are_found():
     from crystal_ext.data.example import Example
     from crystal_ext.training.tiny_model import tiny_tokenizer, unknown_words

@@ -122,7 +122,17 @@ def _conversation_example(key: str, turns: list, images, image_folder) -> Exampl
 
 
 def record_to_example(record, index: int, image_folder: str | None) -> Example:
-    """The Example of one record; raises SkipExample when the record cannot be used."""
+    """The Example of one record; raises SkipExample when the record cannot be used (also when
+    its fields have the wrong types: a turn that is not an object, a content that is a number...)."""
+    try:
+        return _record_to_example(record, index, image_folder)
+    except SkipExample:
+        raise
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:
+        raise SkipExample(f"malformed record ({type(exc).__name__}: {exc})") from exc
+
+
+def _record_to_example(record, index: int, image_folder: str | None) -> Example:
     if isinstance(record, _Malformed):
         raise SkipExample(record.reason)
     if not isinstance(record, dict):
@@ -201,7 +211,14 @@ def check_dataset(dataset: RecordDataset, argument: str = "--data") -> dict:
 def read_records(path: str) -> tuple[list, list[str]]:
     """(records, where) of a JSON / JSONL file; a malformed JSONL line becomes a record the check
     reports with its line number."""
-    with open(path) as f:
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
+def _read_records(path: str) -> tuple[list, list[str]]:
+    with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
             records, where = [], []
             for number, line in enumerate(f, 1):
