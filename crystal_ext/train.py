@@ -40,6 +40,7 @@ from crystal_ext.model.new_token_rows import attach_new_token_rows
 from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training.arguments import parse_args
 from crystal_ext.training.callbacks import JsonlMetricsCallback, TimeBudgetCallback
+from crystal_ext.training.checkpoints import checkpoint_step
 from crystal_ext.training.evaluation import evaluate_model, headline
 from crystal_ext.training.run_config import (
     evaluation_settings,
@@ -347,9 +348,8 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         return summary
     summary.update(evaluate_and_draw(config, cargs, targs, model, processor, packer, held_out))
     out = targs.output_dir
-    summary["checkpoints"] = sorted(
-        os.path.join(out, n) for n in os.listdir(out) if n.startswith("checkpoint-")
-    )
+    steps = sorted((checkpoint_step(n), n) for n in os.listdir(out) if checkpoint_step(n) is not None)
+    summary["checkpoints"] = [os.path.join(out, n) for _, n in steps]  # by step: checkpoint-9 before -10
     report = getattr(train_set, "report", None)
     summary["skipped_records"] = report["skipped"] if report else 0
     if report:  # the data check's counts, next to the training log

@@ -22,7 +22,8 @@ Every turn and every image is kept: the last assistant turn is the trained answe
 turns are context (docs/training.md). Relative image paths are resolved against
 `--image_folder` (default: the data file's folder).
 
-`check_dataset` runs before training: a record that cannot be used (malformed JSON, no
+`check_dataset` runs before training and evaluation (`--data`, `--eval_data`, and
+`crystal_ext.evaluate --data`): a record that cannot be used (malformed JSON, no
 assistant answer, no image, a missing image file, images and image places that do not match)
 is reported once as `file:line: reason` and left out; the run stops when more than half of the
 records (or all of them) are left out.
