@@ -4,16 +4,22 @@ With no arguments it trains the embedded tiny Qwen2.5-VL on the synthetic task (
 CPU cores, a few minutes) and writes to outputs/crystal-tiny:
   checkpoint-N/                 Trainer checkpoints (complete ones carry crystal_checkpoint_complete.json)
   model.safetensors, config.json, tokenizer/processor files   the final model (stock from_pretrained)
-  crystal_config.json           the run's CrystaL settings (read by crystal_ext.evaluate)
+  base_model/                   a LoRA run of the tiny model only: the random base the adapter loads on
+  adapter_*, crystal_token_rows.safetensors   a LoRA run: the adapter and the new tokens' trained rows
+  crystal_config.json           the run's settings (training/run_config.py; read by crystal_ext.evaluate)
   metrics.jsonl                 every log record (loss, ce, kl_pred, kl_attn, lr, ...; with
                                 --eval_strategy steps the eval_* accuracies and attention KL)
   tensorboard/                  TensorBoard event files
   eval_results.json             held-out accuracy (intact and blurred images, greedy, intact path;
-                                latent-carried: the corrupted path answering from the latents)
+                                latent-carried: the corrupted path answering from the latents),
+                                and the held-out examples skipped (unreadable image) by name
   pictures/attention_*.png      answer->latent and latent->image attention maps, the answers given
 Everything transformers' Trainer offers (gradient accumulation, bf16, gradient checkpointing,
 torchrun DDP, FSDP, DeepSpeed, --resume_from_checkpoint, --report_to) is a TrainingArguments
 flag; see docs/training.md, and `--help` for all options.
+
+A record that cannot be used is named (file:line) and left out, in training and evaluation alike;
+with --overwrite_output_dir the earlier run's outputs are removed only after every check passed.
 """
 
 from __future__ import annotations
@@ -23,24 +29,41 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 
-from crystal_ext.data.packing import DualPathCollator, DualPathPacker
-from crystal_ext.data.records import check_dataset, is_hub_data_id, load_examples
-from crystal_ext.data.synthetic import SyntheticVQA
+from crystal_ext.data.example import SkipExample
+from crystal_ext.data.packing import DualPathCollator
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
 from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora
 from crystal_ext.model.new_token_rows import attach_new_token_rows
 from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training.arguments import parse_args
 from crystal_ext.training.callbacks import JsonlMetricsCallback, TimeBudgetCallback
-from crystal_ext.training.evaluation import CONFIG_FILE, evaluate_model, headline
+from crystal_ext.training.checkpoints import checkpoint_step
+from crystal_ext.training.evaluation import evaluate_model, headline
+from crystal_ext.training.run_config import (
+    evaluation_settings,
+    held_out_data,
+    make_packer,
+    run_config,
+    training_data,
+    write_run_config,
+)
 from crystal_ext.training.trainer import CrystalTrainer
 
-# What --overwrite_output_dir removes from an output folder before a fresh run.
-RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "pictures")
+# What --overwrite_output_dir removes of an earlier run (with its checkpoint-N folders), once every
+# check of the new run has passed: the outputs a new run would not all rewrite. An earlier LoRA
+# run's adapter beside a new full model would make crystal_ext.evaluate load the old adapter.
+RUN_OUTPUTS = (
+    "metrics.jsonl",
+    "tensorboard",
+    "pictures",
+    "eval_results.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "crystal_token_rows.safetensors",
+)
 
 
 class _SkipAwareCollator:
@@ -79,9 +102,11 @@ def check_kernels(cargs) -> None:
         )
 
 
-def prepare_output_dir(cargs, targs) -> None:
+def clear_previous_run(cargs, targs) -> None:
+    """With --overwrite_output_dir (and no resume): remove an earlier run's checkpoints and outputs.
+    Called only after every check (arguments, data, model, processor) has passed, so a run that
+    stops on bad input leaves the earlier run as it was."""
     out = targs.output_dir
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(out, "tensorboard"))
     fresh_overwrite = cargs.overwrite_output_dir and targs.resume_from_checkpoint is None
     if fresh_overwrite and _is_main() and os.path.isdir(out):
         for name in os.listdir(out):
@@ -117,14 +142,12 @@ def build_model(cargs, targs):
 
 
 def make_trainable(model, latent, cargs, targs):
-    """(model, base model path, no_decay): the dual-path attention switched on, and LoRA with the
-    new tokens' rows (own [n_new, Hd] parameters over the frozen embedding and head, kept out of
-    weight decay) when asked; otherwise every parameter trains."""
-    base_model = cargs.model
-    if cargs.tiny and cargs.use_lora and _is_main():
+    """(model, no_decay): the dual-path attention switched on, and LoRA with the new tokens' rows
+    (own [n_new, Hd] parameters over the frozen embedding and head, kept out of weight decay) when
+    asked; otherwise every parameter trains."""
+    if base_model_folder(cargs) == TINY_BASE_MODEL and _is_main():
         # LoRA on the tiny model (tests, experiments): its random base must be kept to load the adapter.
-        base_model = "base_model"
-        model.save_pretrained(os.path.join(targs.output_dir, base_model))
+        model.save_pretrained(os.path.join(targs.output_dir, TINY_BASE_MODEL))
     if not cargs.no_crystal:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     no_decay = ()
@@ -138,54 +161,41 @@ def make_trainable(model, latent, cargs, targs):
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M trained"
         f"{' (LoRA)' if cargs.use_lora else ''}; objective: {'SFT baseline' if cargs.no_crystal else 'CrystaL'}"
     )
-    return model, base_model, no_decay
+    return model, no_decay
 
 
-def build_datasets(cargs, data_seed: int = 0):
-    """(training set, held-out set or None) of Examples."""
-    if cargs.data is None:
+TINY_BASE_MODEL = "base_model"
 
-        def synthetic(n, split):
-            return SyntheticVQA(n, split, seed=data_seed, task=cargs.task, image_size=cargs.image_size)
 
-        return synthetic(cargs.train_examples, "train"), synthetic(cargs.eval_examples, "test")
-    train = load_examples(cargs.data, cargs.image_folder)
-    report = train.report = check_dataset(train, "--data")
-    _log(f"--data: {report['usable']} of {report['records']} records usable, {report['skipped']} skipped")
-    held_out = None
-    if cargs.eval_data:
-        split = "test" if os.path.isdir(cargs.eval_data) or is_hub_data_id(cargs.eval_data) else "train"
-        held_out = load_examples(cargs.eval_data, cargs.image_folder, split=split)
-        check_dataset(held_out, "--eval_data")
+def base_model_folder(cargs) -> str | None:
+    """Where a LoRA run's base model is: --model, or the tiny model's random base saved in the
+    output folder."""
+    return TINY_BASE_MODEL if cargs.tiny and cargs.use_lora else cargs.model
+
+
+def build_datasets(config: dict):
+    """(training set, held-out set or None), each checked (ValueError naming the flag)."""
+    train = training_data(config)
+    report = getattr(train, "report", None)
+    if report:
+        _log(f"--data: {report['usable']} of {report['records']} records usable, {report['skipped']} skipped")
+    held_out = held_out_data(config)
+    report = getattr(held_out, "report", None)
+    if report:
+        _log(
+            f"--eval_data: {report['usable']} of {report['records']} records usable, {report['skipped']} skipped"
+        )
     return train, held_out
 
 
-def write_run_config(cargs, targs, base_model: str | None) -> None:
-    if _is_main():
-        config = {
-            **asdict(cargs),
-            "seed": targs.seed,
-            "data_seed": 0,
-            "base_model": base_model,
-            "output_dir_abs": os.path.abspath(targs.output_dir),
-        }
-        with open(os.path.join(targs.output_dir, CONFIG_FILE), "w") as f:
-            json.dump(config, f, indent=1)
-
-
-def evaluate_held_out(cargs, targs, model, processor, packer, held_out) -> dict:
+def evaluate_held_out(config: dict, model, processor, packer, held_out) -> dict:
     """evaluate_model on the held-out set with the run's settings; the latent-carried accuracy and
     attention KL when the compiled extension (the dual-path forward's alignment loss) is there."""
     return evaluate_model(
         model,
         processor,
         held_out,
-        system=cargs.system_prompt,
-        template_kwargs=cargs.template_kwargs(),
-        image_size=cargs.image_size,
-        num_latent_tokens=cargs.num_latent_tokens,
-        blur_radius=(cargs.blur_radius_min, cargs.blur_radius_max),
-        seed=targs.seed,
+        **evaluation_settings(config),
         progress=False,
         packer=packer if extension_available() else None,
     )
@@ -194,18 +204,20 @@ def evaluate_held_out(cargs, targs, model, processor, packer, held_out) -> dict:
 EVAL_METRICS = ("accuracy_intact", "accuracy_blurred", "accuracy_latent_carried", "attention_kl")
 
 
-def make_evaluator(cargs, targs, processor, packer, held_out):
+def make_evaluator(config: dict, processor, packer, held_out):
     """fn(model) -> the held-out accuracies and attention KL, for CrystalTrainer's evaluate()
     (run at every --eval_steps with --eval_strategy steps; logged as eval_<name>)."""
 
     def evaluator(model) -> dict:
-        result = evaluate_held_out(cargs, targs, model, processor, packer, held_out)
+        result = evaluate_held_out(config, model, processor, packer, held_out)
         return {k: result[k] for k in EVAL_METRICS if k in result}
 
     return evaluator
 
 
-def train(cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks, held_out=None):
+def train(
+    config, cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks, held_out=None
+):
     """(trained model, summary) of one Trainer run; the final model is saved at the top of the output folder."""
     out = targs.output_dir
     evaluating = targs.eval_strategy not in (None, "no") and held_out is not None and len(held_out) > 0
@@ -222,7 +234,7 @@ def train(cargs, targs, model, processor, packer, train_set, no_decay, extra_cal
         objective=cargs.objective(),
         no_decay=no_decay,
         eval_dataset=held_out if evaluating else None,
-        evaluator=make_evaluator(cargs, targs, processor, packer, held_out) if evaluating else None,
+        evaluator=make_evaluator(config, processor, packer, held_out) if evaluating else None,
         alignment_warmup_steps=round(cargs.alignment_warmup_ratio * max(targs.max_steps, 0)),
     )
     if targs.resume_from_checkpoint:
@@ -240,8 +252,9 @@ def train(cargs, targs, model, processor, packer, train_set, no_decay, extra_cal
     }
 
 
-def evaluate_and_draw(cargs, targs, model, processor, packer, held_out) -> dict:
-    """Held-out accuracy (eval_results.json) and the attention pictures; main process only."""
+def evaluate_and_draw(config: dict, cargs, targs, model, processor, packer, held_out) -> dict:
+    """Held-out accuracy (eval_results.json) and the attention pictures; main process only. An
+    example that cannot be evaluated or drawn is skipped with a warning naming it."""
     out, summary = targs.output_dir, {}
     if held_out is None or not len(held_out):
         return summary
@@ -249,24 +262,39 @@ def evaluate_and_draw(cargs, targs, model, processor, packer, held_out) -> dict:
         f"evaluating {len(held_out)} held-out examples (greedy; intact path on intact and blurred images, "
         "corrupted path from the latents)"
     )
-    result = evaluate_held_out(cargs, targs, model, processor, packer, held_out)
+    result = evaluate_held_out(config, model, processor, packer, held_out)
     with open(os.path.join(out, "eval_results.json"), "w") as f:
         json.dump(result, f, indent=1)
     summary.update({k: result[k] for k in EVAL_METRICS if k in result})
     summary.update(
         eval_headline=headline(result),
         eval_examples=result["n"],
+        eval_skipped=len(result["skipped"]),
         eval_results=os.path.join(out, "eval_results.json"),
     )
     if cargs.num_pictures:
-        from crystal_ext.training.pictures import draw_pictures
-
-        examples = [held_out[i] for i in range(min(cargs.num_pictures, len(held_out)))]
-        answers = {r["key"]: r for r in result["examples"]}
-        summary["pictures"] = draw_pictures(
-            model, packer, examples, os.path.join(out, "pictures"), answers=answers
-        )
+        summary["pictures"] = draw_some_pictures(model, packer, held_out, result, cargs.num_pictures, out)
     return summary
+
+
+def draw_some_pictures(model, packer, held_out, result: dict, count: int, out: str) -> list[str]:
+    """Pictures of the first `count` evaluated held-out examples."""
+    from crystal_ext.training.pictures import draw_example_picture
+
+    answers = {r["key"]: r for r in result["examples"]}
+    drawn = []
+    for i in range(len(held_out)):
+        if len(drawn) == count:
+            break
+        example = held_out[i]
+        if example.key not in answers:  # skipped by the evaluation (warned there)
+            continue
+        path = os.path.join(out, "pictures", f"attention_{example.key}.png")
+        try:
+            drawn.append(draw_example_picture(model, packer, example, path, answers[example.key]))
+        except (SkipExample, ValueError) as exc:
+            _log(f"warning: no picture of held-out example {example.key!r}: {exc}")
+    return drawn
 
 
 def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> dict:
@@ -278,18 +306,21 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     except ValueError as exc:
         _fail(str(exc))
     check_kernels(cargs)
-    prepare_output_dir(cargs, targs)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(targs.output_dir, "tensorboard"))
     if cargs.cpu_threads:
         torch.set_num_threads(cargs.cpu_threads)
     register_dual_path_attention()
+    config = run_config(cargs, targs, base_model_folder(cargs))
 
     try:  # the data is checked before any model is built
-        train_set, held_out = build_datasets(cargs)
+        train_set, held_out = build_datasets(config)
     except ValueError as exc:
         _fail(str(exc))
     _log(f"building {'the embedded tiny model' if cargs.tiny else cargs.model}")
-    model, processor, latent = build_model(cargs, targs)
-    model, base_model, no_decay = make_trainable(model, latent, cargs, targs)
+    try:
+        model, processor, latent = build_model(cargs, targs)
+    except (OSError, ValueError) as exc:  # e.g. no processor or chat template beside the weights
+        _fail(f"--model {cargs.model}: {exc}")
     if cargs.tiny and cargs.data is not None:
         from crystal_ext.training.tiny_model import unknown_words
 
@@ -300,29 +331,25 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
                 f"the first {seen} records (e.g. {', '.join(words)}): they become <unk>. Pass --model "
                 "with a real model for real data."
             )
-    packer = DualPathPacker(
-        processor,
-        latent,
-        model,
-        cargs.corruption_config(),
-        seed=targs.seed,
-        image_size=cargs.image_size,
-        max_length=cargs.max_length,
-        system=cargs.system_prompt,
-        template_kwargs=cargs.template_kwargs(),
-    )
-    write_run_config(cargs, targs, base_model)
+    try:
+        packer = make_packer(config, processor, latent, model)
+    except ValueError as exc:
+        _fail(f"--model {cargs.model or '(embedded)'}: {exc}")
+    # Every check has passed: only now may an earlier run's outputs go (--overwrite_output_dir).
+    clear_previous_run(cargs, targs)
+    model, no_decay = make_trainable(model, latent, cargs, targs)
+    if _is_main():
+        write_run_config(config, targs.output_dir)
 
     model, summary = train(
-        cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks, held_out
+        config, cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks, held_out
     )
     if not _is_main():
         return summary
-    summary.update(evaluate_and_draw(cargs, targs, model, processor, packer, held_out))
+    summary.update(evaluate_and_draw(config, cargs, targs, model, processor, packer, held_out))
     out = targs.output_dir
-    summary["checkpoints"] = sorted(
-        os.path.join(out, n) for n in os.listdir(out) if n.startswith("checkpoint-")
-    )
+    steps = sorted((checkpoint_step(n), n) for n in os.listdir(out) if checkpoint_step(n) is not None)
+    summary["checkpoints"] = [os.path.join(out, n) for _, n in steps]  # by step: checkpoint-9 before -10
     report = getattr(train_set, "report", None)
     summary["skipped_records"] = report["skipped"] if report else 0
     if report:  # the data check's counts, next to the training log

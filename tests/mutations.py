@@ -191,6 +191,138 @@ MUTATIONS = [
         ["tests/test_model_dual_path.py::test_objective_with_new_token_rows_equals_the_rows_written_in"],
     ),
     Mutation(
+        "corruption_shared_by_all_images",
+        "every image of a multi-image example gets the same corruption draw (one seed key per example)",
+        [
+            (
+                "crystal_ext/data/packing.py",
+                '    return key if count == 1 else f"{key}#{index}"\n',
+                "    return key\n",
+            )
+        ],
+        ["tests/test_corruption.py::test_every_image_of_an_example_gets_its_own_draw"],
+    ),
+    Mutation(
+        "merged_head_rows_not_restored",
+        "loading the saved token rows restores the embedding rows only: the LM head keeps its untrained rows",
+        [
+            (
+                "crystal_ext/training/token_rows.py",
+                'zip(("embed_tokens", "lm_head"), mats)',
+                'zip(("embed_tokens",), mats)',
+            )
+        ],
+        ["tests/test_evaluate.py::test_merge_alone_writes_the_trained_rows_without_evaluating"],
+    ),
+    Mutation(
+        "resume_newest_by_folder_name",
+        "--resume_from_checkpoint last picks the checkpoint whose folder name sorts last (checkpoint-9 over -10)",
+        [
+            (
+                "crystal_ext/training/checkpoints.py",
+                "max(found)[1]",
+                "max(found, key=lambda step_name: step_name[1])[1]",
+            )
+        ],
+        ["tests/test_train_data.py::test_the_newest_checkpoint_is_the_highest_step_not_the_last_name"],
+    ),
+    Mutation(
+        "data_check_allows_extra_image_places",
+        "the data check counts a record with more image places than images as usable",
+        [
+            (
+                "crystal_ext/data/records.py",
+                "    if places != len(images):\n",
+                "    if places < len(images):\n",
+            )
+        ],
+        ["tests/test_train_data.py::test_data_check_refuses_image_places_and_images_that_differ"],
+    ),
+    Mutation(
+        "gold_answers_keep_capitals",
+        "the gold answer is not lower-cased: a capitalised gold answer never matches the model's",
+        [
+            (
+                "crystal_ext/training/evaluation.py",
+                "        .strip()\n        .lower()\n    )\n",
+                "        .strip()\n    )\n",
+            )
+        ],
+        ["tests/test_evaluate.py::test_gold_answers_with_capitals_match_case_insensitively"],
+    ),
+    Mutation(
+        "blur_radius_zero_accepted_by_the_command_line",
+        "--blur_radius_min 0 is accepted: some corrupted images are not corrupted at all",
+        [
+            (
+                "crystal_ext/training/arguments.py",
+                "if not 0 < cargs.blur_radius_min <= cargs.blur_radius_max:",
+                "if not 0 <= cargs.blur_radius_min <= cargs.blur_radius_max:",
+            )
+        ],
+        ["tests/test_train.py::test_argument_validation"],
+    ),
+    Mutation(
+        "blur_radius_zero_accepted_by_the_corruption",
+        "CorruptionConfig(blur_radius=(0, r)) is accepted (the Python API's way to the same bug)",
+        [
+            (
+                "crystal_ext/data/corruption.py",
+                "if not 0.0 < self.blur_radius[0] <= self.blur_radius[1]:",
+                "if not 0.0 <= self.blur_radius[0] <= self.blur_radius[1]:",
+            )
+        ],
+        ["tests/test_corruption.py::test_bad_arguments"],
+    ),
+    Mutation(
+        "evaluation_opens_images_unguarded",
+        "the evaluation opens held-out images without the shared opener: a truncated image crashes it",
+        [
+            (
+                "crystal_ext/training/evaluation.py",
+                "        image = open_image(source)\n",
+                '        image = Image.open(source).convert("RGB")\n',
+            )
+        ],
+        ["tests/test_bad_input.py::test_evaluate_names_every_bad_record_and_writes_its_results"],
+    ),
+    Mutation(
+        "overwrite_clears_before_the_checks",
+        "--overwrite_output_dir deletes the earlier run before the data is checked",
+        [
+            (
+                "crystal_ext/train.py",
+                "    check_kernels(cargs)\n",
+                "    check_kernels(cargs)\n    clear_previous_run(cargs, targs)\n",
+            )
+        ],
+        ["tests/test_bad_input.py::test_unusable_data_stops_with_the_records_named_and_the_earlier_run_kept"],
+    ),
+    Mutation(
+        "readme_results_hand_edited",
+        "a README results figure is edited by hand and no longer comes from docs/benchmark_output.txt",
+        [("README.md", "| 7.85 s, 597 MB |", "| 7.5 s, 597 MB |")],
+        ["tests/test_docs_results.py"],
+    ),
+    Mutation(
+        "held_out_reads_the_train_split",
+        "held-out data from a DatasetDict folder or a hub data set is read from its train split",
+        [("crystal_ext/training/run_config.py", "HELD_OUT_SPLIT, limit)", "TRAIN_SPLIT, limit)")],
+        ["tests/test_run_config.py"],
+    ),
+    Mutation(
+        "malformed_record_crashes_the_check",
+        "a record whose fields have the wrong types raises out of the data check (a traceback, no record named)",
+        [
+            (
+                "crystal_ext/data/records.py",
+                "    except (TypeError, AttributeError, KeyError, ValueError) as exc:\n",
+                "    except KeyError as exc:\n",
+            )
+        ],
+        ["tests/test_train_data.py::test_a_record_of_the_wrong_structure_is_left_out_by_name"],
+    ),
+    Mutation(
         "block_rescale_squared",
         "the online log-sum-exp rescale of lm_head_losses is alpha^2 instead of alpha; caught only by a "
         "CPU row whose running maximum grows in a later vocabulary block (tests/test_lm_head_losses.py)",

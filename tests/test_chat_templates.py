@@ -221,7 +221,7 @@ def test_template_kwargs_option_reaches_training_and_evaluation(tmp_path):
     """--chat_template_kwargs: JSON text on the command line, a mapping in a recipe, checked up
     front; the run config carries it to crystal_ext.evaluate's packer."""
     from crystal_ext.training.arguments import parse_args
-    from crystal_ext.training.evaluation import run_packer
+    from crystal_ext.training.run_config import make_packer
 
     flag = '{"enable_thinking": false}'
     cargs, _ = parse_args(["--chat_template_kwargs", flag, "--output_dir", str(tmp_path)])
@@ -240,8 +240,8 @@ def test_template_kwargs_option_reaches_training_and_evaluation(tmp_path):
         num_latent_tokens=4, corruption="blur", blur_radius_min=2.0, blur_radius_max=5.0, seed=0,
         image_size=None, max_length=4096, system_prompt=None, chat_template_kwargs=flag,
     )  # fmt: skip
-    packer = run_packer(model, processor, config)
+    packer = make_packer(config, processor, None, model)
     assert packer.template_kwargs == {"enable_thinking": False}
     assert packer.prompt(Example("k", _image(), QUESTION, ANSWER)).endswith(f"{THINK_CLOSE}\n\n")
     del config["chat_template_kwargs"]  # a run written before the option: the template's defaults
-    assert run_packer(model, processor, config).template_kwargs == {}
+    assert make_packer(config, processor, None, model).template_kwargs == {}

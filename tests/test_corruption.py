@@ -79,6 +79,26 @@ def test_bad_arguments():
         CorruptionConfig(erase_area=(0.5, 0.1))
     with pytest.raises(TypeError, match="image must be a PIL"):
         corrupt(np.zeros((4, 4, 3)), CorruptionConfig(), seed=0, key=0)
+    for radius in ((0.0, 0.0), (0.0, 3.0), (-1.0, 2.0), (4.0, 2.0)):  # radius 0 leaves the image intact
+        with pytest.raises(ValueError, match="blur_radius must satisfy 0 < lo <= hi"):
+            CorruptionConfig(blur_radius=radius)
+
+
+def test_every_image_of_an_example_gets_its_own_draw():
+    """Two identical images in one example are corrupted differently (each its own seeded draw,
+    keyed by the example and the image's place); a single image is keyed by the example alone."""
+    from family_models import build
+
+    from crystal_ext.data.example import Example
+    from crystal_ext.data.packing import DualPathPacker
+
+    model, processor, latent = build("qwen2_5_vl", side=56)
+    packer = DualPathPacker(processor, latent, model, CorruptionConfig(), seed=4, image_size=56)
+    image = _image(56, 56)
+    first, second = packer.corrupted(Example("two", [image, image], "q", "a"), [image, image.copy()])
+    assert not np.array_equal(np.asarray(first), np.asarray(second))
+    (alone,) = packer.corrupted(Example("one", image, "q", "a"), [image])
+    assert np.array_equal(np.asarray(alone), np.asarray(corrupt(image, CorruptionConfig(), 4, "one")))
 
 
 def test_example_rng_is_stable():

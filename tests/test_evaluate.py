@@ -232,3 +232,69 @@ def test_accuracy_counts_the_right_answers(monkeypatch):
     assert result["accuracy_intact"] == 0.75 and result["accuracy_blurred"] == 0.25
     assert [r["intact"] == r["answer"] for r in result["examples"]] == [True, True, False, True]
     assert [r["blurred"] == r["answer"] for r in result["examples"]] == [False, True, False, False]
+
+
+def test_gold_answers_with_capitals_match_case_insensitively(monkeypatch):
+    """Real tokenizers keep case: a gold "Red Circle" is matched by the model's "red circle" and its
+    "Red Circle" alike (both sides are lower-cased), and "Blue" is still not "Red"."""
+    from PIL import Image
+
+    from crystal_ext.data.example import Example
+    from crystal_ext.model.latent_tokens import add_latent_tokens
+    from crystal_ext.training import evaluation
+    from crystal_ext.training.tiny_model import SPECIAL, word_level_tokenizer
+
+    tok = word_level_tokenizer(["Red", "red", "Circle", "circle", "Blue", "blue"], SPECIAL)
+    lat = add_latent_tokens(tok, None, k=2)
+    assert tok.decode(tok("Red", add_special_tokens=False).input_ids) == "Red"  # the tokenizer keeps case
+
+    def written(text):
+        body = tok(text, add_special_tokens=False).input_ids
+        return [lat.think_open, *lat.latent_ids, lat.think_close, lat.answer_open, *body, lat.answer_close]
+
+    gold = ["Red Circle", "Red Circle", "blue", "Red"]
+    given = ["red circle", "Red Circle", "Blue", "Blue"]
+    monkeypatch.setattr(evaluation, "generate_answers", lambda *a, **k: [written(g) for g in given])
+
+    class Processor:
+        tokenizer = tok
+
+    picture = Image.new("RGB", (28, 28))
+    dataset = [Example(f"k{i}", picture, "q", answer) for i, answer in enumerate(gold)]
+    result = evaluation.evaluate_model(
+        torch.nn.Module(),
+        Processor(),
+        dataset,
+        system="s",
+        image_size=28,
+        num_latent_tokens=2,
+        progress=False,
+    )
+    assert [r["intact_correct"] for r in result["examples"]] == [True, True, True, False]
+    assert result["accuracy_intact"] == 0.75
+
+
+def test_merge_alone_writes_the_trained_rows_without_evaluating(lora_run, tmp_path):
+    """`--merge DIR` on its own: no evaluation and no data needed; the merged embedding and LM head
+    (the tiny model's head is untied) hold exactly the saved rows of the new tokens."""
+    from safetensors.torch import load_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    merged = tmp_path / "merged"
+    proc = run(["--model", str(lora_run), "--merge", str(merged)], module="crystal_ext.evaluate")
+    assert "merged model" in proc.stdout and "held-out accuracy" not in proc.stdout
+    assert not (lora_run / "eval_results.json").exists()
+    saved = load_file(lora_run / "crystal_token_rows.safetensors")
+    assert {"ids", "embed_tokens", "lm_head"} <= set(saved)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(merged)
+    assert not model.config.tie_word_embeddings
+    ids = saved["ids"]
+    torch.testing.assert_close(
+        model.get_input_embeddings().weight[ids], saved["embed_tokens"], rtol=0, atol=0
+    )
+    torch.testing.assert_close(model.get_output_embeddings().weight[ids], saved["lm_head"], rtol=0, atol=0)
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(lora_run / "base_model")
+    assert not torch.equal(base.get_output_embeddings().weight[ids], saved["lm_head"])  # the rows trained
+    # without --merge, --eval_examples 0 leaves nothing to do
+    proc = run(["--model", str(lora_run), "--eval_examples", "0"], module="crystal_ext.evaluate", check=False)
+    assert proc.returncode == 2 and "evaluates nothing" in proc.stderr

@@ -221,6 +221,7 @@ def test_sigkill_during_save_then_resume_retraces_the_uninterrupted_run(tmp_path
         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
         (["--image_size", "100"], "multiple of 28"),
         (["--blur_radius_min", "6"], "--blur_radius_min/--blur_radius_max"),
+        (["--blur_radius_min", "0", "--blur_radius_max", "0"], "--blur_radius_min/--blur_radius_max"),
         (["--data", "/nonexistent/train.json"], "no such file"),
         (["--model", "/nonexistent/model"], "no such folder"),
         (["--model", "crystal-ext-tests/no-such-model"], "hf download"),

@@ -157,6 +157,15 @@ def test_resume_resolution(tmp_path):
         resolve_resume_checkpoint(os.path.join(str(tmp_path), "nope"), str(tmp_path))
 
 
+def test_the_newest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
+    for step in (9, 10, 100):  # by name, "checkpoint-9" sorts last
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint of this run
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-100")
+    assert resolve_resume_checkpoint("last", str(tmp_path)) == str(tmp_path / "checkpoint-100")
+
+
 def test_messages_format_multi_turn_multi_image(tmp_path):
     from crystal_ext.data.records import check_dataset
 
@@ -216,6 +225,82 @@ def test_data_check_names_file_and_line_and_stops_on_mostly_bad_data(tmp_path):
     path.write_text("\n".join([json.dumps(good)] + lines[4:]))
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="--data: 3 of 4 records cannot be used"):
         check_dataset(load_examples(str(path)))
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {  # TRL parts: two image places, one image
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Q"}],
+                },
+                {"role": "assistant", "content": "A"},
+            ],
+            "images": ["a.png"],
+        },
+        {  # LLaMA-Factory strings: places over two turns, one image
+            "messages": [
+                {"role": "user", "content": "<image>Q"},
+                {"role": "assistant", "content": "A"},
+                {"role": "user", "content": "<image>Q2"},
+                {"role": "assistant", "content": "B"},
+            ],
+            "images": ["a.png"],
+        },
+        {  # LLaVA conversations
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\n<image>\nQ"},
+                {"from": "gpt", "value": "A"},
+            ],
+        },
+        {  # more images than places
+            "image": ["a.png", "a.png"],
+            "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}],
+        },
+    ],
+)
+def test_data_check_refuses_image_places_and_images_that_differ(tmp_path, record):
+    from crystal_ext.data.records import check_dataset
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
+    good = {"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}]}
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join([json.dumps({**good, "images": ["a.png"]})] * 2 + [json.dumps(record)]))
+    with pytest.warns(UserWarning, match=rf"{path}:3: \d image places in the conversation but \d images"):
+        assert check_dataset(load_examples(str(path))) == {"records": 3, "usable": 2, "skipped": 1}
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {
+            "messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "A"}],
+            "images": ["a.png"],
+        },
+        {"messages": "not a list of turns", "images": ["a.png"]},
+        {"conversations": [1, 2], "image": "a.png"},
+        {"messages": [{"role": "user", "content": ["<image>Q", 7]}, {"role": "assistant", "content": "A"}]},
+    ],
+)
+def test_a_record_of_the_wrong_structure_is_left_out_by_name(tmp_path, record):
+    from crystal_ext.data.records import check_dataset
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
+    good = {"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}]}
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join([json.dumps({**good, "images": ["a.png"]})] * 2 + [json.dumps(record)]))
+    with pytest.warns(UserWarning, match=rf"{path}:3: malformed record \((TypeError|AttributeError)"):
+        assert check_dataset(load_examples(str(path))) == {"records": 3, "usable": 2, "skipped": 1}
+
+
+def test_a_data_file_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xff\xfe\x00 not text\n")
+    with pytest.raises(ValueError, match=rf"{path}: not UTF-8 text"):
+        load_examples(str(path))
 
 
 def test_unknown_words_of_the_tiny_tokenizer_are_found():

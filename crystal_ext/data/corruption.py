@@ -35,6 +35,10 @@ class CorruptionConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"CorruptionConfig: kind must be one of {KINDS}, got {self.kind!r}")
+        if not 0.0 < self.blur_radius[0] <= self.blur_radius[1]:  # radius 0 would leave the image intact
+            raise ValueError(
+                f"CorruptionConfig: blur_radius must satisfy 0 < lo <= hi, got {self.blur_radius}"
+            )
         lo, hi = self.erase_area
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(

@@ -13,6 +13,7 @@ class Example:
     The simple form is one image and one question. A multi-turn or multi-image record also gives
     `messages`: every turn before the trained answer (earlier answers included, as context),
     with {"type": "image"} parts where its images go, in the order of `image` (then a list).
+    `where` names the record of a data file (`file:line`, `file[i]`) in warnings.
     """
 
     key: str
@@ -20,6 +21,7 @@ class Example:
     question: str
     answer: str | None
     messages: list[dict] | None = None
+    where: str | None = None  # the record it came from (file:line), for messages about it
 
     @property
     def images(self) -> list:

@@ -28,7 +28,6 @@ Qwen-VL models, 0, 1, 2, ... elsewhere) as an ordinary sequence; B takes C's ids
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -36,6 +35,7 @@ from PIL import Image
 from crystal_ext.data.chat import answer_text, generation_prompt, opens_think_block, turn_end
 from crystal_ext.data.corruption import CorruptionConfig, corrupt
 from crystal_ext.data.example import Example, SkipExample
+from crystal_ext.data.images import open_image
 from crystal_ext.model.families import family_of
 from crystal_ext.model.latent_tokens import ANSWER_CLOSE, ANSWER_OPEN, LatentTokens
 from crystal_ext.ops.layout import IGNORE, segment_bounds
@@ -88,11 +88,7 @@ class DualPathPacker:
             raise SkipExample("no image")
         images = []
         for source in ex.images:
-            try:
-                image = source if isinstance(source, Image.Image) else Image.open(Path(source))
-                image = image.convert("RGB")  # forces the decode, so a truncated file fails here
-            except (OSError, ValueError) as exc:
-                raise SkipExample(f"unreadable image {source!r}: {exc}") from exc
+            image = open_image(source)
             if self.image_size is not None:
                 image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
             images.append(image)
@@ -200,7 +196,8 @@ class DualPathCollator:
                 key = getattr(ex, "key", ex)
                 if key not in self.warned:
                     self.warned.add(key)
-                    warnings.warn(f"crystal_ext: skipping example {key!r}: {exc}", stacklevel=2)
+                    where = f" ({ex.where})" if getattr(ex, "where", None) else ""
+                    warnings.warn(f"crystal_ext: skipping example {key!r}{where}: {exc}", stacklevel=2)
         self.skipped += skipped
         return self.batch_of(packed, skipped)
 

@@ -22,7 +22,8 @@ Every turn and every image is kept: the last assistant turn is the trained answe
 turns are context (docs/training.md). Relative image paths are resolved against
 `--image_folder` (default: the data file's folder).
 
-`check_dataset` runs before training: a record that cannot be used (malformed JSON, no
+`check_dataset` runs before training and evaluation (`--data`, `--eval_data`, and
+`crystal_ext.evaluate --data`): a record that cannot be used (malformed JSON, no
 assistant answer, no image, a missing image file, images and image places that do not match)
 is reported once as `file:line: reason` and left out; the run stops when more than half of the
 records (or all of them) are left out.
@@ -122,7 +123,17 @@ def _conversation_example(key: str, turns: list, images, image_folder) -> Exampl
 
 
 def record_to_example(record, index: int, image_folder: str | None) -> Example:
-    """The Example of one record; raises SkipExample when the record cannot be used."""
+    """The Example of one record; raises SkipExample when the record cannot be used (also when
+    its fields have the wrong types: a turn that is not an object, a content that is a number...)."""
+    try:
+        return _record_to_example(record, index, image_folder)
+    except SkipExample:
+        raise
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:
+        raise SkipExample(f"malformed record ({type(exc).__name__}: {exc})") from exc
+
+
+def _record_to_example(record, index: int, image_folder: str | None) -> Example:
     if isinstance(record, _Malformed):
         raise SkipExample(record.reason)
     if not isinstance(record, dict):
@@ -155,7 +166,9 @@ class RecordDataset(Dataset):
 
     def __getitem__(self, index: int) -> Example:
         i = index if self.indices is None else self.indices[index]
-        return record_to_example(self.records[i], i, self.image_folder)
+        example = record_to_example(self.records[i], i, self.image_folder)
+        example.where = self._label(i)
+        return example
 
 
 def _problem(example: Example) -> str | None:
@@ -199,7 +212,14 @@ def check_dataset(dataset: RecordDataset, argument: str = "--data") -> dict:
 def read_records(path: str) -> tuple[list, list[str]]:
     """(records, where) of a JSON / JSONL file; a malformed JSONL line becomes a record the check
     reports with its line number."""
-    with open(path) as f:
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
+def _read_records(path: str) -> tuple[list, list[str]]:
+    with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
             records, where = [], []
             for number, line in enumerate(f, 1):

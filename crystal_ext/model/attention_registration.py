@@ -1,15 +1,18 @@
 """Plugging dual-path attention into a stock transformers model through its public registries.
 
 After `register_dual_path_attention()`, `model.set_attn_implementation("crystal_dual_path")`
-(or `from_pretrained(..., attn_implementation="crystal_dual_path")`) switches a stock
-Qwen2-VL / Qwen2.5-VL to it. Per call, the caller passes two forward kwargs:
+(or `from_pretrained(..., attn_implementation="crystal_dual_path")`) switches the text decoder of
+a stock model of any supported family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL and its MoE, LLaVA-OneVision,
+Idefics3, SmolVLM, and the generic family: crystal_ext.model.families) to it. Per call, the
+caller passes two forward kwargs:
 
   crystal_layout   int64 [batch, 6, 2] (crystal_ext.ops.layout)
   crystal_outputs  a fresh dict per forward; the last text decoder layer writes
                    "attention_alignment_loss" in it (the first one caches the layout's indices there)
 
 transformers forwards unknown model kwargs down to every attention call (the text layers
-and, in Qwen2-VL models, the vision tower's blocks), so no global state is involved.
+and, in some families such as the Qwen-VL ones, the vision tower's blocks), so no global state is
+involved.
 
 Which calls are ours: text decoder attention modules, recognised by structure (a `layer_idx`
 and `is_causal=True`; the vision tower's attention has neither), with a layout present.

@@ -1,7 +1,9 @@
 """The fused ops (compiled C++/CUDA kernels) and their plain-PyTorch references.
 
 One module per op: the custom-op registration (fake kernel + autograd) and the maths in the
-docstring; `reference` holds the twins with the same signatures.
+docstring; `reference` holds their plain-PyTorch twins, which take the same tensors (the fused
+ops also accept an index plan built once per layout, `AlignmentIndices` / `LmHeadPlan`, in place
+of the index tensors; the twins do not).
 """
 
 from crystal_ext.ops import reference

@@ -3,14 +3,16 @@
 
 Two sets of defaults, chosen by whether `--model` is given:
 - the embedded default (no --model): a tiny model trained in full from random init on the
-  synthetic task; batch 16, LR 1e-3 (a random-init 1.5 M-parameter model needs a larger
+  synthetic task; batch 16, LR 1e-3 (a random-init 1.1 M-parameter model needs a larger
   rate than LoRA on a 7 B model), a step count and a time guard that fit 5 minutes on 2 cores;
+  the top-k prediction KL keeps every answer row (1.0: its 4-row answers would keep one at 0.1);
 - a real model (--model): the published recipe (docs/method.md): LoRA r=16 alpha=32
   dropout 0.01, LR 2e-4 cosine with 5% warm-up, weight decay 0.1, batch 1 per device,
   4000 steps, bf16 and gradient checkpointing on GPUs; images at the size the model's processor
-  gives them (`--image_size 448` resizes them to the published recipe's 448 x 448 first).
-Both: 8 latent tokens, blur radius U(2, 5), top-10% KL, loss weights 1:1:1. Anything given on
-the command line wins over either set.
+  gives them (`--image_size 448` resizes them to the published recipe's 448 x 448 first); the
+  published top-10% prediction KL.
+Both: 8 latent tokens, blur radius U(2, 5), loss weights 1:1:1. Anything given on the command
+line wins over either set.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ class CrystalArguments:
     data: str | None = field(
         default=None,
         metadata={
-            "help": "LLaVA-conversation .json/.jsonl, or a datasets save_to_disk folder. Default: the synthetic task."
+            "help": "Training data: a messages + images .json/.jsonl (TRL, LLaMA-Factory, ms-swift), a "
+            "LLaVA-conversation .json/.jsonl, a datasets save_to_disk folder (its train split), or a hub data "
+            "set id owner/name (split train); docs/training.md. Default: the synthetic task."
         },
     )
     image_folder: str | None = field(
@@ -56,7 +60,8 @@ class CrystalArguments:
     eval_data: str | None = field(
         default=None,
         metadata={
-            "help": "Held-out data for the final evaluation (same formats as --data). Default with --data: none."
+            "help": "Held-out data for the final evaluation (the formats of --data; a DatasetDict folder or hub "
+            "data set gives its test split). Default with --data: none."
         },
     )
     task: str = field(
@@ -154,7 +159,9 @@ class CrystalArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Allow an --output_dir that already holds checkpoints (they are removed when training starts)."
+            "help": "Allow an --output_dir that already holds checkpoints: the earlier run's checkpoints, metrics, "
+            "TensorBoard logs, pictures, results and adapter are removed once every check of the new run has "
+            "passed (arguments, data, model), right before training."
         },
     )
     lm_head_losses: str = field(

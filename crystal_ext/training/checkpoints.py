@@ -22,7 +22,8 @@ def is_complete_checkpoint(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, COMPLETE_MARKER))
 
 
-def _step_of(name: str) -> int | None:
+def checkpoint_step(name: str) -> int | None:
+    """N of a folder named checkpoint-N, else None."""
     prefix = f"{PREFIX_CHECKPOINT_DIR}-"
     if name.startswith(prefix) and name[len(prefix) :].isdigit():
         return int(name[len(prefix) :])
@@ -32,7 +33,7 @@ def _step_of(name: str) -> int | None:
 def last_complete_checkpoint(output_dir: str) -> str | None:
     if not os.path.isdir(output_dir):
         return None
-    found = [(_step_of(n), n) for n in os.listdir(output_dir)]
+    found = [(checkpoint_step(n), n) for n in os.listdir(output_dir)]
     found = [
         (s, n) for s, n in found if s is not None and is_complete_checkpoint(os.path.join(output_dir, n))
     ]

@@ -13,7 +13,12 @@ teacher-forced.
 
 `--merge DIR` writes a plain model: LoRA folded into the weights (peft merge_and_unload), the
 trained token rows in place, the attention implementation reset to sdpa, and the processor;
-`<ModelClass>.from_pretrained(DIR)` loads it with no crystal_ext or peft code.
+`<ModelClass>.from_pretrained(DIR)` loads it with no crystal_ext or peft code. Alone it only
+merges (no held-out data needed); with `--data` or `--eval_examples N` it evaluates first.
+
+The held-out data, the packer and the evaluation's settings come from the run's configuration
+(crystal_ext.training.run_config), exactly as the training run used them. A held-out example whose
+image cannot be read is skipped with a warning naming it and listed under `skipped` in the results.
 """
 
 from __future__ import annotations
@@ -22,15 +27,16 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import torch
 
-from crystal_ext.data.chat import generation_prompt, parse_template_kwargs, turn_end
+from crystal_ext.data.chat import generation_prompt, turn_end
+from crystal_ext.data.example import SkipExample
 from crystal_ext.model.attention_registration import register_dual_path_attention
 from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training import latent_carried
-
-CONFIG_FILE = "crystal_config.json"
+from crystal_ext.training.run_config import evaluation_settings, held_out_data, make_packer, read_run_config
 
 
 def _normalise(tokenizer, text: str) -> str:
@@ -147,11 +153,31 @@ def evaluate_model(
     from PIL import Image
 
     from crystal_ext.data.corruption import CorruptionConfig, corrupt
+    from crystal_ext.data.images import open_image
     from crystal_ext.data.packing import corruption_key
 
     def _load(source, size):
-        image = (source if isinstance(source, Image.Image) else Image.open(source)).convert("RGB")
+        image = open_image(source)
         return image if size is None else image.resize((size, size), Image.BICUBIC)
+
+    def _loaded(example):
+        """The example's intact images, or None (recorded in `skipped`, warned about) when it
+        cannot be evaluated."""
+        reason = None
+        if example.image is None or example.answer is None:
+            reason = "no image" if example.image is None else "no answer"
+        else:
+            try:
+                return [_load(source, image_size) for source in example.images]
+            except SkipExample as exc:
+                reason = str(exc)
+        where = getattr(example, "where", None)
+        skipped.append({"key": example.key, "where": where, "reason": reason})
+        warnings.warn(
+            f"crystal_ext: evaluation skips example {example.key!r}{f' ({where})' if where else ''}: {reason}",
+            stacklevel=3,
+        )
+        return None
 
     blur = CorruptionConfig(kind="blur", blur_radius=tuple(blur_radius))
     tok = processor.tokenizer
@@ -159,18 +185,18 @@ def evaluate_model(
     model.eval()
     names = ("intact", "blurred") + (("latent_carried",) if packer is not None else ())
     results = {name: [] for name in names}
-    records = []
+    records, skipped = [], []
     kl_sum, kl_count = 0.0, 0
     # think open/close + K latents + <answer> ... </answer> + <|im_end|>
     max_new = num_latent_tokens + 2 + max_answer_tokens + 3
     n = len(dataset)
     try:
         for start in range(0, n, batch_size):
-            exs = [dataset[i] for i in range(start, min(n, start + batch_size))]
-            exs = [e for e in exs if e.image is not None and e.answer is not None]
+            loaded = [(e, _loaded(e)) for e in (dataset[i] for i in range(start, min(n, start + batch_size)))]
+            exs = [e for e, images in loaded if images is not None]
+            intact = [images for _, images in loaded if images is not None]
             if not exs:
                 continue
-            intact = [[_load(source, image_size) for source in e.images] for e in exs]
             blurred = [
                 [corrupt(im, blur, seed, corruption_key(e.key, i, len(ims))) for i, im in enumerate(ims)]
                 for ims, e in zip(intact, exs)
@@ -204,7 +230,7 @@ def evaluate_model(
                     row[f"{name}_correct"] = got[name][i] == gold
                 records.append(row)
             if progress:
-                print(f"evaluate: {len(records)}/{n}", file=sys.stderr, flush=True)
+                print(f"evaluate: {len(records) + len(skipped)}/{n}", file=sys.stderr, flush=True)
     finally:
         model.train(was_training)
     count = len(records)
@@ -213,7 +239,7 @@ def evaluate_model(
         summary["attention_kl"] = kl_sum / kl_count if kl_count else float("nan")
         summary["latent_carried_unpacked"] = sum(r["latent_carried"] is None for r in records)
         summary["corruption"] = packer.corruption.kind
-    return {**summary, "blur_radius": list(blur_radius), "examples": records}
+    return {**summary, "blur_radius": list(blur_radius), "examples": records, "skipped": skipped}
 
 
 def headline(result: dict) -> str:
@@ -226,48 +252,13 @@ def headline(result: dict) -> str:
         ]
         if result.get("latent_carried_unpacked"):
             parts[-2] += f" ({result['latent_carried_unpacked']} could not be packed)"
-    return ", ".join(parts)
-
-
-def run_packer(model, processor, config: dict):
-    """The DualPathPacker of a crystal_ext.train run (its corruption, seed, image size, think block),
-    for the latent-carried evaluation of the trained model."""
-    from crystal_ext.data.corruption import CorruptionConfig
-    from crystal_ext.data.packing import DualPathPacker
-    from crystal_ext.model.latent_tokens import add_latent_tokens
-
-    # The tokenizer already holds the tokens: this only reads their ids.
-    latent = add_latent_tokens(processor.tokenizer, None, k=config["num_latent_tokens"])
-    corruption = CorruptionConfig(
-        kind=config["corruption"], blur_radius=(config["blur_radius_min"], config["blur_radius_max"])
-    )
-    return DualPathPacker(
-        processor,
-        latent,
-        model,
-        corruption,
-        seed=config["seed"],
-        image_size=config["image_size"],
-        max_length=config["max_length"],
-        system=config["system_prompt"],
-        template_kwargs=parse_template_kwargs(config.get("chat_template_kwargs")),
-    )
+    line = ", ".join(parts)
+    if result.get("skipped"):
+        line += f" ({len(result['skipped'])} examples skipped, each named in eval_results.json)"
+    return line
 
 
 # ---- loading what crystal_ext.train wrote ----------------------------------------------------
-
-
-def read_run_config(folder: str) -> dict:
-    path = os.path.join(folder, CONFIG_FILE)
-    if not os.path.isfile(path):
-        # A checkpoint folder: the run's config sits in the output folder above it.
-        path = os.path.join(os.path.dirname(os.path.abspath(folder)), CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"{folder}: no {CONFIG_FILE} here or in the folder above (not written by crystal_ext.train)"
-        )
-    with open(path) as f:
-        return json.load(f)
 
 
 def load_trained(folder: str, dtype=torch.float32):
@@ -308,26 +299,22 @@ def merge(model, processor, folder: str) -> str:
     return folder
 
 
-def eval_dataset(config: dict, data: str | None, n: int | None):
-    from crystal_ext.data.records import check_dataset, load_examples
-    from crystal_ext.data.synthetic import SyntheticVQA
+def _held_out(args, config: dict):
+    """The held-out set to evaluate, or None for a merge alone. ValueError says what is missing."""
+    wanted = args.data is not None or args.eval_examples is not None or not args.merge
+    if not wanted or args.eval_examples == 0:
+        return None
+    if args.data is not None:
+        from crystal_ext.training.arguments import check_data_available
 
-    data = data or config.get("eval_data")
-    if data:
-        ds = load_examples(data, config.get("image_folder"), split="test" if os.path.isdir(data) else "train")
-        if n is not None and n < len(ds):
-            ds.records = ds.records[:n] if isinstance(ds.records, list) else ds.records.select(range(n))
-        check_dataset(ds, "--data")
-        return ds
-    if config.get("data"):
-        raise ValueError("this run trained on --data without --eval_data: pass --data HELD_OUT_FILE")
-    return SyntheticVQA(
-        n if n is not None else config["eval_examples"],
-        "test",
-        seed=config["data_seed"],
-        task=config["task"],
-        image_size=config["image_size"],
-    )
+        check_data_available("--data", args.data)
+    dataset = held_out_data(config, args.data, args.eval_examples, flag="--data")
+    if dataset is None:
+        raise ValueError(
+            "this run trained on --data without --eval_data: pass --data HELD_OUT_FILE "
+            "(or only --merge DIR to write the merged model without evaluating)"
+        )
+    return dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,10 +322,20 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m crystal_ext.evaluate", description=__doc__.split("\n\n")[1]
     )
     parser.add_argument("--model", required=True, help="output folder (or checkpoint) of crystal_ext.train")
-    parser.add_argument("--data", help="held-out data (default: the run's held-out set)")
-    parser.add_argument("--eval_examples", type=int, help="evaluate only the first N held-out examples")
+    parser.add_argument(
+        "--data",
+        help="held-out data, in any --data format of crystal_ext.train (default: the run's held-out set)",
+    )
+    parser.add_argument(
+        "--eval_examples", type=int, help="evaluate only the first N held-out examples (0: no evaluation)"
+    )
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--merge", metavar="DIR", help="also write the merged stock model to DIR")
+    parser.add_argument(
+        "--merge",
+        metavar="DIR",
+        help="write the merged stock model to DIR; alone it only merges (add --data or --eval_examples N "
+        "to evaluate as well)",
+    )
     parser.add_argument(
         "--no_latent_carried",
         action="store_true",
@@ -346,43 +343,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", help="where to write the results JSON (default: MODEL/eval_results.json)")
     args = parser.parse_args(argv)
-    try:
+    if args.eval_examples is not None and args.eval_examples < 0:
+        parser.error(f"--eval_examples must be >= 0, got {args.eval_examples}")
+    if args.eval_examples == 0 and not args.merge:
+        parser.error("--eval_examples 0 evaluates nothing: give --merge DIR, or more examples")
+    try:  # the data is checked before the model is loaded
+        dataset = _held_out(args, read_run_config(args.model))
         model, processor, config = load_trained(args.model)
-        dataset = eval_dataset(config, args.data, args.eval_examples)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))
+    if dataset is not None:
+        evaluate(model, processor, config, dataset, args)
+    if args.merge:
+        print(f"merged model: {merge(model.cpu(), processor, args.merge)}")
+    return 0
+
+
+def evaluate(model, processor, config: dict, dataset, args) -> dict:
+    """evaluate_model with the run's settings; the results JSON written, the headline printed."""
     if torch.cuda.is_available():
         model.to("cuda")
     packer = None
     if not args.no_latent_carried:
         if extension_available():
             register_dual_path_attention()
-            packer = run_packer(model, processor, config)
+            packer = make_packer(config, processor, None, model)
         else:
             print(
                 f"latent-carried evaluation skipped: the compiled extension is missing ({extension_error()})",
                 file=sys.stderr,
             )
     result = evaluate_model(
-        model,
-        processor,
-        dataset,
-        system=config["system_prompt"],
-        template_kwargs=parse_template_kwargs(config.get("chat_template_kwargs")),
-        image_size=config["image_size"],
-        num_latent_tokens=config["num_latent_tokens"],
-        blur_radius=(config["blur_radius_min"], config["blur_radius_max"]),
-        seed=config["seed"],
-        batch_size=args.batch_size,
-        packer=packer,
+        model, processor, dataset, **evaluation_settings(config), batch_size=args.batch_size, packer=packer
     )
     output = args.output or os.path.join(args.model, "eval_results.json")
     with open(output, "w") as f:
         json.dump(result, f, indent=1)
     print(f"held-out accuracy: {headline(result)} ({result['n']} examples) -> {output}")
-    if args.merge:
-        print(f"merged model: {merge(model.cpu(), processor, args.merge)}")
-    return 0
+    return result
 
 
 if __name__ == "__main__":
