@@ -246,6 +246,18 @@ MUTATIONS = [
         ["tests/test_model_types.py::test_own_position_functions_without_an_adapter_are_refused[glm4v_moe]"],
     ),
     Mutation(
+        "router_term_dropped",
+        "the objective drops the router load-balancing loss the MoE config asks the stock forward to add",
+        [
+            (
+                "crystal_ext/model/families/router_loss.py",
+                "        return loss + self.path1_loss(batch)\n",
+                "        return loss\n",
+            )
+        ],
+        ["tests/test_router_loss.py::test_the_objective_adds_the_stock_router_term_on_path_1"],
+    ),
+    Mutation(
         "placeholder_token_packed_back",
         "the latent-carried decoding packs a generated image token back into the answer",
         [("crystal_ext/training/latent_carried.py", "    stop |= packer.media_tokens\n", "")],

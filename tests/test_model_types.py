@@ -87,17 +87,3 @@ def test_a_tested_family_is_still_refused_when_its_config_asks_for_what_the_dual
     config.text_config.sliding_window = 4096
     with pytest.raises(UnsupportedModel, match="mistral3.*sliding window"):
         family_of(config)
-
-
-def test_a_router_loss_the_objective_does_not_add_is_refused():
-    """The stock MoE forward adds router_aux_loss_coef x the load-balancing loss when the config has
-    output_router_logits; the objective has no such term, so that config is refused (with the way
-    out), and the default (off) is not refused for that reason."""
-    config = _default_config("qwen3_vl_moe")
-    config.text_config.output_router_logits = True
-    with pytest.raises(
-        UnsupportedModel, match=r"router_aux_loss_coef \(0\.\d+\).*set output_router_logits to false"
-    ):
-        family_of(config)
-    config.text_config.output_router_logits = False
-    assert family_of(config).position_rows == 3

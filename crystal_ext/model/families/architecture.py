@@ -10,7 +10,8 @@ as the logits, and add no loss term of its own to the cross-entropy.
 
 from __future__ import annotations
 
-from crystal_ext.model.families.own_positions import own_position_function
+from crystal_ext.model.families.own_positions import model_class_of, own_position_function
+from crystal_ext.model.families.router_loss import router_loss_requested, unsupported_router_loss
 
 
 def text_config_of(config):
@@ -70,17 +71,23 @@ def logits_problem(config) -> str | None:
 
 
 def router_loss_problem(config) -> str | None:
-    """A MoE model whose config makes the stock forward add a router load-balancing loss."""
+    """A MoE model whose config makes the stock forward add a router load-balancing loss that the
+    objective cannot reproduce (crystal_ext.model.families.router_loss)."""
+    if not router_loss_requested(config):
+        return None
+    model_class = model_class_of(config)
+    why = (
+        "its model class is unknown" if model_class is None else unsupported_router_loss(model_class, config)
+    )
+    if why is None:
+        return None
     text = text_config_of(config)
-    coef = getattr(text, "router_aux_loss_coef", None)
-    if getattr(text, "output_router_logits", False) and coef:
-        return (
-            f"its config asks the stock forward to add router_aux_loss_coef ({coef}) x the router "
-            "load-balancing loss to the training loss, and the objective has no such term; set "
-            "output_router_logits to false in the text config to train without it (the stock model then "
-            "drops it too)"
-        )
-    return None
+    return (
+        f"its config asks the stock forward to add router_aux_loss_coef ({text.router_aux_loss_coef}) x the "
+        f"router load-balancing loss, which the objective cannot reproduce ({why}); set "
+        "output_router_logits to false in the text config to train without it (the stock model then "
+        "drops it too)"
+    )
 
 
 def config_problem(model_or_config, config, has_adapter: bool, applies_logit_transform: bool) -> str | None:

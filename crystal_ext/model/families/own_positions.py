@@ -22,7 +22,7 @@ POSITION_FUNCTIONS = ("get_rope_index",)
 MULTIMODAL_ROPE_KEYS = ("mrope_section", "mrope_interleaved")
 
 
-def _model_class(config):
+def model_class_of(config):
     """The transformers class a config builds (its `architectures`, else the image-text-to-text
     auto mapping), or None; importing it loads no weights."""
     import transformers
@@ -44,7 +44,7 @@ def _classes_of(model_or_config) -> list[type]:
     if hasattr(model_or_config, "config"):
         backbone = getattr(model_or_config, getattr(model_or_config, "base_model_prefix", ""), None)
         return [type(model_or_config)] + ([type(backbone)] if backbone is not None else [])
-    cls = _model_class(model_or_config)
+    cls = model_class_of(model_or_config)
     if cls is None:
         return []
     module = sys.modules.get(cls.__module__)
