@@ -10,6 +10,9 @@ import transformers
 
 from crystal_ext.training import tiny_model
 
+# ---- families added with the model-own-positions work (builders at the end of this file) ----
+POSITIONS_BRANCH_FAMILIES = ("llava", "llava_next", "internvl", "mistral3", "glm4v")
+
 FAMILIES = (
     "qwen2_vl",
     "qwen2_5_vl",
@@ -18,6 +21,7 @@ FAMILIES = (
     "llava_onevision",
     "idefics3",
     "smolvlm",
+    *POSITIONS_BRANCH_FAMILIES,
 )
 
 # Qwen's tokens (the embedded default's), then the other families' image tokens and turn end.
@@ -62,8 +66,26 @@ IDEFICS3_TEMPLATE = (
 )
 
 
-def tokenizer(template: str | None = None):
-    return tiny_model.word_level_tokenizer(WORDS, SPECIAL, template)
+def tokenizer(template: str | None = None, extra_special=(), **extra):
+    """The word-level tokenizer; `extra_special` tokens get ids after every other token's (so the
+    other families' ids do not move), `extra` sets named special tokens (e.g. InternVL's)."""
+    tok = tiny_model.word_level_tokenizer(WORDS, SPECIAL, template)
+    if extra_special:
+        tok.add_special_tokens(
+            {"additional_special_tokens": list(extra_special)}, replace_extra_special_tokens=False
+        )
+    if extra:
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=tok.backend_tokenizer,
+            unk_token=tok.unk_token,
+            pad_token=tok.pad_token,
+            eos_token=tok.eos_token,
+            extra_special_tokens=extra,
+            chat_template=template,
+        )
+    return tok
 
 
 def qwen_tokenizer():
@@ -257,6 +279,8 @@ def build(
         tok = tokenizer(IDEFICS3_TEMPLATE)
         latent = add_latent_tokens(tok, None, k=k)
         cls, config, processor = _idefics3(tok, hidden, smol=family == "smolvlm")
+    elif family in POSITIONS_BRANCH_FAMILIES:
+        tok, cls, config, processor, latent = _POSITIONS_BRANCH_BUILDERS[family](hidden, k)
     else:
         raise ValueError(f"unknown family {family!r}")
     processor.chat_template = tok.chat_template
@@ -265,3 +289,248 @@ def build(
     if family == "qwen3_vl_moe":
         model.set_experts_implementation("eager")  # the grouped-GEMM kernel has no float64
     return model.eval(), processor, latent
+
+
+# ---- llava, llava_next, internvl, mistral3, glm4v --------------------------------------------
+# Templates written here from the models' chat formats (facts, not their text): LLaVA-1.5's
+# "USER: <image>\n... ASSISTANT:" turns; InternVL's ChatML with <img><IMG_CONTEXT></img>; Mistral's
+# [INST] ... [/INST] with [IMG]; GLM-4.1V's [gMASK]<sop><|role|>\n turns with
+# <|begin_of_image|><|image|><|end_of_image|>.
+
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'][0]['text'] }} "
+    "{% elif m['role'] == 'user' %}USER: {% for p in m['content'] %}{% if p['type'] == 'image' %}<image>\n"
+    "{% else %}{{ p['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for p in m['content'] %}{{ p['text'] }}{% endfor %}<|im_end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+INTERNVL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<IMG_CONTEXT>\n{% else %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MISTRAL3_TEMPLATE = (
+    "<s>{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ m['content'][0]['text'] }}"
+    "[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[INST]{% for p in m['content'] %}{% if p['type'] == 'image' %}"
+    "[IMG]{% else %}{{ p['text'] }}{% endif %}{% endfor %}[/INST]"
+    "{% else %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+)
+GLM4V_TEMPLATE = (
+    "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+GLM4V_SPECIAL = [
+    "[gMASK]",
+    "<sop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|begin_of_image|>",
+    "<|image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|video|>",
+    "<|end_of_video|>",
+]
+
+
+def _llama_text(tok, hidden):
+    return {"model_type": "llama", **_text(tok, hidden)}
+
+
+def _clip_encoder(side, patch):
+    return {"model_type": "clip_vision_model", **_vision_encoder(side, patch), "projection_dim": 32}
+
+
+def _llava(hidden, k):
+    """LLaVA-1.5: CLIP tower (class token dropped: 'default' features), Llama text."""
+    from transformers import CLIPImageProcessor
+
+    tok = tokenizer(LLAVA_TEMPLATE)
+    latent = _latent(tok, k)
+    side, patch = 28, 14
+    config = transformers.LlavaConfig(
+        vision_config=_clip_encoder(side, patch),
+        text_config=_llama_text(tok, hidden),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    image = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    processor = transformers.LlavaProcessor(
+        image_processor=image,
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return tok, transformers.LlavaForConditionalGeneration, config, processor, latent
+
+
+def _llava_next(hidden, k):
+    """LLaVA-NeXT: any-resolution tiles of a CLIP tower, Llama text."""
+    from transformers.models.llava_next.image_processing_llava_next import LlavaNextImageProcessor
+
+    tok = tokenizer(LLAVA_TEMPLATE)
+    latent = _latent(tok, k)
+    side, patch = 28, 14
+    pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    config = transformers.LlavaNextConfig(
+        vision_config=_clip_encoder(side, patch),
+        text_config=_llama_text(tok, hidden),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints,
+        tie_word_embeddings=False,
+    )
+    image = LlavaNextImageProcessor(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = transformers.LlavaNextProcessor(
+        image_processor=image,
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return tok, transformers.LlavaNextForConditionalGeneration, config, processor, latent
+
+
+def _internvl(hidden, k):
+    """InternVL: InternViT tower, pixel shuffle 0.5, Qwen2 text; <img><IMG_CONTEXT>...</img>."""
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    names = {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
+    tok = tokenizer(INTERNVL_TEMPLATE, ["<img>", "</img>", "<IMG_CONTEXT>"], **names)
+    latent = _latent(tok, k)
+    side, patch = 28, 7
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=[side, side],
+        patch_size=[patch, patch],
+    )
+    config = transformers.InternVLConfig(
+        vision_config=vision,
+        text_config={"model_type": "qwen2", **_text(tok, hidden)},
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=(side // patch) ** 2 // 4,
+        tie_word_embeddings=False,
+    )
+    size = {"height": side, "width": side}
+    processor = transformers.InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=False),
+        tokenizer=tok,
+        video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=(side // patch) ** 2 // 4,
+    )
+    return tok, transformers.InternVLForConditionalGeneration, config, processor, latent
+
+
+def _mistral3(hidden, k):
+    """Mistral3: Pixtral tower (2-D rope, [IMG_BREAK] per row, [IMG_END]), 2x2 patch merger,
+    Mistral text."""
+    from transformers.models.pixtral.image_processing_pixtral import PixtralImageProcessor
+
+    tok = tokenizer(MISTRAL3_TEMPLATE, ["<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                                        "[IMG]", "[IMG_BREAK]", "[IMG_END]"])  # fmt: skip
+    latent = _latent(tok, k)
+    patch = 8
+    vision = dict(
+        model_type="pixtral",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=16,
+        image_size=64,
+        patch_size=patch,
+    )
+    config = transformers.Mistral3Config(
+        vision_config=vision,
+        text_config={
+            "model_type": "mistral",
+            **_text(tok, hidden, head_dim=hidden // 4, sliding_window=None),
+        },
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        tie_word_embeddings=False,
+    )
+    image = PixtralImageProcessor(size={"longest_edge": 48}, patch_size=patch)
+    processor = transformers.PixtralProcessor(
+        image_processor=image, tokenizer=tok, patch_size=patch, spatial_merge_size=2
+    )
+    return tok, transformers.Mistral3ForConditionalGeneration, config, processor, latent
+
+
+def _glm4v(hidden, k):
+    """GLM-4.1V: its own 3-row M-RoPE (partial rotary, interleaved halves), patch 14, merge 2."""
+    from transformers.models.glm4v.image_processing_glm4v import Glm4vImageProcessor
+    from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor
+
+    tok = tokenizer(GLM4V_TEMPLATE, GLM4V_SPECIAL)
+    latent = _latent(tok, k)
+    ids = tok.convert_tokens_to_ids
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+        "mrope_section": [2, 1, 1],
+    }
+    text = _text(tok, hidden, rope_parameters=rope)
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=hidden,
+        patch_size=14,
+        image_size=56,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    config = transformers.Glm4vConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image|>"),
+        video_token_id=ids("<|video|>"),
+        image_start_token_id=ids("<|begin_of_image|>"),
+        image_end_token_id=ids("<|end_of_image|>"),
+        video_start_token_id=ids("<|begin_of_video|>"),
+        video_end_token_id=ids("<|end_of_video|>"),
+        tie_word_embeddings=False,
+    )
+    kw = dict(size={"shortest_edge": 28 * 28, "longest_edge": 2 * 56 * 56}, patch_size=14, merge_size=2)
+    processor = transformers.Glm4vProcessor(
+        image_processor=Glm4vImageProcessor(**kw), tokenizer=tok, video_processor=Glm4vVideoProcessor(**kw)
+    )
+    return tok, transformers.Glm4vForConditionalGeneration, config, processor, latent
+
+
+def _latent(tok, k):
+    from crystal_ext.model.latent_tokens import add_latent_tokens
+
+    return add_latent_tokens(tok, None, k=k)
+
+
+_POSITIONS_BRANCH_BUILDERS = {
+    "llava": _llava,
+    "llava_next": _llava_next,
+    "internvl": _internvl,
+    "mistral3": _mistral3,
+    "glm4v": _glm4v,
+}

@@ -411,6 +411,54 @@ MUTATIONS = [
         ],
         ["tests/test_latent_carried.py::test_an_answer_the_packer_cannot_use_affects_only_its_example"],
     ),
+    # ---- the model's own positions, the model-type checks, placeholder tokens in answers ----
+    Mutation(
+        "own_positions_one_row",
+        "a model with its own position function is numbered 0, 1, 2, ... (in all three rows)",
+        [
+            (
+                "crystal_ext/model/families/own_positions.py",
+                'return rope_index(ids, (ids == image_token).long(), image_inputs["image_grid_thw"])',
+                "return torch.arange(ids.shape[1]).expand(3, -1)",
+            )
+        ],
+        [
+            "tests/test_own_positions.py::test_path1_positions_are_the_stock_models_own_and_b_f_copy_c_e[glm4v]",
+            "tests/test_families.py::test_baseline_is_plain_sft_on_the_intact_path[glm4v]",
+        ],
+    ),
+    Mutation(
+        "own_position_function_not_checked",
+        "an adapter-less model with its own position function is accepted as generic (1-D positions)",
+        [
+            (
+                "crystal_ext/model/families/architecture.py",
+                "    source = own_position_function(model_or_config)\n",
+                "    source = None\n",
+            )
+        ],
+        ["tests/test_model_types.py::test_own_position_functions_without_an_adapter_are_refused[glm4v_moe]"],
+    ),
+    Mutation(
+        "router_term_dropped",
+        "the objective drops the router load-balancing loss the MoE config asks the stock forward to add",
+        [
+            (
+                "crystal_ext/model/families/router_loss.py",
+                "        return loss + self.path1_loss(batch)\n",
+                "        return loss\n",
+            )
+        ],
+        ["tests/test_router_loss.py::test_the_objective_adds_the_stock_router_term_on_path_1"],
+    ),
+    Mutation(
+        "placeholder_token_packed_back",
+        "the latent-carried decoding packs a generated image token back into the answer",
+        [("crystal_ext/training/latent_carried.py", "    stop |= packer.media_tokens\n", "")],
+        [
+            "tests/test_answer_placeholder_tokens.py::test_latent_carried_answers_stop_at_a_generated_image_token[qwen3_vl]"
+        ],
+    ),
 ]
 
 

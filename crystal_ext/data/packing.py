@@ -38,6 +38,7 @@ from crystal_ext.data.example import Example, SkipExample
 from crystal_ext.data.images import open_image
 from crystal_ext.model.families import family_of
 from crystal_ext.model.latent_tokens import ANSWER_CLOSE, ANSWER_OPEN, LatentTokens
+from crystal_ext.model.parts import unwrap_distributed, unwrap_peft
 from crystal_ext.ops.layout import IGNORE, segment_bounds
 
 
@@ -72,6 +73,7 @@ class DualPathPacker:
         self.processor, self.tok = processor, getattr(processor, "tokenizer", processor)
         self.latent, self.family = latent, family_of(model)
         self.positions = self.family.position_ids_fn(model)
+        self.media_tokens = self.family.media_token_ids(unwrap_peft(unwrap_distributed(model)).config)
         self.corruption, self.seed, self.image_size = corruption, seed, image_size
         self.max_length, self.system = max_length, system
         self.template_kwargs = dict(template_kwargs or {})
@@ -137,6 +139,8 @@ class DualPathPacker:
         seg_a, prompt_ids = before, ids[len(before) :].tolist()
         seg_d = self.latent_block(prompt)
         seg_e = self._ids(answer_text(ex.answer, ANSWER_OPEN, ANSWER_CLOSE, self.turn_end))
+        if self.media_tokens.intersection(seg_e):
+            raise SkipExample("the answer holds an image or video placeholder token")
         segments = [seg_a, prompt_ids, prompt_ids, seg_d, seg_e, seg_e]
         length = sum(map(len, segments))
         if length > self.max_length:

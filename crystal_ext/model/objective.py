@@ -24,6 +24,7 @@ from crystal_ext.model.attention_registration import (
     LAYOUT_KWARG,
     OUTPUTS_KWARG,
 )
+from crystal_ext.model.families.router_loss import recording_router_logits
 from crystal_ext.model.new_token_rows import new_token_rows_of
 from crystal_ext.model.parts import backbone_and_head, text_config
 from crystal_ext.ops import lm_head_losses as fused_lm_head_losses
@@ -122,7 +123,7 @@ def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveCon
     model, backbone, head = backbone_and_head(model)
     fn = _with_new_token_rows(config.lm_head_fn(), model)
     if not config.crystal:
-        return _baseline(backbone, head, batch, fn)
+        return _baseline(model, backbone, head, batch, fn)
     attn = text_config(model)._attn_implementation
     if attn != ATTN_IMPLEMENTATION:
         raise ValueError(
@@ -131,7 +132,8 @@ def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveCon
         )
     input_ids, targets = batch["input_ids"], batch["targets"]
     samples = validate_layout(batch["layout"], *input_ids.shape, "crystal_objective")
-    hidden, kl_attn = dual_path_hidden(backbone, batch)
+    with recording_router_logits(model) as router:  # the MoE router term the stock forward adds
+        hidden, kl_attn = dual_path_hidden(backbone, batch)
     targets_cpu = targets.cpu()
     flat, teacher, student, sample = _logit_rows(targets_cpu, samples)
     row_targets = targets_cpu.flatten()[flat]
@@ -154,7 +156,8 @@ def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveCon
         *indices,
         bias=head.bias,
     )
-    return CrystalLoss(ce + config.lambda_pred * kl_pred + config.lambda_attn * kl_attn, ce, kl_pred, kl_attn)
+    loss = router.with_path1_term(ce + config.lambda_pred * kl_pred + config.lambda_attn * kl_attn, batch)
+    return CrystalLoss(loss, ce, kl_pred, kl_attn)
 
 
 def _with_new_token_rows(fn, model):
@@ -193,15 +196,16 @@ def intact_path_batch(batch: dict) -> dict:
     }
 
 
-def _baseline(backbone, head, batch, fn) -> CrystalLoss:
+def _baseline(model, backbone, head, batch, fn) -> CrystalLoss:
     single = intact_path_batch(batch)
-    hidden = backbone(
-        input_ids=single["input_ids"],
-        position_ids=single["position_ids"],
-        attention_mask=single["attention_mask"],
-        use_cache=False,
-        **single["images"],
-    ).last_hidden_state
+    with recording_router_logits(model) as router:
+        hidden = backbone(
+            input_ids=single["input_ids"],
+            position_ids=single["position_ids"],
+            attention_mask=single["attention_mask"],
+            use_cache=False,
+            **single["images"],
+        ).last_hidden_state
     targets = single["targets"].to(hidden.device)
     flat = (targets != IGNORE).flatten().nonzero().squeeze(1)
     none = torch.zeros(0, dtype=torch.long, device=hidden.device)
@@ -209,4 +213,4 @@ def _baseline(backbone, head, batch, fn) -> CrystalLoss:
         hidden.flatten(0, 1)[flat], head.weight, targets.flatten()[flat], none, none, none, bias=head.bias
     )
     zero = ce.new_zeros(())
-    return CrystalLoss(ce, ce, zero, zero)
+    return CrystalLoss(router.with_single_path_term(ce, single["attention_mask"]), ce, zero, zero)

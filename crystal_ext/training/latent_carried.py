@@ -83,7 +83,10 @@ def latent_carried_answers(
     evaluation (decoded, stripped, lower case); None for an example the packer could not pack at
     some step (its answer so far unusable), which leaves the other examples' decoding as it is."""
     latent = packer.latent
+    # An image or video placeholder ends the answer too: it is no text, and packed back into the
+    # answer it would ask the model for an image that is not there.
     stop = {latent.answer_close, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    stop |= packer.media_tokens
     device = next(model.parameters()).device
     collate = DualPathCollator(packer, tokenizer.pad_token_id)
     decoded: list[list[int]] = [[] for _ in examples]

@@ -4,40 +4,37 @@ config, behind one registry keyed by `config.model_type`.
 A family says how path-1 position ids are made, which modules LoRA targets, which are trained
 in full, and how the images' processor outputs become the model's forward keyword arguments
 (see `base.Family`). `family_of(model_or_config)` returns the family of a model, or raises
-`UnsupportedModel` naming the model type and what the dual path cannot do for it.
+`UnsupportedModel` naming the model type and what the dual path cannot do for it; it reads the
+config and the model's classes only, so a refused model stops before any weight is loaded.
 
-Any `AutoModelForImageTextToText` model not listed runs through the generic family (plain 1-D
-positions) when its text decoder uses plain causal full attention on every layer; models that
-need something the dual path does not do are refused (`REFUSED`, and the layer-type check).
+Every model type is one of:
+- tested: a family in `TESTED_MODEL_TYPES`, each proven equal to the stock model on a tiny model
+  with its real processor (tests/test_families.py);
+- generic: a plain causal decoder-only VLM with full attention and image tokens inline, by its
+  config and modelling code (`GENERIC_BY_ARCHITECTURE`, and any type outside transformers' image-text-
+  to-text mapping whose config passes every check), run through the generic family (1-D positions);
+- refused, with the reason: by name (`REFUSED`, crystal_ext.model.families.refused) or by the
+  config checks of crystal_ext.model.families.architecture (encoder-decoder, attention that is not
+  plain causal full attention, an own position function without a tested adapter, rescaled logits,
+  a router loss the objective does not add).
 """
 
 from __future__ import annotations
 
+from crystal_ext.model.families.architecture import config_problem
 from crystal_ext.model.families.base import Family, UnsupportedModel
-from crystal_ext.model.families.generic import GENERIC_MODEL_TYPES, GenericFamily
+from crystal_ext.model.families.generic import GENERIC_BY_ARCHITECTURE, GENERIC_MODEL_TYPES, GenericFamily
+from crystal_ext.model.families.glm4v import GLM4V_MODEL_TYPES, Glm4vFamily
+from crystal_ext.model.families.own_positions import OwnPositionsFamily
 from crystal_ext.model.families.qwen_vl import QWEN_MODEL_TYPES, QwenVLFamily
+from crystal_ext.model.families.refused import REFUSED
 
-# Model types the dual path cannot run, and why.
-REFUSED = {
-    "gemma3": "its text layers mix sliding-window and full attention, and image tokens attend to "
-    "each other bidirectionally; the dual path runs plain causal full attention",
-    "gemma3n": "its text layers mix sliding-window and full attention, and image tokens attend to "
-    "each other bidirectionally; the dual path runs plain causal full attention",
-    "paligemma": "its prefix (image and prompt) attends bidirectionally; the dual path runs plain "
-    "causal attention",
-    "mllama": "its text layers reach the image through cross-attention layers, not through image "
-    "tokens in the sequence the dual path splits into two paths",
-    "qwen3_5": "its text decoder has linear-attention (gated delta-net) layers, whose recurrent state "
-    "cannot be split into the two paths",
-    "qwen3_5_moe": "its text decoder has linear-attention (gated delta-net) layers, whose recurrent "
-    "state cannot be split into the two paths",
-    "qwen3_next": "its text decoder has linear-attention (gated delta-net) layers, whose recurrent "
-    "state cannot be split into the two paths",
-}
-
-_FAMILIES = {t: QwenVLFamily(t) for t in QWEN_MODEL_TYPES} | {
-    t: GenericFamily(t) for t in GENERIC_MODEL_TYPES
-}
+_FAMILIES = (
+    {t: QwenVLFamily(t) for t in QWEN_MODEL_TYPES}
+    | {t: Glm4vFamily(t) for t in GLM4V_MODEL_TYPES}
+    | {t: GenericFamily(t) for t in GENERIC_MODEL_TYPES}
+)
+TESTED_MODEL_TYPES = tuple(_FAMILIES)
 
 
 def _config_of(model_or_config):
@@ -48,32 +45,46 @@ def _config_of(model_or_config):
     return unwrap_peft(unwrap_distributed(model_or_config)).config
 
 
-def _attention_problem(config) -> str | None:
-    """Why the text decoder of an unlisted model is not plain causal full attention (None if it is)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    kinds = set(getattr(text, "layer_types", None) or ())
-    if kinds - {"full_attention"}:
-        return f"its text layers are of types {sorted(kinds)}; the dual path runs plain causal full attention"
-    window = getattr(text, "sliding_window", None)
-    if window is not None and getattr(text, "use_sliding_window", True) is not False and not kinds:
-        return f"its text layers use a sliding window ({window}); the dual path runs full attention"
-    if getattr(config, "cross_attention_layers", None) or getattr(text, "cross_attention_layers", None):
-        return "its text layers reach the image through cross-attention"
-    return None
-
-
 def family_of(model_or_config) -> Family:
     """The family of a model (peft / DDP wrappers allowed) or of its config."""
     config = _config_of(model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type in REFUSED:
         raise UnsupportedModel(model_type, REFUSED[model_type])
-    if model_type in _FAMILIES:
-        return _FAMILIES[model_type]
-    problem = _attention_problem(config)
+    family = _FAMILIES.get(model_type) or GenericFamily(model_type)
+    problem = config_problem(
+        model_or_config,
+        config,
+        has_adapter=isinstance(family, OwnPositionsFamily),
+        applies_logit_transform=callable(getattr(family, "logit_transform", None)),
+    )
     if problem is not None:
         raise UnsupportedModel(model_type, problem)
-    return GenericFamily(model_type)
+    return family
 
 
-__all__ = ["Family", "GenericFamily", "QwenVLFamily", "REFUSED", "UnsupportedModel", "family_of"]
+def classify(model_or_config) -> tuple[str, str]:
+    """("tested" | "generic" | "refused", why) for a model or config, as family_of decides."""
+    config = _config_of(model_or_config)
+    try:
+        family_of(config)
+    except UnsupportedModel as exc:
+        return "refused", exc.reason
+    if config.model_type in _FAMILIES:
+        return "tested", f"{type(_FAMILIES[config.model_type]).__name__}, tests/test_families.py"
+    if config.model_type in GENERIC_BY_ARCHITECTURE:
+        return "generic", GENERIC_BY_ARCHITECTURE[config.model_type]
+    return "generic", "not listed; its config passes every check of crystal_ext.model.families.architecture"
+
+
+__all__ = [
+    "Family",
+    "GenericFamily",
+    "Glm4vFamily",
+    "QwenVLFamily",
+    "REFUSED",
+    "TESTED_MODEL_TYPES",
+    "UnsupportedModel",
+    "classify",
+    "family_of",
+]

@@ -111,3 +111,9 @@ class Family:
     def image_token_ids(self, config) -> set[int]:
         ids = {getattr(config, k, None) for k in ("image_token_id", "image_token_index")}
         return {int(i) for i in ids if i is not None}
+
+    def media_token_ids(self, config) -> set[int]:
+        """The image and video placeholder tokens: the processor expands them into an image's
+        tokens and the model writes image features there, so they are never answer text."""
+        ids = {getattr(config, k, None) for k in ("video_token_id", "video_token_index")}
+        return self.image_token_ids(config) | {int(i) for i in ids if i is not None}

@@ -14,7 +14,30 @@ import torch.nn.functional as F
 
 from crystal_ext.model.families.base import Family
 
-GENERIC_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "idefics3", "smolvlm")
+GENERIC_MODEL_TYPES = (
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "idefics3",
+    "smolvlm",
+    "internvl",
+    "mistral3",
+)
+# Untested types accepted as generic: LLaVA-style models (their modelling code derives from LLaVA,
+# LLaVA-NeXT, Mistral3 or InternVL) whose Llama / Qwen2 / Qwen3 / Mistral text decoder runs plain
+# causal full attention over the image features written in place of the image tokens.
+_LLAVA_STYLE = "LLaVA-style: image features in place of the image tokens, plain causal text decoder"
+GENERIC_BY_ARCHITECTURE = {
+    "llava_next_video": f"{_LLAVA_STYLE} (LLaVA-NeXT's code, Llama text)",
+    "video_llava": f"{_LLAVA_STYLE} (Llama text)",
+    "vipllava": f"{_LLAVA_STYLE} (Llama text)",
+    "perception_lm": f"{_LLAVA_STYLE} (LLaVA's code, Llama text)",
+    "fast_vlm": f"{_LLAVA_STYLE} (LLaVA's code, Qwen2 text)",
+    "lighton_ocr": f"{_LLAVA_STYLE} (Mistral3's code, Qwen3 text)",
+    "got_ocr2": f"{_LLAVA_STYLE} (LLaVA's code, Qwen2 text)",
+    "pp_chart2table": f"{_LLAVA_STYLE} (GOT-OCR2's class, Qwen2 text)",
+    "qianfan_ocr": f"{_LLAVA_STYLE} (InternVL's code, Qwen3 text)",
+}
 
 
 def _pad_to(t: torch.Tensor, sizes: list[int], value=0) -> torch.Tensor:
