@@ -79,7 +79,14 @@ def test_merge_alone_needs_no_held_out_data(tmp_path):
 
 
 def test_the_evaluation_settings_are_the_run_s(tmp_path):
-    config = _config(tmp_path, blur_radius_min=3.0, blur_radius_max=4.0, seed=7, image_size=56)
+    config = _config(
+        tmp_path,
+        blur_radius_min=3.0,
+        blur_radius_max=4.0,
+        seed=7,
+        image_size=56,
+        chat_template_kwargs='{"enable_thinking": false}',
+    )
     settings = run_config.evaluation_settings(config)
     assert settings == {
         "system": config["system_prompt"],
@@ -87,5 +94,6 @@ def test_the_evaluation_settings_are_the_run_s(tmp_path):
         "num_latent_tokens": config["num_latent_tokens"],
         "blur_radius": (3.0, 4.0),
         "seed": 7,
+        "template_kwargs": {"enable_thinking": False},
     }
     assert run_config.corruption_config(config).blur_radius == (3.0, 4.0)
