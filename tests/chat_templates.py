@@ -3,7 +3,8 @@ checkpoints ship (facts, not their text), in the tiny tokenizers' words (tests/f
 
 - Qwen2-VL / Qwen2.5-VL: a default system turn when the conversation has none;
 - Qwen3-VL, LLaVA-OneVision, SmolVLM2, Idefics3: no system turn of their own
-  (family_models.QWEN_TEMPLATE, LLAVA_OV_TEMPLATE, IDEFICS3_TEMPLATE);
+  (family_models.QWEN_TEMPLATE, LLAVA_OV_TEMPLATE, IDEFICS3_TEMPLATE); nor do the LLaVA, InternVL,
+  Mistral3 and GLM-4V templates of family_models;
 - Qwen3-VL-Thinking: the generation prompt opens a think block, "<think>\\n";
 - a hybrid thinking template: with enable_thinking=False the generation prompt writes an empty,
   closed think block, "<think>\\n\\n</think>\\n\\n"; otherwise nothing.
@@ -11,7 +12,15 @@ checkpoints ship (facts, not their text), in the tiny tokenizers' words (tests/f
 
 from __future__ import annotations
 
-from family_models import IDEFICS3_TEMPLATE, LLAVA_OV_TEMPLATE, QWEN_TEMPLATE
+from family_models import (
+    GLM4V_TEMPLATE,
+    IDEFICS3_TEMPLATE,
+    INTERNVL_TEMPLATE,
+    LLAVA_OV_TEMPLATE,
+    LLAVA_TEMPLATE,
+    MISTRAL3_TEMPLATE,
+    QWEN_TEMPLATE,
+)
 
 DEFAULT_SYSTEM = "you are a helpful assistant"
 
@@ -46,8 +55,18 @@ FAMILY_TEMPLATES = {
     "llava_onevision": LLAVA_OV_TEMPLATE,
     "idefics3": IDEFICS3_TEMPLATE,
     "smolvlm": IDEFICS3_TEMPLATE,
+    "llava": LLAVA_TEMPLATE,
+    "llava_next": LLAVA_TEMPLATE,
+    "internvl": INTERNVL_TEMPLATE,
+    "mistral3": MISTRAL3_TEMPLATE,
+    "glm4v": GLM4V_TEMPLATE,
 }
-TURN_END = {"idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>"}
+TURN_END = {
+    "idefics3": "<end_of_utterance>",
+    "smolvlm": "<end_of_utterance>",
+    "mistral3": "</s>",
+    "glm4v": "",
+}
 
 
 def turn_end_of(family: str) -> str:

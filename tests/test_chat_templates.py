@@ -51,7 +51,8 @@ def _path1(packed) -> list[int]:
 def _served(processor, messages, images, **template_kwargs) -> list[int]:
     """The ids a served model reads: the processor's own rendering with the generation prompt."""
     text = processor.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
-    return processor(text=[text], images=[images], add_special_tokens=False).input_ids[0]
+    ids = processor(text=[text], images=[images], add_special_tokens=False).input_ids[0]
+    return ids.tolist() if hasattr(ids, "tolist") else list(ids)  # PixtralProcessor returns tensors
 
 
 def _block(processor, latent, family, think_open=True) -> list[int]:
