@@ -69,11 +69,16 @@ def family_of(model_or_config) -> Family:
     if model_type in REFUSED:
         raise UnsupportedModel(model_type, REFUSED[model_type])
     if model_type in _FAMILIES:
-        return _FAMILIES[model_type]
-    problem = _attention_problem(config)
-    if problem is not None:
-        raise UnsupportedModel(model_type, problem)
-    return GenericFamily(model_type)
+        family = _FAMILIES[model_type]
+    else:
+        problem = _attention_problem(config)
+        if problem is not None:
+            raise UnsupportedModel(model_type, problem)
+        family = GenericFamily(model_type)
+    family.logit_transform(
+        config
+    )  # a logit transform it cannot reproduce is refused here, before any weights load
+    return family
 
 
 __all__ = ["Family", "GenericFamily", "QwenVLFamily", "REFUSED", "UnsupportedModel", "family_of"]
