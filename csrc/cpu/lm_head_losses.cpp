@@ -159,11 +159,15 @@ struct Forward {
                                        : at::empty({R * Vb}, opts);
     cpu_gemm::PackedB packed_logits, packed_expect;
     at::Tensor expect = grad_hidden ? at::zeros({R, Hd}, opts) : at::Tensor();
-    std::vector<acc_t> run_max(R, neg_inf<acc_t>()), run_sum(R, acc_t(0)),
+    // The running sums, the KL cross terms and the log-sum-exps are kept in double: a pair's
+    // KL is A / Z_a - lse_a + lse_s, a small difference of terms of size log V, so their float
+    // rounding (~1e-7 absolute) would dominate the KL of two nearly equal rows.
+    std::vector<double> run_sum(R, 0.0);
+    std::vector<acc_t> run_max(R, neg_inf<acc_t>()),
         alpha(R, acc_t(0)), target_logit(R, acc_t(0));
     const std::vector<int64_t> target(h_plan.row_targets.begin() + begin,
                                       h_plan.row_targets.begin() + end);
-    std::vector<acc_t> cross(has_pairs ? p.n_pairs : 0, acc_t(0));
+    std::vector<double> cross(has_pairs ? p.n_pairs : 0, 0.0);
     // Under a soft-cap the KL gradient needs each pair's cross expectation
     // X_i = sum_v p_av g_sv W_v (csrc/lm_head_losses.h): its unnormalised rows, rescaled with
     // the teacher's running max, and their block of P_teacher * g_student.
@@ -192,7 +196,7 @@ struct Forward {
           for (int64_t v = 0; v < vb; ++v) bmax = s[v] > bmax ? s[v] : bmax;
           const acc_t a = block_rescale(run_max[j], bmax);
           const acc_t shift = exp_shift(bmax);
-          // A block's sums in double: added one by one, thousands of similar terms (a flat
+          // A block's sums in double too: added one by one, thousands of similar terms (a flat
           // distribution) would lose about 1e-5 relative in float.
           double sum = 0.0;
           if (!bf16_gemm) {
@@ -218,7 +222,7 @@ struct Forward {
               if (lo != nullptr) lo[v] = at::BFloat16(0.0f);
             }
           }
-          run_sum[j] = run_sum[j] * a + static_cast<acc_t>(sum);
+          run_sum[j] = run_sum[j] * static_cast<double>(a) + sum;
           run_max[j] = bmax;
           alpha[j] = a;
           if (target[j] >= v0 && target[j] < v0 + vb) target_logit[j] = s[target[j] - v0];
@@ -242,7 +246,7 @@ struct Forward {
               sum += kl_cross_term(e, st[v], ss[v]);
               if (pc != nullptr) pc[v] = e * softcap_slope(ss[v], cap);
             }
-            cross[i] = cross[i] * alpha[pair_t[i]] + static_cast<acc_t>(sum);
+            cross[i] = cross[i] * static_cast<double>(alpha[pair_t[i]]) + sum;
             if (cross_expect && alpha[pair_t[i]] != acc_t(1)) {
               acc_t* x = x_expect.data_ptr<acc_t>() + i * Hd;
               for (int64_t d = 0; d < Hd; ++d) x[d] *= alpha[pair_t[i]];
@@ -266,12 +270,13 @@ struct Forward {
 
     // Finish: lse, CE terms, expectations E = O / Z.
     acc_t* lse_ptr = lse.data_ptr<acc_t>();
-    std::vector<acc_t> chunk_lse(R);
+    std::vector<double> chunk_lse(R);
     double ce_sum = 0.0;
     for (int64_t j = 0; j < R; ++j) {
-      chunk_lse[j] = lse_finish(run_max[j], run_sum[j]);
-      lse_ptr[chunk_rows[j]] = chunk_lse[j];
-      if (target[j] != kIgnoreIndex) ce_sum += static_cast<double>(ce_row(chunk_lse[j], target_logit[j]));
+      chunk_lse[j] = lse_finish(static_cast<double>(run_max[j]), run_sum[j]);
+      lse_ptr[chunk_rows[j]] = static_cast<acc_t>(chunk_lse[j]);
+      if (target[j] != kIgnoreIndex)
+        ce_sum += ce_row(chunk_lse[j], static_cast<double>(target_logit[j]));
     }
     if (grad_hidden) {
       acc_t* e_ptr = expect.data_ptr<acc_t>();
@@ -283,14 +288,14 @@ struct Forward {
       at::parallel_for(0, R, 16, [&](int64_t rb, int64_t re) {
         for (int64_t j = rb; j < re; ++j) {
           acc_t* e = e_ptr + j * Hd;
-          const acc_t inv_z = acc_t(1) / run_sum[j];
+          const acc_t inv_z = static_cast<acc_t>(1.0 / run_sum[j]);
           for (int64_t d = 0; d < Hd; ++d) e[d] *= inv_z;
         }
       });
       if (cross_expect) {
         acc_t* x_ptr = x_expect.data_ptr<acc_t>();
         for (int64_t i = 0; i < p.n_pairs; ++i) {
-          const acc_t inv_z = acc_t(1) / run_sum[pair_t[i]];
+          const acc_t inv_z = static_cast<acc_t>(1.0 / run_sum[pair_t[i]]);
           for (int64_t d = 0; d < Hd; ++d) x_ptr[i * Hd + d] *= inv_z;
         }
       }
@@ -316,8 +321,8 @@ struct Forward {
       at::Tensor pair_kl_values = at::empty({p.n_pairs}, opts);
       acc_t* kl_ptr = pair_kl_values.data_ptr<acc_t>();
       for (int64_t i = 0; i < p.n_pairs; ++i)
-        kl_ptr[i] = pair_kl(cross[i], run_sum[pair_t[i]], chunk_lse[pair_t[i]],
-                            chunk_lse[pair_s[i]]);
+        kl_ptr[i] = static_cast<acc_t>(
+            pair_kl(cross[i], run_sum[pair_t[i]], chunk_lse[pair_t[i]], chunk_lse[pair_s[i]]));
       // The same ATen selection as on the GPU (lm_head_losses_host.h).
       auto selected = select_topk(pair_kl_values, plan, p);
       kl = selected.first.template item<acc_t>();
