@@ -254,14 +254,13 @@ def test_scaled_head_path1_ce_equals_the_stock_forward_loss(family, lm_head):
     transform = family_of(model).logit_transform(model.config)
     assert transform.scale != 1.0
     ce, stock_loss, stock_ce = _path1_ce_and_stock_loss(model, batch, ObjectiveConfig(lm_head_losses=lm_head))
-    assert _relative_error(ce, stock_loss) < 1e-6 and _relative_error(ce, stock_ce) < 1e-10
+    assert _relative_error(ce, stock_loss) < 1e-6 and _relative_error(ce, stock_ce) < 1e-9
 
 
 @pytest.mark.parametrize("family", SCALED_HEAD_FAMILIES)
 def test_scaled_head_comparison_fails_on_the_bare_head(family, monkeypatch):
     """The comparison above has teeth: with the head's output taken as the logits, the path-1 CE
-    is far from the stock model's loss (a random tiny model's logits are small, so the CE moves
-    less than on a trained one: 0.4% for Aya Vision's scale 0.25 here)."""
+    is far from the stock model's loss."""
     from crystal_ext.model.families.logits import LogitTransform
 
     model, _, batch = _setup(family)
