@@ -203,10 +203,11 @@ struct Forward {
             // P enters the expectation GEMM: p~ times the soft-cap's slope (1 without a cap).
             acc_t* pr = p_ptr + j * vb;
             for (int64_t v = 0; v < vb; ++v) {
-              const acc_t e = unnormalised_prob(s[v], shift);
-              sum += e;
-              pr[v] = e * softcap_slope(s[v], cap);
+              pr[v] = unnormalised_prob(s[v], shift);
+              sum += pr[v];
             }
+            if (p.capped())
+              for (int64_t v = 0; v < vb; ++v) pr[v] *= softcap_slope(s[v], cap);
           } else {
             at::BFloat16* hi = p16_ptr + j * lda_p;
             at::BFloat16* lo = j < n_lo ? p16_ptr + (R + j) * lda_p : nullptr;
