@@ -1,5 +1,5 @@
 // Host/device helpers shared by every op's maths header (csrc/<op>.h): the CRYSTAL_HD
-// qualifier, exp/log in the accumulation type, and the end of an online log-sum-exp.
+// qualifier, exp/log/tanh in the accumulation type, and the end of an online log-sum-exp.
 #pragma once
 
 #include <cmath>
@@ -17,6 +17,8 @@ CRYSTAL_HD float exp_acc(float x) { return ::expf(x); }
 CRYSTAL_HD double exp_acc(double x) { return ::exp(x); }
 CRYSTAL_HD float log_acc(float x) { return ::logf(x); }
 CRYSTAL_HD double log_acc(double x) { return ::log(x); }
+CRYSTAL_HD float tanh_acc(float x) { return ::tanhf(x); }
+CRYSTAL_HD double tanh_acc(double x) { return ::tanh(x); }
 
 template <typename T>
 CRYSTAL_HD T neg_inf() {

@@ -2,8 +2,9 @@
 // (csrc/cpu/lm_head_losses.cpp) and the CUDA kernel (csrc/cuda/lm_head_losses.cu), so the CPU
 // tests exercise the maths the GPU runs.
 //
-// Notation. Row r of hidden has logits z_r = W h_r + b over the vocabulary (never stored in
-// full: they arrive one vocabulary block at a time). Per row we keep an online log-sum-exp
+// Notation. Row r of hidden has logits z_r = softcap(scale (W h_r + b)) over the vocabulary, the
+// model's own logits (never stored in full: they arrive one vocabulary block at a time); the
+// scale and the soft-cap cap * tanh(u / cap) are the model's (1 and off for a bare head). Per row we keep an online log-sum-exp
 // (running max m_r, running sum Z_r = sum_v exp(z_rv - m_r)) and, when gradients to hidden are
 // wanted, the running expectation O_r = sum_v exp(z_rv - m_r) W_v, rescaled like Z_r when the
 // max grows (the flash-attention trick with W in the role of V). At the end
@@ -13,6 +14,11 @@
 //   KL = sum_v p_av (z_av - z_sv) - lse_a + lse_s = A / Z_a - lse_a + lse_s,
 //   with A = sum_v exp(z_av - m_a) (z_av - z_sv), accumulated online like Z_a;
 //   d KL / d z_s = p_s - p_a,   d KL / d h_s = E_s - E_a.
+// With the model's transform, d z_v / d h = scale g_v W_v, g_v = 1 - (z_v / cap)^2 (1 without a
+// cap), so the expectations become E_r = sum_v p_rv g_rv W_v, the CE gradient
+// scale (E_r - g_rt W_t), and the KL gradient scale (E_s - X_i) with the pair's cross
+// expectation X_i = sum_v p_av g_sv W_v (teacher probabilities, student slopes; X_i = E_a
+// without a cap, so only a soft-cap needs it).
 // So one pass over the vocabulary yields the losses AND the gradients to hidden of every row
 // (before the top-k selection is known, because the KL gradient is E_s - E_a per pair).
 // The weight / bias gradients need p itself (exp(z - lse) with the final lse), hence a
@@ -27,6 +33,25 @@ namespace crystal_ext {
 namespace lm_head {
 
 constexpr int64_t kIgnoreIndex = -100;
+
+// ---- the model's own logits ----
+
+// z = softcap(scale * raw) with softcap(u) = cap * tanh(u / cap), off when cap == 0. A -inf raw
+// logit becomes -cap under a cap, as in the models' own forward.
+template <typename T>
+CRYSTAL_HD T model_logit(T raw, T scale, T cap) {
+  const T u = raw * scale;
+  return cap > T(0) ? cap * tanh_acc(u / cap) : u;
+}
+
+// d z / d u of the soft-cap, from z itself: 1 - tanh(u / cap)^2 = (1 - z / cap)(1 + z / cap);
+// 1 without a cap. (The scale, the same for every entry, multiplies the gradients once.)
+template <typename T>
+CRYSTAL_HD T softcap_slope(T z, T cap) {
+  if (!(cap > T(0))) return T(1);
+  const T t = z / cap;
+  return (T(1) - t) * (T(1) + t);
+}
 
 // ---- online log-sum-exp over vocabulary blocks ----
 // Per block: new_max = max(m, block max); alpha = exp(m - new_max) rescales everything that

@@ -45,7 +45,20 @@ struct Problem {
   int64_t n_samples = 0;      // S
   int64_t max_pairs = 0;      // W
   int64_t n_kept = 0;         // K
+  // The model's own logits: z = softcap(logit_scale * (h W^T + b)), logit_softcap 0 = no cap.
+  double logit_scale = 1.0, logit_softcap = 0.0;
+  bool transformed() const { return logit_scale != 1.0 || logit_softcap > 0.0; }
+  bool capped() const { return logit_softcap > 0.0; }
 };
+
+// The model's logit transform: a finite scale > 0 and a soft-cap that is 0 (off) or finite > 0.
+inline void check_logit_transform(double logit_scale, double logit_softcap) {
+  TORCH_CHECK_VALUE(std::isfinite(logit_scale) && logit_scale > 0.0, "lm_head_losses: "
+                    "logit_scale must be finite and > 0, got ", logit_scale);
+  TORCH_CHECK_VALUE(logit_softcap == 0.0 || (std::isfinite(logit_softcap) && logit_softcap > 0.0),
+                    "lm_head_losses: logit_softcap must be 0 (off) or finite and > 0, got ",
+                    logit_softcap);
+}
 
 inline void check_plan_tensor(const at::Tensor& t, const char* name, const at::Tensor& hidden,
                               at::IntArrayRef shape) {
@@ -61,7 +74,9 @@ inline void check_plan_tensor(const at::Tensor& t, const char* name, const at::T
 
 // Metadata checks of the op's arguments (shapes, dtypes, devices; no values).
 inline Problem check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
-                            const c10::optional<at::Tensor>& bias, const Plan& plan) {
+                            const c10::optional<at::Tensor>& bias, const Plan& plan,
+                            double logit_scale, double logit_softcap) {
+  check_logit_transform(logit_scale, logit_softcap);
   TORCH_CHECK_VALUE(hidden.dim() == 2, "lm_head_losses: hidden must be 2-D [N, hidden_dim], "
                     "got shape ", hidden.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 2, "lm_head_losses: weight must be 2-D [vocab, hidden_dim], "
@@ -110,6 +125,8 @@ inline Problem check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
   p.n_samples = S;
   p.max_pairs = W;
   p.n_kept = plan.kept_slots.size(0);
+  p.logit_scale = logit_scale;
+  p.logit_softcap = logit_softcap;
   TORCH_CHECK_VALUE(R <= p.n_rows && p.n_targeted <= R && p.n_paired_rows >= 0 &&
                         p.n_paired_rows <= R && p.n_paired_rows <= 2 * p.n_pairs &&
                         (p.n_pairs > 0) == (p.n_paired_rows > 0),

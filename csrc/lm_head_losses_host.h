@@ -23,7 +23,8 @@ struct ForwardOutputs {
 };
 
 // Forward sweep over the vocabulary: the two losses, each row's lse, each pair's d kl / d KL_i
-// and, with grad_hidden, d ce / d hidden and d kl / d hidden.
+// and, with grad_hidden, d ce / d hidden and d kl / d hidden (the logit scale already in them).
+// The logit transform is p.logit_scale / p.logit_softcap.
 using ForwardKernel = ForwardOutputs (*)(const Problem& p, const Plan& plan,
                                          const at::Tensor& hidden, const at::Tensor& weight,
                                          const c10::optional<at::Tensor>& bias, bool grad_hidden,
@@ -79,8 +80,8 @@ inline c10::optional<at::Tensor> contiguous_bias(const c10::optional<at::Tensor>
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 host_forward(at::DeviceType device, ForwardKernel kernel, const at::Tensor& hidden_in,
              const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
-             const Plan& plan, bool grad_hidden) {
-  const Problem p = check_inputs(hidden_in, weight_in, bias_in, plan);
+             const Plan& plan, double logit_scale, double logit_softcap, bool grad_hidden) {
+  const Problem p = check_inputs(hidden_in, weight_in, bias_in, plan, logit_scale, logit_softcap);
   check_kernel_device(hidden_in, device);
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
   const ForwardOutputs o = kernel(p, plan, hidden, weight, contiguous_bias(bias_in), grad_hidden,
@@ -91,10 +92,11 @@ host_forward(at::DeviceType device, ForwardKernel kernel, const at::Tensor& hidd
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> host_backward(
     at::DeviceType device, WeightGradKernel kernel, const at::Tensor& grad_ce,
     const at::Tensor& grad_kl, const at::Tensor& hidden_in, const at::Tensor& weight_in,
-    const c10::optional<at::Tensor>& bias_in, const Plan& plan, const at::Tensor& grad_hidden_ce,
-    const at::Tensor& grad_hidden_kl, const at::Tensor& lse_in, const at::Tensor& coef_in,
-    bool grad_hidden, bool grad_weight, bool grad_bias) {
-  const Problem p = check_inputs(hidden_in, weight_in, bias_in, plan);
+    const c10::optional<at::Tensor>& bias_in, const Plan& plan, double logit_scale,
+    double logit_softcap, const at::Tensor& grad_hidden_ce, const at::Tensor& grad_hidden_kl,
+    const at::Tensor& lse_in, const at::Tensor& coef_in, bool grad_hidden, bool grad_weight,
+    bool grad_bias) {
+  const Problem p = check_inputs(hidden_in, weight_in, bias_in, plan, logit_scale, logit_softcap);
   check_kernel_device(hidden_in, device);
   TORCH_CHECK_VALUE(grad_ce.numel() == 1 && grad_kl.numel() == 1,
                     "lm_head_losses backward: grad_ce and grad_kl must be scalars");

@@ -266,6 +266,8 @@ def build(
     latent tokens are added before the model is built, so its vocabulary fits them."""
     from crystal_ext.model.latent_tokens import add_latent_tokens
 
+    if family in SCALED_HEAD_FAMILIES:
+        return build_scaled_head(family, attn_implementation, seed, hidden, k)
     if family.startswith("qwen"):
         tok = tokenizer(QWEN_TEMPLATE)
         latent = add_latent_tokens(tok, None, k=k)
@@ -534,3 +536,109 @@ _POSITIONS_BRANCH_BUILDERS = {
     "mistral3": _mistral3,
     "glm4v": _glm4v,
 }
+
+
+# ---- models whose forward transforms the LM head's output (crystal_ext.model.families.logits) ----
+
+SCALED_HEAD_FAMILIES = ("aya_vision", "granite_docling")
+
+# Aya Vision's image tokens (AyaVisionProcessor's defaults).
+AYA_SPECIAL = [
+    "<|START_OF_IMG|>",
+    "<|END_OF_IMG|>",
+    "<|IMG_PATCH|>",
+    "<|IMG_LINE_BREAK|>",
+    "TILE",
+    "TILE_GLOBAL",
+]
+# ChatML-shaped, images of a turn written where they stand, as the other test templates.
+AYA_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _aya_vision(tok, hidden: int, logit_scale: float):
+    """Aya Vision with a Cohere text model (full attention on every layer) and its real processor."""
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
+
+    side, patch = 56, 14
+    config = transformers.AyaVisionConfig(
+        vision_config={"model_type": "siglip_vision_model", **_vision_encoder(side, patch)},
+        text_config={"model_type": "cohere", **_text(tok, hidden), "logit_scale": logit_scale},
+        downsample_factor=2,
+        image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    image_processor = GotOcr2ImageProcessor(
+        size={"height": side, "width": side}, max_patches=1, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor = transformers.AyaVisionProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch, img_size=side, downsample_factor=2
+    )
+    return transformers.AyaVisionForConditionalGeneration, config, processor
+
+
+def _granite_docling(tok, hidden: int, logits_scaling: float):
+    """Granite-Docling (Idefics3-shaped, with a Granite text model: embedding, residual, attention
+    and logit multipliers) with its real processor; the coarse connector path only."""
+    from transformers.models.granite_docling.image_processing_granite_docling import (
+        GraniteDoclingImageProcessor,
+    )
+
+    side, patch = 32, 8
+    text = {
+        **_text(tok, hidden),
+        "logits_scaling": logits_scaling,
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_multiplier": 0.125,
+    }
+    config = transformers.GraniteDoclingConfig(
+        vision_config={
+            **_vision_encoder(side, patch),
+            "scale_factor": 2,
+            "out_hidden_size": hidden,
+            "use_fine_route": False,
+        },
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    image_processor = GraniteDoclingImageProcessor(
+        size={"height": side, "width": side}, crop_to_patches=False
+    )
+    processor = transformers.GraniteDoclingProcessor(
+        image_processor=image_processor, tokenizer=tok, image_seq_len=(side // patch) ** 2 // 4
+    )
+    return transformers.GraniteDoclingForConditionalGeneration, config, processor
+
+
+def build_scaled_head(
+    family: str, attn_implementation: str = "eager", seed: int = 0, hidden: int = 64, k: int = 4
+):
+    """(model [float32, eval], processor, latent tokens) of a tiny random model of a
+    SCALED_HEAD_FAMILIES type, whose forward rescales its LM head's output. The scales enlarge the
+    logits (real checkpoints shrink them: Aya's 0.0625, Granite's division by 4 or more) so that
+    the 20-step training test learns as fast as the other families'; any scale but 1 tells the
+    bare head from the model's logits."""
+    from crystal_ext.model.latent_tokens import add_latent_tokens
+
+    if family == "aya_vision":
+        tok = tiny_model.word_level_tokenizer(WORDS, [*SPECIAL, *AYA_SPECIAL], AYA_TEMPLATE)
+        latent = add_latent_tokens(tok, None, k=k)
+        cls, config, processor = _aya_vision(tok, hidden, logit_scale=4.0)
+    elif family == "granite_docling":
+        tok = tokenizer(IDEFICS3_TEMPLATE)
+        latent = add_latent_tokens(tok, None, k=k)
+        cls, config, processor = _granite_docling(tok, hidden, logits_scaling=0.5)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    processor.chat_template = tok.chat_template
+    torch.manual_seed(seed)
+    model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    return model.eval(), processor, latent

@@ -337,6 +337,36 @@ MUTATIONS = [
         csrc=True,
     ),
     Mutation(
+        "objective_uses_the_bare_head",
+        "the objective takes the LM head's output as the logits where the model's forward rescales it",
+        [("crystal_ext/model/objective.py", "        **transform.op_kwargs(),\n", "")],
+        [
+            "tests/test_families.py::test_scaled_head_objective_and_gradients_equal_the_dense_eager_forward",
+            "tests/test_families.py::test_scaled_head_path1_ce_equals_the_stock_forward_loss",
+        ],
+    ),
+    Mutation(
+        "softcap_slope_dropped",
+        "the soft-cap's derivative 1 - tanh^2 is taken as 1 in the LM-head kernels' gradients",
+        [("csrc/lm_head_losses.h", "  return (T(1) - t) * (T(1) + t);", "  return T(1);")],
+        ["tests/test_lm_head_losses.py::test_transform_matches_reference_fp32"],
+        csrc=True,
+    ),
+    Mutation(
+        "softcap_cross_expectation_with_teacher_slopes",
+        "under a soft-cap the pair's KL gradient weights the teacher's probabilities with the teacher's "
+        "slopes (E_s - E_teacher) instead of the student's",
+        [
+            (
+                "csrc/cpu/lm_head_losses.cpp",
+                "if (pc != nullptr) pc[v] = e * softcap_slope(ss[v], cap);",
+                "if (pc != nullptr) pc[v] = e * softcap_slope(st[v], cap);",
+            )
+        ],
+        ["tests/test_lm_head_losses.py::test_transform_matches_reference_fp32"],
+        csrc=True,
+    ),
+    Mutation(
         "gemm_skips_second_pass",
         "the CPU bf16 GEMM drops every k-pass after the first 4096 pairs",
         [

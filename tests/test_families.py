@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 from dual_path_helpers import cast_floats, dense_mask_forward, gradient_pairs, plain_losses
-from family_models import FAMILIES, build
+from family_models import FAMILIES, SCALED_HEAD_FAMILIES, build
 from PIL import Image
 
 import crystal_ext
@@ -23,6 +23,7 @@ from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, regist
 from crystal_ext.model.families import UnsupportedModel, family_of
 from crystal_ext.model.objective import ObjectiveConfig, crystal_objective, intact_path_batch
 from crystal_ext.model.parts import backbone_and_head
+from crystal_ext.ops.layout import segments_of
 
 pytestmark = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason="the attention-alignment loss needs the compiled extension"
@@ -200,3 +201,85 @@ def test_baseline_is_plain_sft_on_the_intact_path(family):
     ).logits
     want = Fn.cross_entropy(logits.flatten(0, 1), single["targets"].flatten(), ignore_index=IGNORE)
     assert _relative_error(base.ce, want) < 1e-9 and base.kl_pred == 0 and base.kl_attn == 0
+
+
+# ---- models whose forward transforms the LM head's output ----------------------------------------
+# Aya Vision (Cohere text: logits * logit_scale) and Granite-Docling (logits / logits_scaling): the
+# dense eager side above takes the stock model's own logits, so these comparisons fail on a bare head.
+
+
+@pytest.mark.parametrize("family", SCALED_HEAD_FAMILIES)
+def test_scaled_head_objective_and_gradients_equal_the_dense_eager_forward(family):
+    test_objective_and_gradients_equal_the_dense_eager_forward(family)
+
+
+@pytest.mark.parametrize("family", SCALED_HEAD_FAMILIES)
+def test_scaled_head_baseline_is_plain_sft_on_the_intact_path(family):
+    test_baseline_is_plain_sft_on_the_intact_path(family)
+
+
+@pytest.mark.parametrize("family", SCALED_HEAD_FAMILIES)
+def test_scaled_head_path1_positions_equal_the_models_own(family):
+    test_path1_positions_equal_the_models_own(family)
+
+
+def _path1_ce_and_stock_loss(model, batch, config):
+    """(the objective's CE with the targets of F dropped, i.e. over path 1's targeted rows; the
+    stock model's own loss on [A, C, D, E] with labels on those rows, and the same cross entropy
+    on its logits in float64: its loss function upcasts the logits to float32 only)."""
+    targets = batch["targets"].clone()
+    for b, seg in enumerate(segments_of(batch["layout"])):
+        targets[b, seg.f[0] : seg.f[1]] = IGNORE
+    ours = crystal_objective(copy.deepcopy(model), {**batch, "targets": targets}, config)
+    single = intact_path_batch(batch)
+    assert (single["targets"][:, -1] == IGNORE).all()
+    # Row r is trained on targets[r]; the stock loss shifts its labels by one.
+    labels = Fn.pad(single["targets"][:, :-1], (1, 0), value=IGNORE)
+    stock = copy.deepcopy(model)
+    stock.set_attn_implementation("eager")
+    out = stock(
+        input_ids=single["input_ids"],
+        attention_mask=single["attention_mask"],
+        labels=labels,
+        **single["images"],
+    )
+    shifted = Fn.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    return ours.ce, out.loss, shifted
+
+
+@pytest.mark.parametrize("lm_head", ["fused", "reference"])
+@pytest.mark.parametrize("family", SCALED_HEAD_FAMILIES)
+def test_scaled_head_path1_ce_equals_the_stock_forward_loss(family, lm_head):
+    model, _, batch = _setup(family)
+    transform = family_of(model).logit_transform(model.config)
+    assert transform.scale != 1.0
+    ce, stock_loss, stock_ce = _path1_ce_and_stock_loss(model, batch, ObjectiveConfig(lm_head_losses=lm_head))
+    assert _relative_error(ce, stock_loss) < 1e-6 and _relative_error(ce, stock_ce) < 1e-9
+
+
+@pytest.mark.parametrize("family", SCALED_HEAD_FAMILIES)
+def test_scaled_head_comparison_fails_on_the_bare_head(family, monkeypatch):
+    """The comparison above has teeth: with the head's output taken as the logits, the path-1 CE
+    is far from the stock model's loss."""
+    from crystal_ext.model.families.logits import LogitTransform
+
+    model, _, batch = _setup(family)
+    monkeypatch.setattr(type(family_of(model)), "logit_transform", lambda self, config: LogitTransform())
+    ce, stock_loss, _ = _path1_ce_and_stock_loss(model, batch, ObjectiveConfig(lm_head_losses="fused"))
+    assert _relative_error(ce, stock_loss) > 1e-3  # a thousand times the tolerance above
+
+
+@pytest.mark.parametrize("family", SCALED_HEAD_FAMILIES)
+def test_scaled_head_fused_objective_equals_the_reference_objective(family):
+    model, _, batch = _setup(family)
+    runs = []
+    for lm_head in ("fused", "reference"):
+        ours = copy.deepcopy(model)
+        loss = crystal_objective(ours, batch, ObjectiveConfig(lm_head_losses=lm_head))
+        loss.loss.backward()
+        runs.append((loss, ours))
+    (fused, fused_model), (ref, ref_model) = runs
+    for got, want in zip((fused.ce, fused.kl_pred, fused.loss), (ref.ce, ref.kl_pred, ref.loss)):
+        assert _relative_error(got, want) < 1e-8  # KL_pred is ~1e-5 here: its formula cancels
+    pairs = gradient_pairs(fused_model, ref_model)
+    assert len(pairs) > 10 and max(_relative_error(got, want) for _, got, want in pairs) < 1e-8

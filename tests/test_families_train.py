@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from family_models import FAMILIES, build
+from family_models import FAMILIES, SCALED_HEAD_FAMILIES, build
 from PIL import Image
 from train_helpers import metrics, run
 
@@ -138,3 +138,11 @@ def test_a_refused_model_type_stops_before_loading(tmp_path):
         f"crystal_ext.train: error: --model {folder}: model_type 'gemma3' is not supported by the dual-path "
         "objective: its text layers mix sliding-window and full attention" in proc.stderr
     )
+
+
+# ---- models whose forward transforms the LM head's output ----------------------------------------
+
+
+@pytest.mark.parametrize("family", SCALED_HEAD_FAMILIES)
+def test_scaled_head_train_from_a_saved_folder_lowers_the_loss(family, tmp_path):
+    test_train_from_a_saved_folder_lowers_the_loss(family, tmp_path)

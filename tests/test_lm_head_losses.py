@@ -3,6 +3,7 @@ opcheck, edge cases and bad inputs. CUDA tests run only where a GPU is visible."
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -321,13 +322,14 @@ def test_gradcheck_float64():
     )
 
 
+@pytest.mark.parametrize("transform", [(1.0, 0.0), (0.5, 3.0)], ids=["bare-head", "scale-softcap"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_opcheck(bias):
+def test_opcheck(bias, transform):
     prob = make_problem(9, 5, 67, [3, 2], bias=bias, seed=2)
     hidden = prob["hidden"].requires_grad_()
     weight = prob["weight"].requires_grad_()
     b = prob["bias"].requires_grad_() if bias else None
-    args = (hidden, weight, b, *plan_of(prob, 0.5).tensors(), True)
+    args = (hidden, weight, b, *plan_of(prob, 0.5).tensors(), *transform, True)
     torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_fwd.default, args)
 
 
@@ -537,7 +539,7 @@ def _plan_tensors(prob, topk=0.5):
 def test_wrong_plan_tensors_name_the_argument(name):
     prob = make_problem(9, 5, 67, [3, 2], bias=True, seed=2)
     call = lambda p: torch.ops.crystal_ext.lm_head_losses_fwd(  # noqa: E731
-        prob["hidden"], prob["weight"], prob["bias"], *p.values(), False
+        prob["hidden"], prob["weight"], prob["bias"], *p.values(), 1.0, 0.0, False
     )
     plan = _plan_tensors(prob)
     call(plan)
@@ -557,7 +559,7 @@ def test_cuda_plan_tensor_on_the_cpu_is_refused(name, cuda):
     plan[name] = plan[name].cpu()
     with pytest.raises(RuntimeError, match=f"plan tensor {name} must be on the device of hidden"):
         torch.ops.crystal_ext.lm_head_losses_fwd(
-            prob["hidden"], prob["weight"], prob["bias"], *plan.values(), False
+            prob["hidden"], prob["weight"], prob["bias"], *plan.values(), 1.0, 0.0, False
         )
 
 
@@ -580,7 +582,7 @@ def test_cpu_kernel_refuses_hand_made_plan_values(name, change, match):
     plan[name] = change(plan[name])
     with pytest.raises(ValueError, match=match):
         torch.ops.crystal_ext.lm_head_losses_fwd(
-            prob["hidden"], prob["weight"], prob["bias"], *plan.values(), False
+            prob["hidden"], prob["weight"], prob["bias"], *plan.values(), 1.0, 0.0, False
         )
 
 
@@ -638,6 +640,8 @@ def test_cuda_opcheck_and_edge_cases(cuda):
         prob["weight"].requires_grad_(),
         prob["bias"].requires_grad_(),
         *plan_of(prob, 0.5).tensors(),
+        0.5,
+        3.0,
         True,
     )
     torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_fwd.default, args)
@@ -767,3 +771,182 @@ def test_cuda_forward_and_backward_without_host_synchronisation(cuda, dtype, wei
     for a, b in zip(run(crystal_ext.lm_head_losses, prob, 0.3, dtype=dtype), expected):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ---- the model's own logits: softcap(logit_scale * (h W^T + b)) ----
+
+# (logit_scale, logit_softcap): Cohere-like scale, Granite-like division, a Gemma-like cap (tight
+# enough that many logits sit on the tanh's flat part), and both.
+TRANSFORMS = [(0.25, None), (1.0, 2.5), (3.0, 1.5)]
+TRANSFORM_IDS = ["scale", "softcap", "scale-softcap"]
+
+
+def run_transformed(fn, prob, transform, topk=0.5, dtype=None, g_ce=0.7, g_kl=1.3):
+    """run() with the model's logit transform."""
+    scale, cap = transform
+    return run(functools.partial(fn, logit_scale=scale, logit_softcap=cap), prob, topk, dtype, g_ce, g_kl)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=TRANSFORM_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-Hd{s[1]}-V{s[2]}-M{sum(s[3])}")
+def test_transform_matches_reference_fp32(shape, transform):
+    n, hd, vocab, pairs, bias, ignore = shape
+    prob = make_problem(n, hd, vocab, pairs, bias=bias, ignore_fraction=ignore, seed=n + vocab + 1, scale=2.0)
+    fused = run_transformed(crystal_ext.lm_head_losses, prob, transform)
+    ref = run_transformed(reference.lm_head_losses, prob, transform)
+    for name, a, b in zip(["ce", "kl"], fused[:2], ref[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for name, a, b in zip(["d hidden", "d weight", "d bias"], fused[2:], ref[2:]):
+        if b is None:
+            assert a is None, name
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * (b.abs().max().item() + 1e-12), msg=name)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=TRANSFORM_IDS)
+def test_transform_float64_exact_and_not_the_bare_head(transform):
+    prob = make_problem(15, 7, 257, [6, 4], bias=True, dtype=torch.float64, seed=3, scale=2.0)
+    fused = run_transformed(crystal_ext.lm_head_losses, prob, transform)
+    ref = run_transformed(reference.lm_head_losses, prob, transform)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    bare = run(reference.lm_head_losses, prob, 0.5)
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(fused, bare))
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=TRANSFORM_IDS)
+def test_transform_running_max_growing_in_a_later_vocabulary_block(transform):
+    """The largest logits in the last of three CPU vocabulary blocks: the rescale of what earlier
+    blocks accumulated, the soft-cap's per-pair cross expectation included."""
+    prob = make_problem(40, 16, 20000, [10, 6], bias=True, seed=7)
+    prob["bias"][16384:] += 3.0
+    gold = run_transformed(reference.lm_head_losses, prob, transform, 0.3, dtype=torch.float64)
+    fused = run_transformed(crystal_ext.lm_head_losses, prob, transform, 0.3)
+    for name, f, g in zip(["ce", "kl", "d hidden", "d weight", "d bias"], fused, gold):
+        torch.testing.assert_close(f.double(), g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=TRANSFORM_IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_transform_low_precision_error_vs_float64(dtype, transform):
+    """bf16/fp16 with the transform: the fused op's error against float64 is at most twice the
+    reference's in the same dtype. The float64 run takes the inputs rounded to `dtype`, so that
+    both errors are the arithmetic's: against the unrounded inputs the rounding of the inputs
+    dominates both, and a scalar loss's error then cancels or not by chance."""
+    prob = make_problem(40, 32, 2003, [10, 6], bias=True, seed=11)
+    for key in ("hidden", "weight", "bias"):
+        prob[key] = prob[key].to(dtype).float()
+    gold = run_transformed(reference.lm_head_losses, prob, transform, 0.3, dtype=torch.float64)
+    fused = run_transformed(crystal_ext.lm_head_losses, prob, transform, 0.3, dtype=dtype)
+    ref = run_transformed(reference.lm_head_losses, prob, transform, 0.3, dtype=dtype)
+    for name, f, r, g in zip(["ce", "kl", "d hidden", "d weight", "d bias"], fused, ref, gold):
+        assert _err(f, g) <= 2 * _err(r, g) + 1e-6 * g.abs().max().item(), (name, _err(f, g), _err(r, g))
+
+
+@pytest.mark.parametrize("columns", NEG_INF_COLUMNS.values(), ids=NEG_INF_COLUMNS.keys())
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=TRANSFORM_IDS)
+def test_transform_with_neg_inf_and_large_logits(transform, columns):
+    """-inf bias columns (a soft-cap makes them -cap, finite, as the models' own forward does) and
+    logits of a few hundred (the cap's flat part, where its slope is 0 in float32)."""
+    prob = make_problem(16, 8, 10000, [5, 4], bias=True, ignore_fraction=0.2, seed=17, scale=30.0)
+    prob["bias"][columns] = float("-inf")
+    inside = (prob["targets"] >= columns.start) & (prob["targets"] < columns.stop)
+    prob["targets"][inside] = columns.stop % 10000
+    fused = run_transformed(crystal_ext.lm_head_losses, prob, transform)
+    ref = run_transformed(reference.lm_head_losses, prob, transform, dtype=torch.float64)
+    for name, f, r in zip(["ce", "kl", "d hidden", "d weight", "d bias"], fused, ref):
+        assert torch.isfinite(r).all() and torch.isfinite(f).all(), name
+        torch.testing.assert_close(f.double(), r, rtol=1e-4, atol=1e-5 * r.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=TRANSFORM_IDS)
+def test_transform_gradcheck_float64(transform):
+    """As test_gradcheck_float64, with the transform: the KL w.r.t. the non-teacher rows, the
+    CE w.r.t. hidden, weight and bias (through the soft-cap's slope)."""
+    scale, cap = transform
+    prob = make_problem(9, 4, 37, [3, 2], bias=True, dtype=torch.float64, seed=5, scale=2.0)
+    teacher = torch.tensor([0, 1, 2, 1, 0])
+    student = torch.tensor([3, 4, 5, 6, 8])
+    targets = prob["targets"].clone()
+    targets[:3] = -100
+    targets[3:] = torch.tensor([1, 5, -100, 30, 2, 36])
+    const_rows = prob["hidden"][:3].clone()
+    var_rows = prob["hidden"][3:].clone().requires_grad_()
+    weight = prob["weight"].clone().requires_grad_()
+    bias = prob["bias"].clone().requires_grad_()
+
+    def losses(h_var, w, b):
+        h = torch.cat([const_rows, h_var])
+        return crystal_ext.lm_head_losses(
+            h,
+            w,
+            targets,
+            teacher,
+            student,
+            prob["pair_sample"],
+            0.5,
+            bias=b,
+            logit_scale=scale,
+            logit_softcap=cap,
+        )
+
+    assert torch.autograd.gradcheck(
+        lambda h: losses(h, weight.detach(), bias.detach()), (var_rows,), eps=1e-6, atol=1e-7
+    )
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: losses(h, w, b)[0], (var_rows, weight, bias), eps=1e-6, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize(
+    "scale, cap, match",
+    [
+        (0.0, None, "logit_scale must be finite and > 0"),
+        (-2.0, None, "logit_scale must be finite and > 0"),
+        (float("inf"), None, "logit_scale must be finite and > 0"),
+        (float("nan"), None, "logit_scale must be finite and > 0"),
+        (1.0, -1.0, "logit_softcap must be None, 0"),
+        (1.0, float("inf"), "logit_softcap must be None, 0"),
+        (1.0, float("nan"), "logit_softcap must be None, 0"),
+    ],
+)
+@pytest.mark.parametrize(
+    "fn", [crystal_ext.lm_head_losses, reference.lm_head_losses], ids=["fused", "reference"]
+)
+def test_bad_transform_names_the_argument(fn, scale, cap, match):
+    prob = make_problem(6, 4, 17, [2, 1], bias=True, seed=0)
+    args = [prob[k] for k in ("hidden", "weight", "targets", "teacher_rows", "student_rows", "pair_sample")]
+    with pytest.raises(ValueError, match=match):
+        fn(*args, logit_scale=scale, logit_softcap=cap)
+
+
+@pytest.mark.parametrize(
+    "scale, cap, match",
+    [(0.0, 0.0, "logit_scale must be finite and > 0"), (1.0, -3.0, "logit_softcap must be 0 \\(off\\)")],
+)
+def test_compiled_op_refuses_a_bad_transform(scale, cap, match):
+    """The compiled op checks the transform too (a direct torch.ops call skips the Python check)."""
+    prob = make_problem(9, 5, 67, [3, 2], bias=True, seed=2)
+    plan = _plan_tensors(prob)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.crystal_ext.lm_head_losses_fwd(
+            prob["hidden"], prob["weight"], prob["bias"], *plan.values(), scale, cap, False
+        )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=TRANSFORM_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_transform_matches_the_reference(transform, dtype, cuda, reference_without_tf32):
+    """The CUDA kernels with the transform, on several vocabulary blocks, against the float64
+    reference (float32: to 1e-4; bf16: within twice the bf16 reference's error)."""
+    prob = make_problem(70, 24, 40000, [12, 9], bias=True, seed=13, device="cuda", scale=2.0)
+    gold = run_transformed(reference.lm_head_losses, prob, transform, 0.3, dtype=torch.float64)
+    fused = run_transformed(crystal_ext.lm_head_losses, prob, transform, 0.3, dtype=dtype)
+    if dtype == torch.float32:
+        for name, f, g in zip(["ce", "kl", "d hidden", "d weight", "d bias"], fused, gold):
+            torch.testing.assert_close(f.double(), g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name)
+        return
+    ref = run_transformed(reference.lm_head_losses, prob, transform, 0.3, dtype=dtype)
+    for name, f, r, g in zip(["ce", "kl", "d hidden", "d weight", "d bias"], fused, ref, gold):
+        assert _err(f, g) <= 2 * _err(r, g) + 1e-6 * g.abs().max().item(), (name, _err(f, g), _err(r, g))

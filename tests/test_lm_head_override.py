@@ -45,10 +45,16 @@ def problem(dtype=torch.float64, bias=False, n=14, hd=6, vocab=23, seed=0):
     )
 
 
-def losses_and_grads(fn, prob, topk=0.5, g_ce=0.7, g_kl=1.3, with_override=True):
+# The model's own logits: the head's output as it is, and a scale with a soft-cap
+# (crystal_ext.ops.model_logits).
+TRANSFORMS = {"bare-head": {}, "scale-softcap": dict(logit_scale=0.6, logit_softcap=2.0)}
+
+
+def losses_and_grads(fn, prob, topk=0.5, g_ce=0.7, g_kl=1.3, with_override=True, transform=None):
     hidden = prob["hidden"].detach().requires_grad_()
     rows = prob["override_rows"].detach().requires_grad_()
     kwargs = dict(override_ids=prob["override_ids"], override_rows=rows) if with_override else {}
+    kwargs.update(transform or {})
     ce, kl = fn(
         hidden,
         prob["weight"],
@@ -64,10 +70,11 @@ def losses_and_grads(fn, prob, topk=0.5, g_ce=0.7, g_kl=1.3, with_override=True)
     return ce.detach(), kl.detach(), hidden.grad, rows.grad
 
 
+@pytest.mark.parametrize("transform", TRANSFORMS.values(), ids=TRANSFORMS.keys())
 @pytest.mark.parametrize("bias", [False, True])
-def test_reference_override_equals_the_plain_losses_with_the_rows_written_in(bias):
+def test_reference_override_equals_the_plain_losses_with_the_rows_written_in(bias, transform):
     prob = problem(bias=bias)
-    ce, kl, d_hidden, d_rows = losses_and_grads(reference.lm_head_losses, prob)
+    ce, kl, d_hidden, d_rows = losses_and_grads(reference.lm_head_losses, prob, transform=transform)
     ids = prob["override_ids"]
     written = prob["weight"].clone()
     written[ids] = prob["override_rows"]
@@ -82,6 +89,7 @@ def test_reference_override_equals_the_plain_losses_with_the_rows_written_in(bia
         prob["pair_sample"],
         0.5,
         bias=prob["bias"],
+        **transform,
     )
     (0.7 * ce2 + 1.3 * kl2).backward()
     torch.testing.assert_close(ce, ce2.detach())
@@ -92,13 +100,14 @@ def test_reference_override_equals_the_plain_losses_with_the_rows_written_in(bia
 
 
 @fused_only
+@pytest.mark.parametrize("transform", TRANSFORMS.values(), ids=TRANSFORMS.keys())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_override_matches_the_reference(dtype, bias):
+def test_fused_override_matches_the_reference(dtype, bias, transform):
     prob = problem(dtype=dtype, bias=bias)
     before = prob["weight"].clone()
-    got = losses_and_grads(crystal_ext.lm_head_losses, prob)
-    want = losses_and_grads(reference.lm_head_losses, prob)
+    got = losses_and_grads(crystal_ext.lm_head_losses, prob, transform=transform)
+    want = losses_and_grads(reference.lm_head_losses, prob, transform=transform)
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     for name, a, b in zip(("ce", "kl", "d hidden", "d rows"), got, want):
         torch.testing.assert_close(a.to(b.dtype), b, **tol, msg=name)
@@ -106,7 +115,8 @@ def test_fused_override_matches_the_reference(dtype, bias):
 
 
 @fused_only
-def test_fused_override_gradcheck_float64():
+@pytest.mark.parametrize("transform", TRANSFORMS.values(), ids=TRANSFORMS.keys())
+def test_fused_override_gradcheck_float64(transform):
     """The teacher is detached, so the KL is a true function only of the student rows of hidden
     (teacher rows held constant) and not of the override rows (which the teacher logits also
     use): ce + kl w.r.t. the other rows of hidden, ce alone w.r.t. the override rows. The KL's
@@ -131,6 +141,7 @@ def test_fused_override_gradcheck_float64():
             0.5,
             override_ids=ids,
             override_rows=rows,
+            **transform,
         )
 
     h_var = prob["hidden"][4:].clone().requires_grad_()
@@ -219,8 +230,9 @@ def test_fused_override_without_targeted_rows_or_pairs():
 
 
 @fused_only
+@pytest.mark.parametrize("transform", [(1.0, 0.0), (0.6, 2.0)], ids=TRANSFORMS.keys())
 @pytest.mark.parametrize("bias", [False, True])
-def test_opcheck(bias):
+def test_opcheck(bias, transform):
     prob = problem(bias=bias)
     args = (
         prob["hidden"].requires_grad_(),
@@ -238,6 +250,7 @@ def test_opcheck(bias):
         ).tensors(),  # fmt: skip
         prob["override_ids"],
         prob["override_rows"].requires_grad_(),
+        *transform,
         True,
     )
     torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_override_fwd.default, args)

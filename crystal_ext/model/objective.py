@@ -5,11 +5,13 @@ forward would compute the full [B, L, V] logits) with dual-path attention; then
   - CE and KL_pred from the fused `lm_head_losses` on the last hidden states of the rows
     that need logits (targeted rows, and the E/F rows paired for the KL), with the model's
     own LM-head weight (and, when the new tokens' rows are trained on their own,
-    crystal_ext.model.new_token_rows, those rows as override rows of the frozen head);
+    crystal_ext.model.new_token_rows, those rows as override rows of the frozen head) and the
+    model's own logit transform (a scale, a soft-cap: Family.logit_transform), so the losses
+    see the logits the model's forward computes;
   - KL_attn from the fused attention-alignment loss, computed inside the last text layer
     and returned through the `crystal_outputs` forward kwarg.
 `crystal=False` is the plain single-path SFT baseline: the intact path [A, C, D, E] alone,
-with the model's own attention, CE only.
+with the model's own attention and logits, CE only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from crystal_ext.model.attention_registration import (
     LAYOUT_KWARG,
     OUTPUTS_KWARG,
 )
+from crystal_ext.model.families import family_of
 from crystal_ext.model.families.router_loss import recording_router_logits
 from crystal_ext.model.new_token_rows import new_token_rows_of
 from crystal_ext.model.parts import backbone_and_head, text_config
@@ -122,8 +125,9 @@ def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveCon
     """The training loss of one collated batch (crystal_ext.data.packing.DualPathCollator)."""
     model, backbone, head = backbone_and_head(model)
     fn = _with_new_token_rows(config.lm_head_fn(), model)
+    transform = family_of(model).logit_transform(model.config)
     if not config.crystal:
-        return _baseline(model, backbone, head, batch, fn)
+        return _baseline(model, backbone, head, batch, fn, transform)
     attn = text_config(model)._attn_implementation
     if attn != ATTN_IMPLEMENTATION:
         raise ValueError(
@@ -155,6 +159,7 @@ def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveCon
         head.weight,
         *indices,
         bias=head.bias,
+        **transform.op_kwargs(),
     )
     loss = router.with_path1_term(ce + config.lambda_pred * kl_pred + config.lambda_attn * kl_attn, batch)
     return CrystalLoss(loss, ce, kl_pred, kl_attn)
@@ -196,7 +201,7 @@ def intact_path_batch(batch: dict) -> dict:
     }
 
 
-def _baseline(model, backbone, head, batch, fn) -> CrystalLoss:
+def _baseline(model, backbone, head, batch, fn, transform) -> CrystalLoss:
     single = intact_path_batch(batch)
     with recording_router_logits(model) as router:
         hidden = backbone(
@@ -209,8 +214,9 @@ def _baseline(model, backbone, head, batch, fn) -> CrystalLoss:
     targets = single["targets"].to(hidden.device)
     flat = (targets != IGNORE).flatten().nonzero().squeeze(1)
     none = torch.zeros(0, dtype=torch.long, device=hidden.device)
+    head_kwargs = {"bias": head.bias, **transform.op_kwargs()}
     ce, _ = fn(
-        hidden.flatten(0, 1)[flat], head.weight, targets.flatten()[flat], none, none, none, bias=head.bias
+        hidden.flatten(0, 1)[flat], head.weight, targets.flatten()[flat], none, none, none, **head_kwargs
     )
     zero = ce.new_zeros(())
     return CrystalLoss(router.with_single_path_term(ce, single["attention_mask"]), ce, zero, zero)

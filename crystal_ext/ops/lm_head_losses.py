@@ -1,8 +1,10 @@
 r"""Fused LM-head losses (CrystaL's cross entropy and top-k prediction alignment), as a torch
 custom op that never materialises the [N, V] logits.
 
-Maths. Row r of hidden has logits z_r = W h_r + b (W the LM head [V, Hd]). With
-lse_r = log sum_v exp(z_rv) and p_r = softmax(z_r):
+Maths. Row r of hidden has logits z_r = softcap(scale (W h_r + b)) (W the LM head [V, Hd]; the
+model's own logits, crystal_ext.ops.model_logits: scale = logit_scale, softcap(u) =
+cap tanh(u / cap) with cap = logit_softcap, off by default). With lse_r = log sum_v exp(z_rv)
+and p_r = softmax(z_r):
 
   ce   = (1/|T|) sum_{r in T} (lse_r - z_{r, t_r}),     T = rows whose target is not -100
   KL_i = sum_v p_{a_i v} (z_{a_i v} - z_{s_i v}) - lse_{a_i} + lse_{s_i}
@@ -10,12 +12,15 @@ lse_r = log sum_v exp(z_rv) and p_r = softmax(z_r):
   kl   = (1/|S|) sum_{samples s} (1/k_s) sum_{i in top-k_s} KL_i,
          k_s = max(1, int(topk_fraction * n_pairs_of_s)),  S = samples that have pairs.
 
-Gradients. With the expectation E_r = sum_v p_rv W_v (a vector of size Hd):
+Gradients. With the soft-cap's slope g_rv = d z_rv / d u_rv = 1 - (z_rv / cap)^2 (1 without a
+cap), the expectation E_r = sum_v p_rv g_rv W_v and, per pair, the cross expectation
+X_i = sum_v p_{a_i v} g_{s_i v} W_v (teacher probabilities, student slopes; X_i = E_{a_i}
+without a cap):
 
-  d ce / d h_r  = (E_r - W_{t_r}) / |T|
-  d kl / d h_s  = sum_{kept i with s_i = s} c_i (E_{s_i} - E_{a_i}),   c_i = 1 / (k_s |S|)
-  d ce / d W    = (1/|T|) sum_r (p_r - onehot(t_r)) h_r^T,   d ce / d b = column sums of the same
-  d kl / d W    = sum_{kept i} c_i (p_{s_i} - p_{a_i}) h_{s_i}^T,  d kl / d b likewise.
+  d ce / d h_r  = scale (E_r - g_{r t_r} W_{t_r}) / |T|
+  d kl / d h_s  = scale sum_{kept i with s_i = s} c_i (E_{s_i} - X_i),   c_i = 1 / (k_s |S|)
+  d ce / d W    = (scale/|T|) sum_r ((p_r - onehot(t_r)) * g_r) h_r^T,   d ce / d b = column sums
+  d kl / d W    = scale sum_{kept i} c_i ((p_{s_i} - p_{a_i}) * g_{s_i}) h_{s_i}^T,  d kl / d b likewise.
 
 How it is computed (csrc/lm_head_losses.h, csrc/cpu/, csrc/cuda/). The forward sweeps the
 vocabulary in blocks for the rows that need logits (each row once, even when it is a CE row
@@ -23,7 +28,8 @@ and a teacher or student row), keeping for each row an online log-sum-exp (runni
 running sum Z) and the running expectation O_r = sum_v exp(z_rv - m_r) W_v, rescaled like Z
 when the max grows (the flash-attention trick with W as the value matrix), and for each pair
 the cross term A_i = sum_v exp(z_av - m_a) (z_av - z_sv). At the end E_r = O_r / Z_r and
-KL_i = A_i / Z_a - lse_a + lse_s. So one sweep (two GEMMs per block: logits, then P W) gives
+KL_i = A_i / Z_a - lse_a + lse_s (under a soft-cap O accumulates exp(z - m) g W, and each pair
+also X_i, one more GEMM over the pairs' rows). So one sweep (two GEMMs per block: logits, then P W) gives
 both losses and d ce / d hidden and every pair's d KL_i / d hidden, before the top-k selection
 is known; the selection then only chooses the coefficients c_i. Logits, softmax statistics
 and gradients are accumulated in float32 (float64 for float64 inputs) even for bf16/fp16
@@ -49,6 +55,7 @@ import torch
 
 import crystal_ext.ops._extension as _extension
 from crystal_ext.ops.lm_head_plan import LmHeadPlan, lm_head_plan
+from crystal_ext.ops.model_logits import check_logit_transform
 from crystal_ext.ops.override_rows import check_override, override_lm_head_losses
 
 _OP = "crystal_ext::lm_head_losses_fwd"
@@ -66,6 +73,8 @@ def lm_head_losses(
     bias: torch.Tensor | None = None,
     override_ids: torch.Tensor | None = None,
     override_rows: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CrystaL's LM-head losses without materialising the logits.
 
@@ -88,6 +97,9 @@ def lm_head_losses(
             [n, Hd]: the logits of column override_ids[j] are hidden . override_rows[j] (+ its
             bias) instead of the weight's row; the weight is not copied and gets no gradient,
             override_rows does (crystal_ext.ops.override_rows).
+        logit_scale: the model's logit multiplier, finite and > 0 (1: the head's output as it is).
+        logit_softcap: None or 0 (no cap), or the cap of logit_softcap * tanh(z / logit_softcap)
+            applied after the scale (crystal_ext.ops.model_logits).
 
     Index tensors (without a plan) may be on the CPU or on hidden's device; they are read on
     the host to build the plan (on a GPU: pass host copies, or the copy back waits for it).
@@ -101,11 +113,14 @@ def lm_head_losses(
     _extension.require_fused(_NAME, hidden, weight)
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError(f"{_NAME}: hidden and weight must be tensors")
+    scale, cap = check_logit_transform(logit_scale, logit_softcap, _NAME)
     plan = _plan_of(hidden, weight, targets, teacher_rows, student_rows, pair_sample, topk_fraction)
     if check_override(weight, override_ids, override_rows, _NAME):
-        return override_lm_head_losses(hidden, weight, bias, plan, override_ids, override_rows)
+        return override_lm_head_losses(hidden, weight, bias, plan, override_ids, override_rows, scale, cap)
     grad_hidden = bool(torch.is_grad_enabled() and hidden.requires_grad)
-    ce, kl, *_ = torch.ops.crystal_ext.lm_head_losses_fwd(hidden, weight, bias, *plan.tensors(), grad_hidden)
+    ce, kl, *_ = torch.ops.crystal_ext.lm_head_losses_fwd(
+        hidden, weight, bias, *plan.tensors(), scale, cap, grad_hidden
+    )
     return ce, kl
 
 
@@ -183,13 +198,26 @@ if _extension.extension_available():
         sample_k,
         kept_slots,
         paired_rows,
+        logit_scale,
+        logit_softcap,
         grad_hidden,
     ):
         return forward_outputs_fake(hidden, pair_rows.shape[1], grad_hidden)
 
     @torch.library.register_fake("crystal_ext::lm_head_losses_bwd")
     def _backward_fake(grad_ce, grad_kl, hidden, weight, bias, *rest):
-        *_plan, _grad_hidden_ce, _grad_hidden_kl, _lse, _kl_coef, grad_hidden, grad_weight, grad_bias = rest
+        (
+            *_plan,
+            _scale,
+            _cap,
+            _grad_hidden_ce,
+            _grad_hidden_kl,
+            _lse,
+            _kl_coef,
+            grad_hidden,
+            grad_weight,
+            grad_bias,
+        ) = rest
         return (
             hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty((0,)),
             weight.new_empty(weight.shape) if grad_weight else weight.new_empty((0,)),
@@ -197,9 +225,10 @@ if _extension.extension_available():
         )
 
     def _setup_context(ctx, inputs, output):
-        hidden, weight, bias, *plan, grad_hidden = inputs
+        hidden, weight, bias, *plan, logit_scale, logit_softcap, grad_hidden = inputs
         _ce, _kl, grad_hidden_ce, grad_hidden_kl, lse, kl_coef = output
         ctx.grad_hidden = bool(grad_hidden)
+        ctx.logit_transform = (logit_scale, logit_softcap)
         ctx.has_bias = bias is not None
         ctx.paired_rows = plan[-1]
         ctx.save_for_backward(hidden, weight, bias, *plan[:-1], grad_hidden_ce, grad_hidden_kl, lse, kl_coef)
@@ -215,7 +244,7 @@ if _extension.extension_available():
                 "lm_head_losses: hidden did not require grad when the forward ran, so its "
                 "gradient was not prepared; set requires_grad before calling the op"
             )
-        none = (None,) * (_PLAN_ARGS + 1)
+        none = (None,) * (_PLAN_ARGS + 3)  # the plan, logit_scale, logit_softcap, grad_hidden
         if not (need_hidden or need_weight or need_bias):
             return (None, None, None, *none)
         gh, gw, gb = torch.ops.crystal_ext.lm_head_losses_bwd(
@@ -226,6 +255,7 @@ if _extension.extension_available():
             bias,
             *plan,
             ctx.paired_rows,
+            *ctx.logit_transform,
             *saved,
             bool(need_hidden),
             bool(need_weight),

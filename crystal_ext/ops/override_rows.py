@@ -9,11 +9,12 @@ rows are trained (crystal_ext.model.new_token_rows).
 Gradient of the override rows from the coefficients the losses already use: with
 p_r = softmax(z_r) and the op's saved lse_r, for override column j,
 
-  d ce / d R_j = (1/|T|) sum_{r in T} (p_{r,j} - [t_r = id_j]) h_r
-  d kl / d R_j = sum_{kept pairs i} c_i (p_{s_i,j} - p_{a_i,j}) h_{s_i}
+  d ce / d R_j = (scale/|T|) sum_{r in T} (p_{r,j} - [t_r = id_j]) g_{r,j} h_r
+  d kl / d R_j = scale sum_{kept pairs i} c_i (p_{s_i,j} - p_{a_i,j}) g_{s_i,j} h_{s_i}
 
-(c_i the pair coefficients of the top-k selection): [N, n] work instead of the [N, V] sweep
-of the weight gradient.
+(c_i the pair coefficients of the top-k selection; z the model's logits and g their soft-cap
+slope 1 - (z / cap)^2, 1 without a cap: crystal_ext.ops.model_logits): [N, n] work instead of
+the [N, V] sweep of the weight gradient.
 
 `crystal_ext.lm_head_losses(..., override_ids=, override_rows=)` runs the custom op
 `crystal_ext::lm_head_losses_override_fwd` (fake kernel and autograd registered, so opcheck and
@@ -28,6 +29,8 @@ and pair coefficients give the row gradient above. The plain-PyTorch twin is
 from __future__ import annotations
 
 import torch
+
+from crystal_ext.ops.model_logits import model_logits
 
 
 def check_override(weight: torch.Tensor, override_ids, override_rows, op: str) -> bool:
@@ -88,6 +91,8 @@ def _override_forward(
     paired_rows: int,
     override_ids: torch.Tensor,
     override_rows: torch.Tensor,
+    logit_scale: float,
+    logit_softcap: float,
     grad_hidden: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The compiled forward with the override rows written into the weight for the call:
@@ -104,7 +109,7 @@ def _override_forward(
         try:
             out = torch.ops.crystal_ext.lm_head_losses_fwd(
                 hidden, storage, bias, rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k,
-                kept_slots, paired_rows, grad_hidden,
+                kept_slots, paired_rows, logit_scale, logit_softcap, grad_hidden,
             )  # fmt: skip
         finally:
             storage[override_ids] = kept
@@ -121,8 +126,9 @@ def _override_forward_fake(hidden, weight, bias, rows, row_targets, ce_rows, pai
 
 def _setup_context(ctx, inputs, output):
     hidden, _weight, bias, rows, row_targets, ce_rows, pair_rows, *_rest = inputs
-    ids, override, _grads = inputs[-3:]
+    ids, override, logit_scale, logit_softcap, _grads = inputs[-5:]
     _ce, _kl, grad_ce, grad_kl, lse, coef = output
+    ctx.logit_transform = (logit_scale, logit_softcap)
     ctx.save_for_backward(
         hidden, override, bias, rows, row_targets, ce_rows, pair_rows, ids, grad_ce, grad_kl, lse, coef
     )
@@ -146,6 +152,8 @@ def _backward(ctx, g_ce, g_kl, *_unused):
     z = h @ override.to(hidden.dtype).to(acc).T
     if bias is not None:
         z = z + bias[ids].to(acc)
+    scale, cap = ctx.logit_transform
+    z = model_logits(z, scale, cap)
     p = (z - lse[rows][:, None]).exp()
     # CE rows (their count is a shape: nothing is read on the host).
     onehot = (row_targets[ce_rows][:, None] == ids[None, :]).to(acc)
@@ -153,8 +161,10 @@ def _backward(ctx, g_ce, g_kl, *_unused):
     if pair_rows.shape[1]:
         teacher, student = pair_rows[0], pair_rows[1]
         dz = dz.index_add(0, student, coef[:, None] * (p[student] - p[teacher]) * g_kl)
-    grad_override = (dz.T @ h).to(override.dtype) if ctx.needs_input_grad[12] else None
-    return (grad_hidden, *(None,) * 11, grad_override, None)
+    if cap:  # each row's gradient through its own soft-cap slope (the student's for the KL)
+        dz = dz * (1 - z / cap) * (1 + z / cap)
+    grad_override = (scale * (dz.T @ h)).to(override.dtype) if ctx.needs_input_grad[12] else None
+    return (grad_hidden, *(None,) * 11, grad_override, None, None, None)
 
 
 _override_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -167,11 +177,21 @@ def override_lm_head_losses(
     plan,
     override_ids: torch.Tensor,
     override_rows: torch.Tensor,
+    logit_scale: float = 1.0,
+    logit_softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The compiled losses with override rows, for crystal_ext.lm_head_losses, which checked
-    the override and built the plan (crystal_ext.ops.lm_head_plan.LmHeadPlan)."""
+    the override, the logit transform and built the plan (crystal_ext.ops.lm_head_plan.LmHeadPlan)."""
     grads = torch.is_grad_enabled() and (hidden.requires_grad or override_rows.requires_grad)
     ce, kl, *_ = _override_forward(
-        hidden, weight, bias, *plan.tensors(), override_ids, override_rows, bool(grads)
+        hidden,
+        weight,
+        bias,
+        *plan.tensors(),
+        override_ids,
+        override_rows,
+        logit_scale,
+        logit_softcap,
+        bool(grads),
     )
     return ce, kl

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from crystal_ext.ops.layout import dual_path_mask, validate_layout
+from crystal_ext.ops.model_logits import check_logit_transform, model_logits
 from crystal_ext.ops.override_rows import check_override
 
 RENORM_EPS = 1e-8
@@ -83,6 +84,8 @@ def lm_head_losses(
     bias: torch.Tensor | None = None,
     override_ids: torch.Tensor | None = None,
     override_rows: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CrystaL's LM-head losses with the full logits materialised.
 
@@ -100,13 +103,17 @@ def lm_head_losses(
     override_ids [n] / override_rows [n, Hd]: the logits of column override_ids[j] are
     hidden . override_rows[j] (+ that column's bias) instead of the weight's row
     (crystal_ext.ops.override_rows); the weight is not copied.
+    logit_scale, logit_softcap: the model's own logits, softcap(logit_scale * (h W^T + b))
+    (crystal_ext.ops.model_logits), applied in float32 (float64) after the upcast.
     """
+    scale, cap = check_logit_transform(logit_scale, logit_softcap, "reference.lm_head_losses")
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits = F.linear(hidden, weight, bias).to(acc)  # [N, V]
     if check_override(weight, override_ids, override_rows, "reference.lm_head_losses"):
         column_bias = None if bias is None else bias[override_ids]
         replaced = F.linear(hidden, override_rows.to(hidden.dtype), column_bias).to(acc)
         logits = logits.index_copy(1, override_ids, replaced)
+    logits = model_logits(logits, scale, cap)
     targeted = targets != -100
     if targeted.any():
         ce = F.cross_entropy(logits, targets, ignore_index=-100)

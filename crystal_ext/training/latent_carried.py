@@ -29,6 +29,7 @@ import torch
 from crystal_ext.data.example import Example, SkipExample
 from crystal_ext.data.packing import DualPathCollator, DualPathPacker
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
+from crystal_ext.model.families import family_of
 from crystal_ext.model.objective import dual_path_hidden
 from crystal_ext.model.parts import backbone_and_head, text_config
 from crystal_ext.ops.layout import segments_of
@@ -103,9 +104,11 @@ def latent_carried_answers(
                 batch = _to(collate.batch_of(packed), device)
                 hidden, _ = dual_path_forward(model, batch)
                 rows = next_token_rows(batch, latent.answer_close, [decoded[i] for i in live])
-                head = backbone_and_head(model)[2]
+                base, _, head = backbone_and_head(model)
                 picked = hidden[torch.arange(len(live), device=device), torch.tensor(rows, device=device)]
-                tokens = head(picked).argmax(-1).tolist()
+                # The model's own logits, as its forward (and so generate) computes them.
+                logits = family_of(base).logit_transform(base.config).apply(head(picked))
+                tokens = logits.argmax(-1).tolist()
                 for i, token in zip(live, tokens):
                     if token in stop:
                         done[i] = True

@@ -53,9 +53,12 @@ namespace {
 using cpu_plan::kMaxChunkRows;
 using cpu_plan::vocab_block;
 
-// bf16 inputs take the bf16 GEMM path where the CPU has it (see the top of the file).
-bool use_bf16_gemm(const at::Tensor& hidden) {
-  if (hidden.scalar_type() != at::kBFloat16 || !cpu_gemm::bf16_gemm_available()) return false;
+// bf16 inputs take the bf16 GEMM path where the CPU has it (see the top of the file), except
+// under a logit soft-cap, whose slope-weighted P and per-pair cross expectations run on the
+// fp32 GEMM path.
+bool use_bf16_gemm(const at::Tensor& hidden, const Problem& p) {
+  if (hidden.scalar_type() != at::kBFloat16 || !cpu_gemm::bf16_gemm_available() || p.capped())
+    return false;
   const char* env = std::getenv("CRYSTAL_EXT_CPU_BF16_GEMM");
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
@@ -83,6 +86,19 @@ at::Tensor logits_block(const at::Tensor& S, const at::Tensor& h, const at::Tens
     at::mm_out(out, h, w.t());
   }
   return w;
+}
+
+// The model's logits from the head's raw output, in place on the rows [0, rows) of S [rows, vb].
+template <typename acc_t>
+void transform_rows(acc_t* s_ptr, int64_t rows, int64_t vb, const Problem& p) {
+  if (!p.transformed()) return;
+  const acc_t scale = static_cast<acc_t>(p.logit_scale), cap = static_cast<acc_t>(p.logit_softcap);
+  at::parallel_for(0, rows, 16, [&](int64_t rb, int64_t re) {
+    for (int64_t j = rb; j < re; ++j) {
+      acc_t* s = s_ptr + j * vb;
+      for (int64_t v = 0; v < vb; ++v) s[v] = model_logit(s[v], scale, cap);
+    }
+  });
 }
 
 at::Tensor long_tensor(const std::vector<int64_t>& v) {
@@ -134,7 +150,7 @@ struct Forward {
     const bool has_pairs = begin == 0 && p.n_pairs > 0;
     // bf16 path: the hidden rows and P as bf16 A operands; P has n_lo more rows, the lo parts
     // of the paired rows (local rows 0 .. n_lo - 1).
-    const bool bf16_gemm = std::is_same<acc_t, float>::value && use_bf16_gemm(hidden);
+    const bool bf16_gemm = std::is_same<acc_t, float>::value && use_bf16_gemm(hidden, p);
     const int64_t n_lo = bf16_gemm && has_pairs ? p.n_paired_rows : 0;
     const at::Tensor chunk_hidden = hidden.index_select(0, long_tensor(chunk_rows));
     const at::Tensor h = bf16_gemm ? cpu_gemm::a_operand(chunk_hidden) : chunk_hidden.to(acc).contiguous();
@@ -143,11 +159,22 @@ struct Forward {
                                        : at::empty({R * Vb}, opts);
     cpu_gemm::PackedB packed_logits, packed_expect;
     at::Tensor expect = grad_hidden ? at::zeros({R, Hd}, opts) : at::Tensor();
-    std::vector<acc_t> run_max(R, neg_inf<acc_t>()), run_sum(R, acc_t(0)),
+    // The running sums, the KL cross terms and the log-sum-exps are kept in double: a pair's
+    // KL is A / Z_a - lse_a + lse_s, a small difference of terms of size log V, so their float
+    // rounding (~1e-7 absolute) would dominate the KL of two nearly equal rows.
+    std::vector<double> run_sum(R, 0.0);
+    std::vector<acc_t> run_max(R, neg_inf<acc_t>()),
         alpha(R, acc_t(0)), target_logit(R, acc_t(0));
     const std::vector<int64_t> target(h_plan.row_targets.begin() + begin,
                                       h_plan.row_targets.begin() + end);
-    std::vector<acc_t> cross(has_pairs ? p.n_pairs : 0, acc_t(0));
+    std::vector<double> cross(has_pairs ? p.n_pairs : 0, 0.0);
+    // Under a soft-cap the KL gradient needs each pair's cross expectation
+    // X_i = sum_v p_av g_sv W_v (csrc/lm_head_losses.h): its unnormalised rows, rescaled with
+    // the teacher's running max, and their block of P_teacher * g_student.
+    const bool cross_expect = has_pairs && grad_hidden && p.capped();
+    const acc_t cap = static_cast<acc_t>(p.logit_softcap);
+    at::Tensor x_expect = cross_expect ? at::zeros({p.n_pairs, Hd}, opts) : at::Tensor();
+    const at::Tensor pc_buf = cross_expect ? at::empty({p.n_pairs * Vb}, opts) : at::Tensor();
     // Local positions of each pair's rows (the first chunk starts at position 0).
     const std::vector<int64_t>& pair_t = h_plan.pair_t;
     const std::vector<int64_t>& pair_s = h_plan.pair_s;
@@ -158,6 +185,7 @@ struct Forward {
       const at::Tensor w = logits_block(S, h, weight, bias, v0, vb, bf16_gemm, &packed_logits, acc);
       if (bf16_gemm && grad_hidden) cpu_gemm::pack_into(weight.narrow(0, v0, vb), &packed_expect);
       acc_t* s_ptr = S.data_ptr<acc_t>();
+      transform_rows(s_ptr, R, vb, p);
       acc_t* p_ptr = bf16_gemm ? nullptr : p_buf.data_ptr<acc_t>();
       at::BFloat16* p16_ptr = bf16_gemm ? p_buf.data_ptr<at::BFloat16>() : nullptr;
       acc_t* e_ptr = grad_hidden ? expect.data_ptr<acc_t>() : nullptr;
@@ -168,13 +196,18 @@ struct Forward {
           for (int64_t v = 0; v < vb; ++v) bmax = s[v] > bmax ? s[v] : bmax;
           const acc_t a = block_rescale(run_max[j], bmax);
           const acc_t shift = exp_shift(bmax);
-          acc_t sum = acc_t(0);
+          // A block's sums in double too: added one by one, thousands of similar terms (a flat
+          // distribution) would lose about 1e-5 relative in float.
+          double sum = 0.0;
           if (!bf16_gemm) {
+            // P enters the expectation GEMM: p~ times the soft-cap's slope (1 without a cap).
             acc_t* pr = p_ptr + j * vb;
             for (int64_t v = 0; v < vb; ++v) {
               pr[v] = unnormalised_prob(s[v], shift);
               sum += pr[v];
             }
+            if (p.capped())
+              for (int64_t v = 0; v < vb; ++v) pr[v] *= softcap_slope(s[v], cap);
           } else {
             at::BFloat16* hi = p16_ptr + j * lda_p;
             at::BFloat16* lo = j < n_lo ? p16_ptr + (R + j) * lda_p : nullptr;
@@ -190,7 +223,7 @@ struct Forward {
               if (lo != nullptr) lo[v] = at::BFloat16(0.0f);
             }
           }
-          run_sum[j] = run_sum[j] * a + sum;
+          run_sum[j] = run_sum[j] * static_cast<double>(a) + sum;
           run_max[j] = bmax;
           alpha[j] = a;
           if (target[j] >= v0 && target[j] < v0 + vb) target_logit[j] = s[target[j] - v0];
@@ -207,10 +240,18 @@ struct Forward {
             const acc_t* ss = s_ptr + pair_s[i] * vb;
             // The teacher's unnormalised probabilities again, in acc_t (P may be bf16).
             const acc_t t_max = exp_shift(run_max[pair_t[i]]);
-            acc_t sum = acc_t(0);
-            for (int64_t v = 0; v < vb; ++v)
-              sum += kl_cross_term(unnormalised_prob(st[v], t_max), st[v], ss[v]);
-            cross[i] = cross[i] * alpha[pair_t[i]] + sum;
+            acc_t* pc = cross_expect ? pc_buf.data_ptr<acc_t>() + i * vb : nullptr;
+            double sum = 0.0;  // in double, as the row sums above
+            for (int64_t v = 0; v < vb; ++v) {
+              const acc_t e = unnormalised_prob(st[v], t_max);
+              sum += kl_cross_term(e, st[v], ss[v]);
+              if (pc != nullptr) pc[v] = e * softcap_slope(ss[v], cap);
+            }
+            cross[i] = cross[i] * static_cast<double>(alpha[pair_t[i]]) + sum;
+            if (cross_expect && alpha[pair_t[i]] != acc_t(1)) {
+              acc_t* x = x_expect.data_ptr<acc_t>() + i * Hd;
+              for (int64_t d = 0; d < Hd; ++d) x[d] *= alpha[pair_t[i]];
+            }
           }
         });
       }
@@ -225,30 +266,42 @@ struct Forward {
       } else if (grad_hidden) {
         expect.addmm_(front(p_buf, R, vb), w);
       }
+      if (cross_expect) x_expect.addmm_(front(pc_buf, p.n_pairs, vb), w);
     }
 
     // Finish: lse, CE terms, expectations E = O / Z.
     acc_t* lse_ptr = lse.data_ptr<acc_t>();
-    std::vector<acc_t> chunk_lse(R);
+    std::vector<double> chunk_lse(R);
     double ce_sum = 0.0;
     for (int64_t j = 0; j < R; ++j) {
-      chunk_lse[j] = lse_finish(run_max[j], run_sum[j]);
-      lse_ptr[chunk_rows[j]] = chunk_lse[j];
-      if (target[j] != kIgnoreIndex) ce_sum += static_cast<double>(ce_row(chunk_lse[j], target_logit[j]));
+      chunk_lse[j] = lse_finish(static_cast<double>(run_max[j]), run_sum[j]);
+      lse_ptr[chunk_rows[j]] = static_cast<acc_t>(chunk_lse[j]);
+      if (target[j] != kIgnoreIndex)
+        ce_sum += ce_row(chunk_lse[j], static_cast<double>(target_logit[j]));
     }
     if (grad_hidden) {
       acc_t* e_ptr = expect.data_ptr<acc_t>();
       acc_t* g_ptr = grad_ce.data_ptr<acc_t>();
-      const acc_t inv_n = p.n_targeted > 0 ? acc_t(1) / acc_t(p.n_targeted) : acc_t(0);
+      // The logit scale multiplies every hidden gradient once, here.
+      const acc_t inv_n = p.n_targeted > 0
+                              ? static_cast<acc_t>(p.logit_scale) / acc_t(p.n_targeted)
+                              : acc_t(0);
       at::parallel_for(0, R, 16, [&](int64_t rb, int64_t re) {
         for (int64_t j = rb; j < re; ++j) {
           acc_t* e = e_ptr + j * Hd;
-          const acc_t inv_z = acc_t(1) / run_sum[j];
+          const acc_t inv_z = static_cast<acc_t>(1.0 / run_sum[j]);
           for (int64_t d = 0; d < Hd; ++d) e[d] *= inv_z;
         }
       });
-      // d ce / d h_r = (E_r - W_t) / n_targeted, for the chunk's targeted rows (the target
-      // rows of W gathered once, in acc_t).
+      if (cross_expect) {
+        acc_t* x_ptr = x_expect.data_ptr<acc_t>();
+        for (int64_t i = 0; i < p.n_pairs; ++i) {
+          const acc_t inv_z = static_cast<acc_t>(1.0 / run_sum[pair_t[i]]);
+          for (int64_t d = 0; d < Hd; ++d) x_ptr[i * Hd + d] *= inv_z;
+        }
+      }
+      // d ce / d h_r = scale (E_r - g_rt W_t) / n_targeted, for the chunk's targeted rows (the
+      // target rows of W gathered once, in acc_t).
       std::vector<int64_t> safe_target(R);
       for (int64_t j = 0; j < R; ++j) safe_target[j] = target[j] == kIgnoreIndex ? 0 : target[j];
       const at::Tensor wt = weight.index_select(0, long_tensor(safe_target)).to(acc).contiguous();
@@ -258,8 +311,9 @@ struct Forward {
           if (target[j] == kIgnoreIndex) continue;
           const acc_t* w = wt_ptr + j * Hd;
           const acc_t* e = e_ptr + j * Hd;
+          const acc_t slope = softcap_slope(target_logit[j], cap);
           acc_t* g = g_ptr + chunk_rows[j] * Hd;
-          for (int64_t d = 0; d < Hd; ++d) g[d] = ce_hidden_grad(e[d], w[d], inv_n);
+          for (int64_t d = 0; d < Hd; ++d) g[d] = ce_hidden_grad(e[d], slope * w[d], inv_n);
         }
       });
     }
@@ -268,24 +322,27 @@ struct Forward {
       at::Tensor pair_kl_values = at::empty({p.n_pairs}, opts);
       acc_t* kl_ptr = pair_kl_values.data_ptr<acc_t>();
       for (int64_t i = 0; i < p.n_pairs; ++i)
-        kl_ptr[i] = pair_kl(cross[i], run_sum[pair_t[i]], chunk_lse[pair_t[i]],
-                            chunk_lse[pair_s[i]]);
+        kl_ptr[i] = static_cast<acc_t>(
+            pair_kl(cross[i], run_sum[pair_t[i]], chunk_lse[pair_t[i]], chunk_lse[pair_s[i]]));
       // The same ATen selection as on the GPU (lm_head_losses_host.h).
       auto selected = select_topk(pair_kl_values, plan, p);
       kl = selected.first.template item<acc_t>();
       coef = selected.second;
       const acc_t* c = coef.data_ptr<acc_t>();
       if (grad_hidden) {
-        // d KL / d h_s = sum over kept pairs i with student s of coef_i (E_s - E_teacher).
+        // d KL / d h_s = sum over kept pairs i with student s of scale coef_i (E_s - X_i),
+        // X_i = E_teacher without a soft-cap.
         const acc_t* e_ptr = expect.data_ptr<acc_t>();
+        const acc_t* x_ptr = cross_expect ? x_expect.data_ptr<acc_t>() : nullptr;
         acc_t* g_ptr = grad_kl.data_ptr<acc_t>();
         const std::vector<int64_t>& st = h_plan.student;
+        const acc_t scale = static_cast<acc_t>(p.logit_scale);
         for (int64_t i = 0; i < p.n_pairs; ++i) {
           if (c[i] == acc_t(0)) continue;
           const acc_t* es = e_ptr + pair_s[i] * Hd;
-          const acc_t* et = e_ptr + pair_t[i] * Hd;
+          const acc_t* et = x_ptr != nullptr ? x_ptr + i * Hd : e_ptr + pair_t[i] * Hd;
           acc_t* g = g_ptr + st[i] * Hd;
-          for (int64_t d = 0; d < Hd; ++d) g[d] += kl_hidden_grad(es[d], et[d], c[i]);
+          for (int64_t d = 0; d < Hd; ++d) g[d] += kl_hidden_grad(es[d], et[d], scale * c[i]);
         }
       }
     }
@@ -356,7 +413,7 @@ void weight_grad_sweep(const Problem& p, const HostPlan& h_plan, const at::Tenso
   // bf16 path (see the top of the file): logits as in the forward; d weight = D^T H with D
   // (formed in fp32, the KL rows as the difference p_s - p_teacher) rounded to bf16, as a
   // bf16 autograd backward rounds its logit gradient; the result is stored in bf16 anyway.
-  const bool bf16_gemm = std::is_same<acc_t, float>::value && use_bf16_gemm(hidden);
+  const bool bf16_gemm = std::is_same<acc_t, float>::value && use_bf16_gemm(hidden, p);
   const at::Tensor logit_hidden = hidden.index_select(0, long_tensor(logit_rows));
   const at::Tensor d_hidden = hidden.index_select(0, long_tensor(d_hidden_rows));
   const at::Tensor h = bf16_gemm ? cpu_gemm::a_operand(logit_hidden) : logit_hidden.to(acc).contiguous();
@@ -366,11 +423,15 @@ void weight_grad_sweep(const Problem& p, const HostPlan& h_plan, const at::Tenso
   const int64_t Vb = vocab_block(std::max(Q, n_d), V);
   const at::Tensor s_buf = at::empty({Q * Vb}, opts), d_buf = at::empty({n_d * Vb}, opts);
   const at::Tensor gw_buf = bf16_gemm && grad_weight ? at::empty({Vb * p.hidden_dim}, opts) : at::Tensor();
-  const acc_t ce_coef = p.n_targeted > 0 ? g_ce / acc_t(p.n_targeted) : acc_t(0);
+  // The logit scale multiplies every logit gradient; the soft-cap's slope is that of the row
+  // whose gradient it is (the CE row, or the pair's student).
+  const acc_t scale = static_cast<acc_t>(p.logit_scale), cap = static_cast<acc_t>(p.logit_softcap);
+  const acc_t ce_coef = p.n_targeted > 0 ? scale * g_ce / acc_t(p.n_targeted) : acc_t(0);
   for (int64_t v0 = 0; v0 < V; v0 += Vb) {
     const int64_t vb = std::min(Vb, V - v0);
     const at::Tensor S = front(s_buf, Q, vb), D = front(d_buf, n_d, vb);
     logits_block(S, h, weight, bias, v0, vb, bf16_gemm, &packed_logits, acc);
+    transform_rows(S.data_ptr<acc_t>(), Q, vb, p);
     const acc_t* s_ptr = S.data_ptr<acc_t>();
     acc_t* d_ptr = D.data_ptr<acc_t>();
     at::parallel_for(0, n_d, 16, [&](int64_t jb, int64_t je) {
@@ -381,15 +442,17 @@ void weight_grad_sweep(const Problem& p, const HostPlan& h_plan, const at::Tenso
           const acc_t* s = s_ptr + local[r] * vb;
           const int64_t t = tg[r] - v0;
           for (int64_t v = 0; v < vb; ++v)
-            drow[v] = ce_logit_grad(softmax_prob(s[v], lse[r]), v == t, ce_coef);
+            drow[v] = ce_logit_grad(softmax_prob(s[v], lse[r]), v == t, ce_coef) *
+                      softcap_slope(s[v], cap);
         } else {
           const int64_t i = kept[j - n_ce];
           const acc_t* ss = s_ptr + local[st[i]] * vb;
           const acc_t* sa = s_ptr + local[te[i]] * vb;
-          const acc_t c = g_kl * coef[i];
+          const acc_t c = scale * g_kl * coef[i];
           for (int64_t v = 0; v < vb; ++v)
             drow[v] = kl_logit_grad(softmax_prob(ss[v], lse[st[i]]),
-                                    softmax_prob(sa[v], lse[te[i]]), c);
+                                    softmax_prob(sa[v], lse[te[i]]), c) *
+                      softcap_slope(ss[v], cap);
         }
       }
     });
@@ -424,10 +487,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& rows, const at::Tensor& row_targets, const at::Tensor& ce_rows,
     const at::Tensor& pair_rows, const at::Tensor& sample_pairs, const at::Tensor& sample_k,
-    const at::Tensor& kept_slots, int64_t paired_rows, bool grad_hidden) {
+    const at::Tensor& kept_slots, int64_t paired_rows, double logit_scale, double logit_softcap,
+    bool grad_hidden) {
   const Plan plan{rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots,
                   paired_rows};
-  return host_forward(at::kCPU, &forward_sweep, hidden, weight, bias, plan, grad_hidden);
+  return host_forward(at::kCPU, &forward_sweep, hidden, weight, bias, plan, logit_scale,
+                      logit_softcap, grad_hidden);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
@@ -435,14 +500,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& rows,
     const at::Tensor& row_targets, const at::Tensor& ce_rows, const at::Tensor& pair_rows,
     const at::Tensor& sample_pairs, const at::Tensor& sample_k, const at::Tensor& kept_slots,
-    int64_t paired_rows, const at::Tensor& grad_hidden_ce, const at::Tensor& grad_hidden_kl,
-    const at::Tensor& lse, const at::Tensor& coef, bool grad_hidden, bool grad_weight,
-    bool grad_bias) {
+    int64_t paired_rows, double logit_scale, double logit_softcap,
+    const at::Tensor& grad_hidden_ce, const at::Tensor& grad_hidden_kl, const at::Tensor& lse,
+    const at::Tensor& coef, bool grad_hidden, bool grad_weight, bool grad_bias) {
   const Plan plan{rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots,
                   paired_rows};
   return host_backward(at::kCPU, &weight_grads, grad_ce, grad_kl, hidden, weight, bias, plan,
-                       grad_hidden_ce, grad_hidden_kl, lse, coef, grad_hidden, grad_weight,
-                       grad_bias);
+                       logit_scale, logit_softcap, grad_hidden_ce, grad_hidden_kl, lse, coef,
+                       grad_hidden, grad_weight, grad_bias);
 }
 
 }  // namespace

@@ -2,7 +2,8 @@
 // (see its header comment and csrc/lm_head_losses.h): rows that need logits in row chunks,
 // the vocabulary in blocks; per block the logits GEMM (ATen / cuBLAS on the current stream;
 // bf16/fp16 inputs use the bf16/fp16 GEMM with float32 output, so the logits are never
-// rounded to bf16), then our kernels for the online softmax statistics and the KL cross term,
+// rounded to bf16), then our kernels for the model's logit transform, the online softmax
+// statistics and the KL cross term,
 // then the expectation GEMM O += P W_blk (for bf16/fp16 inputs on the half-precision weight
 // block with float32 output, P split into a half-precision hi part and the remainder lo, so
 // that P keeps about fp32 accuracy and the weight block is never copied to fp32). The per-row
@@ -68,11 +69,13 @@ __device__ T block_reduce(T x, T* shared) {
   return r;
 }
 
-// One block per row of the chunk: bias, online max / sum, P = exp(S - max), target logit and
-// the rescale of the running expectation row.
+// One block per row of the chunk: bias, the model's logit transform (S is overwritten with the
+// model's logits), online max / sum, P = exp(S - max) times the soft-cap's slope (what the
+// expectation GEMM takes), target logit and the rescale of the running expectation row.
 template <typename acc_t>
 __global__ void row_block_kernel(acc_t* __restrict__ S, acc_t* __restrict__ P,
-                                 const acc_t* __restrict__ bias, int64_t vb, int64_t v0,
+                                 const acc_t* __restrict__ bias, bool transformed, acc_t scale,
+                                 acc_t cap, int64_t vb, int64_t v0,
                                  const int64_t* __restrict__ target, acc_t* __restrict__ run_max,
                                  acc_t* __restrict__ run_sum, acc_t* __restrict__ alpha,
                                  acc_t* __restrict__ target_logit, acc_t* __restrict__ expect,
@@ -85,10 +88,9 @@ __global__ void row_block_kernel(acc_t* __restrict__ S, acc_t* __restrict__ P,
   acc_t m = old_max;
   for (int64_t v = threadIdx.x; v < vb; v += kThreads) {
     acc_t z = s[v];
-    if (bias != nullptr) {
-      z += bias[v];
-      s[v] = z;
-    }
+    if (bias != nullptr) z += bias[v];
+    if (transformed) z = model_logit(z, scale, cap);
+    if (bias != nullptr || transformed) s[v] = z;
     m = z > m ? z : m;
   }
   m = block_reduce<acc_t, true>(m, shared);
@@ -96,7 +98,7 @@ __global__ void row_block_kernel(acc_t* __restrict__ S, acc_t* __restrict__ P,
   acc_t sum = acc_t(0);
   for (int64_t v = threadIdx.x; v < vb; v += kThreads) {
     const acc_t e = unnormalised_prob(s[v], shift);
-    pr[v] = e;
+    pr[v] = e * softcap_slope(s[v], cap);
     sum += e;
   }
   sum = block_reduce<acc_t, false>(sum, shared);
@@ -114,19 +116,29 @@ __global__ void row_block_kernel(acc_t* __restrict__ S, acc_t* __restrict__ P,
   }
 }
 
-// One block per pair: A_i = A_i * alpha_teacher + sum_v P_teacher (S_teacher - S_student).
+// One block per pair: A_i = A_i * alpha_teacher + sum_v P_teacher (S_teacher - S_student), with
+// P_teacher recomputed from the teacher's running max (the block's P holds slope-weighted
+// values under a soft-cap). Under a soft-cap (Pc not null) also the pair's row of
+// P_teacher * g_student for the cross expectation X_i (csrc/lm_head_losses.h).
 template <typename acc_t>
-__global__ void pair_cross_kernel(const acc_t* __restrict__ S, const acc_t* __restrict__ P,
-                                  int64_t vb, const int64_t* __restrict__ pair_t,
+__global__ void pair_cross_kernel(const acc_t* __restrict__ S, int64_t vb,
+                                  const int64_t* __restrict__ pair_t,
                                   const int64_t* __restrict__ pair_s,
-                                  const acc_t* __restrict__ alpha, acc_t* __restrict__ cross) {
+                                  const acc_t* __restrict__ run_max,
+                                  const acc_t* __restrict__ alpha, acc_t cap,
+                                  acc_t* __restrict__ cross, acc_t* __restrict__ Pc) {
   __shared__ acc_t shared[kThreads / 32];
   const int64_t i = blockIdx.x;
   const acc_t* st = S + pair_t[i] * vb;
   const acc_t* ss = S + pair_s[i] * vb;
-  const acc_t* pt = P + pair_t[i] * vb;
+  acc_t* pc = Pc != nullptr ? Pc + i * vb : nullptr;
+  const acc_t t_max = exp_shift(run_max[pair_t[i]]);
   acc_t sum = acc_t(0);
-  for (int64_t v = threadIdx.x; v < vb; v += kThreads) sum += kl_cross_term(pt[v], st[v], ss[v]);
+  for (int64_t v = threadIdx.x; v < vb; v += kThreads) {
+    const acc_t e = unnormalised_prob(st[v], t_max);
+    sum += kl_cross_term(e, st[v], ss[v]);
+    if (pc != nullptr) pc[v] = e * softcap_slope(ss[v], cap);
+  }
   sum = block_reduce<acc_t, false>(sum, shared);
   if (threadIdx.x == 0) cross[i] = cross[i] * alpha[pair_t[i]] + sum;
 }
@@ -139,7 +151,7 @@ __global__ void row_finish_kernel(const int64_t* __restrict__ rows,
                                   const acc_t* __restrict__ run_sum,
                                   const acc_t* __restrict__ target_logit, acc_t* __restrict__ lse,
                                   acc_t* __restrict__ ce_terms, acc_t* __restrict__ expect,
-                                  const scalar_t* __restrict__ weight, acc_t inv_n,
+                                  const scalar_t* __restrict__ weight, acc_t inv_n, acc_t cap,
                                   acc_t* __restrict__ grad_ce, int64_t hidden_dim) {
   const int64_t j = blockIdx.x;
   const acc_t l = lse_finish(run_max[j], run_sum[j]);
@@ -151,12 +163,13 @@ __global__ void row_finish_kernel(const int64_t* __restrict__ rows,
   if (expect == nullptr) return;
   acc_t* e = expect + j * hidden_dim;
   const acc_t inv_z = acc_t(1) / run_sum[j];
+  const acc_t slope = t == kIgnoreIndex ? acc_t(0) : softcap_slope(target_logit[j], cap);
   for (int64_t d = threadIdx.x; d < hidden_dim; d += kThreads) {
     const acc_t ed = e[d] * inv_z;
     e[d] = ed;
     if (t != kIgnoreIndex)
       grad_ce[rows[j] * hidden_dim + d] =
-          ce_hidden_grad(ed, static_cast<acc_t>(weight[t * hidden_dim + d]), inv_n);
+          ce_hidden_grad(ed, slope * static_cast<acc_t>(weight[t * hidden_dim + d]), inv_n);
   }
 }
 
@@ -171,29 +184,35 @@ __global__ void pair_kl_kernel(const acc_t* __restrict__ cross, const int64_t* _
   out[i] = pair_kl(cross[i], run_sum[a], lse[rows[a]], lse[rows[s]]);
 }
 
-// One block per pair: d kl / d h_student += coef_i (E_s - E_teacher); pairs may share a
-// student row, hence the atomics. rows maps local positions to rows of hidden.
+// One block per pair: d kl / d h_student += scale coef_i (E_s - X_i), X_i the pair's cross
+// expectation under a soft-cap (cross_expect, [M, Hd]) and E_teacher without one; pairs may
+// share a student row, hence the atomics. rows maps local positions to rows of hidden.
 template <typename acc_t>
-__global__ void kl_grad_kernel(const acc_t* __restrict__ expect, const int64_t* __restrict__ pair_t,
+__global__ void kl_grad_kernel(const acc_t* __restrict__ expect,
+                               const acc_t* __restrict__ cross_expect,
+                               const int64_t* __restrict__ pair_t,
                                const int64_t* __restrict__ pair_s,
                                const int64_t* __restrict__ rows,
-                               const acc_t* __restrict__ coef, acc_t* __restrict__ grad_kl,
-                               int64_t hidden_dim) {
+                               const acc_t* __restrict__ coef, acc_t scale,
+                               acc_t* __restrict__ grad_kl, int64_t hidden_dim) {
   const int64_t i = blockIdx.x;
-  const acc_t c = coef[i];
+  const acc_t c = scale * coef[i];
   if (c == acc_t(0)) return;
   const acc_t* es = expect + pair_s[i] * hidden_dim;
-  const acc_t* et = expect + pair_t[i] * hidden_dim;
+  const acc_t* et = cross_expect != nullptr ? cross_expect + i * hidden_dim
+                                            : expect + pair_t[i] * hidden_dim;
   acc_t* g = grad_kl + rows[pair_s[i]] * hidden_dim;
   for (int64_t d = threadIdx.x; d < hidden_dim; d += kThreads)
     atomicAdd(g + d, kl_hidden_grad(es[d], et[d], c));
 }
 
 // Logit gradients of one vocabulary block for the weight / bias sweep: rows [0, n_ce) are CE
-// rows, the rest kept pairs.
+// rows, the rest kept pairs. S holds the head's raw output; the model's transform is applied
+// here, and each gradient row is times the logit scale and its own row's soft-cap slope.
 template <typename acc_t>
 __global__ void logit_grad_kernel(const acc_t* __restrict__ S, int64_t vb, int64_t v0,
-                                  const acc_t* __restrict__ bias, int64_t n_ce,
+                                  const acc_t* __restrict__ bias, acc_t scale, acc_t cap,
+                                  int64_t n_ce,
                                   const int64_t* __restrict__ d_a,  // CE: local row; KL: student
                                   const int64_t* __restrict__ d_b,  // CE: target; KL: teacher
                                   const acc_t* __restrict__ d_lse_a,
@@ -205,19 +224,20 @@ __global__ void logit_grad_kernel(const acc_t* __restrict__ S, int64_t vb, int64
   acc_t* drow = D + j * vb;
   const acc_t* sa = S + d_a[j] * vb;
   if (j < n_ce) {
-    const acc_t c = grad_ce[0] * d_coef[j];
+    const acc_t c = scale * grad_ce[0] * d_coef[j];
     const int64_t t = d_b[j] - v0;
     for (int64_t v = threadIdx.x; v < vb; v += kThreads) {
-      const acc_t z = sa[v] + (bias ? bias[v] : acc_t(0));
-      drow[v] = ce_logit_grad(softmax_prob(z, d_lse_a[j]), v == t, c);
+      const acc_t z = model_logit(sa[v] + (bias ? bias[v] : acc_t(0)), scale, cap);
+      drow[v] = ce_logit_grad(softmax_prob(z, d_lse_a[j]), v == t, c) * softcap_slope(z, cap);
     }
   } else {
-    const acc_t c = grad_kl[0] * d_coef[j];
+    const acc_t c = scale * grad_kl[0] * d_coef[j];
     const acc_t* sb = S + d_b[j] * vb;
     for (int64_t v = threadIdx.x; v < vb; v += kThreads) {
       const acc_t bv = bias ? bias[v] : acc_t(0);
-      drow[v] = kl_logit_grad(softmax_prob(sa[v] + bv, d_lse_a[j]),
-                              softmax_prob(sb[v] + bv, d_lse_b[j]), c);
+      const acc_t zs = model_logit(sa[v] + bv, scale, cap), zt = model_logit(sb[v] + bv, scale, cap);
+      drow[v] = kl_logit_grad(softmax_prob(zs, d_lse_a[j]), softmax_prob(zt, d_lse_b[j]), c) *
+                softcap_slope(zs, cap);
     }
   }
 }
@@ -295,6 +315,15 @@ struct ForwardCuda {
       cross = at::zeros({p.n_pairs}, opts);
     }
     acc_t* e_ptr = grad_hidden ? expect.data_ptr<acc_t>() : nullptr;
+    // Under a soft-cap: each pair's cross expectation X_i (unnormalised, rescaled with the
+    // teacher's running max) and its block of P_teacher * g_student.
+    const bool cross_expect = has_pairs && grad_hidden && p.capped();
+    at::Tensor x_expect, pc_buf;
+    if (cross_expect) {
+      x_expect = at::zeros({p.n_pairs, Hd}, opts);
+      pc_buf = at::empty({p.n_pairs * Vb}, opts);
+    }
+    const acc_t scale = static_cast<acc_t>(p.logit_scale), cap = static_cast<acc_t>(p.logit_softcap);
 
     for (int64_t v0 = 0; v0 < V; v0 += Vb) {
       const int64_t vb = std::min(Vb, V - v0);
@@ -305,26 +334,33 @@ struct ForwardCuda {
       if (bias.has_value() && bias->defined()) b_blk = bias->narrow(0, v0, vb).to(acc).contiguous();
       row_block_kernel<acc_t><<<R, kThreads, 0, stream>>>(
           S.data_ptr<acc_t>(), P.data_ptr<acc_t>(), b_blk.defined() ? b_blk.data_ptr<acc_t>() : nullptr,
-          vb, v0, target_dev.data_ptr<int64_t>(), run_max.data_ptr<acc_t>(),
+          p.transformed(), scale, cap, vb, v0, target_dev.data_ptr<int64_t>(), run_max.data_ptr<acc_t>(),
           run_sum.data_ptr<acc_t>(), alpha.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>(),
           e_ptr, Hd);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (has_pairs) {
         pair_cross_kernel<acc_t><<<p.n_pairs, kThreads, 0, stream>>>(
-            S.data_ptr<acc_t>(), P.data_ptr<acc_t>(), vb, pair_t_dev.data_ptr<int64_t>(),
-            pair_s_dev.data_ptr<int64_t>(), alpha.data_ptr<acc_t>(), cross.data_ptr<acc_t>());
+            S.data_ptr<acc_t>(), vb, pair_t_dev.data_ptr<int64_t>(), pair_s_dev.data_ptr<int64_t>(),
+            run_max.data_ptr<acc_t>(), alpha.data_ptr<acc_t>(), cap, cross.data_ptr<acc_t>(),
+            cross_expect ? pc_buf.data_ptr<acc_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (grad_hidden) expectation_update(expect, P, w_blk, acc);
+      if (cross_expect) {
+        x_expect.mul_(alpha.index_select(0, pair_t_dev).unsqueeze(1));
+        expectation_update(x_expect, front(pc_buf, p.n_pairs, vb), w_blk, acc);
+      }
     }
 
-    const acc_t inv_n = p.n_targeted > 0 ? acc_t(1) / acc_t(p.n_targeted) : acc_t(0);
+    // The logit scale multiplies every hidden gradient once: in inv_n and in kl_grad_kernel.
+    const acc_t inv_n = p.n_targeted > 0 ? scale / acc_t(p.n_targeted) : acc_t(0);
     row_finish_kernel<scalar_t, acc_t><<<R, kThreads, 0, stream>>>(
         rows_dev.data_ptr<int64_t>(), target_dev.data_ptr<int64_t>(), run_max.data_ptr<acc_t>(),
         run_sum.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
-        ce_terms.data_ptr<acc_t>() + begin, e_ptr, weight.data_ptr<scalar_t>(), inv_n,
+        ce_terms.data_ptr<acc_t>() + begin, e_ptr, weight.data_ptr<scalar_t>(), inv_n, cap,
         grad_hidden ? grad_ce.data_ptr<acc_t>() : nullptr, Hd);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (cross_expect) x_expect.div_(run_sum.index_select(0, pair_t_dev).unsqueeze(1));
 
     if (has_pairs) {
       at::Tensor pair_kl_values = at::empty({p.n_pairs}, opts);
@@ -339,8 +375,10 @@ struct ForwardCuda {
       coef = selected.second;
       if (grad_hidden) {
         kl_grad_kernel<acc_t><<<p.n_pairs, kThreads, 0, stream>>>(
-            e_ptr, pair_t_dev.data_ptr<int64_t>(), pair_s_dev.data_ptr<int64_t>(),
-            rows_dev.data_ptr<int64_t>(), coef.data_ptr<acc_t>(), grad_kl.data_ptr<acc_t>(), Hd);
+            e_ptr, cross_expect ? x_expect.data_ptr<acc_t>() : nullptr,
+            pair_t_dev.data_ptr<int64_t>(), pair_s_dev.data_ptr<int64_t>(),
+            rows_dev.data_ptr<int64_t>(), coef.data_ptr<acc_t>(), scale, grad_kl.data_ptr<acc_t>(),
+            Hd);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
@@ -428,7 +466,8 @@ void weight_grad_sweep_cuda(const Problem& p, const Plan& plan, const at::Tensor
     at::Tensor b_blk;
     if (bias.has_value() && bias->defined()) b_blk = bias->narrow(0, v0, vb).to(acc).contiguous();
     logit_grad_kernel<acc_t><<<n_d, kThreads, 0, stream>>>(
-        S.data_ptr<acc_t>(), vb, v0, b_blk.defined() ? b_blk.data_ptr<acc_t>() : nullptr, T,
+        S.data_ptr<acc_t>(), vb, v0, b_blk.defined() ? b_blk.data_ptr<acc_t>() : nullptr,
+        static_cast<acc_t>(p.logit_scale), static_cast<acc_t>(p.logit_softcap), T,
         d_a.data_ptr<int64_t>(), d_b.data_ptr<int64_t>(), d_lse_a.data_ptr<acc_t>(),
         d_lse_b.data_ptr<acc_t>(), d_coef.data_ptr<acc_t>(), gce.data_ptr<acc_t>(),
         gkl.data_ptr<acc_t>(), D.data_ptr<acc_t>());
@@ -455,12 +494,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& rows, const at::Tensor& row_targets, const at::Tensor& ce_rows,
     const at::Tensor& pair_rows, const at::Tensor& sample_pairs, const at::Tensor& sample_k,
-    const at::Tensor& kept_slots, int64_t paired_rows, bool grad_hidden) {
+    const at::Tensor& kept_slots, int64_t paired_rows, double logit_scale, double logit_softcap,
+    bool grad_hidden) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const Fp32GemmPrecisionGuard fp32_gemms;
   const Plan plan{rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots,
                   paired_rows};
-  return host_forward(at::kCUDA, &forward_sweep, hidden, weight, bias, plan, grad_hidden);
+  return host_forward(at::kCUDA, &forward_sweep, hidden, weight, bias, plan, logit_scale,
+                      logit_softcap, grad_hidden);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
@@ -468,16 +509,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& rows,
     const at::Tensor& row_targets, const at::Tensor& ce_rows, const at::Tensor& pair_rows,
     const at::Tensor& sample_pairs, const at::Tensor& sample_k, const at::Tensor& kept_slots,
-    int64_t paired_rows, const at::Tensor& grad_hidden_ce, const at::Tensor& grad_hidden_kl,
-    const at::Tensor& lse, const at::Tensor& coef, bool grad_hidden, bool grad_weight,
-    bool grad_bias) {
+    int64_t paired_rows, double logit_scale, double logit_softcap,
+    const at::Tensor& grad_hidden_ce, const at::Tensor& grad_hidden_kl, const at::Tensor& lse,
+    const at::Tensor& coef, bool grad_hidden, bool grad_weight, bool grad_bias) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const Fp32GemmPrecisionGuard fp32_gemms;
   const Plan plan{rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots,
                   paired_rows};
   return host_backward(at::kCUDA, &weight_grads, grad_ce, grad_kl, hidden, weight, bias, plan,
-                       grad_hidden_ce, grad_hidden_kl, lse, coef, grad_hidden, grad_weight,
-                       grad_bias);
+                       logit_scale, logit_softcap, grad_hidden_ce, grad_hidden_kl, lse, coef,
+                       grad_hidden, grad_weight, grad_bias);
 }
 
 }  // namespace

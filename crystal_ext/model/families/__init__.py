@@ -15,8 +15,9 @@ Every model type is one of:
   to-text mapping whose config passes every check), run through the generic family (1-D positions);
 - refused, with the reason: by name (`REFUSED`, crystal_ext.model.families.refused) or by the
   config checks of crystal_ext.model.families.architecture (encoder-decoder, attention that is not
-  plain causal full attention, an own position function without a tested adapter, rescaled logits,
-  a router loss the objective does not add).
+  plain causal full attention, an own position function without a tested adapter, a router loss
+  the objective does not add), or by the family's logit transform (a transform of the LM head's
+  output that it cannot reproduce, crystal_ext.model.families.logits).
 """
 
 from __future__ import annotations
@@ -52,14 +53,12 @@ def family_of(model_or_config) -> Family:
     if model_type in REFUSED:
         raise UnsupportedModel(model_type, REFUSED[model_type])
     family = _FAMILIES.get(model_type) or GenericFamily(model_type)
-    problem = config_problem(
-        model_or_config,
-        config,
-        has_adapter=isinstance(family, OwnPositionsFamily),
-        applies_logit_transform=callable(getattr(family, "logit_transform", None)),
-    )
+    problem = config_problem(model_or_config, config, has_adapter=isinstance(family, OwnPositionsFamily))
     if problem is not None:
         raise UnsupportedModel(model_type, problem)
+    family.logit_transform(
+        config
+    )  # a logit transform it cannot reproduce is refused here, before any weights load
     return family
 
 

@@ -4,8 +4,9 @@ loaded: each check returns the reason a model is refused, or None.
 The dual path splits one causal decoder's sequence into two paths by masking its full attention
 (docs/method.md). So the text decoder must be decoder-only, with plain causal full attention on
 every layer, reach the image only through image tokens in that sequence, number its positions
-0, 1, 2, ... unless a tested family reproduces its own position function, use its LM head's output
-as the logits, and add no loss term of its own to the cross-entropy.
+0, 1, 2, ... unless a tested family reproduces its own position function, and add no loss term of
+its own to the cross-entropy that the objective does not add too. What a forward does to its LM
+head's output is reproduced or refused by the family (crystal_ext.model.families.logits).
 """
 
 from __future__ import annotations
@@ -55,21 +56,6 @@ def positions_problem(model_or_config, has_adapter: bool) -> str | None:
     )
 
 
-# Config fields by which a model's forward rescales its LM head's output.
-LOGIT_FIELDS = ("logit_scale", "logits_scaling", "final_logit_softcapping")
-
-
-def logits_problem(config) -> str | None:
-    text = text_config_of(config)
-    fields = [f"{k}={getattr(text, k)}" for k in LOGIT_FIELDS if getattr(text, k, None) not in (None, 1, 1.0)]
-    if fields:
-        return (
-            f"its forward rescales the LM head's output ({', '.join(fields)}) and the objective scores the "
-            "head's output as it is"
-        )
-    return None
-
-
 def router_loss_problem(config) -> str | None:
     """A MoE model whose config makes the stock forward add a router load-balancing loss that the
     objective cannot reproduce (crystal_ext.model.families.router_loss)."""
@@ -90,15 +76,14 @@ def router_loss_problem(config) -> str | None:
     )
 
 
-def config_problem(model_or_config, config, has_adapter: bool, applies_logit_transform: bool) -> str | None:
+def config_problem(model_or_config, config, has_adapter: bool) -> str | None:
     """The first reason, in the order of the checks above, that the dual path cannot run the model.
-    has_adapter: the model's family reproduces its own position function; applies_logit_transform:
-    the family gives the objective the model's own logits (then a rescaled head is no problem)."""
+    has_adapter: the model's family reproduces its own position function. (The logits are checked
+    by the family itself: Family.logit_transform.)"""
     for problem in (
         encoder_decoder_problem(config),
         attention_problem(config),
         positions_problem(model_or_config, has_adapter),
-        None if applies_logit_transform else logits_problem(config),
         router_loss_problem(config),
     ):
         if problem is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from crystal_ext.model.families.logits import LogitTransform, logit_transform, unknown_transform
+
 # Keys of a processor's output that are text, not image inputs.
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
@@ -52,6 +54,16 @@ class Family:
             return torch.arange(input_ids.numel())[None]
 
         return plain
+
+    # ---- the model's own logits -------------------------------------------------------------
+
+    def logit_transform(self, config) -> LogitTransform:
+        """What the model's forward does to its LM head's output (a scale, a soft-cap), read from
+        its config (crystal_ext.model.families.logits); refuses a transform it cannot reproduce."""
+        problem = unknown_transform(config)
+        if problem is not None:
+            raise UnsupportedModel(self.model_type, problem)
+        return logit_transform(config)
 
     # ---- what is trained -------------------------------------------------------------------
 

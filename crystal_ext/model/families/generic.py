@@ -4,8 +4,8 @@ sequence: LLaVA-OneVision, Idefics3, SmolVLM, LLaVA, and others of the same kind
 Positions: plain 1-D (0, 1, 2, ... along path 1). Trained in full: the projector / connector.
 Images: whatever the processor returns besides the text; the families listed here collate them
 as their models expect (LLaVA-OneVision: pixel_values [images, patches, C, H, W] padded in
-patches, image_sizes, batch_num_images; Idefics3 / SmolVLM: pixel_values and
-pixel_attention_mask [1, images, ...] padded in height and width)."""
+patches, image_sizes, batch_num_images; Idefics3 / SmolVLM / Granite-Docling: pixel_values
+and pixel_attention_mask [1, images, ...] padded in height and width)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ GENERIC_MODEL_TYPES = (
     "smolvlm",
     "internvl",
     "mistral3",
+    "aya_vision",  # with a full-attention (Cohere) text model; its logit scale: families/logits.py
+    "granite_docling",  # Idefics3-shaped, Granite text; its logits_scaling: families/logits.py
 )
 # Untested types accepted as generic: LLaVA-style models (their modelling code derives from LLaVA,
 # LLaVA-NeXT, Mistral3 or InternVL) whose Llama / Qwen2 / Qwen3 / Mistral text decoder runs plain
@@ -62,7 +64,7 @@ def _pad_cat(tensors: list[torch.Tensor], dim: int, value=0) -> torch.Tensor:
 class GenericFamily(Family):
     def collate_images(self, groups):
         keys = groups[0].keys()
-        if self.model_type in ("idefics3", "smolvlm"):  # [1, images, ...]: one flat list of images
+        if self.model_type in ("idefics3", "smolvlm", "granite_docling"):  # [1, images, ...]: one flat list of images
             return {
                 k: _pad_cat([g[k] for g in groups], dim=1, value=False if k == "pixel_attention_mask" else 0)
                 for k in keys
