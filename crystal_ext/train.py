@@ -91,6 +91,23 @@ def prepare_output_dir(cargs, targs) -> None:
     os.makedirs(out, exist_ok=True)
 
 
+def run_objective_check(cargs, targs, model, packer, train_set) -> None:
+    """The run-time proof (crystal_ext.training.objective_check) on the model's training device;
+    a failure stops the run with status 2 before any optimizer step."""
+    from crystal_ext.training.objective_check import ObjectiveCheckFailed, check_objective
+
+    if targs.device.type == "cuda":
+        model.to(targs.device)  # where the Trainer would put it; the check runs at the run's shapes there
+    try:
+        report = check_objective(model, packer, train_set, cargs.objective(), cargs.objective_check_examples)
+    except ObjectiveCheckFailed as exc:
+        _fail(
+            f"{exc}\nthe run stopped before training: no optimizer step was taken and nothing of a "
+            f"previous run in {targs.output_dir} was deleted (--skip_objective_check skips this check)"
+        )
+    _log(report.summary().removeprefix("crystal_ext.check: "))
+
+
 def build_model(cargs, targs):
     """(model, processor, latent tokens) with the latent tokens added."""
     if cargs.tiny:
@@ -277,7 +294,6 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     except ValueError as exc:
         _fail(str(exc))
     check_kernels(cargs)
-    prepare_output_dir(cargs, targs)
     if cargs.cpu_threads:
         torch.set_num_threads(cargs.cpu_threads)
     register_dual_path_attention()
@@ -309,6 +325,9 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         max_length=cargs.max_length,
         system=cargs.system_prompt,
     )
+    if not cargs.skip_objective_check:  # before anything of a previous run is touched
+        run_objective_check(cargs, targs, model, packer, train_set)
+    prepare_output_dir(cargs, targs)
     write_run_config(cargs, targs, base_model)
 
     model, summary = train(

@@ -217,6 +217,32 @@ MUTATIONS = [
         ["tests/test_cpu_gemm_bf16.py"],
         csrc=True,
     ),
+    Mutation(
+        "check_stock_forward_given_packed_positions",
+        "the run-time check hands the stock forward the packed position ids, so the ground truth no "
+        "longer numbers its positions itself and shares a wrong family's positions",
+        [
+            (
+                "crystal_ext/training/objective_check.py",
+                "        logits = base(**_to(inputs, device), use_cache=False).logits[0]\n",
+                '        positions = batch["position_ids"][..., b : b + 1, seg.path1()]\n'
+                "        logits = base(**_to(inputs, device), position_ids=positions, use_cache=False).logits[0]\n",
+            )
+        ],
+        ["tests/test_objective_check.py::test_one_row_positions_on_a_qwen_vl_model_fail_loudly"],
+    ),
+    Mutation(
+        "check_compares_logits_with_themselves",
+        "the run-time check measures the objective's path-1 logits against themselves, not the stock forward's",
+        [
+            (
+                "crystal_ext/training/objective_check.py",
+                "        error = _relative(ours, theirs)\n",
+                "        error = _relative(ours, ours)\n",
+            )
+        ],
+        ["tests/test_objective_check.py::test_one_row_positions_on_a_qwen_vl_model_fail_loudly"],
+    ),
 ]
 
 
