@@ -224,9 +224,10 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/training/objective_check.py",
-                "        logits = base(**_to(inputs, device), use_cache=False).logits[0]\n",
+                "        logits = base(**_to(inputs, device), **keep, use_cache=False).logits[0]\n",
                 '        positions = batch["position_ids"][..., b : b + 1, seg.path1()]\n'
-                "        logits = base(**_to(inputs, device), position_ids=positions, use_cache=False).logits[0]\n",
+                "        logits = base(**_to(inputs, device), position_ids=positions, **keep, use_cache=False)"
+                ".logits[0]\n",
             )
         ],
         ["tests/test_objective_check.py::test_one_row_positions_on_a_qwen_vl_model_fail_loudly"],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -216,10 +217,15 @@ def stock_path1_logits(
         inputs[key] = value
     base = unwrap_peft(model)
     device = next(base.parameters()).device
+    # D and E end the sequence: where the forward takes logits_to_keep, the model's head runs on
+    # the last rows only (at a vocabulary of 152k the full logits would cost more than the layers).
+    keep = {}
+    if "logits_to_keep" in inspect.signature(base.forward).parameters:
+        keep["logits_to_keep"] = ids.numel() - min(slots)
     with _stock_attention(base):
-        logits = base(**_to(inputs, device), use_cache=False).logits[0]
-    index = torch.tensor(slots, device=logits.device)
-    return logits[index], ids[index.cpu() + 1]
+        logits = base(**_to(inputs, device), **keep, use_cache=False).logits[0]
+    slots = torch.tensor(slots)
+    return logits[(slots - (ids.numel() - logits.shape[0])).to(logits.device)], ids[slots + 1]
 
 
 def objective_with_hidden(model, batch: dict, objective: ObjectiveConfig):
