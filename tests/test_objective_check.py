@@ -11,6 +11,7 @@ import re
 import sys
 
 import pytest
+import torch
 from broken_adapters import break_positions, scale_head
 from family_models import build
 from test_families import _examples
@@ -63,6 +64,17 @@ def test_the_check_passes_on_a_tested_family(family):
     assert model.training  # left in the mode it came in
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+def test_the_check_passes_in_every_dtype_it_has_tolerances_for(dtype):
+    register_dual_path_attention()
+    model, processor, latent = build("qwen2_5_vl", attn_implementation="sdpa")
+    model = model.to(getattr(torch, dtype))
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    packer = DualPathPacker(processor, latent, model, system="you are a helpful assistant")
+    report = check_objective(model, packer, _examples(), ObjectiveConfig(), count=2)
+    assert f"qwen2_5_vl ({dtype}, cpu)" in report.summary() and not report.failures
+
+
 def test_the_sft_baseline_is_checked_on_path_1():
     model, packer = _setup("qwen2_5_vl")
     report = check_objective(model, packer, _examples(), ObjectiveConfig(crystal=False), count=2)
@@ -78,6 +90,7 @@ def test_one_row_positions_on_a_qwen_vl_model_fail_loudly():
 
 
 def test_a_head_the_model_scales_fails_with_the_ce_message():
+    register_dual_path_attention()
     model, processor, latent = build("qwen2_5_vl", attn_implementation="sdpa")
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     packer = DualPathPacker(processor, latent, model, system="you are a helpful assistant")
@@ -156,6 +169,19 @@ def test_check_command_exits_2_naming_the_quantity(saved_qwen, broken, message):
     first = next(line for line in proc.stderr.splitlines() if line.startswith("crystal_ext.check:"))
     assert re.fullmatch(message, first), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_check_command_refuses_an_unsupported_model_before_loading(tmp_path):
+    from transformers import Gemma3Config
+
+    Gemma3Config().save_pretrained(tmp_path)
+    proc = run(
+        ["--model", str(tmp_path), "--data", write_data(tmp_path, n=1)], "crystal_ext.check", check=False
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        f"crystal_ext.check: error: --model {tmp_path}: model_type 'gemma3' is not supported" in proc.stderr
+    )
 
 
 def test_train_stops_before_training_and_keeps_the_previous_run(tmp_path):
