@@ -238,8 +238,8 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/training/objective_check.py",
-                "        error = _relative(ours, theirs)\n",
-                "        error = _relative(ours, ours)\n",
+                "        error = relative_error(ours, theirs)\n",
+                "        error = relative_error(ours, ours)\n",
             )
         ],
         ["tests/test_objective_check.py::test_one_row_positions_on_a_qwen_vl_model_fail_loudly"],
