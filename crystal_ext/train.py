@@ -116,6 +116,23 @@ def clear_previous_run(cargs, targs) -> None:
     os.makedirs(out, exist_ok=True)
 
 
+def run_objective_check(cargs, targs, model, packer, train_set) -> None:
+    """The run-time proof (crystal_ext.training.objective_check) on the model's training device;
+    a failure stops the run with status 2 before any optimizer step."""
+    from crystal_ext.training.objective_check import ObjectiveCheckFailed, check_objective
+
+    if targs.device.type == "cuda":
+        model.to(targs.device)  # where the Trainer would put it; the check runs at the run's shapes there
+    try:
+        report = check_objective(model, packer, train_set, cargs.objective(), cargs.objective_check_examples)
+    except ObjectiveCheckFailed as exc:
+        _fail(
+            f"{exc}\nthe run stopped before training: no optimizer step was taken and nothing of a "
+            f"previous run in {targs.output_dir} was deleted (--skip_objective_check skips this check)"
+        )
+    _log(report.summary().removeprefix("crystal_ext.check: "))
+
+
 def build_model(cargs, targs):
     """(model, processor, latent tokens) with the latent tokens added."""
     if cargs.tiny:
@@ -335,9 +352,11 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         packer = make_packer(config, processor, latent, model)
     except ValueError as exc:
         _fail(f"--model {cargs.model or '(embedded)'}: {exc}")
+    model, no_decay = make_trainable(model, latent, cargs, targs)
+    if not cargs.skip_objective_check:  # the run-time proof, before anything of a previous run is touched
+        run_objective_check(cargs, targs, model, packer, train_set)
     # Every check has passed: only now may an earlier run's outputs go (--overwrite_output_dir).
     clear_previous_run(cargs, targs)
-    model, no_decay = make_trainable(model, latent, cargs, targs)
     if _is_main():
         write_run_config(config, targs.output_dir)
 

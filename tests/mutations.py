@@ -489,6 +489,33 @@ MUTATIONS = [
             "tests/test_answer_placeholder_tokens.py::test_latent_carried_answers_stop_at_a_generated_image_token[qwen3_vl]"
         ],
     ),
+    Mutation(
+        "check_stock_forward_given_packed_positions",
+        "the run-time check hands the stock forward the packed position ids, so the ground truth no "
+        "longer numbers its positions itself and shares a wrong family's positions",
+        [
+            (
+                "crystal_ext/training/objective_check.py",
+                "        logits = base(**_to(inputs, device), **keep, use_cache=False).logits[0]\n",
+                '        positions = batch["position_ids"][..., b : b + 1, seg.path1()]\n'
+                "        logits = base(**_to(inputs, device), position_ids=positions, **keep, use_cache=False)"
+                ".logits[0]\n",
+            )
+        ],
+        ["tests/test_objective_check.py::test_one_row_positions_on_a_qwen_vl_model_fail_loudly"],
+    ),
+    Mutation(
+        "check_compares_logits_with_themselves",
+        "the run-time check measures the objective's path-1 logits against themselves, not the stock forward's",
+        [
+            (
+                "crystal_ext/training/objective_check.py",
+                "        error = relative_error(ours, theirs)\n",
+                "        error = relative_error(ours, ours)\n",
+            )
+        ],
+        ["tests/test_objective_check.py::test_one_row_positions_on_a_qwen_vl_model_fail_loudly"],
+    ),
 ]
 
 

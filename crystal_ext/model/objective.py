@@ -178,6 +178,24 @@ def _with_new_token_rows(fn, model):
     return with_rows
 
 
+def lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits [N, V] that the objective's LM-head losses are computed from, for hidden rows
+    [N, Hd]: the model's head, with the new tokens' trained rows in place of theirs, in float32
+    (float64 for float64 rows), transformed as the model's forward transforms them (its family's
+    logit transform: a scale, a soft-cap). Training never materialises them; the run-time check
+    (crystal_ext.training.objective_check) compares them with the stock model's own logits."""
+    model, _, head = backbone_and_head(model)
+    transform = family_of(model).logit_transform(model.config)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = torch.nn.functional.linear(hidden, head.weight, head.bias).to(acc)
+    rows = new_token_rows_of(model)
+    if rows is not None:
+        bias = None if head.bias is None else head.bias[rows.ids]
+        new = torch.nn.functional.linear(hidden, rows.lm_head_rows().to(hidden.dtype), bias)
+        logits = logits.index_copy(1, rows.ids, new.to(acc))
+    return transform.apply(logits)
+
+
 def intact_path_batch(batch: dict) -> dict:
     """The single-path batch [A, C, D, E] of a dual-path batch, with the intact images only."""
     keep = [seg.path1() for seg in segments_of(batch["layout"])]

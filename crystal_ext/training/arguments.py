@@ -170,6 +170,17 @@ class CrystalArguments:
             "help": "fused (crystal_ext.lm_head_losses, the default) or reference (plain PyTorch, for debugging)."
         },
     )
+    # The run-time check (crystal_ext.training.objective_check), run before the first optimizer step.
+    skip_objective_check: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip the check that the objective reproduces the stock model on a few training examples "
+            "(path-1 logits and CE, identity corruption, fused ops; docs/training.md). Not recommended."
+        },
+    )
+    objective_check_examples: int = field(
+        default=2, metadata={"help": "Training examples the run-time objective check uses."}
+    )
 
     @property
     def tiny(self) -> bool:
@@ -338,6 +349,8 @@ def validate(cargs: CrystalArguments, targs) -> None:
         bad(f"--topk_fraction must be in (0, 1], got {cargs.topk_fraction}")
     if cargs.image_size is not None and cargs.image_size <= 0:
         bad(f"--image_size must be positive, got {cargs.image_size}")
+    if cargs.objective_check_examples < 1:
+        bad(f"--objective_check_examples must be >= 1, got {cargs.objective_check_examples}")
     if cargs.tiny and cargs.image_size % 28:
         bad(
             f"--image_size must be a multiple of 28 for the embedded tiny model (patch 14 x merge 2), "
