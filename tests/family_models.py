@@ -561,14 +561,15 @@ AYA_TEMPLATE = (
 )
 
 
-def _aya_vision(tok, hidden: int, logit_scale: float):
-    """Aya Vision with a Cohere text model (full attention on every layer) and its real processor."""
+def _aya_vision(tok, hidden: int, logit_scale: float, text: dict | None = None):
+    """Aya Vision with a Cohere text model (full attention on every layer; `text`: another text
+    config, e.g. Cohere2's) and its real processor."""
     from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
 
     side, patch = 56, 14
     config = transformers.AyaVisionConfig(
         vision_config={"model_type": "siglip_vision_model", **_vision_encoder(side, patch)},
-        text_config={"model_type": "cohere", **_text(tok, hidden), "logit_scale": logit_scale},
+        text_config=text or {"model_type": "cohere", **_text(tok, hidden), "logit_scale": logit_scale},
         downsample_factor=2,
         image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"),
         vision_feature_select_strategy="full",
@@ -648,7 +649,9 @@ def build_scaled_head(
 
 # ---- sliding-window layers and bidirectional image blocks (crystal_ext.model.families.gemma3) ----
 
-WINDOWED_FAMILIES = ("gemma3",)
+WINDOWED_FAMILIES = ("gemma3", "aya_vision_cohere2")
+# The model type of each test family (the same name unless listed).
+MODEL_TYPE = {"aya_vision_cohere2": "aya_vision"}
 
 GEMMA3_SPECIAL = [
     "<bos>",
@@ -750,12 +753,26 @@ def build_windowed(
     window: int = GEMMA3_WINDOW,
 ):
     """(model [float32, eval], processor, latent tokens) of a tiny random WINDOWED_FAMILIES model."""
-    if family != "gemma3":
+    if family == "gemma3":
+        tok, cls, config, processor, latent = _gemma3(hidden, k, layer_types, window)
+    elif family == "aya_vision_cohere2":
+        tok = tiny_model.word_level_tokenizer(WORDS, [*SPECIAL, *AYA_SPECIAL], AYA_TEMPLATE)
+        latent = _latent(tok, k)
+        # Aya Vision 8B's text: Cohere2, sliding layers with rotary positions, full ones without.
+        text = {
+            "model_type": "cohere2",
+            **tiny_model.text_config(tok, hidden, len(layer_types), 512),
+            "layer_types": list(layer_types),
+            "sliding_window": window,
+            "logit_scale": 4.0,
+        }
+        cls, config, processor = _aya_vision(tok, hidden, logit_scale=4.0, text=text)
+    else:
         raise ValueError(f"unknown family {family!r}")
-    tok, cls, config, processor, latent = _gemma3(hidden, k, layer_types, window)
     processor.chat_template = tok.chat_template
     torch.manual_seed(seed)
     model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
-    with torch.no_grad():  # Gemma 3 initialises its projection to zeros: images would be invisible
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    if family == "gemma3":
+        with torch.no_grad():  # Gemma 3 initialises its projection to zeros: images would be invisible
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
     return model.eval(), processor, latent

@@ -501,7 +501,7 @@ MUTATIONS = [
         ],
         [
             "tests/test_dual_path_windows.py::test_equals_the_dense_rule_with_windows_on_positions_and_image_blocks",
-            "tests/test_gemma3.py::test_objective_and_gradients_equal_the_dense_eager_forward",
+            "tests/test_windowed_families.py::test_objective_and_gradients_equal_the_dense_eager_forward",
         ],
     ),
     Mutation(
@@ -516,7 +516,7 @@ MUTATIONS = [
         ],
         [
             "tests/test_dual_path_windows.py::test_equals_the_dense_rule_with_windows_on_positions_and_image_blocks",
-            "tests/test_gemma3.py::test_objective_and_gradients_equal_the_dense_eager_forward",
+            "tests/test_windowed_families.py::test_objective_and_gradients_equal_the_dense_eager_forward",
         ],
     ),
     Mutation(
@@ -532,7 +532,7 @@ MUTATIONS = [
         ],
         [
             "tests/test_dual_path_windows.py::test_no_image_block_crosses_the_paths",
-            "tests/test_gemma3.py::test_objective_and_gradients_equal_the_dense_eager_forward",
+            "tests/test_windowed_families.py::test_objective_and_gradients_equal_the_dense_eager_forward",
         ],
     ),
 ]

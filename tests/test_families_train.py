@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from family_models import FAMILIES, SCALED_HEAD_FAMILIES, WINDOWED_FAMILIES, build
+from family_models import FAMILIES, MODEL_TYPE, SCALED_HEAD_FAMILIES, WINDOWED_FAMILIES, build
 from PIL import Image
 from train_helpers import metrics, run
 
@@ -121,7 +121,9 @@ def test_train_from_a_saved_folder_lowers_the_loss(family, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     plain = AutoModelForImageTextToText.from_pretrained(merged)
-    assert plain.config.model_type == family and not any("lora" in n for n, _ in plain.named_parameters())
+    assert plain.config.model_type == MODEL_TYPE.get(family, family) and not any(
+        "lora" in n for n, _ in plain.named_parameters()
+    )
 
 
 def test_a_refused_model_type_stops_before_loading(tmp_path):

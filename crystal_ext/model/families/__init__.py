@@ -23,6 +23,7 @@ Every model type is one of:
 from __future__ import annotations
 
 from crystal_ext.model.families.architecture import config_problem
+from crystal_ext.model.families.aya_vision import AYA_VISION_MODEL_TYPES, AyaVisionFamily
 from crystal_ext.model.families.base import Family, UnsupportedModel
 from crystal_ext.model.families.gemma3 import GEMMA3_MODEL_TYPES, Gemma3Family
 from crystal_ext.model.families.generic import GENERIC_BY_ARCHITECTURE, GENERIC_MODEL_TYPES, GenericFamily
@@ -35,6 +36,7 @@ _FAMILIES = (
     {t: QwenVLFamily(t) for t in QWEN_MODEL_TYPES}
     | {t: Glm4vFamily(t) for t in GLM4V_MODEL_TYPES}
     | {t: Gemma3Family(t) for t in GEMMA3_MODEL_TYPES}
+    | {t: AyaVisionFamily(t) for t in AYA_VISION_MODEL_TYPES}
     | {t: GenericFamily(t) for t in GENERIC_MODEL_TYPES}
 )
 TESTED_MODEL_TYPES = tuple(_FAMILIES)
@@ -84,6 +86,7 @@ def classify(model_or_config) -> tuple[str, str]:
 
 
 __all__ = [
+    "AyaVisionFamily",
     "Family",
     "Gemma3Family",
     "GenericFamily",
