@@ -138,7 +138,9 @@ class DualPathPlan:
     first asked for). Built once per forward (by the first text layer, see
     crystal_ext.model.attention_registration) from the host layout, with pinned asynchronous
     copies, so neither the layers nor the alignment op read the layout again and, on a GPU,
-    nothing waits for the device."""
+    nothing waits for the device. With `image_tokens` (bool [batch, length]) or a sliding
+    window, the path-local masks are built on the device on first use, once per window size
+    (`masks`)."""
 
     def __init__(
         self,
