@@ -1,5 +1,7 @@
 """Shared helpers of the dual-path tests: random layouts obeying the rules of docs/method.md; the
-dense dual-path mask as an additive attention mask and the published loss formulas written out on
+dense dual-path mask (optionally with a sliding window on positions and bidirectional image blocks,
+dense_visibility) as an additive attention mask, a plain eager attention that records the last
+layer's q and k, and the published loss formulas written out on
 full logits and dense attention probabilities, the eager side of the objective's comparisons;
 the two sides' gradients paired by parameter; a batch cast to another float precision."""
 
@@ -10,7 +12,9 @@ import random
 import torch
 import torch.nn.functional as Fn
 
-from crystal_ext.ops.layout import IGNORE, dual_path_mask, segment_bounds
+from crystal_ext.ops.layout import IGNORE, dual_path_mask, segment_bounds, segments_of
+
+DENSE_EAGER = "crystal_test_dense_eager"
 
 
 def random_layout(batch: int, rng: random.Random, max_seg: int = 6, pad: int = 3):
@@ -39,6 +43,64 @@ def dense_additive_mask(layout: torch.Tensor, length: int, dtype=torch.float32) 
     visible, the lowest value of `dtype` where it is not."""
     visible = dual_path_mask(layout, length)[:, None]
     return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+
+
+def dense_visibility(layout, length, positions=None, window=None, image_tokens=None) -> torch.Tensor:
+    """Bool [B, L, L]: the dual-path rule of docs/method.md written out per sample, with Gemma's two
+    rules on top, as the stock model applies them to an ordinary sequence: a key is visible to a row
+    of its path when it is causal OR in the row's image block (a run of consecutive image tokens of
+    the packed sequence: B's and C's runs are separate), AND, with a `window`, when the row's
+    position minus the key's is below the window (positions: [B, L])."""
+    visible = torch.zeros(layout.shape[0], length, length, dtype=torch.bool)
+    for b, seg in enumerate(segments_of(layout)):
+        path1 = [*seg.span("a"), *seg.span("c"), *seg.span("d"), *seg.span("e")]
+        path2 = [*seg.span("a"), *seg.span("b"), *seg.span("d"), *seg.span("f")]
+        run, block = -1, [-1] * length
+        for i in range(length):
+            if image_tokens is not None and bool(image_tokens[b, i]):
+                run += i == 0 or not bool(image_tokens[b, i - 1])
+                block[i] = run
+        for path in (path1, path2):
+            rows = path if path is path1 else [*seg.span("b"), *seg.span("f")]
+            for r in rows:
+                for c in path:
+                    ok = c <= r or (block[r] >= 0 and block[r] == block[c])
+                    if window is not None:
+                        ok = ok and int(positions[b, r]) - int(positions[b, c]) < window
+                    visible[b, r, c] = ok
+    return visible
+
+
+def additive(visible: torch.Tensor, dtype) -> torch.Tensor:
+    """A bool [B, L, L] visibility as a [B, 1, L, L] additive mask in `dtype`."""
+    return torch.zeros(visible[:, None].shape, dtype=dtype).masked_fill(
+        ~visible[:, None], torch.finfo(dtype).min
+    )
+
+
+def dense_eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """softmax(q k^T * scale + mask) v written out (an AttentionInterface function, registered as
+    DENSE_EAGER); records the last text layer's q and k in the `crystal_test_sink` kwarg."""
+    sink = kwargs.get("crystal_test_sink")
+    groups = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = query @ k.transpose(-1, -2) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    out = scores.softmax(-1) @ v
+    layers = getattr(module.config, "num_hidden_layers", None)
+    if sink is not None and getattr(module, "layer_idx", None) == layers - 1 and module.is_causal:
+        sink["q"], sink["k"], sink["scale"] = query, key, scaling
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_dense_eager() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(DENSE_EAGER, dense_eager_attention)
+    AttentionMaskInterface.register(DENSE_EAGER, eager_mask)
+    return DENSE_EAGER
 
 
 def dense_mask_forward(model, batch, **kwargs):

@@ -268,6 +268,8 @@ def build(
 
     if family in SCALED_HEAD_FAMILIES:
         return build_scaled_head(family, attn_implementation, seed, hidden, k)
+    if family in WINDOWED_FAMILIES:
+        return build_windowed(family, attn_implementation, seed, hidden, k)
     if family.startswith("qwen"):
         tok = tokenizer(QWEN_TEMPLATE)
         latent = add_latent_tokens(tok, None, k=k)
@@ -559,14 +561,15 @@ AYA_TEMPLATE = (
 )
 
 
-def _aya_vision(tok, hidden: int, logit_scale: float):
-    """Aya Vision with a Cohere text model (full attention on every layer) and its real processor."""
+def _aya_vision(tok, hidden: int, logit_scale: float, text: dict | None = None):
+    """Aya Vision with a Cohere text model (full attention on every layer; `text`: another text
+    config, e.g. Cohere2's) and its real processor."""
     from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
 
     side, patch = 56, 14
     config = transformers.AyaVisionConfig(
         vision_config={"model_type": "siglip_vision_model", **_vision_encoder(side, patch)},
-        text_config={"model_type": "cohere", **_text(tok, hidden), "logit_scale": logit_scale},
+        text_config=text or {"model_type": "cohere", **_text(tok, hidden), "logit_scale": logit_scale},
         downsample_factor=2,
         image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"),
         vision_feature_select_strategy="full",
@@ -641,4 +644,135 @@ def build_scaled_head(
     processor.chat_template = tok.chat_template
     torch.manual_seed(seed)
     model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    return model.eval(), processor, latent
+
+
+# ---- sliding-window layers and bidirectional image blocks (crystal_ext.model.families.gemma3) ----
+
+WINDOWED_FAMILIES = ("gemma3", "aya_vision_cohere2")
+# The model type of each test family (the same name unless listed).
+MODEL_TYPE = {"aya_vision_cohere2": "aya_vision"}
+
+GEMMA3_SPECIAL = [
+    "<bos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
+# Gemma's chat format (facts, not its text): <bos>, turns "<start_of_turn>ROLE\n ... <end_of_turn>\n"
+# with the assistant named "model", a system prompt written at the head of the first user turn, an
+# image written as <start_of_image> (the processor expands it into the image's tokens).
+GEMMA3_TEMPLATE = (
+    "{% macro body(c) %}{% if c is string %}{{ c }}{% else %}{% for p in c %}"
+    "{% if p['type'] == 'image' %}<start_of_image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% endmacro %}<bos>{% for m in messages %}{% if m['role'] == 'system' %}<start_of_turn>user\n"
+    "{{ body(m['content']) }}\n\n{% else %}{% if not (loop.index0 == 1 and messages[0]['role'] == 'system') %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{% endif %}"
+    "{{ body(m['content']) }}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def gemma3_text_config(tok, hidden: int, layer_types, window: int) -> dict:
+    """A tiny Gemma 3 text config: query scale and soft-cap fields set to values that change the
+    result wherever they are (wrongly) applied."""
+    return {
+        "model_type": "gemma3_text",
+        "vocab_size": len(tok),
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": len(layer_types),
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": hidden // 4,
+        "query_pre_attn_scalar": 24,
+        "layer_types": list(layer_types),
+        "sliding_window": window,
+        "attn_logit_softcapping": 2.0,  # not applied by Gemma 3's attention layer
+        "final_logit_softcapping": 3.0,  # not applied by the VLM's forward
+        "max_position_embeddings": 512,
+        "pad_token_id": tok.pad_token_id,
+        "attention_dropout": 0.0,
+    }
+
+
+def _gemma3(hidden: int, k: int, layer_types, window: int):
+    """Gemma 3: a SigLIP tower 32 px / patch 8 (16 patches), pooled to 4 tokens an image; the real
+    Gemma3Processor around a word-level tokenizer holding Gemma's image and turn tokens."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.gemma3.image_processing_gemma3 import Gemma3ImageProcessor
+
+    base = tiny_model.word_level_tokenizer([*WORDS, "model"], [*SPECIAL, *GEMMA3_SPECIAL], GEMMA3_TEMPLATE)
+    named = {
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+    }
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer,
+        unk_token=base.unk_token,
+        pad_token=base.pad_token,
+        eos_token="<end_of_turn>",
+        extra_special_tokens=named,
+        chat_template=GEMMA3_TEMPLATE,
+    )
+    latent = _latent(tok, k)
+    side, patch, tokens = 32, 8, 4
+    ids = tok.convert_tokens_to_ids
+    config = transformers.Gemma3Config(
+        text_config=gemma3_text_config(tok, hidden, layer_types, window),
+        vision_config={"model_type": "siglip_vision_model", **_vision_encoder(side, patch)},
+        mm_tokens_per_image=tokens,
+        boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"),
+        tie_word_embeddings=False,
+    )
+    image = Gemma3ImageProcessor(
+        size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor = transformers.Gemma3Processor(image_processor=image, tokenizer=tok, image_seq_length=tokens)
+    return tok, transformers.Gemma3ForConditionalGeneration, config, processor, latent
+
+
+# Sliding layers first and in the middle, a full last layer (the alignment loss's layer); a window
+# of 3 positions cuts inside every image block (4 tokens) and every path.
+GEMMA3_LAYERS = ("sliding_attention", "full_attention", "sliding_attention", "full_attention")
+GEMMA3_WINDOW = 3
+
+
+def build_windowed(
+    family: str,
+    attn_implementation: str = "eager",
+    seed: int = 0,
+    hidden: int = 64,
+    k: int = 4,
+    layer_types=GEMMA3_LAYERS,
+    window: int = GEMMA3_WINDOW,
+):
+    """(model [float32, eval], processor, latent tokens) of a tiny random WINDOWED_FAMILIES model."""
+    if family == "gemma3":
+        tok, cls, config, processor, latent = _gemma3(hidden, k, layer_types, window)
+    elif family == "aya_vision_cohere2":
+        tok = tiny_model.word_level_tokenizer(WORDS, [*SPECIAL, *AYA_SPECIAL], AYA_TEMPLATE)
+        latent = _latent(tok, k)
+        # Aya Vision 8B's text: Cohere2, sliding layers with rotary positions, full ones without.
+        text = {
+            "model_type": "cohere2",
+            **tiny_model.text_config(tok, hidden, len(layer_types), 512),
+            "layer_types": list(layer_types),
+            "sliding_window": window,
+            "logit_scale": 4.0,
+        }
+        cls, config, processor = _aya_vision(tok, hidden, logit_scale=4.0, text=text)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    processor.chat_template = tok.chat_template
+    torch.manual_seed(seed)
+    model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    if family == "gemma3":
+        with torch.no_grad():  # Gemma 3 initialises its projection to zeros: images would be invisible
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
     return model.eval(), processor, latent

@@ -516,6 +516,52 @@ MUTATIONS = [
         ],
         ["tests/test_objective_check.py::test_one_row_positions_on_a_qwen_vl_model_fail_loudly"],
     ),
+    Mutation(
+        "window_on_packed_indices",
+        "a sliding window counted on packed indices instead of path positions",
+        [
+            (
+                "crystal_ext/model/dual_path_attention.py",
+                "path_mask(order, self._blocks(idx), window) for idx in",
+                "path_mask(idx, self._blocks(idx), window) for idx in",
+            )
+        ],
+        [
+            "tests/test_dual_path_windows.py::test_equals_the_dense_rule_with_windows_on_positions_and_image_blocks",
+            "tests/test_windowed_families.py::test_objective_and_gradients_equal_the_dense_eager_forward",
+        ],
+    ),
+    Mutation(
+        "path2_image_blocks_causal",
+        "B's image blocks stay causal on path 2 (only path 1's images are bidirectional)",
+        [
+            (
+                "crystal_ext/model/dual_path_attention.py",
+                "path_mask(order, self._blocks(idx), window) for idx in",
+                "path_mask(order, self._blocks(idx) if idx is self.idx1 else None, window) for idx in",
+            )
+        ],
+        [
+            "tests/test_dual_path_windows.py::test_equals_the_dense_rule_with_windows_on_positions_and_image_blocks",
+            "tests/test_windowed_families.py::test_objective_and_gradients_equal_the_dense_eager_forward",
+        ],
+    ),
+    Mutation(
+        "image_blocks_cross_paths",
+        "path 2 attends to path 1's keys and values, so B's image rows see C's image block (the gathered "
+        "paths are the only place the paths can meet)",
+        [
+            (
+                "crystal_ext/model/dual_path_attention.py",
+                "_gather(k, plan.idx2), _gather(v, plan.idx2), scale, mask2)",
+                "_gather(k, plan.idx1), _gather(v, plan.idx1), scale, mask2)",
+            )
+        ],
+        [
+            "tests/test_dual_path_windows.py::test_no_image_block_crosses_the_paths",
+            "tests/test_windowed_families.py::test_objective_and_gradients_equal_the_dense_eager_forward",
+        ],
+    ),
 ]
 
 

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
-from dual_path_helpers import cast_floats, dense_mask_forward, gradient_pairs, plain_losses
+from dual_path_helpers import (
+    cast_floats,
+    dense_mask_forward,
+    gradient_pairs,
+    plain_losses,
+    register_dense_eager,
+)
 from family_models import FAMILIES, SCALED_HEAD_FAMILIES, build
 from PIL import Image
 
@@ -29,7 +35,6 @@ pytestmark = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason="the attention-alignment loss needs the compiled extension"
 )
 REFERENCE_HEAD = ObjectiveConfig(lm_head_losses="reference")
-CAPTURE = "crystal_test_dense_eager"
 
 
 def _image(seed, w=40, h=50):
@@ -65,31 +70,11 @@ def _setup(family):
     return model, processor, cast_floats(batch, torch.float64)
 
 
-def _dense_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """softmax(q k^T * scale + mask) v written out; records the last text layer's q and k."""
-    sink = kwargs.get("crystal_test_sink")
-    groups = query.shape[1] // key.shape[1]
-    k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    scores = query @ k.transpose(-1, -2) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-    if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]]
-    out = scores.softmax(-1) @ v
-    layers = getattr(module.config, "num_hidden_layers", None)
-    if sink is not None and getattr(module, "layer_idx", None) == layers - 1 and module.is_causal:
-        sink["q"], sink["k"], sink["scale"] = query, key, scaling
-    return out.transpose(1, 2).contiguous(), None
-
-
 def _eager_run(model, batch):
     """The stock model through the plain attention above with the dense dual-path mask as a 4-D
     additive mask: (full logits, last layer's q, k, scale, the model copy)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(CAPTURE, _dense_eager)
-    AttentionMaskInterface.register(CAPTURE, eager_mask)
     eager = copy.deepcopy(model)
-    eager.set_attn_implementation(CAPTURE)
+    eager.set_attn_implementation(register_dense_eager())
     sink = {}
     out = dense_mask_forward(eager, batch, use_cache=False, crystal_test_sink=sink)
     return out.logits, sink["q"], sink["k"], sink["scale"], eager
@@ -166,7 +151,7 @@ def test_lora_trains_the_projector_in_full(family):
 
 @pytest.mark.parametrize(
     "model_type, reason",
-    [("gemma3", "sliding-window"), ("paligemma", "bidirectional"), ("mllama", "cross-attention")],
+    [("gemma3n", "sliding-window"), ("paligemma", "bidirectional"), ("mllama", "cross-attention")],
 )
 def test_unsupported_families_are_refused_with_the_reason(model_type, reason):
     from types import SimpleNamespace

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from family_models import FAMILIES, SCALED_HEAD_FAMILIES, build
+from family_models import FAMILIES, MODEL_TYPE, SCALED_HEAD_FAMILIES, WINDOWED_FAMILIES, build
 from PIL import Image
 from train_helpers import metrics, run
 
@@ -121,22 +121,24 @@ def test_train_from_a_saved_folder_lowers_the_loss(family, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     plain = AutoModelForImageTextToText.from_pretrained(merged)
-    assert plain.config.model_type == family and not any("lora" in n for n, _ in plain.named_parameters())
+    assert plain.config.model_type == MODEL_TYPE.get(family, family) and not any(
+        "lora" in n for n, _ in plain.named_parameters()
+    )
 
 
 def test_a_refused_model_type_stops_before_loading(tmp_path):
-    from transformers import Gemma3Config
+    from transformers import PaliGemmaConfig
 
-    folder = tmp_path / "gemma3"
+    folder = tmp_path / "paligemma"
     folder.mkdir()
-    Gemma3Config().save_pretrained(folder)
+    PaliGemmaConfig().save_pretrained(folder)
     Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
     data = write_data(tmp_path, n=3)
     proc = run(["--model", str(folder), "--data", data, "--output_dir", str(tmp_path / "o")], check=False)
     assert proc.returncode == 2
     assert (
-        f"crystal_ext.train: error: --model {folder}: model_type 'gemma3' is not supported by the dual-path "
-        "objective: its text layers mix sliding-window and full attention" in proc.stderr
+        f"crystal_ext.train: error: --model {folder}: model_type 'paligemma' is not supported by the dual-path "
+        "objective: its prefix (image and prompt) attends bidirectionally" in proc.stderr
     )
 
 
@@ -145,4 +147,12 @@ def test_a_refused_model_type_stops_before_loading(tmp_path):
 
 @pytest.mark.parametrize("family", SCALED_HEAD_FAMILIES)
 def test_scaled_head_train_from_a_saved_folder_lowers_the_loss(family, tmp_path):
+    test_train_from_a_saved_folder_lowers_the_loss(family, tmp_path)
+
+
+# ---- sliding-window layers and bidirectional image blocks ------------------------------------------
+
+
+@pytest.mark.parametrize("family", WINDOWED_FAMILIES)
+def test_windowed_train_from_a_saved_folder_lowers_the_loss(family, tmp_path):
     test_train_from_a_saved_folder_lowers_the_loss(family, tmp_path)

@@ -185,15 +185,15 @@ def test_check_command_exits_2_naming_the_quantity(saved_qwen, broken, message):
 
 
 def test_check_command_refuses_an_unsupported_model_before_loading(tmp_path):
-    from transformers import Gemma3Config
+    from transformers import PaliGemmaConfig
 
-    Gemma3Config().save_pretrained(tmp_path)
+    PaliGemmaConfig().save_pretrained(tmp_path)
     proc = run(
         ["--model", str(tmp_path), "--data", write_data(tmp_path, n=1)], "crystal_ext.check", check=False
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert (
-        f"crystal_ext.check: error: --model {tmp_path}: model_type 'gemma3' is not supported" in proc.stderr
+        f"crystal_ext.check: error: --model {tmp_path}: model_type 'paligemma' is not supported" in proc.stderr
     )
 
 

@@ -10,6 +10,13 @@ caller passes two forward kwargs:
   crystal_outputs  a fresh dict per forward; the last text decoder layer writes
                    "attention_alignment_loss" in it (the first one caches the layout's indices there)
 
+and, for a family whose image tokens attend to each other in both directions (Gemma 3), a third:
+
+  crystal_image_tokens  bool [batch, length], True on the image tokens (Family.dual_path_inputs)
+
+A layer's sliding window comes with the call itself (the `sliding_window` keyword the stock
+attention layers pass; crystal_ext.model.dual_path_attention counts it on path positions).
+
 transformers forwards unknown model kwargs down to every attention call (the text layers
 and, in some families such as the Qwen-VL ones, the vision tower's blocks), so no global state is
 involved.
@@ -36,6 +43,7 @@ from crystal_ext.ops import attention_alignment_loss
 ATTN_IMPLEMENTATION = "crystal_dual_path"
 LAYOUT_KWARG = "crystal_layout"
 OUTPUTS_KWARG = "crystal_outputs"
+IMAGE_TOKENS_KWARG = "crystal_image_tokens"
 ALIGNMENT_LOSS_KEY = "attention_alignment_loss"
 _PLAN_KEY = "_dual_path_plan"  # cached in the per-call output slot: built by the first text layer
 
@@ -55,6 +63,7 @@ def crystal_attention_forward(module, query, key, value, attention_mask, scaling
 
     layout = kwargs.pop(LAYOUT_KWARG, None)
     outputs = kwargs.pop(OUTPUTS_KWARG, None)
+    image_tokens = kwargs.pop(IMAGE_TOKENS_KWARG, None)
     if layout is None or not is_text_decoder_attention(module):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -64,8 +73,7 @@ def crystal_attention_forward(module, query, key, value, attention_mask, scaling
             f"{ATTN_IMPLEMENTATION}: attention dropout ({dropout}) is not supported; set the config's "
             "attention_dropout to 0"
         )
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError(f"{ATTN_IMPLEMENTATION}: sliding-window layers are not supported")
+    window = kwargs.get("sliding_window")
     if query.shape[2] != key.shape[2]:
         raise ValueError(
             f"{ATTN_IMPLEMENTATION}: a dual-path layout needs the whole packed sequence in one call "
@@ -74,7 +82,7 @@ def crystal_attention_forward(module, query, key, value, attention_mask, scaling
     # The layout is validated and turned into indices once per forward, not in every layer.
     plan = outputs.get(_PLAN_KEY) if outputs is not None else None
     if plan is None or not plan.matches(query):
-        plan = DualPathPlan(layout, query.shape[0], query.shape[2], query.device)
+        plan = DualPathPlan(layout, query.shape[0], query.shape[2], query.device, image_tokens)
         if outputs is not None:
             outputs[_PLAN_KEY] = plan
     device_type = query.device.type
@@ -83,8 +91,17 @@ def crystal_attention_forward(module, query, key, value, attention_mask, scaling
         # low-precision matmul; SDPA (and so the stock attention) runs in the autocast dtype.
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = (t.to(dtype) for t in (query, key, value))
-    out = dual_path_attention_planned(query, key, value, plan, scale=scaling)
-    if outputs is not None and is_last_layer(module):
+    last = outputs is not None and is_last_layer(module)
+    if last and window is not None and window < plan.longest_path:
+        raise NotImplementedError(
+            f"{ATTN_IMPLEMENTATION}: the last text layer is a sliding-window layer (window {window}) and "
+            f"this batch has a path of {plan.longest_path} tokens, so the window hides early keys from "
+            "some E/F rows; the attention-alignment loss assumes each row sees its whole causal "
+            f"dual-path key set. Keep every path (|A|+|C|+|D|+|E| tokens) within {window} tokens "
+            "(--max_length), or use a model whose last layer is full attention"
+        )
+    out = dual_path_attention_planned(query, key, value, plan, scale=scaling, window=window)
+    if last:
         # The fused op takes q and k in one dtype and its kernels' own GEMMs must not be
         # re-cast by autocast (which stays active inside a custom op).
         with torch.autocast(device_type, enabled=False):

@@ -14,6 +14,17 @@ lengths are batched by padding each gathered sequence at its END: under a causal
 real row never sees a later padded key, so no mask is needed and SDPA may use its
 flash-class kernels. Packed positions after F.end (batch padding) output zeros.
 No L x L mask is ever built; the only copies are the gathered q/k/v and the outputs.
+
+Layers that are not plain causal attention (Gemma 3: docs/method.md, "Sliding windows and image
+blocks") run each path with a path-local boolean mask [P, P] instead of `is_causal`:
+  - a sliding window w: row i sees key j only if i - j < w, counted on path-local indices.
+    In [A, C, D, E] and [A, B, D, F] the path-local index IS the path position (B takes C's
+    positions, F takes E's; tests/test_dual_path_windows.py checks it on packed batches), so the
+    window is the stock single-path run's window of each path, whatever the packed distance;
+  - bidirectional image blocks: a run of consecutive image tokens of one path sees itself in both
+    directions (the stock rule: AND(window, OR(causal, same block))). Each path's blocks are found
+    on that path's own tokens, so C's images pair only with path 1's rows and B's with path 2's.
+The masks are built once per forward (per window size) by the plan, and only for such layers.
 """
 
 from __future__ import annotations
@@ -90,11 +101,34 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx[:, None, :, None].expand(batch, heads, idx.shape[1], dim))
 
 
-def _causal_sdpa(q, k, v, scale):
-    if q.shape[1] == k.shape[1]:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+def _sdpa(q, k, v, scale, mask=None):
+    """Causal SDPA, or SDPA under a boolean `mask` [batch, 1, P, P] (True: visible)."""
     # Grouped-query heads: SDPA broadcasts the kv heads itself, no repeat copies.
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    gqa = {} if q.shape[1] == k.shape[1] else {"enable_gqa": True}
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+
+
+def image_block_ids(is_image: torch.Tensor) -> torch.Tensor:
+    """[batch, P] block ids of one path's tokens: each run of consecutive image tokens is one
+    image's block (0, 1, ...), -1 elsewhere (the stock Gemma 3 rule, applied per path)."""
+    previous = F.pad(is_image, (1, 0))[:, :-1]
+    starts = is_image & ~previous
+    return torch.where(is_image, starts.long().cumsum(1) - 1, -1)
+
+
+def path_mask(order: torch.Tensor, blocks: torch.Tensor | None, window: int | None) -> torch.Tensor:
+    """Boolean [batch, 1, P, P] visibility inside one gathered path: AND(window, OR(causal, same
+    image block)). `order` [batch, P]: the index a row's window counts (the path position);
+    `blocks` [batch, P]: image_block_ids of the path, -1 on padding; `window`: None for full."""
+    rows, cols = order[:, :, None], order[:, None, :]
+    visible = cols <= rows
+    if blocks is not None:
+        visible = visible | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
+    if window is not None:
+        visible = visible & (rows - cols < window)
+    return visible[:, None]
 
 
 class DualPathPlan:
@@ -104,13 +138,52 @@ class DualPathPlan:
     first asked for). Built once per forward (by the first text layer, see
     crystal_ext.model.attention_registration) from the host layout, with pinned asynchronous
     copies, so neither the layers nor the alignment op read the layout again and, on a GPU,
-    nothing waits for the device."""
+    nothing waits for the device. With `image_tokens` (bool [batch, length]) or a sliding
+    window, the path-local masks are built on the device on first use, once per window size
+    (`masks`)."""
 
-    def __init__(self, layout: torch.Tensor, batch: int, length: int, device: torch.device):
+    def __init__(
+        self,
+        layout: torch.Tensor,
+        batch: int,
+        length: int,
+        device: torch.device,
+        image_tokens: torch.Tensor | None = None,
+    ):
         self.layout_cpu = layout.to("cpu")
         self.segments = validate_layout(self.layout_cpu, batch, length, _OP)
         self.batch, self.length, self.device = batch, length, torch.device(device)
-        self.idx1, self.idx2, self.src = copy_to_device(path_indices(self.segments, length), self.device)
+        idx = path_indices(self.segments, length)
+        self.longest_path = idx[0].shape[1]  # |A|+|C|+|D|+|E| = |A|+|B|+|D|+|F| of the longest sample
+        lengths = torch.tensor([len(s.path1()) for s in self.segments])
+        valid = torch.arange(self.longest_path)[None] < lengths[:, None]  # the real slots of each path
+        self.idx1, self.idx2, self.src, self.valid = copy_to_device((*idx, valid), self.device)
+        if image_tokens is not None and tuple(image_tokens.shape) != (batch, length):
+            raise ValueError(
+                f"{_OP}: image_tokens must be [batch, length] = [{batch}, {length}], got {list(image_tokens.shape)}"
+            )
+        self.image_tokens = None if image_tokens is None else image_tokens.to(self.device, torch.bool)
+        self._masks: dict = {}
+
+    def _blocks(self, idx: torch.Tensor) -> torch.Tensor | None:
+        if self.image_tokens is None:
+            return None
+        return image_block_ids(self.image_tokens.gather(1, idx) & self.valid)
+
+    def masks(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(path-1 mask, path-2 mask) for a layer with this sliding window (None: full), or None
+        when plain causal attention is exact (no image blocks, no window shorter than a path)."""
+        if window is not None and window >= self.longest_path:
+            window = None  # the window cuts no row of any path
+        if window is None and self.image_tokens is None:
+            return None
+        if window not in self._masks:
+            # The window counts path positions, which are the path-local indices (module docstring).
+            order = torch.arange(self.longest_path, device=self.device).expand(self.batch, -1)
+            self._masks[window] = tuple(
+                path_mask(order, self._blocks(idx), window) for idx in (self.idx1, self.idx2)
+            )
+        return self._masks[window]
 
     @functools.cached_property
     def alignment(self) -> AlignmentIndices:
@@ -121,16 +194,22 @@ class DualPathPlan:
         return (q.shape[0], q.shape[2], q.device) == (self.batch, self.length, self.device)
 
 
-def dual_path_attention_planned(q, k, v, plan: DualPathPlan, scale: float | None = None) -> torch.Tensor:
-    """dual_path_attention with the layout work done beforehand (see DualPathPlan)."""
+def dual_path_attention_planned(
+    q, k, v, plan: DualPathPlan, scale: float | None = None, window: int | None = None
+) -> torch.Tensor:
+    """dual_path_attention with the layout work done beforehand (see DualPathPlan); `window`: the
+    layer's sliding window (None: full attention); image blocks come with the plan."""
     _check_qkv(q, k, v, _OP)
     if not plan.matches(q):
         raise ValueError(
             f"{_OP}: the plan was built for batch {plan.batch}, length {plan.length} on "
             f"{plan.device}, but q is {list(q.shape)} on {q.device}"
         )
-    out1 = _causal_sdpa(_gather(q, plan.idx1), _gather(k, plan.idx1), _gather(v, plan.idx1), scale)
-    out2 = _causal_sdpa(_gather(q, plan.idx2), _gather(k, plan.idx2), _gather(v, plan.idx2), scale)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"{_OP}: window must be a positive int or None, got {window!r}")
+    mask1, mask2 = plan.masks(window) or (None, None)
+    out1 = _sdpa(_gather(q, plan.idx1), _gather(k, plan.idx1), _gather(v, plan.idx1), scale, mask1)
+    out2 = _sdpa(_gather(q, plan.idx2), _gather(k, plan.idx2), _gather(v, plan.idx2), scale, mask2)
     zero_row = q.new_zeros(q.shape[0], q.shape[1], 1, q.shape[3])
     return _gather(torch.cat([out1, out2, zero_row], dim=2), plan.src)
 
@@ -141,18 +220,23 @@ def dual_path_attention(
     v: torch.Tensor,
     layout: torch.Tensor,
     scale: float | None = None,
+    window: int | None = None,
+    image_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + dual-path mask) v, without building the mask.
+    """softmax(q k^T * scale + dual-path mask) v, without building the L x L mask.
 
     Args:
         q: [batch, heads, length, head_dim] (after rotary embedding).
         k, v: [batch, kv_heads, length, head_dim], same dtype and device; heads % kv_heads == 0.
         layout: int64 [batch, 6, 2], (start, end) of segments A..F (crystal_ext.ops.layout).
         scale: softmax scale, default head_dim ** -0.5.
+        window: a sliding window counted on path positions (None: full attention).
+        image_tokens: bool [batch, length], True on image tokens: each image's run of tokens is
+            bidirectional inside its own path (None: plain causal).
 
     Returns:
         [batch, heads, length, head_dim] in q's dtype; rows after F.end are zeros.
     """
     _check_qkv(q, k, v, _OP)
-    plan = DualPathPlan(layout, q.shape[0], q.shape[2], q.device)
-    return dual_path_attention_planned(q, k, v, plan, scale)
+    plan = DualPathPlan(layout, q.shape[0], q.shape[2], q.device, image_tokens)
+    return dual_path_attention_planned(q, k, v, plan, scale, window)

@@ -104,12 +104,15 @@ def dual_path_hidden(backbone, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     dual-path batch; the backbone's text layers must run the dual-path attention."""
     slot: dict = {}
     # attention_mask=None on purpose: the layout marks padding, and without a 2-D mask the
-    # registered mask function builds no L x L mask.
+    # registered mask function builds no L x L mask. The family may add inputs (Gemma 3: which
+    # tokens are image tokens, and no masks at all).
+    family = family_of(backbone.config)
+    kwargs = {"attention_mask": None, **family.dual_path_inputs(backbone.config, batch["input_ids"])}
     hidden = backbone(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
-        attention_mask=None,
         use_cache=False,
+        **kwargs,
         **batch["images"],
         **{LAYOUT_KWARG: batch["layout"], OUTPUTS_KWARG: slot},
     ).last_hidden_state
@@ -227,6 +230,7 @@ def _baseline(model, backbone, head, batch, fn, transform) -> CrystalLoss:
             position_ids=single["position_ids"],
             attention_mask=single["attention_mask"],
             use_cache=False,
+            **family_of(model).single_path_inputs(model.config, single["input_ids"]),
             **single["images"],
         ).last_hidden_state
     targets = single["targets"].to(hidden.device)

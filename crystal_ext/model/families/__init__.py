@@ -23,7 +23,9 @@ Every model type is one of:
 from __future__ import annotations
 
 from crystal_ext.model.families.architecture import config_problem
+from crystal_ext.model.families.aya_vision import AYA_VISION_MODEL_TYPES, AyaVisionFamily
 from crystal_ext.model.families.base import Family, UnsupportedModel
+from crystal_ext.model.families.gemma3 import GEMMA3_MODEL_TYPES, Gemma3Family
 from crystal_ext.model.families.generic import GENERIC_BY_ARCHITECTURE, GENERIC_MODEL_TYPES, GenericFamily
 from crystal_ext.model.families.glm4v import GLM4V_MODEL_TYPES, Glm4vFamily
 from crystal_ext.model.families.own_positions import OwnPositionsFamily
@@ -33,6 +35,8 @@ from crystal_ext.model.families.refused import REFUSED
 _FAMILIES = (
     {t: QwenVLFamily(t) for t in QWEN_MODEL_TYPES}
     | {t: Glm4vFamily(t) for t in GLM4V_MODEL_TYPES}
+    | {t: Gemma3Family(t) for t in GEMMA3_MODEL_TYPES}
+    | {t: AyaVisionFamily(t) for t in AYA_VISION_MODEL_TYPES}
     | {t: GenericFamily(t) for t in GENERIC_MODEL_TYPES}
 )
 TESTED_MODEL_TYPES = tuple(_FAMILIES)
@@ -53,7 +57,12 @@ def family_of(model_or_config) -> Family:
     if model_type in REFUSED:
         raise UnsupportedModel(model_type, REFUSED[model_type])
     family = _FAMILIES.get(model_type) or GenericFamily(model_type)
-    problem = config_problem(model_or_config, config, has_adapter=isinstance(family, OwnPositionsFamily))
+    problem = family.problem(config) or config_problem(
+        model_or_config,
+        config,
+        has_adapter=isinstance(family, OwnPositionsFamily),
+        attention_kinds=family.attention_kinds,
+    )
     if problem is not None:
         raise UnsupportedModel(model_type, problem)
     family.logit_transform(
@@ -70,14 +79,20 @@ def classify(model_or_config) -> tuple[str, str]:
     except UnsupportedModel as exc:
         return "refused", exc.reason
     if config.model_type in _FAMILIES:
-        return "tested", f"{type(_FAMILIES[config.model_type]).__name__}, tests/test_families.py"
+        family = _FAMILIES[config.model_type]
+        where = "tests/test_families.py"
+        if "sliding_attention" in family.attention_kinds:
+            where += ", tests/test_windowed_families.py"
+        return "tested", f"{type(family).__name__}, {where}"
     if config.model_type in GENERIC_BY_ARCHITECTURE:
         return "generic", GENERIC_BY_ARCHITECTURE[config.model_type]
     return "generic", "not listed; its config passes every check of crystal_ext.model.families.architecture"
 
 
 __all__ = [
+    "AyaVisionFamily",
     "Family",
+    "Gemma3Family",
     "GenericFamily",
     "Glm4vFamily",
     "QwenVLFamily",

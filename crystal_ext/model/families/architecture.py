@@ -29,11 +29,12 @@ def encoder_decoder_problem(config) -> str | None:
     return None
 
 
-def attention_problem(config) -> str | None:
-    """Why the text decoder is not plain causal full attention on every layer (None if it is)."""
+def attention_problem(config, allowed=frozenset({"full_attention"})) -> str | None:
+    """Why the text decoder is not plain causal full attention on every layer (None if it is);
+    `allowed`: the layer types the model's family reproduces (Family.attention_kinds)."""
     text = text_config_of(config)
     kinds = set(getattr(text, "layer_types", None) or ())
-    if kinds - {"full_attention"}:
+    if kinds - set(allowed):
         return f"its text layers are of types {sorted(kinds)}; the dual path runs plain causal full attention"
     window = getattr(text, "sliding_window", None)
     if window is not None and getattr(text, "use_sliding_window", True) is not False and not kinds:
@@ -76,13 +77,15 @@ def router_loss_problem(config) -> str | None:
     )
 
 
-def config_problem(model_or_config, config, has_adapter: bool) -> str | None:
+def config_problem(
+    model_or_config, config, has_adapter: bool, attention_kinds=frozenset({"full_attention"})
+) -> str | None:
     """The first reason, in the order of the checks above, that the dual path cannot run the model.
-    has_adapter: the model's family reproduces its own position function. (The logits are checked
-    by the family itself: Family.logit_transform.)"""
+    has_adapter: the model's family reproduces its own position function; attention_kinds: the text
+    layer types it reproduces. (The logits are checked by the family itself: Family.logit_transform.)"""
     for problem in (
         encoder_decoder_problem(config),
-        attention_problem(config),
+        attention_problem(config, attention_kinds),
         positions_problem(model_or_config, has_adapter),
         router_loss_problem(config),
     ):

@@ -55,6 +55,23 @@ class Family:
 
         return plain
 
+    # ---- attention ---------------------------------------------------------------------------
+
+    # The text layer types the dual path reproduces for this family (crystal_ext.model.dual_path_attention).
+    attention_kinds = frozenset({"full_attention"})
+
+    def problem(self, config) -> str | None:
+        """Why this family cannot run a model with this config (None if it can)."""
+        return None
+
+    def dual_path_inputs(self, config, input_ids: torch.Tensor) -> dict:
+        """Extra forward kwargs of the dual-path forward (Gemma 3: which tokens are image tokens)."""
+        return {}
+
+    def single_path_inputs(self, config, input_ids: torch.Tensor) -> dict:
+        """Extra forward kwargs the stock model needs on an ordinary sequence (Gemma 3: token_type_ids)."""
+        return {}
+
     # ---- the model's own logits -------------------------------------------------------------
 
     def logit_transform(self, config) -> LogitTransform:

@@ -22,7 +22,6 @@ GENERIC_MODEL_TYPES = (
     "smolvlm",
     "internvl",
     "mistral3",
-    "aya_vision",  # with a full-attention (Cohere) text model; its logit scale: families/logits.py
     "granite_docling",  # Idefics3-shaped, Granite text; its logits_scaling: families/logits.py
 )
 # Untested types accepted as generic: LLaVA-style models (their modelling code derives from LLaVA,

@@ -33,7 +33,6 @@ def _not_checked(what: str) -> str:
 
 REFUSED = {
     # Attention the dual path does not run.
-    "gemma3": _SLIDING_AND_BIDIRECTIONAL,
     "gemma3n": _SLIDING_AND_BIDIRECTIONAL,
     "shieldgemma2": _SLIDING_AND_BIDIRECTIONAL,
     "paligemma": _PREFIX,
