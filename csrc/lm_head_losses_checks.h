@@ -2,11 +2,12 @@
 // names the argument and what was expected. Shape, dtype and value problems raise ValueError
 // (TORCH_CHECK_VALUE); device problems RuntimeError (TORCH_CHECK).
 //
-// The op's index arguments are a plan (crystal_ext/ops/lm_head_plan.py) that the caller built
-// once on the host, where the values of targets, teacher_rows, student_rows and pair_sample
-// were checked. The op itself checks only the plan's shapes, dtypes and devices (no value is
-// read, so on a GPU nothing waits for the device); the CPU kernel also reads the plan's values
-// (a free host read there) and checks them, so that no kernel indexes out of bounds.
+// The op's index arguments are a plan (crystal_ext/ops/lm_head_plan.py, csrc/lm_head_plan.h)
+// that the caller built once on the host, where the values of targets, teacher_rows,
+// student_rows and pair_sample were checked. The op itself checks only the plan's shapes, dtypes
+// and devices (no value is read, so on a GPU nothing waits for the device); the CPU kernel also
+// reads the plan's values (a free host read there) and checks them, so that no kernel indexes
+// out of bounds.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,21 +19,10 @@
 
 #include "common_host.h"
 #include "lm_head_losses.h"
+#include "lm_head_plan.h"
 
 namespace crystal_ext {
 namespace lm_head {
-
-// The plan's tensors, in the schema's order (all int64, on hidden's device).
-struct Plan {
-  const at::Tensor& rows;          // [R] rows of hidden needing logits, paired rows first
-  const at::Tensor& row_targets;   // [R] their targets (-100: none)
-  const at::Tensor& ce_rows;       // [T] positions in rows of the targeted rows
-  const at::Tensor& pair_rows;     // [2, M] positions in rows of each pair's teacher, student
-  const at::Tensor& sample_pairs;  // [S, W] pairs of each sample, padded with -1
-  const at::Tensor& sample_k;      // [S] pairs kept per sample
-  const at::Tensor& kept_slots;    // [K] flat positions s * W + j (j < k_s) of kept ranks
-  int64_t paired_rows;             // rows[:paired_rows] are the paired rows
-};
 
 // What the op knows from metadata alone: the sizes of hidden and weight and, from the widths
 // of the plan's tensors, the row, pair, sample and kept-pair counts.
@@ -60,21 +50,9 @@ inline void check_logit_transform(double logit_scale, double logit_softcap) {
                     logit_softcap);
 }
 
-inline void check_plan_tensor(const at::Tensor& t, const char* name, const at::Tensor& hidden,
-                              at::IntArrayRef shape) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong, "lm_head_losses: plan tensor ", name,
-                    " must be int64 (torch.long), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == hidden.device(), "lm_head_losses: plan tensor ", name,
-              " must be on the device of hidden (", hidden.device(), "), got ", t.device());
-  bool ok = t.dim() == static_cast<int64_t>(shape.size());
-  for (size_t d = 0; ok && d < shape.size(); ++d) ok = shape[d] < 0 || t.size(d) == shape[d];
-  TORCH_CHECK_VALUE(ok, "lm_head_losses: plan tensor ", name, " must have shape ", shape,
-                    " (-1: any; build it with lm_head_plan), got ", t.sizes());
-}
-
 // Metadata checks of the op's arguments (shapes, dtypes, devices; no values).
 inline Problem check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
-                            const c10::optional<at::Tensor>& bias, const Plan& plan,
+                            const c10::optional<at::Tensor>& bias, const LmHeadPlan& plan,
                             double logit_scale, double logit_softcap) {
   check_logit_transform(logit_scale, logit_softcap);
   TORCH_CHECK_VALUE(hidden.dim() == 2, "lm_head_losses: hidden must be 2-D [N, hidden_dim], "
@@ -105,15 +83,9 @@ inline Problem check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
     TORCH_CHECK(bias->device() == hidden.device(), "lm_head_losses: bias must be on the device "
                 "of hidden (", hidden.device(), "), got ", bias->device());
   }
-  check_plan_tensor(plan.rows, "rows", hidden, {-1});
+  check_plan_tensors(plan, hidden);
   const int64_t R = plan.rows.size(0);
-  check_plan_tensor(plan.row_targets, "row_targets", hidden, {R});
-  check_plan_tensor(plan.ce_rows, "ce_rows", hidden, {-1});
-  check_plan_tensor(plan.pair_rows, "pair_rows", hidden, {2, -1});
-  check_plan_tensor(plan.sample_pairs, "sample_pairs", hidden, {-1, -1});
   const int64_t S = plan.sample_pairs.size(0), W = plan.sample_pairs.size(1);
-  check_plan_tensor(plan.sample_k, "sample_k", hidden, {S});
-  check_plan_tensor(plan.kept_slots, "kept_slots", hidden, {-1});
   Problem p;
   p.n_rows = hidden.size(0);
   p.hidden_dim = hidden.size(1);
@@ -155,7 +127,7 @@ inline std::vector<int64_t> host_values(const at::Tensor& t) {
   return std::vector<int64_t>(v, v + c.numel());
 }
 
-inline HostPlan host_plan(const Plan& plan, const Problem& p) {
+inline HostPlan host_plan(const LmHeadPlan& plan, const Problem& p) {
   HostPlan h;
   h.rows = host_values(plan.rows);
   h.row_targets = host_values(plan.row_targets);

@@ -10,7 +10,7 @@
 
 #include "cpu/gemm_bf16.h"
 #include "lm_head_losses_host.h"
-#include "lm_head_losses_plan.h"
+#include "lm_head_losses_tiling.h"
 
 namespace crystal_ext {
 namespace testing {
@@ -52,11 +52,11 @@ int64_t parallel_for_threads(int64_t n) {
 
 // (max_chunk_rows, vocab_block) that lm_head_losses uses on the CPU or CUDA for a chunk of
 // `rows` rows over `vocab` columns of hidden size hidden_dim.
-std::tuple<int64_t, int64_t> lm_head_losses_plan(bool cuda, int64_t rows, int64_t vocab,
+std::tuple<int64_t, int64_t> lm_head_losses_tiling(bool cuda, int64_t rows, int64_t vocab,
                                                  int64_t hidden_dim) {
   namespace lh = crystal_ext::lm_head;
-  if (cuda) return {lh::cuda_plan::kMaxChunkRows, lh::cuda_plan::vocab_block(rows, vocab, hidden_dim)};
-  return {lh::cpu_plan::kMaxChunkRows, lh::cpu_plan::vocab_block(rows, vocab)};
+  if (cuda) return {lh::cuda_tiling::kMaxChunkRows, lh::cuda_tiling::vocab_block(rows, vocab, hidden_dim)};
+  return {lh::cpu_tiling::kMaxChunkRows, lh::cpu_tiling::vocab_block(rows, vocab)};
 }
 
 // The per-sample top-k selection of lm_head_losses (lm_head::select_topk, the same ATen code on
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> lm_head_select_topk(const at::Tensor& pair_kl
                   kept_slots.dim() == 1,
               "lm_head_select_topk: pair_kl [M], sample_pairs [S, W], sample_k [S], kept_slots [K]");
   const at::Tensor none = at::empty({0}, sample_pairs.options());
-  const lh::Plan plan{none, none, none, none, sample_pairs, sample_k, kept_slots, 0};
+  const lh::LmHeadPlan plan{none, none, none, none, sample_pairs, sample_k, kept_slots, 0};
   lh::Problem p;
   p.n_pairs = pair_kl.size(0);
   p.n_samples = sample_pairs.size(0);
@@ -91,7 +91,7 @@ void register_test_entry_points(pybind11::module_& m) {
         "Internal, for tests: a x B in bf16 with fp32 output on the CPU's AVX512-BF16 kernel",
         pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("transposed"),
         pybind11::arg("out") = pybind11::none());
-  m.def("lm_head_losses_plan", &lm_head_losses_plan,
+  m.def("lm_head_losses_tiling", &lm_head_losses_tiling,
         "Internal, for tests: (max_chunk_rows, vocab_block) of lm_head_losses on a device",
         pybind11::arg("cuda"), pybind11::arg("rows"), pybind11::arg("vocab"),
         pybind11::arg("hidden_dim"));

@@ -367,6 +367,23 @@ MUTATIONS = [
         csrc=True,
     ),
     Mutation(
+        "plan_unpacked_in_another_order",
+        "the C++ side unpacks the schema's plan list in another order than the Python side packs it "
+        "(rows and ce_rows swapped)",
+        [
+            (
+                "csrc/lm_head_plan.h",
+                "return LmHeadPlan{plan[0], plan[1], plan[2],",
+                "return LmHeadPlan{plan[2], plan[1], plan[0],",
+            )
+        ],
+        [
+            "tests/test_lm_head_losses.py::test_wrong_plan_tensors_name_the_argument",
+            "tests/test_lm_head_losses.py::test_matches_reference_fp32",
+        ],
+        csrc=True,
+    ),
+    Mutation(
         "gemm_skips_second_pass",
         "the CPU bf16 GEMM drops every k-pass after the first 4096 pairs",
         [

@@ -103,10 +103,10 @@ def plan_counts(prob, device):
     paired = set(prob["teacher_rows"].tolist()) | set(prob["student_rows"].tolist())
     total = len(targeted | paired)
     n, vocab, hd = prob["hidden"].shape[0], prob["weight"].shape[0], prob["hidden"].shape[1]
-    max_rows, _ = _C.lm_head_losses_plan(device == "cuda", n, vocab, hd)
+    max_rows, _ = _C.lm_head_losses_tiling(device == "cuda", n, vocab, hd)
     first = max(min(total, max_rows), len(paired))
     chunks = 1 + -(-(total - first) // max_rows) if total > 0 else 0
-    _, block = _C.lm_head_losses_plan(device == "cuda", first, vocab, hd)
+    _, block = _C.lm_head_losses_tiling(device == "cuda", first, vocab, hd)
     return chunks, -(-vocab // block)
 
 
@@ -329,7 +329,8 @@ def test_opcheck(bias, transform):
     hidden = prob["hidden"].requires_grad_()
     weight = prob["weight"].requires_grad_()
     b = prob["bias"].requires_grad_() if bias else None
-    args = (hidden, weight, b, *plan_of(prob, 0.5).tensors(), *transform, True)
+    plan = plan_of(prob, 0.5)
+    args = (hidden, weight, b, plan.tensors(), plan.paired_rows, *transform, True)
     torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_fwd.default, args)
 
 
@@ -529,8 +530,16 @@ def test_device_topk_selection_matches_the_rule_with_ties_and_nan(seed):
 
 
 def _plan_tensors(prob, topk=0.5):
-    return dict(zip(("rows", "row_targets", "ce_rows", "pair_rows", "sample_pairs", "sample_k",
-                     "kept_slots", "paired_rows"), plan_of(prob, topk).tensors()))  # fmt: skip
+    """The op's plan list by name (a dict, to replace one tensor) and its paired-row count."""
+    plan = plan_of(prob, topk)
+    return plan.tensors()._asdict(), plan.paired_rows
+
+
+def _direct_call(prob, tensors, paired_rows, scale=1.0, cap=0.0):
+    """The compiled forward called with a plan list, without the Python checks."""
+    return torch.ops.crystal_ext.lm_head_losses_fwd(
+        prob["hidden"], prob["weight"], prob["bias"], list(tensors.values()), paired_rows, scale, cap, False
+    )
 
 
 @pytest.mark.parametrize(
@@ -538,15 +547,22 @@ def _plan_tensors(prob, topk=0.5):
 )
 def test_wrong_plan_tensors_name_the_argument(name):
     prob = make_problem(9, 5, 67, [3, 2], bias=True, seed=2)
-    call = lambda p: torch.ops.crystal_ext.lm_head_losses_fwd(  # noqa: E731
-        prob["hidden"], prob["weight"], prob["bias"], *p.values(), 1.0, 0.0, False
-    )
-    plan = _plan_tensors(prob)
+    plan, paired_rows = _plan_tensors(prob)
+    call = lambda p: _direct_call(prob, p, paired_rows)  # noqa: E731
     call(plan)
     with pytest.raises(ValueError, match=f"plan tensor {name} must be int64"):
         call({**plan, name: plan[name].int()})
     with pytest.raises(ValueError, match=f"plan tensor {name} must have shape"):
         call({**plan, name: plan[name].unsqueeze(0)})
+
+
+def test_plan_list_of_the_wrong_length_is_refused():
+    """The schema's `Tensor[] plan` is unpacked in one place, which names what it must hold."""
+    prob = make_problem(9, 5, 67, [3, 2], bias=True, seed=2)
+    plan, paired_rows = _plan_tensors(prob)
+    del plan["kept_slots"]
+    with pytest.raises(ValueError, match=r"plan must hold 7 tensors \(rows, row_targets, .*\), got 6"):
+        _direct_call(prob, plan, paired_rows)
 
 
 @pytest.mark.cuda
@@ -555,12 +571,10 @@ def test_wrong_plan_tensors_name_the_argument(name):
 )
 def test_cuda_plan_tensor_on_the_cpu_is_refused(name, cuda):
     prob = make_problem(9, 5, 67, [3, 2], bias=True, seed=2, device="cuda")
-    plan = _plan_tensors(prob)
+    plan, paired_rows = _plan_tensors(prob)
     plan[name] = plan[name].cpu()
     with pytest.raises(RuntimeError, match=f"plan tensor {name} must be on the device of hidden"):
-        torch.ops.crystal_ext.lm_head_losses_fwd(
-            prob["hidden"], prob["weight"], prob["bias"], *plan.values(), 1.0, 0.0, False
-        )
+        _direct_call(prob, plan, paired_rows)
 
 
 @pytest.mark.parametrize(
@@ -578,12 +592,10 @@ def test_cpu_kernel_refuses_hand_made_plan_values(name, change, match):
     """The CPU kernel reads the plan on the host anyway, and checks it: a clear error, not a
     read out of bounds."""
     prob = make_problem(9, 5, 67, [3, 2], bias=True, seed=2)
-    plan = _plan_tensors(prob)
+    plan, paired_rows = _plan_tensors(prob)
     plan[name] = change(plan[name])
     with pytest.raises(ValueError, match=match):
-        torch.ops.crystal_ext.lm_head_losses_fwd(
-            prob["hidden"], prob["weight"], prob["bias"], *plan.values(), 1.0, 0.0, False
-        )
+        _direct_call(prob, plan, paired_rows)
 
 
 def test_plan_for_another_problem_is_refused():
@@ -635,11 +647,13 @@ def test_cuda_low_precision_error_vs_float64(dtype, cuda):
 @pytest.mark.cuda
 def test_cuda_opcheck_and_edge_cases(cuda):
     prob = make_problem(9, 5, 67, [3, 2], bias=True, seed=2, device="cuda")
+    plan = plan_of(prob, 0.5)
     args = (
         prob["hidden"].requires_grad_(),
         prob["weight"].requires_grad_(),
         prob["bias"].requires_grad_(),
-        *plan_of(prob, 0.5).tensors(),
+        plan.tensors(),
+        plan.paired_rows,
         0.5,
         3.0,
         True,
@@ -927,11 +941,9 @@ def test_bad_transform_names_the_argument(fn, scale, cap, match):
 def test_compiled_op_refuses_a_bad_transform(scale, cap, match):
     """The compiled op checks the transform too (a direct torch.ops call skips the Python check)."""
     prob = make_problem(9, 5, 67, [3, 2], bias=True, seed=2)
-    plan = _plan_tensors(prob)
+    plan, paired_rows = _plan_tensors(prob)
     with pytest.raises(ValueError, match=match):
-        torch.ops.crystal_ext.lm_head_losses_fwd(
-            prob["hidden"], prob["weight"], prob["bias"], *plan.values(), scale, cap, False
-        )
+        _direct_call(prob, plan, paired_rows, scale, cap)
 
 
 @pytest.mark.cuda

@@ -234,20 +234,22 @@ def test_fused_override_without_targeted_rows_or_pairs():
 @pytest.mark.parametrize("bias", [False, True])
 def test_opcheck(bias, transform):
     prob = problem(bias=bias)
+    plan = lm_head_plan(
+        prob["targets"],
+        prob["teacher_rows"],
+        prob["student_rows"],
+        prob["pair_sample"],
+        0.5,
+        prob["hidden"].shape[0],
+        prob["weight"].shape[0],
+        prob["hidden"].device,
+    )
     args = (
         prob["hidden"].requires_grad_(),
         prob["weight"],
         prob["bias"],
-        *lm_head_plan(
-            prob["targets"],
-            prob["teacher_rows"],
-            prob["student_rows"],
-            prob["pair_sample"],
-            0.5,
-            prob["hidden"].shape[0],
-            prob["weight"].shape[0],
-            prob["hidden"].device,
-        ).tensors(),  # fmt: skip
+        plan.tensors(),
+        plan.paired_rows,
         prob["override_ids"],
         prob["override_rows"].requires_grad_(),
         *transform,

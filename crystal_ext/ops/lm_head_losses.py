@@ -54,7 +54,7 @@ from __future__ import annotations
 import torch
 
 import crystal_ext.ops._extension as _extension
-from crystal_ext.ops.lm_head_plan import LmHeadPlan, lm_head_plan
+from crystal_ext.ops.lm_head_plan import LmHeadPlan, PlanTensors, lm_head_plan
 from crystal_ext.ops.model_logits import check_logit_transform
 from crystal_ext.ops.override_rows import check_override, override_lm_head_losses
 
@@ -119,7 +119,7 @@ def lm_head_losses(
         return override_lm_head_losses(hidden, weight, bias, plan, override_ids, override_rows, scale, cap)
     grad_hidden = bool(torch.is_grad_enabled() and hidden.requires_grad)
     ce, kl, *_ = torch.ops.crystal_ext.lm_head_losses_fwd(
-        hidden, weight, bias, *plan.tensors(), scale, cap, grad_hidden
+        hidden, weight, bias, plan.tensors(), plan.paired_rows, scale, cap, grad_hidden
     )
     return ce, kl
 
@@ -181,43 +181,15 @@ def forward_outputs_fake(hidden: torch.Tensor, n_pairs: int, grad_hidden: bool) 
     )
 
 
-_PLAN_ARGS = 8  # rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots, paired_rows
-
 if _extension.extension_available():
 
     @torch.library.register_fake(_OP)
-    def _forward_fake(
-        hidden,
-        weight,
-        bias,
-        rows,
-        row_targets,
-        ce_rows,
-        pair_rows,
-        sample_pairs,
-        sample_k,
-        kept_slots,
-        paired_rows,
-        logit_scale,
-        logit_softcap,
-        grad_hidden,
-    ):
-        return forward_outputs_fake(hidden, pair_rows.shape[1], grad_hidden)
+    def _forward_fake(hidden, weight, bias, plan, paired_rows, logit_scale, logit_softcap, grad_hidden):
+        return forward_outputs_fake(hidden, PlanTensors(*plan).pair_rows.shape[1], grad_hidden)
 
     @torch.library.register_fake("crystal_ext::lm_head_losses_bwd")
-    def _backward_fake(grad_ce, grad_kl, hidden, weight, bias, *rest):
-        (
-            *_plan,
-            _scale,
-            _cap,
-            _grad_hidden_ce,
-            _grad_hidden_kl,
-            _lse,
-            _kl_coef,
-            grad_hidden,
-            grad_weight,
-            grad_bias,
-        ) = rest
+    def _backward_fake(grad_ce, grad_kl, hidden, weight, bias, plan, paired_rows, *rest):
+        *_transform_and_saved, (grad_hidden, grad_weight, grad_bias) = rest
         return (
             hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty((0,)),
             weight.new_empty(weight.shape) if grad_weight else weight.new_empty((0,)),
@@ -225,17 +197,17 @@ if _extension.extension_available():
         )
 
     def _setup_context(ctx, inputs, output):
-        hidden, weight, bias, *plan, logit_scale, logit_softcap, grad_hidden = inputs
+        hidden, weight, bias, plan, paired_rows, logit_scale, logit_softcap, grad_hidden = inputs
         _ce, _kl, grad_hidden_ce, grad_hidden_kl, lse, kl_coef = output
         ctx.grad_hidden = bool(grad_hidden)
         ctx.logit_transform = (logit_scale, logit_softcap)
         ctx.has_bias = bias is not None
-        ctx.paired_rows = plan[-1]
-        ctx.save_for_backward(hidden, weight, bias, *plan[:-1], grad_hidden_ce, grad_hidden_kl, lse, kl_coef)
+        ctx.paired_rows = paired_rows
+        ctx.save_for_backward(hidden, weight, bias, grad_hidden_ce, grad_hidden_kl, lse, kl_coef, *plan)
 
     def _backward(ctx, grad_ce, grad_kl, *_unused):
-        hidden, weight, bias, *rest = ctx.saved_tensors
-        plan, saved = rest[: _PLAN_ARGS - 1], rest[_PLAN_ARGS - 1 :]
+        hidden, weight, bias, *saved = ctx.saved_tensors
+        saved, plan = saved[:4], saved[4:]  # (grad_hidden_ce, grad_hidden_kl, lse, kl_coef), the plan
         need_hidden = ctx.needs_input_grad[0]
         need_weight = ctx.needs_input_grad[1]
         need_bias = ctx.has_bias and ctx.needs_input_grad[2]
@@ -244,7 +216,8 @@ if _extension.extension_available():
                 "lm_head_losses: hidden did not require grad when the forward ran, so its "
                 "gradient was not prepared; set requires_grad before calling the op"
             )
-        none = (None,) * (_PLAN_ARGS + 3)  # the plan, logit_scale, logit_softcap, grad_hidden
+        # plan (a list: one None per tensor), paired_rows, logit_scale, logit_softcap, grad_hidden
+        none = ([None] * len(plan), None, None, None, None)
         if not (need_hidden or need_weight or need_bias):
             return (None, None, None, *none)
         gh, gw, gb = torch.ops.crystal_ext.lm_head_losses_bwd(
@@ -253,13 +226,11 @@ if _extension.extension_available():
             hidden,
             weight,
             bias,
-            *plan,
+            plan,
             ctx.paired_rows,
             *ctx.logit_transform,
             *saved,
-            bool(need_hidden),
-            bool(need_weight),
-            bool(need_bias),
+            [bool(need_hidden), bool(need_weight), bool(need_bias)],
         )
         return (
             gh if need_hidden else None,

@@ -11,6 +11,7 @@ backward waits for the device (the per-sample top-k selection runs on the device
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -18,6 +19,21 @@ import crystal_ext.ops._extension as _extension
 from crystal_ext.ops.layout import IGNORE, copy_to_device
 
 _NAME = "lm_head_losses"
+
+
+class PlanTensors(NamedTuple):
+    """The plan's index tensors in the order of the op schema's `Tensor[] plan` argument
+    (csrc/lm_head_plan.h unpacks the same order): what `LmHeadPlan.tensors()` passes to the op,
+    and the names a fake kernel or an autograd formula reads the op's list with
+    (`PlanTensors(*plan)`)."""
+
+    rows: torch.Tensor
+    row_targets: torch.Tensor
+    ce_rows: torch.Tensor
+    pair_rows: torch.Tensor
+    sample_pairs: torch.Tensor
+    sample_k: torch.Tensor
+    kept_slots: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -53,18 +69,9 @@ class LmHeadPlan:
     def device(self) -> torch.device:
         return self.rows.device
 
-    def tensors(self) -> tuple:
-        """The op's plan arguments, in its schema's order."""
-        return (
-            self.rows,
-            self.row_targets,
-            self.ce_rows,
-            self.pair_rows,
-            self.sample_pairs,
-            self.sample_k,
-            self.kept_slots,
-            self.paired_rows,
-        )
+    def tensors(self) -> PlanTensors:
+        """The op's `plan` argument (its `paired_rows` argument is `self.paired_rows`)."""
+        return PlanTensors(*(getattr(self, name) for name in PlanTensors._fields))
 
 
 def _index(t, name: str) -> torch.Tensor:
@@ -106,7 +113,23 @@ def lm_head_plan(
     teacher = _index(teacher_rows, "teacher_rows")
     student = _index(student_rows, "student_rows")
     sample = _index(pair_sample, "pair_sample")
-    n, m = int(n_rows), teacher.numel()
+    topk_fraction = float(topk_fraction)
+    _check_values(targets, teacher, student, sample, topk_fraction, int(n_rows), vocab)
+    rows, row_targets, ce_rows, pair_rows, paired_rows = _logit_rows(targets, teacher, student)
+    sample_pairs, sample_k, kept_slots = _kept_ranks(sample, topk_fraction)
+    host = PlanTensors(rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots)
+    return LmHeadPlan(
+        *copy_to_device(host, torch.device(device)),
+        paired_rows=paired_rows,
+        n_rows=int(n_rows),
+        vocab=int(vocab),
+        topk_fraction=topk_fraction,
+    )
+
+
+def _check_values(targets, teacher, student, sample, topk_fraction: float, n: int, vocab: int) -> None:
+    """The index arguments' sizes and values (host tensors); errors name the argument."""
+    m = teacher.numel()
     if targets.numel() != n:
         raise ValueError(f"{_NAME}: targets has {targets.numel()} entries but hidden has {n} rows")
     for name, t in (("student_rows", student), ("pair_sample", sample)):
@@ -114,7 +137,6 @@ def lm_head_plan(
             raise ValueError(
                 f"{_NAME}: {name} has {t.numel()} entries but teacher_rows has {m} (one entry per pair in each)"
             )
-    topk_fraction = float(topk_fraction)
     if not (0.0 < topk_fraction <= 1.0):  # also false for NaN
         raise ValueError(f"{_NAME}: topk_fraction must lie in (0, 1], got {topk_fraction}")
     bad = _first_bad((targets != IGNORE) & ((targets < 0) | (targets >= vocab)))
@@ -128,7 +150,11 @@ def lm_head_plan(
         if bad is not None:
             raise ValueError(f"{_NAME}: {name}[{bad}] = {int(t[bad])} is not a row of hidden (N={n})")
 
-    # Rows needing logits: the paired rows in order of first appearance, then the other CE rows.
+
+def _logit_rows(targets, teacher, student) -> tuple:
+    """Rows needing logits: the paired rows in order of first appearance, then the other CE
+    rows. Returns (rows, row_targets, ce_rows, pair_rows, paired_rows)."""
+    n, m = targets.numel(), teacher.numel()
     appearance = torch.stack([teacher, student], dim=1).flatten()
     first = torch.full((n,), 2 * m, dtype=torch.long)
     first.scatter_reduce_(0, appearance, torch.arange(2 * m), reduce="amin")
@@ -141,8 +167,13 @@ def lm_head_plan(
     row_targets = targets[rows]
     ce_rows = (row_targets != IGNORE).nonzero().flatten()
     pair_rows = torch.stack([local[teacher], local[student]])
+    return rows, row_targets, ce_rows, pair_rows, int(paired.numel())
 
-    # Samples (in increasing label order) and the place of each pair among its sample's pairs.
+
+def _kept_ranks(sample, topk_fraction: float) -> tuple:
+    """Samples (in increasing label order), the place of each pair among its sample's pairs and
+    the ranks kept per sample. Returns (sample_pairs, sample_k, kept_slots)."""
+    m = sample.numel()
     labels, which = torch.unique(sample, sorted=True, return_inverse=True)
     counts = torch.bincount(which, minlength=labels.numel())
     width = int(counts.max()) if m else 0
@@ -157,11 +188,4 @@ def lm_head_plan(
     kept_slots = torch.cat(
         [torch.arange(k) + s * width for s, k in enumerate(ks)] or [torch.zeros(0, dtype=torch.long)]
     )
-    host = (rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots)
-    return LmHeadPlan(
-        *copy_to_device(host, torch.device(device)),
-        paired_rows=int(paired.numel()),
-        n_rows=n,
-        vocab=int(vocab),
-        topk_fraction=topk_fraction,
-    )
+    return sample_pairs, sample_k, kept_slots

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from crystal_ext.ops.lm_head_plan import PlanTensors
 from crystal_ext.ops.model_logits import model_logits
 
 
@@ -81,13 +82,7 @@ def _override_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    row_targets: torch.Tensor,
-    ce_rows: torch.Tensor,
-    pair_rows: torch.Tensor,
-    sample_pairs: torch.Tensor,
-    sample_k: torch.Tensor,
-    kept_slots: torch.Tensor,
+    plan: list[torch.Tensor],
     paired_rows: int,
     override_ids: torch.Tensor,
     override_rows: torch.Tensor,
@@ -97,7 +92,7 @@ def _override_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The compiled forward with the override rows written into the weight for the call:
     (ce, kl, d ce / d hidden, d kl / d hidden, lse, pair coefficients), as lm_head_losses_fwd.
-    rows .. paired_rows: the plan (crystal_ext.ops.lm_head_plan.LmHeadPlan.tensors())."""
+    plan, paired_rows: the plan (crystal_ext.ops.lm_head_plan.LmHeadPlan.tensors(), .paired_rows)."""
     # Written through .data and put back before returning: the weight is unchanged for every
     # reader, and its version counter (shared with its base: under FSDP the head and the
     # trained rows are views of one flat parameter) is not bumped, which would make autograd
@@ -108,30 +103,30 @@ def _override_forward(
         storage[override_ids] = override_rows.detach().to(weight.dtype)
         try:
             out = torch.ops.crystal_ext.lm_head_losses_fwd(
-                hidden, storage, bias, rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k,
-                kept_slots, paired_rows, logit_scale, logit_softcap, grad_hidden,
-            )  # fmt: skip
+                hidden, storage, bias, plan, paired_rows, logit_scale, logit_softcap, grad_hidden
+            )
         finally:
             storage[override_ids] = kept
     return tuple(out)
 
 
 @_override_forward.register_fake
-def _override_forward_fake(hidden, weight, bias, rows, row_targets, ce_rows, pair_rows, *rest):
+def _override_forward_fake(hidden, weight, bias, plan, *rest):
     # Imported here: crystal_ext.ops.lm_head_losses imports this module.
     from crystal_ext.ops.lm_head_losses import forward_outputs_fake
 
-    return forward_outputs_fake(hidden, pair_rows.shape[1], rest[-1])
+    return forward_outputs_fake(hidden, PlanTensors(*plan).pair_rows.shape[1], rest[-1])
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, _weight, bias, rows, row_targets, ce_rows, pair_rows, *_rest = inputs
-    ids, override, logit_scale, logit_softcap, _grads = inputs[-5:]
+    hidden, _weight, bias, plan, _paired_rows, ids, override, logit_scale, logit_softcap, _grads = inputs
     _ce, _kl, grad_ce, grad_kl, lse, coef = output
     ctx.logit_transform = (logit_scale, logit_softcap)
+    plan = PlanTensors(*plan)
     ctx.save_for_backward(
-        hidden, override, bias, rows, row_targets, ce_rows, pair_rows, ids, grad_ce, grad_kl, lse, coef
-    )
+        hidden, override, bias, plan.rows, plan.row_targets, plan.ce_rows, plan.pair_rows, ids,
+        grad_ce, grad_kl, lse, coef,
+    )  # fmt: skip
 
 
 def _backward(ctx, g_ce, g_kl, *_unused):
@@ -163,8 +158,9 @@ def _backward(ctx, g_ce, g_kl, *_unused):
         dz = dz.index_add(0, student, coef[:, None] * (p[student] - p[teacher]) * g_kl)
     if cap:  # each row's gradient through its own soft-cap slope (the student's for the KL)
         dz = dz * (1 - z / cap) * (1 + z / cap)
-    grad_override = (scale * (dz.T @ h)).to(override.dtype) if ctx.needs_input_grad[12] else None
-    return (grad_hidden, *(None,) * 11, grad_override, None, None, None)
+    grad_override = (scale * (dz.T @ h)).to(override.dtype) if ctx.needs_input_grad[6] else None
+    no_plan_grads = [None] * len(PlanTensors._fields)
+    return (grad_hidden, None, None, no_plan_grads, None, None, grad_override, None, None, None)
 
 
 _override_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -187,7 +183,8 @@ def override_lm_head_losses(
         hidden,
         weight,
         bias,
-        *plan.tensors(),
+        plan.tensors(),
+        plan.paired_rows,
         override_ids,
         override_rows,
         logit_scale,

@@ -44,14 +44,14 @@
 #include "lm_head_losses.h"
 #include "lm_head_losses_checks.h"
 #include "lm_head_losses_host.h"
-#include "lm_head_losses_plan.h"
+#include "lm_head_losses_tiling.h"
 
 namespace crystal_ext {
 namespace lm_head {
 namespace {
 
-using cpu_plan::kMaxChunkRows;
-using cpu_plan::vocab_block;
+using cpu_tiling::kMaxChunkRows;
+using cpu_tiling::vocab_block;
 
 // bf16 inputs take the bf16 GEMM path where the CPU has it (see the top of the file), except
 // under a logit soft-cap, whose slope-weighted P and per-pair cross expectations run on the
@@ -112,10 +112,68 @@ at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
   return flat.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
+// One row chunk of the forward sweep: its rows, buffers and running statistics. The running
+// sums, the KL cross terms and the log-sum-exps are kept in double: a pair's KL is
+// A / Z_a - lse_a + lse_s, a small difference of terms of size log V, so their float rounding
+// (~1e-7 absolute) would dominate the KL of two nearly equal rows.
+template <typename acc_t>
+struct Chunk {
+  int64_t begin = 0, R = 0, Vb = 0;
+  bool has_pairs = false;  // pairs live in the first chunk (their rows come first in p.rows)
+  // bf16 path: the hidden rows and P as bf16 A operands; P has n_lo more rows, the lo parts of
+  // the paired rows (local rows 0 .. n_lo - 1).
+  bool bf16_gemm = false;
+  int64_t n_lo = 0, lda_p = 0;
+  // Under a soft-cap the KL gradient needs each pair's cross expectation
+  // X_i = sum_v p_av g_sv W_v (csrc/lm_head_losses.h): its unnormalised rows, rescaled with
+  // the teacher's running max, and their block of P_teacher * g_student.
+  bool cross_expect = false;
+  std::vector<int64_t> rows, target;  // the chunk's rows of hidden and their targets
+  at::Tensor h, s_buf, p_buf, expect, x_expect, pc_buf;
+  cpu_gemm::PackedB packed_logits, packed_expect;
+  std::vector<double> run_sum, cross, lse;
+  std::vector<acc_t> run_max, alpha, target_logit;
+};
+
+// P for the expectation GEMM on the fp32 / fp64 path: p~ = exp(s - shift) times the soft-cap's
+// slope (1 without a cap). Returns the block's sum of p~, in double too: added one by one,
+// thousands of similar terms (a flat distribution) would lose about 1e-5 relative in float.
+template <typename acc_t>
+double fill_p_row(acc_t* pr, const acc_t* s, int64_t vb, acc_t shift, const Problem& p) {
+  double sum = 0.0;
+  for (int64_t v = 0; v < vb; ++v) {
+    pr[v] = unnormalised_prob(s[v], shift);
+    sum += pr[v];
+  }
+  const acc_t cap = static_cast<acc_t>(p.logit_softcap);
+  if (p.capped())
+    for (int64_t v = 0; v < vb; ++v) pr[v] *= softcap_slope(s[v], cap);
+  return sum;
+}
+
+// P on the bf16 path: p~ rounded to bf16 (hi) and, for a paired row (lo not null), the
+// remainder rounded (lo). Returns the block's sum of p~ in double.
+inline double fill_p_row_bf16(at::BFloat16* hi, at::BFloat16* lo, const float* s, int64_t vb,
+                              float shift, int64_t lda_p) {
+  double sum = 0.0;
+  for (int64_t v = 0; v < vb; ++v) {
+    const float pv = static_cast<float>(unnormalised_prob(s[v], shift));
+    sum += pv;
+    hi[v] = at::BFloat16(pv);
+    if (lo != nullptr) lo[v] = at::BFloat16(pv - static_cast<float>(hi[v]));
+  }
+  // The A operand's pad columns meet zeros of B, but must not be NaN.
+  for (int64_t v = vb; v < lda_p; ++v) {
+    hi[v] = at::BFloat16(0.0f);
+    if (lo != nullptr) lo[v] = at::BFloat16(0.0f);
+  }
+  return sum;
+}
+
 template <typename acc_t>
 struct Forward {
   const Problem& p;
-  const Plan& plan;
+  const LmHeadPlan& plan;
   const HostPlan& h_plan;
   const at::Tensor& hidden;  // contiguous, input dtype
   const at::Tensor& weight;  // contiguous, input dtype
@@ -141,216 +199,230 @@ struct Forward {
 
   // Returns the sum of the chunk's CE terms.
   double run_chunk(int64_t begin, int64_t end) {
-    const int64_t R = end - begin, Hd = p.hidden_dim, V = p.vocab;
+    Chunk<acc_t> c = start_chunk(begin, end);
+    for (int64_t v0 = 0; v0 < p.vocab; v0 += c.Vb) sweep_block(c, v0);
+    const double ce_sum = finish_rows(c);
+    if (grad_hidden) finish_expectations(c);
+    if (c.has_pairs) finish_pairs(c);
+    return ce_sum;
+  }
+
+  Chunk<acc_t> start_chunk(int64_t begin, int64_t end) {
+    Chunk<acc_t> c;
+    const int64_t R = end - begin, Hd = p.hidden_dim;
     const auto opts = hidden.options().dtype(acc);
-    const std::vector<int64_t> chunk_rows(h_plan.rows.begin() + begin, h_plan.rows.begin() + end);
-    const int64_t Vb = vocab_block(R, V);
-    const at::Tensor s_buf = at::empty({R * Vb}, opts);
-    // Pairs live in the first chunk (their rows come first in p.rows).
-    const bool has_pairs = begin == 0 && p.n_pairs > 0;
-    // bf16 path: the hidden rows and P as bf16 A operands; P has n_lo more rows, the lo parts
-    // of the paired rows (local rows 0 .. n_lo - 1).
-    const bool bf16_gemm = std::is_same<acc_t, float>::value && use_bf16_gemm(hidden, p);
-    const int64_t n_lo = bf16_gemm && has_pairs ? p.n_paired_rows : 0;
-    const at::Tensor chunk_hidden = hidden.index_select(0, long_tensor(chunk_rows));
-    const at::Tensor h = bf16_gemm ? cpu_gemm::a_operand(chunk_hidden) : chunk_hidden.to(acc).contiguous();
-    const int64_t lda_p = bf16_gemm ? cpu_gemm::operand_lda(Vb) : Vb;
-    const at::Tensor p_buf = bf16_gemm ? at::empty({(R + n_lo) * lda_p}, hidden.options())
-                                       : at::empty({R * Vb}, opts);
-    cpu_gemm::PackedB packed_logits, packed_expect;
-    at::Tensor expect = grad_hidden ? at::zeros({R, Hd}, opts) : at::Tensor();
-    // The running sums, the KL cross terms and the log-sum-exps are kept in double: a pair's
-    // KL is A / Z_a - lse_a + lse_s, a small difference of terms of size log V, so their float
-    // rounding (~1e-7 absolute) would dominate the KL of two nearly equal rows.
-    std::vector<double> run_sum(R, 0.0);
-    std::vector<acc_t> run_max(R, neg_inf<acc_t>()),
-        alpha(R, acc_t(0)), target_logit(R, acc_t(0));
-    const std::vector<int64_t> target(h_plan.row_targets.begin() + begin,
-                                      h_plan.row_targets.begin() + end);
-    std::vector<double> cross(has_pairs ? p.n_pairs : 0, 0.0);
-    // Under a soft-cap the KL gradient needs each pair's cross expectation
-    // X_i = sum_v p_av g_sv W_v (csrc/lm_head_losses.h): its unnormalised rows, rescaled with
-    // the teacher's running max, and their block of P_teacher * g_student.
-    const bool cross_expect = has_pairs && grad_hidden && p.capped();
-    const acc_t cap = static_cast<acc_t>(p.logit_softcap);
-    at::Tensor x_expect = cross_expect ? at::zeros({p.n_pairs, Hd}, opts) : at::Tensor();
-    const at::Tensor pc_buf = cross_expect ? at::empty({p.n_pairs * Vb}, opts) : at::Tensor();
-    // Local positions of each pair's rows (the first chunk starts at position 0).
+    c.begin = begin;
+    c.R = R;
+    c.rows.assign(h_plan.rows.begin() + begin, h_plan.rows.begin() + end);
+    c.target.assign(h_plan.row_targets.begin() + begin, h_plan.row_targets.begin() + end);
+    c.Vb = vocab_block(R, p.vocab);
+    c.s_buf = at::empty({R * c.Vb}, opts);
+    c.has_pairs = begin == 0 && p.n_pairs > 0;
+    c.bf16_gemm = std::is_same<acc_t, float>::value && use_bf16_gemm(hidden, p);
+    c.n_lo = c.bf16_gemm && c.has_pairs ? p.n_paired_rows : 0;
+    const at::Tensor chunk_hidden = hidden.index_select(0, long_tensor(c.rows));
+    c.h = c.bf16_gemm ? cpu_gemm::a_operand(chunk_hidden) : chunk_hidden.to(acc).contiguous();
+    c.lda_p = c.bf16_gemm ? cpu_gemm::operand_lda(c.Vb) : c.Vb;
+    c.p_buf = c.bf16_gemm ? at::empty({(R + c.n_lo) * c.lda_p}, hidden.options())
+                          : at::empty({R * c.Vb}, opts);
+    if (grad_hidden) c.expect = at::zeros({R, Hd}, opts);
+    c.run_sum.assign(R, 0.0);
+    c.run_max.assign(R, neg_inf<acc_t>());
+    c.alpha.assign(R, acc_t(0));
+    c.target_logit.assign(R, acc_t(0));
+    c.cross.assign(c.has_pairs ? p.n_pairs : 0, 0.0);
+    c.cross_expect = c.has_pairs && grad_hidden && p.capped();
+    if (c.cross_expect) {
+      c.x_expect = at::zeros({p.n_pairs, Hd}, opts);
+      c.pc_buf = at::empty({p.n_pairs * c.Vb}, opts);
+    }
+    return c;
+  }
+
+  // One vocabulary block [v0, v0 + Vb): the logits GEMM, the rows' online statistics, the
+  // pairs' cross terms, the expectation GEMMs.
+  void sweep_block(Chunk<acc_t>& c, int64_t v0) {
+    const int64_t vb = std::min(c.Vb, p.vocab - v0);
+    const at::Tensor S = front(c.s_buf, c.R, vb);
+    const at::Tensor w = logits_block(S, c.h, weight, bias, v0, vb, c.bf16_gemm, &c.packed_logits, acc);
+    if (c.bf16_gemm && grad_hidden) cpu_gemm::pack_into(weight.narrow(0, v0, vb), &c.packed_expect);
+    acc_t* s_ptr = S.data_ptr<acc_t>();
+    transform_rows(s_ptr, c.R, vb, p);
+    row_statistics(c, s_ptr, vb, v0);
+    if (c.has_pairs) pair_cross_terms(c, s_ptr, vb);
+    expectation_gemms(c, w, vb);
+  }
+
+  // Per row: online max / sum, P, target logit, rescale of the running expectation O.
+  void row_statistics(Chunk<acc_t>& c, const acc_t* s_ptr, int64_t vb, int64_t v0) {
+    acc_t* p_ptr = c.bf16_gemm ? nullptr : c.p_buf.template data_ptr<acc_t>();
+    at::BFloat16* p16_ptr = c.bf16_gemm ? c.p_buf.template data_ptr<at::BFloat16>() : nullptr;
+    acc_t* e_ptr = grad_hidden ? c.expect.template data_ptr<acc_t>() : nullptr;
+    const int64_t Hd = p.hidden_dim;
+    at::parallel_for(0, c.R, 16, [&](int64_t rb, int64_t re) {
+      for (int64_t j = rb; j < re; ++j) {
+        const acc_t* s = s_ptr + j * vb;
+        acc_t bmax = c.run_max[j];
+        for (int64_t v = 0; v < vb; ++v) bmax = s[v] > bmax ? s[v] : bmax;
+        const acc_t a = block_rescale(c.run_max[j], bmax);
+        const acc_t shift = exp_shift(bmax);
+        double sum = 0.0;
+        if (!c.bf16_gemm) {
+          sum = fill_p_row(p_ptr + j * vb, s, vb, shift, p);
+        } else if constexpr (std::is_same<acc_t, float>::value) {  // (bf16_gemm implies float)
+          at::BFloat16* lo = j < c.n_lo ? p16_ptr + (c.R + j) * c.lda_p : nullptr;
+          sum = fill_p_row_bf16(p16_ptr + j * c.lda_p, lo, s, vb, shift, c.lda_p);
+        }
+        c.run_sum[j] = c.run_sum[j] * static_cast<double>(a) + sum;
+        c.run_max[j] = bmax;
+        c.alpha[j] = a;
+        const int64_t t = c.target[j];
+        if (t >= v0 && t < v0 + vb) c.target_logit[j] = s[t - v0];
+        if (e_ptr != nullptr && a != acc_t(1)) {
+          acc_t* e = e_ptr + j * Hd;
+          for (int64_t d = 0; d < Hd; ++d) e[d] *= a;
+        }
+      }
+    });
+  }
+
+  // Per pair: the KL cross term A += sum_v P_teacher (S_teacher - S_student) and, under a
+  // soft-cap, the block of P_teacher * g_student (the pairs' rows are local positions: the first
+  // chunk starts at position 0).
+  void pair_cross_terms(Chunk<acc_t>& c, const acc_t* s_ptr, int64_t vb) {
     const std::vector<int64_t>& pair_t = h_plan.pair_t;
     const std::vector<int64_t>& pair_s = h_plan.pair_s;
+    const acc_t cap = static_cast<acc_t>(p.logit_softcap);
+    const int64_t Hd = p.hidden_dim;
+    at::parallel_for(0, p.n_pairs, 4, [&](int64_t ib, int64_t ie) {
+      for (int64_t i = ib; i < ie; ++i) {
+        const acc_t* st = s_ptr + pair_t[i] * vb;
+        const acc_t* ss = s_ptr + pair_s[i] * vb;
+        // The teacher's unnormalised probabilities again, in acc_t (P may be bf16).
+        const acc_t t_max = exp_shift(c.run_max[pair_t[i]]);
+        acc_t* pc = c.cross_expect ? c.pc_buf.template data_ptr<acc_t>() + i * vb : nullptr;
+        double sum = 0.0;  // in double, as the row sums
+        for (int64_t v = 0; v < vb; ++v) {
+          const acc_t e = unnormalised_prob(st[v], t_max);
+          sum += kl_cross_term(e, st[v], ss[v]);
+          if (pc != nullptr) pc[v] = e * softcap_slope(ss[v], cap);
+        }
+        const acc_t a = c.alpha[pair_t[i]];
+        c.cross[i] = c.cross[i] * static_cast<double>(a) + sum;
+        if (c.cross_expect && a != acc_t(1)) {
+          acc_t* x = c.x_expect.template data_ptr<acc_t>() + i * Hd;
+          for (int64_t d = 0; d < Hd; ++d) x[d] *= a;
+        }
+      }
+    });
+  }
 
-    for (int64_t v0 = 0; v0 < V; v0 += Vb) {
-      const int64_t vb = std::min(Vb, V - v0);
-      const at::Tensor S = front(s_buf, R, vb);
-      const at::Tensor w = logits_block(S, h, weight, bias, v0, vb, bf16_gemm, &packed_logits, acc);
-      if (bf16_gemm && grad_hidden) cpu_gemm::pack_into(weight.narrow(0, v0, vb), &packed_expect);
-      acc_t* s_ptr = S.data_ptr<acc_t>();
-      transform_rows(s_ptr, R, vb, p);
-      acc_t* p_ptr = bf16_gemm ? nullptr : p_buf.data_ptr<acc_t>();
-      at::BFloat16* p16_ptr = bf16_gemm ? p_buf.data_ptr<at::BFloat16>() : nullptr;
-      acc_t* e_ptr = grad_hidden ? expect.data_ptr<acc_t>() : nullptr;
-      at::parallel_for(0, R, 16, [&](int64_t rb, int64_t re) {
-        for (int64_t j = rb; j < re; ++j) {
-          const acc_t* s = s_ptr + j * vb;
-          acc_t bmax = run_max[j];
-          for (int64_t v = 0; v < vb; ++v) bmax = s[v] > bmax ? s[v] : bmax;
-          const acc_t a = block_rescale(run_max[j], bmax);
-          const acc_t shift = exp_shift(bmax);
-          // A block's sums in double too: added one by one, thousands of similar terms (a flat
-          // distribution) would lose about 1e-5 relative in float.
-          double sum = 0.0;
-          if (!bf16_gemm) {
-            // P enters the expectation GEMM: p~ times the soft-cap's slope (1 without a cap).
-            acc_t* pr = p_ptr + j * vb;
-            for (int64_t v = 0; v < vb; ++v) {
-              pr[v] = unnormalised_prob(s[v], shift);
-              sum += pr[v];
-            }
-            if (p.capped())
-              for (int64_t v = 0; v < vb; ++v) pr[v] *= softcap_slope(s[v], cap);
-          } else {
-            at::BFloat16* hi = p16_ptr + j * lda_p;
-            at::BFloat16* lo = j < n_lo ? p16_ptr + (R + j) * lda_p : nullptr;
-            for (int64_t v = 0; v < vb; ++v) {
-              const float pv = static_cast<float>(unnormalised_prob(s[v], shift));
-              sum += pv;
-              hi[v] = at::BFloat16(pv);
-              if (lo != nullptr) lo[v] = at::BFloat16(pv - static_cast<float>(hi[v]));
-            }
-            // The A operand's pad columns meet zeros of B, but must not be NaN.
-            for (int64_t v = vb; v < lda_p; ++v) {
-              hi[v] = at::BFloat16(0.0f);
-              if (lo != nullptr) lo[v] = at::BFloat16(0.0f);
-            }
-          }
-          run_sum[j] = run_sum[j] * static_cast<double>(a) + sum;
-          run_max[j] = bmax;
-          alpha[j] = a;
-          if (target[j] >= v0 && target[j] < v0 + vb) target_logit[j] = s[target[j] - v0];
-          if (e_ptr != nullptr && a != acc_t(1)) {
-            acc_t* e = e_ptr + j * Hd;
-            for (int64_t d = 0; d < Hd; ++d) e[d] *= a;
-          }
-        }
-      });
-      if (has_pairs) {
-        at::parallel_for(0, p.n_pairs, 4, [&](int64_t ib, int64_t ie) {
-          for (int64_t i = ib; i < ie; ++i) {
-            const acc_t* st = s_ptr + pair_t[i] * vb;
-            const acc_t* ss = s_ptr + pair_s[i] * vb;
-            // The teacher's unnormalised probabilities again, in acc_t (P may be bf16).
-            const acc_t t_max = exp_shift(run_max[pair_t[i]]);
-            acc_t* pc = cross_expect ? pc_buf.data_ptr<acc_t>() + i * vb : nullptr;
-            double sum = 0.0;  // in double, as the row sums above
-            for (int64_t v = 0; v < vb; ++v) {
-              const acc_t e = unnormalised_prob(st[v], t_max);
-              sum += kl_cross_term(e, st[v], ss[v]);
-              if (pc != nullptr) pc[v] = e * softcap_slope(ss[v], cap);
-            }
-            cross[i] = cross[i] * static_cast<double>(alpha[pair_t[i]]) + sum;
-            if (cross_expect && alpha[pair_t[i]] != acc_t(1)) {
-              acc_t* x = x_expect.data_ptr<acc_t>() + i * Hd;
-              for (int64_t d = 0; d < Hd; ++d) x[d] *= alpha[pair_t[i]];
-            }
-          }
-        });
+  // O += P W_blk (and X += Pc W_blk under a soft-cap); w is the block in acc_t off the bf16 path.
+  void expectation_gemms(Chunk<acc_t>& c, const at::Tensor& w, int64_t vb) {
+    if (grad_hidden && c.bf16_gemm) {
+      if constexpr (std::is_same<acc_t, float>::value) {  // (bf16_gemm implies acc_t float)
+        // O += P_hi W for every row, then O += P_lo W for the paired rows (0 .. n_lo - 1).
+        const at::BFloat16* p16_ptr = c.p_buf.template data_ptr<at::BFloat16>();
+        float* e_ptr = c.expect.template data_ptr<float>();
+        cpu_gemm::gemm_bf16_f32(p16_ptr, c.lda_p, c.R, c.packed_expect, e_ptr, p.hidden_dim,
+                                /*accumulate=*/true);
+        if (c.n_lo > 0)
+          cpu_gemm::gemm_bf16_f32(p16_ptr + c.R * c.lda_p, c.lda_p, c.n_lo, c.packed_expect, e_ptr,
+                                  p.hidden_dim, /*accumulate=*/true);
       }
-      if (grad_hidden && bf16_gemm) {
-        if constexpr (std::is_same<acc_t, float>::value) {  // (bf16_gemm implies acc_t float)
-          // O += P_hi W for every row, then O += P_lo W for the paired rows (0 .. n_lo - 1).
-          cpu_gemm::gemm_bf16_f32(p16_ptr, lda_p, R, packed_expect, e_ptr, Hd, /*accumulate=*/true);
-          if (n_lo > 0)
-            cpu_gemm::gemm_bf16_f32(p16_ptr + R * lda_p, lda_p, n_lo, packed_expect, e_ptr, Hd,
-                                    /*accumulate=*/true);
-        }
-      } else if (grad_hidden) {
-        expect.addmm_(front(p_buf, R, vb), w);
-      }
-      if (cross_expect) x_expect.addmm_(front(pc_buf, p.n_pairs, vb), w);
+    } else if (grad_hidden) {
+      c.expect.addmm_(front(c.p_buf, c.R, vb), w);
     }
+    if (c.cross_expect) c.x_expect.addmm_(front(c.pc_buf, p.n_pairs, vb), w);
+  }
 
-    // Finish: lse, CE terms, expectations E = O / Z.
+  // lse of the chunk's rows (into the output and c.lse); returns the sum of their CE terms.
+  double finish_rows(Chunk<acc_t>& c) {
     acc_t* lse_ptr = lse.data_ptr<acc_t>();
-    std::vector<double> chunk_lse(R);
+    c.lse.resize(c.R);
     double ce_sum = 0.0;
-    for (int64_t j = 0; j < R; ++j) {
-      chunk_lse[j] = lse_finish(static_cast<double>(run_max[j]), run_sum[j]);
-      lse_ptr[chunk_rows[j]] = static_cast<acc_t>(chunk_lse[j]);
-      if (target[j] != kIgnoreIndex)
-        ce_sum += ce_row(chunk_lse[j], static_cast<double>(target_logit[j]));
-    }
-    if (grad_hidden) {
-      acc_t* e_ptr = expect.data_ptr<acc_t>();
-      acc_t* g_ptr = grad_ce.data_ptr<acc_t>();
-      // The logit scale multiplies every hidden gradient once, here.
-      const acc_t inv_n = p.n_targeted > 0
-                              ? static_cast<acc_t>(p.logit_scale) / acc_t(p.n_targeted)
-                              : acc_t(0);
-      at::parallel_for(0, R, 16, [&](int64_t rb, int64_t re) {
-        for (int64_t j = rb; j < re; ++j) {
-          acc_t* e = e_ptr + j * Hd;
-          const acc_t inv_z = static_cast<acc_t>(1.0 / run_sum[j]);
-          for (int64_t d = 0; d < Hd; ++d) e[d] *= inv_z;
-        }
-      });
-      if (cross_expect) {
-        acc_t* x_ptr = x_expect.data_ptr<acc_t>();
-        for (int64_t i = 0; i < p.n_pairs; ++i) {
-          const acc_t inv_z = static_cast<acc_t>(1.0 / run_sum[pair_t[i]]);
-          for (int64_t d = 0; d < Hd; ++d) x_ptr[i * Hd + d] *= inv_z;
-        }
-      }
-      // d ce / d h_r = scale (E_r - g_rt W_t) / n_targeted, for the chunk's targeted rows (the
-      // target rows of W gathered once, in acc_t).
-      std::vector<int64_t> safe_target(R);
-      for (int64_t j = 0; j < R; ++j) safe_target[j] = target[j] == kIgnoreIndex ? 0 : target[j];
-      const at::Tensor wt = weight.index_select(0, long_tensor(safe_target)).to(acc).contiguous();
-      const acc_t* wt_ptr = wt.data_ptr<acc_t>();
-      at::parallel_for(0, R, 16, [&](int64_t rb, int64_t re) {
-        for (int64_t j = rb; j < re; ++j) {
-          if (target[j] == kIgnoreIndex) continue;
-          const acc_t* w = wt_ptr + j * Hd;
-          const acc_t* e = e_ptr + j * Hd;
-          const acc_t slope = softcap_slope(target_logit[j], cap);
-          acc_t* g = g_ptr + chunk_rows[j] * Hd;
-          for (int64_t d = 0; d < Hd; ++d) g[d] = ce_hidden_grad(e[d], slope * w[d], inv_n);
-        }
-      });
-    }
-
-    if (has_pairs) {
-      at::Tensor pair_kl_values = at::empty({p.n_pairs}, opts);
-      acc_t* kl_ptr = pair_kl_values.data_ptr<acc_t>();
-      for (int64_t i = 0; i < p.n_pairs; ++i)
-        kl_ptr[i] = static_cast<acc_t>(
-            pair_kl(cross[i], run_sum[pair_t[i]], chunk_lse[pair_t[i]], chunk_lse[pair_s[i]]));
-      // The same ATen selection as on the GPU (lm_head_losses_host.h).
-      auto selected = select_topk(pair_kl_values, plan, p);
-      kl = selected.first.template item<acc_t>();
-      coef = selected.second;
-      const acc_t* c = coef.data_ptr<acc_t>();
-      if (grad_hidden) {
-        // d KL / d h_s = sum over kept pairs i with student s of scale coef_i (E_s - X_i),
-        // X_i = E_teacher without a soft-cap.
-        const acc_t* e_ptr = expect.data_ptr<acc_t>();
-        const acc_t* x_ptr = cross_expect ? x_expect.data_ptr<acc_t>() : nullptr;
-        acc_t* g_ptr = grad_kl.data_ptr<acc_t>();
-        const std::vector<int64_t>& st = h_plan.student;
-        const acc_t scale = static_cast<acc_t>(p.logit_scale);
-        for (int64_t i = 0; i < p.n_pairs; ++i) {
-          if (c[i] == acc_t(0)) continue;
-          const acc_t* es = e_ptr + pair_s[i] * Hd;
-          const acc_t* et = x_ptr != nullptr ? x_ptr + i * Hd : e_ptr + pair_t[i] * Hd;
-          acc_t* g = g_ptr + st[i] * Hd;
-          for (int64_t d = 0; d < Hd; ++d) g[d] += kl_hidden_grad(es[d], et[d], scale * c[i]);
-        }
-      }
+    for (int64_t j = 0; j < c.R; ++j) {
+      c.lse[j] = lse_finish(static_cast<double>(c.run_max[j]), c.run_sum[j]);
+      lse_ptr[c.rows[j]] = static_cast<acc_t>(c.lse[j]);
+      if (c.target[j] != kIgnoreIndex)
+        ce_sum += ce_row(c.lse[j], static_cast<double>(c.target_logit[j]));
     }
     return ce_sum;
   }
+
+  // E = O / Z (and X / Z_teacher), then d ce / d h_r = scale (E_r - g_rt W_t) / n_targeted for
+  // the chunk's targeted rows (the target rows of W gathered once, in acc_t).
+  void finish_expectations(Chunk<acc_t>& c) {
+    const int64_t Hd = p.hidden_dim;
+    acc_t* e_ptr = c.expect.template data_ptr<acc_t>();
+    at::parallel_for(0, c.R, 16, [&](int64_t rb, int64_t re) {
+      for (int64_t j = rb; j < re; ++j) {
+        acc_t* e = e_ptr + j * Hd;
+        const acc_t inv_z = static_cast<acc_t>(1.0 / c.run_sum[j]);
+        for (int64_t d = 0; d < Hd; ++d) e[d] *= inv_z;
+      }
+    });
+    if (c.cross_expect) {
+      acc_t* x_ptr = c.x_expect.template data_ptr<acc_t>();
+      for (int64_t i = 0; i < p.n_pairs; ++i) {
+        const acc_t inv_z = static_cast<acc_t>(1.0 / c.run_sum[h_plan.pair_t[i]]);
+        for (int64_t d = 0; d < Hd; ++d) x_ptr[i * Hd + d] *= inv_z;
+      }
+    }
+    // The logit scale multiplies every hidden gradient once, here.
+    const acc_t inv_n = p.n_targeted > 0
+                            ? static_cast<acc_t>(p.logit_scale) / acc_t(p.n_targeted)
+                            : acc_t(0);
+    const acc_t cap = static_cast<acc_t>(p.logit_softcap);
+    std::vector<int64_t> safe_target(c.R);
+    for (int64_t j = 0; j < c.R; ++j) safe_target[j] = c.target[j] == kIgnoreIndex ? 0 : c.target[j];
+    const at::Tensor wt = weight.index_select(0, long_tensor(safe_target)).to(acc).contiguous();
+    const acc_t* wt_ptr = wt.data_ptr<acc_t>();
+    acc_t* g_ptr = grad_ce.data_ptr<acc_t>();
+    at::parallel_for(0, c.R, 16, [&](int64_t rb, int64_t re) {
+      for (int64_t j = rb; j < re; ++j) {
+        if (c.target[j] == kIgnoreIndex) continue;
+        const acc_t* w = wt_ptr + j * Hd;
+        const acc_t* e = e_ptr + j * Hd;
+        const acc_t slope = softcap_slope(c.target_logit[j], cap);
+        acc_t* g = g_ptr + c.rows[j] * Hd;
+        for (int64_t d = 0; d < Hd; ++d) g[d] = ce_hidden_grad(e[d], slope * w[d], inv_n);
+      }
+    });
+  }
+
+  // The pairs' KLs, the top-k selection (the same ATen code as on the GPU,
+  // lm_head_losses_host.h) and, with grad_hidden, d kl / d h_s = sum over kept pairs i with
+  // student s of scale coef_i (E_s - X_i), X_i = E_teacher without a soft-cap.
+  void finish_pairs(Chunk<acc_t>& c) {
+    const std::vector<int64_t>& pair_t = h_plan.pair_t;
+    const std::vector<int64_t>& pair_s = h_plan.pair_s;
+    at::Tensor pair_kl_values = at::empty({p.n_pairs}, hidden.options().dtype(acc));
+    acc_t* kl_ptr = pair_kl_values.data_ptr<acc_t>();
+    for (int64_t i = 0; i < p.n_pairs; ++i)
+      kl_ptr[i] = static_cast<acc_t>(
+          pair_kl(c.cross[i], c.run_sum[pair_t[i]], c.lse[pair_t[i]], c.lse[pair_s[i]]));
+    auto selected = select_topk(pair_kl_values, plan, p);
+    kl = selected.first.template item<acc_t>();
+    coef = selected.second;
+    if (!grad_hidden) return;
+    const acc_t* co = coef.data_ptr<acc_t>();
+    const int64_t Hd = p.hidden_dim;
+    const acc_t* e_ptr = c.expect.template data_ptr<acc_t>();
+    const acc_t* x_ptr = c.cross_expect ? c.x_expect.template data_ptr<acc_t>() : nullptr;
+    acc_t* g_ptr = grad_kl.data_ptr<acc_t>();
+    const acc_t scale = static_cast<acc_t>(p.logit_scale);
+    for (int64_t i = 0; i < p.n_pairs; ++i) {
+      if (co[i] == acc_t(0)) continue;
+      const acc_t* es = e_ptr + pair_s[i] * Hd;
+      const acc_t* et = x_ptr != nullptr ? x_ptr + i * Hd : e_ptr + pair_t[i] * Hd;
+      acc_t* g = g_ptr + h_plan.student[i] * Hd;
+      for (int64_t d = 0; d < Hd; ++d) g[d] += kl_hidden_grad(es[d], et[d], scale * co[i]);
+    }
+  }
 };
 
-ForwardOutputs forward_sweep(const Problem& p, const Plan& plan, const at::Tensor& hidden,
+ForwardOutputs forward_sweep(const Problem& p, const LmHeadPlan& plan, const at::Tensor& hidden,
                              const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              bool grad_hidden, at::ScalarType acc) {
   ForwardOutputs o;
@@ -365,6 +437,84 @@ ForwardOutputs forward_sweep(const Problem& p, const Plan& plan, const at::Tenso
   return o;
 }
 
+// The rows of the weight-gradient sweep: the logit rows (each once) and the rows of the
+// logit-gradient matrix D, the CE rows first, then one per kept pair.
+struct WeightGradRows {
+  std::vector<int64_t> targets;        // [N] each hidden row's target (-100: none)
+  std::vector<int64_t> teachers;       // [M] each pair's teacher row of hidden
+  std::vector<int64_t> logit_rows;     // [Q] rows of hidden whose logits are needed
+  std::vector<int64_t> local;          // [N] position of a row of hidden in logit_rows, or -1
+  std::vector<int64_t> ce_rows, kept;  // targeted rows of hidden; kept pairs
+  std::vector<int64_t> d_hidden_rows;  // [n_d] hidden row multiplying each D row
+  int64_t n_ce() const { return static_cast<int64_t>(ce_rows.size()); }
+  int64_t n_d() const { return static_cast<int64_t>(d_hidden_rows.size()); }
+  int64_t n_logit() const { return static_cast<int64_t>(logit_rows.size()); }
+};
+
+template <typename acc_t>
+WeightGradRows weight_grad_rows(const Problem& p, const HostPlan& h_plan, const acc_t* coef) {
+  WeightGradRows w;
+  w.targets.assign(p.n_rows, kIgnoreIndex);
+  w.teachers.resize(p.n_pairs);
+  for (int64_t j = 0; j < p.n_logit_rows; ++j) w.targets[h_plan.rows[j]] = h_plan.row_targets[j];
+  for (int64_t i = 0; i < p.n_pairs; ++i) w.teachers[i] = h_plan.rows[h_plan.pair_t[i]];
+  w.local.assign(p.n_rows, -1);
+  auto add = [&](int64_t r) {
+    if (w.local[r] < 0) {
+      w.local[r] = static_cast<int64_t>(w.logit_rows.size());
+      w.logit_rows.push_back(r);
+    }
+  };
+  for (int64_t r = 0; r < p.n_rows; ++r)
+    if (w.targets[r] != kIgnoreIndex) w.ce_rows.push_back(r);
+  for (int64_t i = 0; i < p.n_pairs; ++i)
+    if (coef[i] != acc_t(0)) w.kept.push_back(i);
+  for (int64_t r : w.ce_rows) {
+    add(r);
+    w.d_hidden_rows.push_back(r);
+  }
+  for (int64_t i : w.kept) {
+    add(w.teachers[i]);
+    add(h_plan.student[i]);
+    w.d_hidden_rows.push_back(h_plan.student[i]);
+  }
+  return w;
+}
+
+// D [n_d, vb] of one vocabulary block from its logits S [Q, vb]: each row coef * d loss / d z
+// times the logit scale and its own row's soft-cap slope (the CE row's, or the pair's
+// student's).
+template <typename acc_t>
+void logit_grad_block(const Problem& p, const HostPlan& h_plan, const WeightGradRows& w,
+                      const acc_t* s_ptr, acc_t* d_ptr, int64_t v0, int64_t vb, const acc_t* lse,
+                      const acc_t* coef, acc_t g_ce, acc_t g_kl) {
+  const acc_t scale = static_cast<acc_t>(p.logit_scale), cap = static_cast<acc_t>(p.logit_softcap);
+  const acc_t ce_coef = p.n_targeted > 0 ? scale * g_ce / acc_t(p.n_targeted) : acc_t(0);
+  const int64_t n_ce = w.n_ce();
+  at::parallel_for(0, w.n_d(), 16, [&](int64_t jb, int64_t je) {
+    for (int64_t j = jb; j < je; ++j) {
+      acc_t* drow = d_ptr + j * vb;
+      if (j < n_ce) {
+        const int64_t r = w.ce_rows[j];
+        const acc_t* s = s_ptr + w.local[r] * vb;
+        const int64_t t = w.targets[r] - v0;
+        for (int64_t v = 0; v < vb; ++v)
+          drow[v] = ce_logit_grad(softmax_prob(s[v], lse[r]), v == t, ce_coef) *
+                    softcap_slope(s[v], cap);
+      } else {
+        const int64_t i = w.kept[j - n_ce];
+        const int64_t st = h_plan.student[i], te = w.teachers[i];
+        const acc_t* ss = s_ptr + w.local[st] * vb;
+        const acc_t* sa = s_ptr + w.local[te] * vb;
+        const acc_t c = scale * g_kl * coef[i];
+        for (int64_t v = 0; v < vb; ++v)
+          drow[v] = kl_logit_grad(softmax_prob(ss[v], lse[st]), softmax_prob(sa[v], lse[te]), c) *
+                    softcap_slope(ss[v], cap);
+      }
+    }
+  });
+}
+
 // d weight and d bias: one more sweep over the vocabulary for the CE rows and the kept pairs'
 // rows only, with the saved lse, writing each vocabulary block of the gradients once.
 template <typename acc_t>
@@ -372,35 +522,10 @@ void weight_grad_sweep(const Problem& p, const HostPlan& h_plan, const at::Tenso
                        const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        const at::Tensor& coef_t, const at::Tensor& lse_t, acc_t g_ce, acc_t g_kl,
                        at::ScalarType acc, at::Tensor* grad_weight, at::Tensor* grad_bias) {
-  // Each hidden row's target, and each pair's teacher and student rows of hidden.
-  std::vector<int64_t> targets(p.n_rows, kIgnoreIndex), teachers(p.n_pairs);
-  for (int64_t j = 0; j < p.n_logit_rows; ++j) targets[h_plan.rows[j]] = h_plan.row_targets[j];
-  for (int64_t i = 0; i < p.n_pairs; ++i) teachers[i] = h_plan.rows[h_plan.pair_t[i]];
-  const int64_t* tg = targets.data();
-  const int64_t* te = teachers.data();
-  const int64_t* st = h_plan.student.data();
   const acc_t* coef = coef_t.data_ptr<acc_t>();
   const acc_t* lse = lse_t.data_ptr<acc_t>();
-  // Rows whose logits are needed, and the rows of the logit-gradient matrix D.
-  std::vector<int64_t> logit_rows, local(p.n_rows, -1);
-  auto add = [&](int64_t r) {
-    if (local[r] < 0) {
-      local[r] = static_cast<int64_t>(logit_rows.size());
-      logit_rows.push_back(r);
-    }
-  };
-  std::vector<int64_t> d_hidden_rows;  // hidden row multiplying each D row
-  std::vector<int64_t> ce_rows, kept;
-  for (int64_t r = 0; r < p.n_rows; ++r)
-    if (tg[r] != kIgnoreIndex) ce_rows.push_back(r);
-  for (int64_t i = 0; i < p.n_pairs; ++i)
-    if (coef[i] != acc_t(0)) kept.push_back(i);
-  for (int64_t r : ce_rows) { add(r); d_hidden_rows.push_back(r); }
-  for (int64_t i : kept) { add(te[i]); add(st[i]); d_hidden_rows.push_back(st[i]); }
-  const int64_t Q = static_cast<int64_t>(logit_rows.size());
-  const int64_t n_ce = static_cast<int64_t>(ce_rows.size());
-  const int64_t n_d = static_cast<int64_t>(d_hidden_rows.size());
-  const int64_t V = p.vocab;
+  const WeightGradRows rows = weight_grad_rows(p, h_plan, coef);
+  const int64_t Q = rows.n_logit(), n_d = rows.n_d(), V = p.vocab;
   const auto opts = hidden.options().dtype(acc);
   if (n_d == 0) {  // nothing targeted and no pairs: zero gradients
     if (grad_weight) *grad_weight = at::zeros_like(weight);
@@ -414,8 +539,8 @@ void weight_grad_sweep(const Problem& p, const HostPlan& h_plan, const at::Tenso
   // (formed in fp32, the KL rows as the difference p_s - p_teacher) rounded to bf16, as a
   // bf16 autograd backward rounds its logit gradient; the result is stored in bf16 anyway.
   const bool bf16_gemm = std::is_same<acc_t, float>::value && use_bf16_gemm(hidden, p);
-  const at::Tensor logit_hidden = hidden.index_select(0, long_tensor(logit_rows));
-  const at::Tensor d_hidden = hidden.index_select(0, long_tensor(d_hidden_rows));
+  const at::Tensor logit_hidden = hidden.index_select(0, long_tensor(rows.logit_rows));
+  const at::Tensor d_hidden = hidden.index_select(0, long_tensor(rows.d_hidden_rows));
   const at::Tensor h = bf16_gemm ? cpu_gemm::a_operand(logit_hidden) : logit_hidden.to(acc).contiguous();
   const at::Tensor hd = bf16_gemm ? at::Tensor() : d_hidden.to(acc).contiguous();
   cpu_gemm::PackedB packed_logits, packed_hd;
@@ -423,39 +548,13 @@ void weight_grad_sweep(const Problem& p, const HostPlan& h_plan, const at::Tenso
   const int64_t Vb = vocab_block(std::max(Q, n_d), V);
   const at::Tensor s_buf = at::empty({Q * Vb}, opts), d_buf = at::empty({n_d * Vb}, opts);
   const at::Tensor gw_buf = bf16_gemm && grad_weight ? at::empty({Vb * p.hidden_dim}, opts) : at::Tensor();
-  // The logit scale multiplies every logit gradient; the soft-cap's slope is that of the row
-  // whose gradient it is (the CE row, or the pair's student).
-  const acc_t scale = static_cast<acc_t>(p.logit_scale), cap = static_cast<acc_t>(p.logit_softcap);
-  const acc_t ce_coef = p.n_targeted > 0 ? scale * g_ce / acc_t(p.n_targeted) : acc_t(0);
   for (int64_t v0 = 0; v0 < V; v0 += Vb) {
     const int64_t vb = std::min(Vb, V - v0);
     const at::Tensor S = front(s_buf, Q, vb), D = front(d_buf, n_d, vb);
     logits_block(S, h, weight, bias, v0, vb, bf16_gemm, &packed_logits, acc);
     transform_rows(S.data_ptr<acc_t>(), Q, vb, p);
-    const acc_t* s_ptr = S.data_ptr<acc_t>();
-    acc_t* d_ptr = D.data_ptr<acc_t>();
-    at::parallel_for(0, n_d, 16, [&](int64_t jb, int64_t je) {
-      for (int64_t j = jb; j < je; ++j) {
-        acc_t* drow = d_ptr + j * vb;
-        if (j < n_ce) {
-          const int64_t r = ce_rows[j];
-          const acc_t* s = s_ptr + local[r] * vb;
-          const int64_t t = tg[r] - v0;
-          for (int64_t v = 0; v < vb; ++v)
-            drow[v] = ce_logit_grad(softmax_prob(s[v], lse[r]), v == t, ce_coef) *
-                      softcap_slope(s[v], cap);
-        } else {
-          const int64_t i = kept[j - n_ce];
-          const acc_t* ss = s_ptr + local[st[i]] * vb;
-          const acc_t* sa = s_ptr + local[te[i]] * vb;
-          const acc_t c = scale * g_kl * coef[i];
-          for (int64_t v = 0; v < vb; ++v)
-            drow[v] = kl_logit_grad(softmax_prob(ss[v], lse[st[i]]),
-                                    softmax_prob(sa[v], lse[te[i]]), c) *
-                      softcap_slope(ss[v], cap);
-        }
-      }
-    });
+    logit_grad_block(p, h_plan, rows, S.data_ptr<acc_t>(), D.data_ptr<acc_t>(), v0, vb, lse, coef,
+                     g_ce, g_kl);
     if (grad_weight && bf16_gemm) {
       const at::Tensor d_t = cpu_gemm::transposed_a_operand(D);  // D^T [vb, n_d] in bf16
       at::Tensor gw = front(gw_buf, vb, p.hidden_dim);
@@ -470,7 +569,7 @@ void weight_grad_sweep(const Problem& p, const HostPlan& h_plan, const at::Tenso
   if (grad_bias) *grad_bias = grad_bias->to(weight.scalar_type());
 }
 
-void weight_grads(const Problem& p, const Plan& plan, const at::Tensor& hidden,
+void weight_grads(const Problem& p, const LmHeadPlan& plan, const at::Tensor& hidden,
                   const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                   const at::Tensor& coef, const at::Tensor& lse, const at::Tensor& grad_ce,
                   const at::Tensor& grad_kl, at::ScalarType acc, at::Tensor* grad_weight,
@@ -483,39 +582,19 @@ void weight_grads(const Problem& p, const Plan& plan, const at::Tensor& hidden,
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& rows, const at::Tensor& row_targets, const at::Tensor& ce_rows,
-    const at::Tensor& pair_rows, const at::Tensor& sample_pairs, const at::Tensor& sample_k,
-    const at::Tensor& kept_slots, int64_t paired_rows, double logit_scale, double logit_softcap,
-    bool grad_hidden) {
-  const Plan plan{rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots,
-                  paired_rows};
-  return host_forward(at::kCPU, &forward_sweep, hidden, weight, bias, plan, logit_scale,
-                      logit_softcap, grad_hidden);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_ce, const at::Tensor& grad_kl, const at::Tensor& hidden,
-    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& rows,
-    const at::Tensor& row_targets, const at::Tensor& ce_rows, const at::Tensor& pair_rows,
-    const at::Tensor& sample_pairs, const at::Tensor& sample_k, const at::Tensor& kept_slots,
-    int64_t paired_rows, double logit_scale, double logit_softcap,
-    const at::Tensor& grad_hidden_ce, const at::Tensor& grad_hidden_kl, const at::Tensor& lse,
-    const at::Tensor& coef, bool grad_hidden, bool grad_weight, bool grad_bias) {
-  const Plan plan{rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots,
-                  paired_rows};
-  return host_backward(at::kCPU, &weight_grads, grad_ce, grad_kl, hidden, weight, bias, plan,
-                       logit_scale, logit_softcap, grad_hidden_ce, grad_hidden_kl, lse, coef,
-                       grad_hidden, grad_weight, grad_bias);
-}
+// The CPU kernels, for the shared entry points (lm_head_losses_host.h).
+struct CpuDevice {
+  static constexpr at::DeviceType kType = at::kCPU;
+  struct Scope {
+    explicit Scope(const at::Tensor&) {}
+  };
+  static constexpr ForwardKernel forward = &forward_sweep;
+  static constexpr WeightGradKernel weight_grads = &lm_head::weight_grads;
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(crystal_ext, CPU, m) {
-  m.impl("lm_head_losses_fwd", &forward_cpu);
-  m.impl("lm_head_losses_bwd", &backward_cpu);
-}
+TORCH_LIBRARY_IMPL(crystal_ext, CPU, m) { register_kernels<CpuDevice>(m); }
 
 }  // namespace lm_head
 }  // namespace crystal_ext

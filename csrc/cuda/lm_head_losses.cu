@@ -25,15 +25,15 @@
 #include "lm_head_losses.h"
 #include "lm_head_losses_checks.h"
 #include "lm_head_losses_host.h"
-#include "lm_head_losses_plan.h"
+#include "lm_head_losses_tiling.h"
 
 namespace crystal_ext {
 namespace lm_head {
 namespace {
 
 constexpr int kThreads = 256;
-using cuda_plan::kMaxChunkRows;
-using cuda_plan::vocab_block;
+using cuda_tiling::kMaxChunkRows;
+using cuda_tiling::vocab_block;
 
 at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
   return flat.narrow(0, 0, rows * cols).view({rows, cols});
@@ -269,10 +269,22 @@ void expectation_update(at::Tensor& expect, const at::Tensor& P, const at::Tenso
   }
 }
 
+// One row chunk of the forward sweep: its rows, buffers and running statistics, on the device.
+struct ChunkCuda {
+  int64_t begin = 0, R = 0, Vb = 0;
+  bool has_pairs = false;  // pairs live in the first chunk (their rows come first in p.rows)
+  // Under a soft-cap: each pair's cross expectation X_i (unnormalised, rescaled with the
+  // teacher's running max) and its block of P_teacher * g_student.
+  bool cross_expect = false;
+  at::Tensor rows, target, h, s_buf, p_buf, expect, run_max, run_sum, alpha, target_logit;
+  // Local positions of each pair's rows (the first chunk starts at position 0).
+  at::Tensor cross, pair_t, pair_s, x_expect, pc_buf;
+};
+
 template <typename scalar_t, typename acc_t>
 struct ForwardCuda {
   const Problem& p;
-  const Plan& plan;
+  const LmHeadPlan& plan;
   const at::Tensor& hidden;
   const at::Tensor& weight;
   const c10::optional<at::Tensor>& bias;
@@ -292,100 +304,116 @@ struct ForwardCuda {
   }
 
   void run_chunk(int64_t begin, int64_t end) {
-    const int64_t R = end - begin, Hd = p.hidden_dim, V = p.vocab;
+    ChunkCuda c = start_chunk(begin, end);
+    for (int64_t v0 = 0; v0 < p.vocab; v0 += c.Vb) sweep_block(c, v0);
+    finish_rows(c);
+    if (c.has_pairs) finish_pairs(c);
+  }
+
+  ChunkCuda start_chunk(int64_t begin, int64_t end) {
+    ChunkCuda c;
+    const int64_t R = end - begin, Hd = p.hidden_dim;
     const auto opts = hidden.options().dtype(acc);
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    const at::Tensor rows_dev = plan.rows.narrow(0, begin, R).contiguous();
-    const at::Tensor target_dev = plan.row_targets.narrow(0, begin, R).contiguous();
+    c.begin = begin;
+    c.R = R;
+    c.rows = plan.rows.narrow(0, begin, R).contiguous();
+    c.target = plan.row_targets.narrow(0, begin, R).contiguous();
     const bool half = hidden.scalar_type() == at::kHalf || hidden.scalar_type() == at::kBFloat16;
-    const at::Tensor h = half ? hidden.index_select(0, rows_dev).contiguous()
-                              : hidden.index_select(0, rows_dev).to(acc).contiguous();
-    const int64_t Vb = vocab_block(R, V, Hd);
-    const at::Tensor s_buf = at::empty({R * Vb}, opts), p_buf = at::empty({R * Vb}, opts);
-    at::Tensor expect = grad_hidden ? at::zeros({R, Hd}, opts) : at::Tensor();
-    at::Tensor run_max = at::full({R}, -std::numeric_limits<double>::infinity(), opts);
-    at::Tensor run_sum = at::zeros({R}, opts), alpha = at::zeros({R}, opts),
-               target_logit = at::zeros({R}, opts);
-    const bool has_pairs = begin == 0 && p.n_pairs > 0;
-    at::Tensor cross, pair_t_dev, pair_s_dev;
-    if (has_pairs) {
-      // Local positions of each pair's rows (the first chunk starts at position 0).
-      pair_t_dev = plan.pair_rows.select(0, 0).contiguous();
-      pair_s_dev = plan.pair_rows.select(0, 1).contiguous();
-      cross = at::zeros({p.n_pairs}, opts);
+    c.h = half ? hidden.index_select(0, c.rows).contiguous()
+               : hidden.index_select(0, c.rows).to(acc).contiguous();
+    c.Vb = vocab_block(R, p.vocab, Hd);
+    c.s_buf = at::empty({R * c.Vb}, opts);
+    c.p_buf = at::empty({R * c.Vb}, opts);
+    if (grad_hidden) c.expect = at::zeros({R, Hd}, opts);
+    c.run_max = at::full({R}, -std::numeric_limits<double>::infinity(), opts);
+    c.run_sum = at::zeros({R}, opts);
+    c.alpha = at::zeros({R}, opts);
+    c.target_logit = at::zeros({R}, opts);
+    c.has_pairs = begin == 0 && p.n_pairs > 0;
+    if (c.has_pairs) {
+      c.pair_t = plan.pair_rows.select(0, 0).contiguous();
+      c.pair_s = plan.pair_rows.select(0, 1).contiguous();
+      c.cross = at::zeros({p.n_pairs}, opts);
     }
-    acc_t* e_ptr = grad_hidden ? expect.data_ptr<acc_t>() : nullptr;
-    // Under a soft-cap: each pair's cross expectation X_i (unnormalised, rescaled with the
-    // teacher's running max) and its block of P_teacher * g_student.
-    const bool cross_expect = has_pairs && grad_hidden && p.capped();
-    at::Tensor x_expect, pc_buf;
-    if (cross_expect) {
-      x_expect = at::zeros({p.n_pairs, Hd}, opts);
-      pc_buf = at::empty({p.n_pairs * Vb}, opts);
+    c.cross_expect = c.has_pairs && grad_hidden && p.capped();
+    if (c.cross_expect) {
+      c.x_expect = at::zeros({p.n_pairs, Hd}, opts);
+      c.pc_buf = at::empty({p.n_pairs * c.Vb}, opts);
     }
+    return c;
+  }
+
+  // One vocabulary block [v0, v0 + Vb): the logits GEMM, the rows' online statistics, the
+  // pairs' cross terms, the expectation GEMMs.
+  void sweep_block(ChunkCuda& c, int64_t v0) {
+    const auto stream = c10::cuda::getCurrentCUDAStream();
     const acc_t scale = static_cast<acc_t>(p.logit_scale), cap = static_cast<acc_t>(p.logit_softcap);
-
-    for (int64_t v0 = 0; v0 < V; v0 += Vb) {
-      const int64_t vb = std::min(Vb, V - v0);
-      const at::Tensor w_blk = weight.narrow(0, v0, vb);
-      at::Tensor S = front(s_buf, R, vb), P = front(p_buf, R, vb);
-      block_logits(S, h, w_blk, acc);
-      at::Tensor b_blk;
-      if (bias.has_value() && bias->defined()) b_blk = bias->narrow(0, v0, vb).to(acc).contiguous();
-      row_block_kernel<acc_t><<<R, kThreads, 0, stream>>>(
-          S.data_ptr<acc_t>(), P.data_ptr<acc_t>(), b_blk.defined() ? b_blk.data_ptr<acc_t>() : nullptr,
-          p.transformed(), scale, cap, vb, v0, target_dev.data_ptr<int64_t>(), run_max.data_ptr<acc_t>(),
-          run_sum.data_ptr<acc_t>(), alpha.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>(),
-          e_ptr, Hd);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (has_pairs) {
-        pair_cross_kernel<acc_t><<<p.n_pairs, kThreads, 0, stream>>>(
-            S.data_ptr<acc_t>(), vb, pair_t_dev.data_ptr<int64_t>(), pair_s_dev.data_ptr<int64_t>(),
-            run_max.data_ptr<acc_t>(), alpha.data_ptr<acc_t>(), cap, cross.data_ptr<acc_t>(),
-            cross_expect ? pc_buf.data_ptr<acc_t>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      if (grad_hidden) expectation_update(expect, P, w_blk, acc);
-      if (cross_expect) {
-        x_expect.mul_(alpha.index_select(0, pair_t_dev).unsqueeze(1));
-        expectation_update(x_expect, front(pc_buf, p.n_pairs, vb), w_blk, acc);
-      }
-    }
-
-    // The logit scale multiplies every hidden gradient once: in inv_n and in kl_grad_kernel.
-    const acc_t inv_n = p.n_targeted > 0 ? scale / acc_t(p.n_targeted) : acc_t(0);
-    row_finish_kernel<scalar_t, acc_t><<<R, kThreads, 0, stream>>>(
-        rows_dev.data_ptr<int64_t>(), target_dev.data_ptr<int64_t>(), run_max.data_ptr<acc_t>(),
-        run_sum.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
-        ce_terms.data_ptr<acc_t>() + begin, e_ptr, weight.data_ptr<scalar_t>(), inv_n, cap,
-        grad_hidden ? grad_ce.data_ptr<acc_t>() : nullptr, Hd);
+    const int64_t vb = std::min(c.Vb, p.vocab - v0);
+    const at::Tensor w_blk = weight.narrow(0, v0, vb);
+    at::Tensor S = front(c.s_buf, c.R, vb), P = front(c.p_buf, c.R, vb);
+    block_logits(S, c.h, w_blk, acc);
+    at::Tensor b_blk;
+    if (bias.has_value() && bias->defined()) b_blk = bias->narrow(0, v0, vb).to(acc).contiguous();
+    row_block_kernel<acc_t><<<c.R, kThreads, 0, stream>>>(
+        S.data_ptr<acc_t>(), P.data_ptr<acc_t>(), b_blk.defined() ? b_blk.data_ptr<acc_t>() : nullptr,
+        p.transformed(), scale, cap, vb, v0, c.target.data_ptr<int64_t>(), c.run_max.data_ptr<acc_t>(),
+        c.run_sum.data_ptr<acc_t>(), c.alpha.data_ptr<acc_t>(), c.target_logit.data_ptr<acc_t>(),
+        grad_hidden ? c.expect.data_ptr<acc_t>() : nullptr, p.hidden_dim);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (cross_expect) x_expect.div_(run_sum.index_select(0, pair_t_dev).unsqueeze(1));
-
-    if (has_pairs) {
-      at::Tensor pair_kl_values = at::empty({p.n_pairs}, opts);
-      const int threads = 128;
-      pair_kl_kernel<acc_t><<<(p.n_pairs + threads - 1) / threads, threads, 0, stream>>>(
-          cross.data_ptr<acc_t>(), pair_t_dev.data_ptr<int64_t>(), pair_s_dev.data_ptr<int64_t>(),
-          rows_dev.data_ptr<int64_t>(), run_sum.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
-          pair_kl_values.data_ptr<acc_t>(), p.n_pairs);
+    if (c.has_pairs) {
+      pair_cross_kernel<acc_t><<<p.n_pairs, kThreads, 0, stream>>>(
+          S.data_ptr<acc_t>(), vb, c.pair_t.data_ptr<int64_t>(), c.pair_s.data_ptr<int64_t>(),
+          c.run_max.data_ptr<acc_t>(), c.alpha.data_ptr<acc_t>(), cap, c.cross.data_ptr<acc_t>(),
+          c.cross_expect ? c.pc_buf.data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      auto selected = select_topk(pair_kl_values, plan, p);
-      kl = selected.first;
-      coef = selected.second;
-      if (grad_hidden) {
-        kl_grad_kernel<acc_t><<<p.n_pairs, kThreads, 0, stream>>>(
-            e_ptr, cross_expect ? x_expect.data_ptr<acc_t>() : nullptr,
-            pair_t_dev.data_ptr<int64_t>(), pair_s_dev.data_ptr<int64_t>(),
-            rows_dev.data_ptr<int64_t>(), coef.data_ptr<acc_t>(), scale, grad_kl.data_ptr<acc_t>(),
-            Hd);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
     }
+    if (grad_hidden) expectation_update(c.expect, P, w_blk, acc);
+    if (c.cross_expect) {
+      c.x_expect.mul_(c.alpha.index_select(0, c.pair_t).unsqueeze(1));
+      expectation_update(c.x_expect, front(c.pc_buf, p.n_pairs, vb), w_blk, acc);
+    }
+  }
+
+  // lse, CE terms, E = O / Z and d ce / d hidden of the chunk's rows (and X / Z_teacher).
+  void finish_rows(ChunkCuda& c) {
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    // The logit scale multiplies every hidden gradient once: in inv_n and in kl_grad_kernel.
+    const acc_t inv_n =
+        p.n_targeted > 0 ? static_cast<acc_t>(p.logit_scale) / acc_t(p.n_targeted) : acc_t(0);
+    row_finish_kernel<scalar_t, acc_t><<<c.R, kThreads, 0, stream>>>(
+        c.rows.data_ptr<int64_t>(), c.target.data_ptr<int64_t>(), c.run_max.data_ptr<acc_t>(),
+        c.run_sum.data_ptr<acc_t>(), c.target_logit.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+        ce_terms.data_ptr<acc_t>() + c.begin, grad_hidden ? c.expect.data_ptr<acc_t>() : nullptr,
+        weight.data_ptr<scalar_t>(), inv_n, static_cast<acc_t>(p.logit_softcap),
+        grad_hidden ? grad_ce.data_ptr<acc_t>() : nullptr, p.hidden_dim);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (c.cross_expect) c.x_expect.div_(c.run_sum.index_select(0, c.pair_t).unsqueeze(1));
+  }
+
+  // The pairs' KLs, the top-k selection (lm_head_losses_host.h) and d kl / d hidden.
+  void finish_pairs(ChunkCuda& c) {
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    at::Tensor pair_kl_values = at::empty({p.n_pairs}, hidden.options().dtype(acc));
+    const int threads = 128;
+    pair_kl_kernel<acc_t><<<(p.n_pairs + threads - 1) / threads, threads, 0, stream>>>(
+        c.cross.data_ptr<acc_t>(), c.pair_t.data_ptr<int64_t>(), c.pair_s.data_ptr<int64_t>(),
+        c.rows.data_ptr<int64_t>(), c.run_sum.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+        pair_kl_values.data_ptr<acc_t>(), p.n_pairs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto selected = select_topk(pair_kl_values, plan, p);
+    kl = selected.first;
+    coef = selected.second;
+    if (!grad_hidden) return;
+    kl_grad_kernel<acc_t><<<p.n_pairs, kThreads, 0, stream>>>(
+        c.expect.data_ptr<acc_t>(), c.cross_expect ? c.x_expect.data_ptr<acc_t>() : nullptr,
+        c.pair_t.data_ptr<int64_t>(), c.pair_s.data_ptr<int64_t>(), c.rows.data_ptr<int64_t>(),
+        coef.data_ptr<acc_t>(), static_cast<acc_t>(p.logit_scale), grad_kl.data_ptr<acc_t>(),
+        p.hidden_dim);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 
-ForwardOutputs forward_sweep(const Problem& p, const Plan& plan, const at::Tensor& hidden,
+ForwardOutputs forward_sweep(const Problem& p, const LmHeadPlan& plan, const at::Tensor& hidden,
                              const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              bool grad_hidden, at::ScalarType acc) {
   ForwardOutputs o;
@@ -411,7 +439,7 @@ ForwardOutputs forward_sweep(const Problem& p, const Plan& plan, const at::Tenso
 // coefficient, found by a top-k on the device. Logit rows: the T CE rows, then the K kept
 // students, then the K kept teachers (a row can appear twice: no host read to deduplicate).
 template <typename acc_t>
-void weight_grad_sweep_cuda(const Problem& p, const Plan& plan, const at::Tensor& hidden,
+void weight_grad_sweep_cuda(const Problem& p, const LmHeadPlan& plan, const at::Tensor& hidden,
                             const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                             const at::Tensor& coef, const at::Tensor& lse, const at::Tensor& g_ce,
                             const at::Tensor& g_kl, at::ScalarType acc, at::Tensor* grad_weight,
@@ -478,7 +506,7 @@ void weight_grad_sweep_cuda(const Problem& p, const Plan& plan, const at::Tensor
   if (grad_bias) *grad_bias = grad_bias->to(weight.scalar_type());
 }
 
-void weight_grads(const Problem& p, const Plan& plan, const at::Tensor& hidden,
+void weight_grads(const Problem& p, const LmHeadPlan& plan, const at::Tensor& hidden,
                   const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                   const at::Tensor& coef, const at::Tensor& lse, const at::Tensor& grad_ce,
                   const at::Tensor& grad_kl, at::ScalarType acc, at::Tensor* grad_weight,
@@ -489,44 +517,23 @@ void weight_grads(const Problem& p, const Plan& plan, const at::Tensor& hidden,
   });
 }
 
-// The ops' fp32 GEMMs run in full fp32 whatever the global TF32 flag says (Fp32GemmPrecisionGuard).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& rows, const at::Tensor& row_targets, const at::Tensor& ce_rows,
-    const at::Tensor& pair_rows, const at::Tensor& sample_pairs, const at::Tensor& sample_k,
-    const at::Tensor& kept_slots, int64_t paired_rows, double logit_scale, double logit_softcap,
-    bool grad_hidden) {
-  const c10::cuda::CUDAGuard guard(hidden.device());
-  const Fp32GemmPrecisionGuard fp32_gemms;
-  const Plan plan{rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots,
-                  paired_rows};
-  return host_forward(at::kCUDA, &forward_sweep, hidden, weight, bias, plan, logit_scale,
-                      logit_softcap, grad_hidden);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad_ce, const at::Tensor& grad_kl, const at::Tensor& hidden,
-    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& rows,
-    const at::Tensor& row_targets, const at::Tensor& ce_rows, const at::Tensor& pair_rows,
-    const at::Tensor& sample_pairs, const at::Tensor& sample_k, const at::Tensor& kept_slots,
-    int64_t paired_rows, double logit_scale, double logit_softcap,
-    const at::Tensor& grad_hidden_ce, const at::Tensor& grad_hidden_kl, const at::Tensor& lse,
-    const at::Tensor& coef, bool grad_hidden, bool grad_weight, bool grad_bias) {
-  const c10::cuda::CUDAGuard guard(hidden.device());
-  const Fp32GemmPrecisionGuard fp32_gemms;
-  const Plan plan{rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots,
-                  paired_rows};
-  return host_backward(at::kCUDA, &weight_grads, grad_ce, grad_kl, hidden, weight, bias, plan,
-                       logit_scale, logit_softcap, grad_hidden_ce, grad_hidden_kl, lse, coef,
-                       grad_hidden, grad_weight, grad_bias);
-}
+// The CUDA kernels, for the shared entry points (lm_head_losses_host.h). Each call runs on
+// hidden's device, its fp32 GEMMs in full fp32 whatever the global TF32 flag says
+// (Fp32GemmPrecisionGuard).
+struct CudaDevice {
+  static constexpr at::DeviceType kType = at::kCUDA;
+  struct Scope {
+    explicit Scope(const at::Tensor& hidden) : device(hidden.device()) {}
+    const c10::cuda::CUDAGuard device;
+    const Fp32GemmPrecisionGuard fp32_gemms;
+  };
+  static constexpr ForwardKernel forward = &forward_sweep;
+  static constexpr WeightGradKernel weight_grads = &lm_head::weight_grads;
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(crystal_ext, CUDA, m) {
-  m.impl("lm_head_losses_fwd", &forward_cuda);
-  m.impl("lm_head_losses_bwd", &backward_cuda);
-}
+TORCH_LIBRARY_IMPL(crystal_ext, CUDA, m) { register_kernels<CudaDevice>(m); }
 
 }  // namespace lm_head
 }  // namespace crystal_ext
