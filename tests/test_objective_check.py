@@ -193,7 +193,8 @@ def test_check_command_refuses_an_unsupported_model_before_loading(tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert (
-        f"crystal_ext.check: error: --model {tmp_path}: model_type 'paligemma' is not supported" in proc.stderr
+        f"crystal_ext.check: error: --model {tmp_path}: model_type 'paligemma' is not supported"
+        in proc.stderr
     )
 
 
