@@ -489,6 +489,32 @@ MUTATIONS = [
             "tests/test_answer_placeholder_tokens.py::test_latent_carried_answers_stop_at_a_generated_image_token[qwen3_vl]"
         ],
     ),
+    Mutation(
+        "reference_imports_fused_op",
+        "the plain-PyTorch reference imports a fused op module (importing it loads the compiled code)",
+        [
+            (
+                "crystal_ext/ops/reference.py",
+                "from crystal_ext.ops.checks import check_override, check_qk\n",
+                "from crystal_ext.ops.checks import check_override, check_qk\n"
+                "from crystal_ext.ops.lm_head_plan import LmHeadPlan  # noqa: F401\n",
+            )
+        ],
+        ["tests/test_import_structure.py::test_references_reach_no_fused_module"],
+    ),
+    Mutation(
+        "lazy_import_cycle",
+        "a module imports, inside a function, a module that imports it",
+        [
+            (
+                "crystal_ext/ops/layout.py",
+                "def validate_layout(",
+                "def _plan():\n    from crystal_ext.ops.lm_head_plan import lm_head_plan\n\n"
+                "    return lm_head_plan\n\n\ndef validate_layout(",
+            )
+        ],
+        ["tests/test_import_structure.py::test_no_import_cycle"],
+    ),
 ]
 
 

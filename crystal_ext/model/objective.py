@@ -125,9 +125,10 @@ def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveCon
     """The training loss of one collated batch (crystal_ext.data.packing.DualPathCollator)."""
     model, backbone, head = backbone_and_head(model)
     fn = _with_new_token_rows(config.lm_head_fn(), model)
-    transform = family_of(model).logit_transform(model.config)
+    family = family_of(model)
+    transform = family.logit_transform(model.config)
     if not config.crystal:
-        return _baseline(model, backbone, head, batch, fn, transform)
+        return _baseline(model, family, backbone, head, batch, fn, transform)
     attn = text_config(model)._attn_implementation
     if attn != ATTN_IMPLEMENTATION:
         raise ValueError(
@@ -136,7 +137,7 @@ def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveCon
         )
     input_ids, targets = batch["input_ids"], batch["targets"]
     samples = validate_layout(batch["layout"], *input_ids.shape, "crystal_objective")
-    with recording_router_logits(model) as router:  # the MoE router term the stock forward adds
+    with recording_router_logits(model, family) as router:  # the MoE router term the stock forward adds
         hidden, kl_attn = dual_path_hidden(backbone, batch)
     targets_cpu = targets.cpu()
     flat, teacher, student, sample = _logit_rows(targets_cpu, samples)
@@ -201,9 +202,9 @@ def intact_path_batch(batch: dict) -> dict:
     }
 
 
-def _baseline(model, backbone, head, batch, fn, transform) -> CrystalLoss:
+def _baseline(model, family, backbone, head, batch, fn, transform) -> CrystalLoss:
     single = intact_path_batch(batch)
-    with recording_router_logits(model) as router:
+    with recording_router_logits(model, family) as router:
         hidden = backbone(
             input_ids=single["input_ids"],
             position_ids=single["position_ids"],
