@@ -35,7 +35,8 @@ import torch
 from crystal_ext.data.example import SkipExample
 from crystal_ext.data.packing import DualPathCollator
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
-from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora
+from crystal_ext.model.latent_tokens import add_latent_tokens
+from crystal_ext.model.lora import apply_lora
 from crystal_ext.model.new_token_rows import attach_new_token_rows
 from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training.arguments import parse_args

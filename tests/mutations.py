@@ -105,7 +105,7 @@ MUTATIONS = [
         "the vision tower's LoRA adapters are scaled by 0: present, with gradients that are all zero",
         [
             (
-                "crystal_ext/model/latent_tokens.py",
+                "crystal_ext/model/lora.py",
                 "        lora_alpha=alpha,\n",
                 '        lora_alpha=alpha,\n        alpha_pattern={r"visual\\..*": 0},\n',
             )
@@ -488,6 +488,18 @@ MUTATIONS = [
         [
             "tests/test_answer_placeholder_tokens.py::test_latent_carried_answers_stop_at_a_generated_image_token[qwen3_vl]"
         ],
+    ),
+    Mutation(
+        "lora_defaults_diverge",
+        "the command line's LoRA alpha default is written again, and differs from apply_lora's",
+        [
+            (
+                "crystal_ext/training/arguments.py",
+                "lora_alpha: int = field(default=LORA_ALPHA,",
+                "lora_alpha: int = field(default=64,",
+            )
+        ],
+        ["tests/test_lora.py::test_the_command_line_defaults_are_apply_loras"],
     ),
     Mutation(
         "reference_imports_fused_op",

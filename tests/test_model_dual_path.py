@@ -188,7 +188,7 @@ def test_qwen2_vl_objective_matches_plain_composition():
 
 @pytest.mark.parametrize("head", ["reference", "fused"])
 def test_peft_wrapped_model_trains_lora_merger_and_new_rows(head):
-    from crystal_ext.model.latent_tokens import apply_lora
+    from crystal_ext.model.lora import apply_lora
     from crystal_ext.model.new_token_rows import attach_new_token_rows
 
     if head == "fused" and not crystal_ext.extension_available():

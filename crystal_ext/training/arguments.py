@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 
 from crystal_ext.data.corruption import KINDS, CorruptionConfig
+from crystal_ext.model.lora import LORA_ALPHA, LORA_DROPOUT, LORA_RANK
 from crystal_ext.model.objective import ObjectiveConfig
 
 TINY_OUTPUT_DIR = "outputs/crystal-tiny"
@@ -119,9 +120,9 @@ class CrystalArguments:
             "Default: on with --model, off for the tiny model (trained in full)."
         },
     )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.01, metadata={"help": "LoRA dropout."})
+    lora_r: int = field(default=LORA_RANK, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=LORA_ALPHA, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=LORA_DROPOUT, metadata={"help": "LoRA dropout."})
     max_length: int = field(
         default=4096, metadata={"help": "Longest packed dual-path sequence; longer ones are skipped."}
     )
