@@ -42,9 +42,8 @@ from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training.arguments import parse_args
 from crystal_ext.training.callbacks import JsonlMetricsCallback, TimeBudgetCallback
 from crystal_ext.training.checkpoints import checkpoint_step
-from crystal_ext.training.evaluation import evaluate_model, headline
+from crystal_ext.training.evaluation import evaluate_held_out, headline
 from crystal_ext.training.run_config import (
-    evaluation_settings,
     held_out_data,
     make_packer,
     run_config,
@@ -189,19 +188,6 @@ def build_datasets(config: dict):
     return train, held_out
 
 
-def evaluate_held_out(config: dict, model, processor, packer, held_out) -> dict:
-    """evaluate_model on the held-out set with the run's settings; the latent-carried accuracy and
-    attention KL when the compiled extension (the dual-path forward's alignment loss) is there."""
-    return evaluate_model(
-        model,
-        processor,
-        held_out,
-        **evaluation_settings(config),
-        progress=False,
-        packer=packer if extension_available() else None,
-    )
-
-
 EVAL_METRICS = ("accuracy_intact", "accuracy_blurred", "accuracy_latent_carried", "attention_kl")
 
 
@@ -210,7 +196,7 @@ def make_evaluator(config: dict, processor, packer, held_out):
     (run at every --eval_steps with --eval_strategy steps; logged as eval_<name>)."""
 
     def evaluator(model) -> dict:
-        result = evaluate_held_out(config, model, processor, packer, held_out)
+        result = evaluate_held_out(config, model, processor, held_out, packer, progress=False)
         return {k: result[k] for k in EVAL_METRICS if k in result}
 
     return evaluator
@@ -263,7 +249,7 @@ def evaluate_and_draw(config: dict, cargs, targs, model, processor, packer, held
         f"evaluating {len(held_out)} held-out examples (greedy; intact path on intact and blurred images, "
         "corrupted path from the latents)"
     )
-    result = evaluate_held_out(config, model, processor, packer, held_out)
+    result = evaluate_held_out(config, model, processor, held_out, packer, progress=False)
     with open(os.path.join(out, "eval_results.json"), "w") as f:
         json.dump(result, f, indent=1)
     summary.update({k: result[k] for k in EVAL_METRICS if k in result})

@@ -118,8 +118,8 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/training/evaluation.py",
-                'f"accuracy_{name}": sum(results[name])',
-                'f"accuracy_{name}": sum(results["intact"])',
+                'f"accuracy_{name}": sum(self.correct[name])',
+                'f"accuracy_{name}": sum(self.correct["intact"])',
             )
         ],
         ["tests/test_evaluate.py::test_accuracy_counts_the_right_answers"],
@@ -243,7 +243,7 @@ MUTATIONS = [
         "the gold answer is not lower-cased: a capitalised gold answer never matches the model's",
         [
             (
-                "crystal_ext/training/evaluation.py",
+                "crystal_ext/training/answers.py",
                 "        .strip()\n        .lower()\n    )\n",
                 "        .strip()\n    )\n",
             )
@@ -280,8 +280,8 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/training/evaluation.py",
-                "        image = open_image(source)\n",
-                '        image = Image.open(source).convert("RGB")\n',
+                "    image = open_image(source)\n",
+                '    image = Image.open(source).convert("RGB")\n',
             )
         ],
         ["tests/test_bad_input.py::test_evaluate_names_every_bad_record_and_writes_its_results"],
@@ -410,7 +410,7 @@ MUTATIONS = [
         "evaluation renders the prompt without the run's chat-template variables",
         [
             (
-                "crystal_ext/training/evaluation.py",
+                "crystal_ext/training/generation.py",
                 "generation_prompt(processor, e, system, template_kwargs)",
                 "generation_prompt(processor, e, system, None)",
             )
