@@ -502,6 +502,30 @@ MUTATIONS = [
         ["tests/test_lora.py::test_the_command_line_defaults_are_apply_loras"],
     ),
     Mutation(
+        "layout_checked_again_in_the_layers",
+        "the objective does not hand its checked layout on: the first text layer reads and checks it again",
+        [
+            (
+                "crystal_ext/model/objective.py",
+                "hidden, kl_attn = dual_path_hidden(backbone, batch, layout)",
+                "hidden, kl_attn = dual_path_hidden(backbone, batch)",
+            )
+        ],
+        ["tests/test_model_dual_path.py::test_layout_is_read_and_checked_once_per_forward"],
+    ),
+    Mutation(
+        "layers_trust_any_checked_layout",
+        "the text layers take a checked layout made for another layout tensor as the check of theirs",
+        [
+            (
+                "crystal_ext/ops/layout.py",
+                "        return layout is self.source and (batch, length) == (self.batch, self.length)\n",
+                "        return (batch, length) == (self.batch, self.length)\n",
+            )
+        ],
+        ["tests/test_model_dual_path.py::test_the_layers_check_a_layout_the_caller_did_not"],
+    ),
+    Mutation(
         "reference_imports_fused_op",
         "the plain-PyTorch reference imports a fused op module (importing it loads the compiled code)",
         [

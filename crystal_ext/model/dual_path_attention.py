@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from crystal_ext.ops.attention_alignment_loss import AlignmentIndices, alignment_indices
-from crystal_ext.ops.layout import Segments, copy_to_device, validate_layout
+from crystal_ext.ops.layout import CheckedLayout, Segments, check_layout, copy_to_device
 
 _OP = "dual_path_attention"
 
@@ -58,7 +58,9 @@ def _check_qkv(q, k, v, op: str) -> None:
         )
 
 
-def path_indices(samples: list[Segments], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def path_indices(
+    samples: tuple[Segments, ...], length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather and scatter-back indices for a validated layout (the `Segments` of each sample).
 
     Returns (idx1 [batch, P1], idx2 [batch, P2], src [batch, length]) on the CPU:
@@ -98,19 +100,19 @@ def _causal_sdpa(q, k, v, scale):
 
 
 class DualPathPlan:
-    """What every layer of one forward needs from the layout: the validated layout on the CPU,
-    the gather / scatter-back indices on the compute device, and the fused alignment loss's
-    indices (`alignment`, crystal_ext.ops.attention_alignment_loss.AlignmentIndices, built when
-    first asked for). Built once per forward (by the first text layer, see
-    crystal_ext.model.attention_registration) from the host layout, with pinned asynchronous
-    copies, so neither the layers nor the alignment op read the layout again and, on a GPU,
-    nothing waits for the device."""
+    """What every layer of one forward needs from the layout: the checked layout
+    (crystal_ext.ops.layout.CheckedLayout: its host copy and Segments), the gather / scatter-back
+    indices on the compute device, and the fused alignment loss's indices (`alignment`,
+    crystal_ext.ops.attention_alignment_loss.AlignmentIndices, built when first asked for). Built
+    once per forward (by the first text layer, see crystal_ext.model.attention_registration), with
+    pinned asynchronous copies, so neither the layers nor the alignment op read the layout again
+    and, on a GPU, nothing waits for the device."""
 
-    def __init__(self, layout: torch.Tensor, batch: int, length: int, device: torch.device):
-        self.layout_cpu = layout.to("cpu")
-        self.segments = validate_layout(self.layout_cpu, batch, length, _OP)
-        self.batch, self.length, self.device = batch, length, torch.device(device)
-        self.idx1, self.idx2, self.src = copy_to_device(path_indices(self.segments, length), self.device)
+    def __init__(self, layout: CheckedLayout, device: torch.device):
+        self.layout_cpu = layout.host
+        self.segments = layout.segments
+        self.batch, self.length, self.device = layout.batch, layout.length, torch.device(device)
+        self.idx1, self.idx2, self.src = copy_to_device(path_indices(self.segments, self.length), self.device)
 
     @functools.cached_property
     def alignment(self) -> AlignmentIndices:
@@ -154,5 +156,5 @@ def dual_path_attention(
         [batch, heads, length, head_dim] in q's dtype; rows after F.end are zeros.
     """
     _check_qkv(q, k, v, _OP)
-    plan = DualPathPlan(layout, q.shape[0], q.shape[2], q.device)
+    plan = DualPathPlan(check_layout(layout, q.shape[0], q.shape[2], _OP), q.device)
     return dual_path_attention_planned(q, k, v, plan, scale)

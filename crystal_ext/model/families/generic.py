@@ -64,7 +64,11 @@ def _pad_cat(tensors: list[torch.Tensor], dim: int, value=0) -> torch.Tensor:
 class GenericFamily(Family):
     def collate_images(self, groups):
         keys = groups[0].keys()
-        if self.model_type in ("idefics3", "smolvlm", "granite_docling"):  # [1, images, ...]: one flat list of images
+        if self.model_type in (
+            "idefics3",
+            "smolvlm",
+            "granite_docling",
+        ):  # [1, images, ...]: one flat list of images
             return {
                 k: _pad_cat([g[k] for g in groups], dim=1, value=False if k == "pixel_attention_mask" else 0)
                 for k in keys
