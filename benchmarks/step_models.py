@@ -31,7 +31,7 @@ def qwen7b_attention_model(
 ):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    text = tiny_model.text_config(
+    text = tiny_model.tiny_text_config(
         tokenizer,
         3584,
         layers,

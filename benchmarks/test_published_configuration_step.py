@@ -30,7 +30,7 @@ from published_step import published_step_loss_switched, train_new_rows_the_publ
 from step_models import build_published_configuration
 
 import crystal_ext
-from crystal_ext.model.latent_tokens import apply_lora
+from crystal_ext.model.lora import apply_lora
 from crystal_ext.model.new_token_rows import attach_new_token_rows
 from crystal_ext.model.objective import crystal_objective
 

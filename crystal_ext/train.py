@@ -35,15 +35,15 @@ import torch
 from crystal_ext.data.example import SkipExample
 from crystal_ext.data.packing import DualPathCollator
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
-from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora
+from crystal_ext.model.latent_tokens import add_latent_tokens
+from crystal_ext.model.lora import apply_lora
 from crystal_ext.model.new_token_rows import attach_new_token_rows
 from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training.arguments import parse_args
 from crystal_ext.training.callbacks import JsonlMetricsCallback, TimeBudgetCallback
 from crystal_ext.training.checkpoints import checkpoint_step
-from crystal_ext.training.evaluation import evaluate_model, headline
+from crystal_ext.training.evaluation import evaluate_held_out, headline
 from crystal_ext.training.run_config import (
-    evaluation_settings,
     held_out_data,
     make_packer,
     run_config,
@@ -205,19 +205,6 @@ def build_datasets(config: dict):
     return train, held_out
 
 
-def evaluate_held_out(config: dict, model, processor, packer, held_out) -> dict:
-    """evaluate_model on the held-out set with the run's settings; the latent-carried accuracy and
-    attention KL when the compiled extension (the dual-path forward's alignment loss) is there."""
-    return evaluate_model(
-        model,
-        processor,
-        held_out,
-        **evaluation_settings(config),
-        progress=False,
-        packer=packer if extension_available() else None,
-    )
-
-
 EVAL_METRICS = ("accuracy_intact", "accuracy_blurred", "accuracy_latent_carried", "attention_kl")
 
 
@@ -226,7 +213,7 @@ def make_evaluator(config: dict, processor, packer, held_out):
     (run at every --eval_steps with --eval_strategy steps; logged as eval_<name>)."""
 
     def evaluator(model) -> dict:
-        result = evaluate_held_out(config, model, processor, packer, held_out)
+        result = evaluate_held_out(config, model, processor, held_out, packer, progress=False)
         return {k: result[k] for k in EVAL_METRICS if k in result}
 
     return evaluator
@@ -279,7 +266,7 @@ def evaluate_and_draw(config: dict, cargs, targs, model, processor, packer, held
         f"evaluating {len(held_out)} held-out examples (greedy; intact path on intact and blurred images, "
         "corrupted path from the latents)"
     )
-    result = evaluate_held_out(config, model, processor, packer, held_out)
+    result = evaluate_held_out(config, model, processor, held_out, packer, progress=False)
     with open(os.path.join(out, "eval_results.json"), "w") as f:
         json.dump(result, f, indent=1)
     summary.update({k: result[k] for k in EVAL_METRICS if k in result})

@@ -96,7 +96,7 @@ def qwen_tokenizer():
 
 def qwen2_5_vl_config(tok, hidden: int = 64, layers: int = 2):
     """The tests' tiny Qwen2.5-VL: `hidden` wide text, a one-block vision tower 64 wide."""
-    text = tiny_model.text_config(tok, hidden, layers, 512, rope_parameters=tiny_model.mrope(hidden))
+    text = tiny_model.tiny_text_config(tok, hidden, layers, 512, rope_parameters=tiny_model.mrope(hidden))
     return tiny_model.qwen2_5_vl_config(tok, text, vision_hidden=64, vision_depth=1, window_size=56)
 
 
@@ -110,7 +110,7 @@ def tiny_qwen25vl(tok, attn_implementation="eager", seed=0, hidden=64, layers=2)
 
 
 def _text(tok, hidden, **extra):
-    return tiny_model.text_config(tok, hidden, 2, 512, **extra)
+    return tiny_model.tiny_text_config(tok, hidden, 2, 512, **extra)
 
 
 def _qwen_processor(tok, family: str, side: int):

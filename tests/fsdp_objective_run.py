@@ -20,7 +20,8 @@ import torch.distributed as dist
 from crystal_ext.data.packing import DualPathCollator, DualPathPacker
 from crystal_ext.data.synthetic import SyntheticVQA
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
-from crystal_ext.model.latent_tokens import add_latent_tokens, apply_lora
+from crystal_ext.model.latent_tokens import add_latent_tokens
+from crystal_ext.model.lora import apply_lora
 from crystal_ext.model.new_token_rows import attach_new_token_rows, new_token_rows_of
 from crystal_ext.model.objective import crystal_objective
 from crystal_ext.training.tiny_model import tiny_model, tiny_processor, tiny_tokenizer

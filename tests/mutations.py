@@ -105,7 +105,7 @@ MUTATIONS = [
         "the vision tower's LoRA adapters are scaled by 0: present, with gradients that are all zero",
         [
             (
-                "crystal_ext/model/latent_tokens.py",
+                "crystal_ext/model/lora.py",
                 "        lora_alpha=alpha,\n",
                 '        lora_alpha=alpha,\n        alpha_pattern={r"visual\\..*": 0},\n',
             )
@@ -118,8 +118,8 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/training/evaluation.py",
-                'f"accuracy_{name}": sum(results[name])',
-                'f"accuracy_{name}": sum(results["intact"])',
+                'f"accuracy_{name}": sum(self.correct[name])',
+                'f"accuracy_{name}": sum(self.correct["intact"])',
             )
         ],
         ["tests/test_evaluate.py::test_accuracy_counts_the_right_answers"],
@@ -243,7 +243,7 @@ MUTATIONS = [
         "the gold answer is not lower-cased: a capitalised gold answer never matches the model's",
         [
             (
-                "crystal_ext/training/evaluation.py",
+                "crystal_ext/training/answers.py",
                 "        .strip()\n        .lower()\n    )\n",
                 "        .strip()\n    )\n",
             )
@@ -280,8 +280,8 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/training/evaluation.py",
-                "        image = open_image(source)\n",
-                '        image = Image.open(source).convert("RGB")\n',
+                "    image = open_image(source)\n",
+                '    image = Image.open(source).convert("RGB")\n',
             )
         ],
         ["tests/test_bad_input.py::test_evaluate_names_every_bad_record_and_writes_its_results"],
@@ -427,7 +427,7 @@ MUTATIONS = [
         "evaluation renders the prompt without the run's chat-template variables",
         [
             (
-                "crystal_ext/training/evaluation.py",
+                "crystal_ext/training/generation.py",
                 "generation_prompt(processor, e, system, template_kwargs)",
                 "generation_prompt(processor, e, system, None)",
             )
@@ -578,6 +578,68 @@ MUTATIONS = [
             "tests/test_dual_path_windows.py::test_no_image_block_crosses_the_paths",
             "tests/test_windowed_families.py::test_objective_and_gradients_equal_the_dense_eager_forward",
         ],
+    ),
+    Mutation(
+        "lora_defaults_diverge",
+        "the command line's LoRA alpha default is written again, and differs from apply_lora's",
+        [
+            (
+                "crystal_ext/training/arguments.py",
+                "lora_alpha: int = field(default=LORA_ALPHA,",
+                "lora_alpha: int = field(default=64,",
+            )
+        ],
+        ["tests/test_lora.py::test_the_command_line_defaults_are_apply_loras"],
+    ),
+    Mutation(
+        "layout_checked_again_in_the_layers",
+        "the objective does not hand its checked layout on: the first text layer reads and checks it again",
+        [
+            (
+                "crystal_ext/model/objective.py",
+                "hidden, kl_attn = dual_path_hidden(backbone, batch, layout)",
+                "hidden, kl_attn = dual_path_hidden(backbone, batch)",
+            )
+        ],
+        ["tests/test_model_dual_path.py::test_layout_is_read_and_checked_once_per_forward"],
+    ),
+    Mutation(
+        "layers_trust_any_checked_layout",
+        "the text layers take a checked layout made for another layout tensor as the check of theirs",
+        [
+            (
+                "crystal_ext/ops/layout.py",
+                "        return layout is self.source and (batch, length) == (self.batch, self.length)\n",
+                "        return (batch, length) == (self.batch, self.length)\n",
+            )
+        ],
+        ["tests/test_model_dual_path.py::test_the_layers_check_a_layout_the_caller_did_not"],
+    ),
+    Mutation(
+        "reference_imports_fused_op",
+        "the plain-PyTorch reference imports a fused op module (importing it loads the compiled code)",
+        [
+            (
+                "crystal_ext/ops/reference.py",
+                "from crystal_ext.ops.checks import check_override, check_qk\n",
+                "from crystal_ext.ops.checks import check_override, check_qk\n"
+                "from crystal_ext.ops.lm_head_plan import LmHeadPlan  # noqa: F401\n",
+            )
+        ],
+        ["tests/test_import_structure.py::test_references_reach_no_fused_module"],
+    ),
+    Mutation(
+        "lazy_import_cycle",
+        "a module imports, inside a function, a module that imports it",
+        [
+            (
+                "crystal_ext/ops/layout.py",
+                "def validate_layout(",
+                "def _plan():\n    from crystal_ext.ops.lm_head_plan import lm_head_plan\n\n"
+                "    return lm_head_plan\n\n\ndef validate_layout(",
+            )
+        ],
+        ["tests/test_import_structure.py::test_no_import_cycle"],
     ),
 ]
 

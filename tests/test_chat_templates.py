@@ -174,7 +174,7 @@ class _RecordingModel(torch.nn.Module):
     ],
 )
 def test_evaluation_generates_from_the_prompt_training_packs(template, kwargs):
-    from crystal_ext.training.evaluation import generate_answers
+    from crystal_ext.training.generation import generate_answers
 
     packer = _packer("qwen3_vl", template, template_kwargs=kwargs)
     image = _image()

@@ -53,7 +53,7 @@ def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
 
     from crystal_ext.data.chat import render
     from crystal_ext.data.synthetic import SyntheticVQA
-    from crystal_ext.training.evaluation import load_trained
+    from crystal_ext.training.run_loading import load_trained
 
     merged = tmp_path / "merged"
     results = tmp_path / "results.json"
@@ -106,7 +106,7 @@ def test_extract_answer_and_prompt():
     from crystal_ext.data.chat import render
     from crystal_ext.data.example import Example
     from crystal_ext.model.latent_tokens import add_latent_tokens
-    from crystal_ext.training.evaluation import extract_answer
+    from crystal_ext.training.answers import extract_answer
     from crystal_ext.training.tiny_model import tiny_tokenizer
 
     tok = tiny_tokenizer()

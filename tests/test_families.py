@@ -130,7 +130,7 @@ def test_path1_positions_equal_the_models_own(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_trains_the_projector_in_full(family):
-    from crystal_ext.model.latent_tokens import apply_lora
+    from crystal_ext.model.lora import apply_lora
     from crystal_ext.model.new_token_rows import attach_new_token_rows
 
     model, _, batch = _setup(family)

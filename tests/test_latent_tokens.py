@@ -1,19 +1,18 @@
-"""Latent tokens: tokenizer and embeddings grow, only new rows train, peft LoRA defaults."""
+"""Latent tokens: tokenizer and embeddings grow, only new rows train."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from family_models import qwen_tokenizer, tiny_qwen25vl
-from peft import PeftModel
 
 from crystal_ext.model.latent_tokens import (
     ANSWER_CLOSE,
     THINK_CLOSE,
     THINK_OPEN,
     add_latent_tokens,
-    apply_lora,
 )
+from crystal_ext.model.lora import apply_lora
 from crystal_ext.model.new_token_rows import attach_new_token_rows
 from crystal_ext.model.parts import embedding_and_head_weights
 
@@ -89,21 +88,6 @@ def test_a_token_the_tokenizer_splits_is_refused():
     tok = word_level_tokenizer(["answer", "<", ">", "<answer>"], SPECIAL)  # in the vocabulary, split
     with pytest.raises(ValueError, match="'<answer>'.*splits the text"):
         add_latent_tokens(tok, None, k=2)
-
-
-def test_lora_defaults_targets_and_merger(setup):
-    _, model, lat, _, _ = setup
-    peft_model = apply_lora(model)
-    assert isinstance(peft_model, PeftModel)
-    cfg = peft_model.peft_config["default"]
-    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (16, 32, 0.01)
-    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert any("language_model.layers.0.self_attn.q_proj.lora_A" in n for n in trainable)
-    assert any("language_model.layers.1.mlp.down_proj.lora_B" in n for n in trainable)
-    assert any("visual.blocks.0.attn.qkv.lora_A" in n for n in trainable)
-    assert any("visual.merger" in n and "modules_to_save" in n for n in trainable)
-    assert not any("lm_head" in n or "embed_tokens" in n for n in trainable)
-    assert not any("merger" in n and "lora_" in n for n in trainable)
 
 
 def test_only_new_rows_train(setup):

@@ -9,8 +9,8 @@ import torch
 
 import crystal_ext
 from crystal_ext.ops import reference
+from crystal_ext.ops.checks import check_override
 from crystal_ext.ops.lm_head_plan import lm_head_plan
-from crystal_ext.ops.override_rows import check_override
 
 fused_only = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason="compiled extension unavailable"

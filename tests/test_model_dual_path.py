@@ -188,7 +188,7 @@ def test_qwen2_vl_objective_matches_plain_composition():
 
 @pytest.mark.parametrize("head", ["reference", "fused"])
 def test_peft_wrapped_model_trains_lora_merger_and_new_rows(head):
-    from crystal_ext.model.latent_tokens import apply_lora
+    from crystal_ext.model.lora import apply_lora
     from crystal_ext.model.new_token_rows import attach_new_token_rows
 
     if head == "fused" and not crystal_ext.extension_available():
@@ -266,6 +266,39 @@ def test_layout_is_planned_once_per_forward(monkeypatch):
     monkeypatch.setattr(reg, "DualPathPlan", Counting)
     crystal_objective(model, batch, REFERENCE_HEAD)
     assert len(built) == 1 and model.config.text_config.num_hidden_layers > 1
+
+
+def test_layout_is_read_and_checked_once_per_forward(monkeypatch):
+    """The objective checks the layout and hands the checked value to the text layers, which do
+    not read or check it again (on a GPU each read waits for the device)."""
+    from crystal_ext.ops.layout import Segments
+
+    model, batch = _setup()
+    read = []
+    original = Segments.from_bounds.__func__
+
+    def counting(cls, bounds):
+        read.append(1)
+        return original(cls, bounds)
+
+    monkeypatch.setattr(Segments, "from_bounds", classmethod(counting))
+    crystal_objective(model, batch, REFERENCE_HEAD)
+    assert len(read) == batch["layout"].shape[0]
+
+
+def test_the_layers_check_a_layout_the_caller_did_not(monkeypatch):
+    """A checked layout of another layout tensor is not taken for this one: the layers check the
+    layout they are given, and name it when it breaks a rule."""
+    from crystal_ext.model.objective import dual_path_hidden
+    from crystal_ext.model.parts import backbone_and_head
+    from crystal_ext.ops.layout import check_layout
+
+    model, batch = _setup()
+    good = check_layout(batch["layout"], *batch["input_ids"].shape)
+    broken = batch["layout"].clone()
+    broken[0, 5, 1] += 1  # |F| != |E|
+    with pytest.raises(ValueError, match=r"dual_path_attention: layout\[0\]: \|E\| must equal \|F\|"):
+        dual_path_hidden(backbone_and_head(model)[1], {**batch, "layout": broken}, good)
 
 
 def test_alignment_op_gets_the_plans_indices(monkeypatch):

@@ -9,7 +9,8 @@ import argparse
 import pytest
 from PIL import Image
 
-from crystal_ext.training import evaluation, run_config
+import crystal_ext.evaluate as evaluate_command
+from crystal_ext.training import run_config
 
 
 def _config(tmp_path, **overrides) -> dict:
@@ -42,7 +43,7 @@ def test_train_and_evaluate_read_the_same_held_out_split(tmp_path):
     config = _config(tmp_path, data=folder, eval_data=folder)
     train_set, held_out = train.build_datasets(config)
     assert train_set[0].answer == "from train" and held_out[0].answer == "from test"
-    evaluated = evaluation._held_out(_evaluate_args(folder), config)
+    evaluated = evaluate_command.held_out_set(_evaluate_args(folder), config)
     assert [evaluated[i].answer for i in range(len(evaluated))] == ["from test"] * 2
 
 
@@ -65,17 +66,17 @@ def test_a_hub_data_set_gives_its_test_split_to_both_commands(tmp_path, monkeypa
     monkeypatch.setattr(arguments, "check_data_available", lambda flag, path: None)  # no network here
     config = _config(tmp_path, data="someone/vqa", eval_data="someone/vqa")
     train_set, held_out = train.build_datasets(config)
-    evaluated = evaluation._held_out(_evaluate_args("someone/vqa"), config)
+    evaluated = evaluate_command.held_out_set(_evaluate_args("someone/vqa"), config)
     assert asked == [("someone/vqa", "train"), ("someone/vqa", "test"), ("someone/vqa", "test")]
     assert (train_set[0].answer, held_out[0].answer, evaluated[0].answer) == ("train", "test", "test")
 
 
 def test_merge_alone_needs_no_held_out_data(tmp_path):
     config = _config(tmp_path, data=str(tmp_path / "train.jsonl"), eval_data=None)
-    assert evaluation._held_out(_evaluate_args(None, merge="m"), config) is None
-    assert evaluation._held_out(_evaluate_args(None, merge="m", eval_examples=0), config) is None
+    assert evaluate_command.held_out_set(_evaluate_args(None, merge="m"), config) is None
+    assert evaluate_command.held_out_set(_evaluate_args(None, merge="m", eval_examples=0), config) is None
     with pytest.raises(ValueError, match="pass --data HELD_OUT_FILE"):
-        evaluation._held_out(_evaluate_args(None), config)
+        evaluate_command.held_out_set(_evaluate_args(None), config)
 
 
 def test_the_evaluation_settings_are_the_run_s(tmp_path):

@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 import crystal_ext
 from crystal_ext.data.packing import DualPathCollator, DualPathPacker, Example
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
-from crystal_ext.model.latent_tokens import apply_lora
+from crystal_ext.model.lora import apply_lora
 from crystal_ext.model.new_token_rows import attach_new_token_rows
 from crystal_ext.model.objective import ObjectiveConfig, crystal_objective
 from crystal_ext.model.parts import embedding_and_head_weights

@@ -8,7 +8,10 @@ caller passes two forward kwargs:
 
   crystal_layout   int64 [batch, 6, 2] (crystal_ext.ops.layout)
   crystal_outputs  a fresh dict per forward; the last text decoder layer writes
-                   "attention_alignment_loss" in it (the first one caches the layout's indices there)
+                   "attention_alignment_loss" in it (the first one caches the layout's indices there).
+                   A caller that has already checked the layout puts its CheckedLayout
+                   (crystal_ext.ops.layout.check_layout) under "checked_layout": the layers then
+                   take it as it is instead of reading and checking the layout again.
 
 and, for a family whose image tokens attend to each other in both directions (Gemma 3), a third:
 
@@ -39,12 +42,14 @@ import torch
 
 from crystal_ext.model.dual_path_attention import DualPathPlan, dual_path_attention_planned
 from crystal_ext.ops import attention_alignment_loss
+from crystal_ext.ops.layout import CheckedLayout, check_layout
 
 ATTN_IMPLEMENTATION = "crystal_dual_path"
 LAYOUT_KWARG = "crystal_layout"
 OUTPUTS_KWARG = "crystal_outputs"
 IMAGE_TOKENS_KWARG = "crystal_image_tokens"
 ALIGNMENT_LOSS_KEY = "attention_alignment_loss"
+CHECKED_LAYOUT_KEY = "checked_layout"  # put in the per-call output slot by a caller that checked the layout
 _PLAN_KEY = "_dual_path_plan"  # cached in the per-call output slot: built by the first text layer
 
 
@@ -79,10 +84,10 @@ def crystal_attention_forward(module, query, key, value, attention_mask, scaling
             f"{ATTN_IMPLEMENTATION}: a dual-path layout needs the whole packed sequence in one call "
             f"(queries {query.shape[2]} != keys {key.shape[2]}); do not pass a cache when training"
         )
-    # The layout is validated and turned into indices once per forward, not in every layer.
+    # The layout is checked and turned into indices once per forward, not in every layer.
     plan = outputs.get(_PLAN_KEY) if outputs is not None else None
     if plan is None or not plan.matches(query):
-        plan = DualPathPlan(layout, query.shape[0], query.shape[2], query.device, image_tokens)
+        plan = DualPathPlan(_checked_layout(layout, outputs, query), query.device, image_tokens)
         if outputs is not None:
             outputs[_PLAN_KEY] = plan
     device_type = query.device.type
@@ -107,6 +112,15 @@ def crystal_attention_forward(module, query, key, value, attention_mask, scaling
         with torch.autocast(device_type, enabled=False):
             outputs[ALIGNMENT_LOSS_KEY] = attention_alignment_loss(query, key, plan.alignment, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _checked_layout(layout, outputs: dict | None, query: torch.Tensor) -> CheckedLayout:
+    """The caller's check of this layout (CHECKED_LAYOUT_KEY in the output slot), or a check made here."""
+    batch, length = query.shape[0], query.shape[2]
+    checked = outputs.get(CHECKED_LAYOUT_KEY) if outputs is not None else None
+    if isinstance(checked, CheckedLayout) and checked.describes(layout, batch, length):
+        return checked
+    return check_layout(layout, batch, length, "dual_path_attention")
 
 
 def register_dual_path_attention(name: str = ATTN_IMPLEMENTATION) -> str:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from crystal_ext.ops.attention_alignment_loss import AlignmentIndices, alignment_indices
-from crystal_ext.ops.layout import Segments, copy_to_device, validate_layout
+from crystal_ext.ops.layout import CheckedLayout, Segments, check_layout, copy_to_device
 
 _OP = "dual_path_attention"
 
@@ -69,7 +69,9 @@ def _check_qkv(q, k, v, op: str) -> None:
         )
 
 
-def path_indices(samples: list[Segments], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def path_indices(
+    samples: tuple[Segments, ...], length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather and scatter-back indices for a validated layout (the `Segments` of each sample).
 
     Returns (idx1 [batch, P1], idx2 [batch, P2], src [batch, length]) on the CPU:
@@ -132,27 +134,21 @@ def path_mask(order: torch.Tensor, blocks: torch.Tensor | None, window: int | No
 
 
 class DualPathPlan:
-    """What every layer of one forward needs from the layout: the validated layout on the CPU,
-    the gather / scatter-back indices on the compute device, and the fused alignment loss's
-    indices (`alignment`, crystal_ext.ops.attention_alignment_loss.AlignmentIndices, built when
-    first asked for). Built once per forward (by the first text layer, see
-    crystal_ext.model.attention_registration) from the host layout, with pinned asynchronous
-    copies, so neither the layers nor the alignment op read the layout again and, on a GPU,
-    nothing waits for the device. With `image_tokens` (bool [batch, length]) or a sliding
-    window, the path-local masks are built on the device on first use, once per window size
-    (`masks`)."""
+    """What every layer of one forward needs from the layout: the checked layout
+    (crystal_ext.ops.layout.CheckedLayout: its host copy and Segments), the gather / scatter-back
+    indices on the compute device, and the fused alignment loss's indices (`alignment`,
+    crystal_ext.ops.attention_alignment_loss.AlignmentIndices, built when first asked for). Built
+    once per forward (by the first text layer, see crystal_ext.model.attention_registration), with
+    pinned asynchronous copies, so neither the layers nor the alignment op read the layout again
+    and, on a GPU, nothing waits for the device. With `image_tokens` (bool [batch, length]) or a
+    sliding window, the path-local masks are built on the device on first use, once per window
+    size (`masks`)."""
 
-    def __init__(
-        self,
-        layout: torch.Tensor,
-        batch: int,
-        length: int,
-        device: torch.device,
-        image_tokens: torch.Tensor | None = None,
-    ):
-        self.layout_cpu = layout.to("cpu")
-        self.segments = validate_layout(self.layout_cpu, batch, length, _OP)
-        self.batch, self.length, self.device = batch, length, torch.device(device)
+    def __init__(self, layout: CheckedLayout, device: torch.device, image_tokens: torch.Tensor | None = None):
+        self.layout_cpu = layout.host
+        self.segments = layout.segments
+        self.batch, self.length, self.device = layout.batch, layout.length, torch.device(device)
+        batch, length = self.batch, self.length
         idx = path_indices(self.segments, length)
         self.longest_path = idx[0].shape[1]  # |A|+|C|+|D|+|E| = |A|+|B|+|D|+|F| of the longest sample
         lengths = torch.tensor([len(s.path1()) for s in self.segments])
@@ -238,5 +234,5 @@ def dual_path_attention(
         [batch, heads, length, head_dim] in q's dtype; rows after F.end are zeros.
     """
     _check_qkv(q, k, v, _OP)
-    plan = DualPathPlan(layout, q.shape[0], q.shape[2], q.device, image_tokens)
+    plan = DualPathPlan(check_layout(layout, q.shape[0], q.shape[2], _OP), q.device, image_tokens)
     return dual_path_attention_planned(q, k, v, plan, scale, window)

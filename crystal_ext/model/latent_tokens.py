@@ -8,10 +8,7 @@
   embedding and LM-head matrices, as their own [n_new, Hd] parameters over the frozen
   matrices (crystal_ext.model.new_token_rows.attach_new_token_rows): no gradient or
   optimizer state of vocabulary size exists.
-- LoRA through peft with the published defaults (r=16, alpha=32, dropout 0.01) on every
-  linear layer of the language model and of the vision tower (chosen by the model's family,
-  crystal_ext.model.families); the vision-language projector / merger is trained in full
-  (peft `modules_to_save`).
+- LoRA: crystal_ext.model.lora.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ from crystal_ext.model.parts import embedding_and_head_weights
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-LORA_DEFAULTS = dict(r=16, lora_alpha=32, lora_dropout=0.01)
 
 
 def latent_token_strings(k: int) -> list[str]:
@@ -90,29 +86,3 @@ def _init_new_rows(model: nn.Module, new_ids, old_len: int) -> None:
     rows = torch.tensor(new_ids, dtype=torch.long)
     for matrix in embedding_and_head_weights(model):
         matrix[rows.to(matrix.device)] = matrix[:old_len].mean(0, keepdim=True)
-
-
-def lora_target_modules(model: nn.Module) -> list[str]:
-    """Names of the linear layers LoRA wraps: the model family's choice (crystal_ext.model.families;
-    the text decoder and the vision tower, never the projector or the LM head)."""
-    from crystal_ext.model.families import family_of
-
-    return family_of(model).lora_targets(model)
-
-
-def apply_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.01):
-    """Wrap `model` with peft LoRA (published defaults); the family's projector is trained in full."""
-    from peft import LoraConfig, get_peft_model
-
-    from crystal_ext.model.families import family_of
-
-    family = family_of(model)
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=family.lora_targets(model),
-        modules_to_save=family.trained_in_full(model),
-        bias="none",
-    )
-    return get_peft_model(model, config)

@@ -23,6 +23,7 @@ import torch
 from crystal_ext.model.attention_registration import (
     ALIGNMENT_LOSS_KEY,
     ATTN_IMPLEMENTATION,
+    CHECKED_LAYOUT_KEY,
     LAYOUT_KWARG,
     OUTPUTS_KWARG,
 )
@@ -32,7 +33,7 @@ from crystal_ext.model.new_token_rows import new_token_rows_of
 from crystal_ext.model.parts import backbone_and_head, text_config
 from crystal_ext.ops import lm_head_losses as fused_lm_head_losses
 from crystal_ext.ops import reference
-from crystal_ext.ops.layout import IGNORE, Segments, copy_to_device, segments_of, validate_layout
+from crystal_ext.ops.layout import IGNORE, CheckedLayout, Segments, check_layout, copy_to_device, segments_of
 from crystal_ext.ops.lm_head_plan import lm_head_plan
 
 LM_HEAD_IMPLEMENTATIONS = ("fused", "reference")
@@ -81,7 +82,7 @@ class CrystalLoss:
     kl_attn: torch.Tensor
 
 
-def _logit_rows(targets: torch.Tensor, samples: list[Segments]):
+def _logit_rows(targets: torch.Tensor, samples: tuple[Segments, ...]):
     """Flat indices of the rows needing logits, and the (teacher, student, sample) pairs as
     indices into those rows."""
     batch, length = targets.shape
@@ -99,10 +100,14 @@ def _logit_rows(targets: torch.Tensor, samples: list[Segments]):
     return flat, slot[torch.tensor(teacher)], slot[torch.tensor(student)], torch.tensor(sample)
 
 
-def dual_path_hidden(backbone, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def dual_path_hidden(
+    backbone, batch: dict, layout: CheckedLayout | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(last hidden states [batch, length, hidden], attention-alignment loss) of a collated
-    dual-path batch; the backbone's text layers must run the dual-path attention."""
-    slot: dict = {}
+    dual-path batch; the backbone's text layers must run the dual-path attention. `layout`: the
+    batch's layout already checked (crystal_ext.ops.layout.check_layout), which the text layers
+    then take as it is; without it the first text layer checks the layout."""
+    slot: dict = {} if layout is None else {CHECKED_LAYOUT_KEY: layout}
     # attention_mask=None on purpose: the layout marks padding, and without a 2-D mask the
     # registered mask function builds no L x L mask. The family may add inputs (Gemma 3: which
     # tokens are image tokens, and no masks at all).
@@ -125,40 +130,25 @@ def dual_path_hidden(backbone, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveConfig()) -> CrystalLoss:
-    """The training loss of one collated batch (crystal_ext.data.packing.DualPathCollator)."""
+    """The training loss of one collated batch (crystal_ext.data.packing.DualPathCollator).
+
+    The batch's layout is read and checked here, once per forward; the text layers and the
+    LM-head losses take the checked value (its Segments) from here on."""
     model, backbone, head = backbone_and_head(model)
     fn = _with_new_token_rows(config.lm_head_fn(), model)
-    transform = family_of(model).logit_transform(model.config)
+    family = family_of(model)
+    transform = family.logit_transform(model.config)
     if not config.crystal:
-        return _baseline(model, backbone, head, batch, fn, transform)
-    attn = text_config(model)._attn_implementation
-    if attn != ATTN_IMPLEMENTATION:
-        raise ValueError(
-            f"crystal_objective: the text layers run {attn!r} attention; call "
-            f"crystal_ext.register_dual_path_attention() and model.set_attn_implementation('{ATTN_IMPLEMENTATION}')"
-        )
-    input_ids, targets = batch["input_ids"], batch["targets"]
-    samples = validate_layout(batch["layout"], *input_ids.shape, "crystal_objective")
-    with recording_router_logits(model) as router:  # the MoE router term the stock forward adds
-        hidden, kl_attn = dual_path_hidden(backbone, batch)
-    targets_cpu = targets.cpu()
-    flat, teacher, student, sample = _logit_rows(targets_cpu, samples)
-    row_targets = targets_cpu.flatten()[flat]
-    (flat_on_device,) = copy_to_device((flat,), hidden.device)
-    if config.lm_head_losses == "fused":
-        # Built once per forward on the host, where the indices are: the op then reads nothing
-        # on the host and, on a GPU, waits for nothing (crystal_ext.ops.lm_head_plan).
-        vocab = head.weight.shape[0]
-        plan = lm_head_plan(
-            row_targets, teacher, student, sample, config.topk_fraction, flat.numel(), vocab, hidden.device
-        )  # fmt: skip
-        indices = (plan,)
-    else:
-        indices = copy_to_device((row_targets, teacher, student, sample), hidden.device) + (
-            config.topk_fraction,
-        )
+        return _baseline(model, family, backbone, head, batch, fn, transform)
+    _require_dual_path_attention(model)
+    layout = check_layout(batch["layout"], *batch["input_ids"].shape, "crystal_objective")
+    with recording_router_logits(model, family) as router:  # the MoE router term the stock forward adds
+        hidden, kl_attn = dual_path_hidden(backbone, batch, layout)
+    rows, indices = _lm_head_indices(
+        config, batch["targets"], layout.segments, head.weight.shape[0], hidden.device
+    )
     ce, kl_pred = fn(
-        hidden.flatten(0, 1)[flat_on_device],
+        hidden.flatten(0, 1)[rows],
         head.weight,
         *indices,
         bias=head.bias,
@@ -166,6 +156,34 @@ def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveCon
     )
     loss = router.with_path1_term(ce + config.lambda_pred * kl_pred + config.lambda_attn * kl_attn, batch)
     return CrystalLoss(loss, ce, kl_pred, kl_attn)
+
+
+def _require_dual_path_attention(model) -> None:
+    attn = text_config(model)._attn_implementation
+    if attn != ATTN_IMPLEMENTATION:
+        raise ValueError(
+            f"crystal_objective: the text layers run {attn!r} attention; call "
+            f"crystal_ext.register_dual_path_attention() and model.set_attn_implementation('{ATTN_IMPLEMENTATION}')"
+        )
+
+
+def _lm_head_indices(config: ObjectiveConfig, targets: torch.Tensor, samples, vocab: int, device) -> tuple:
+    """(the flat rows of the hidden states that need logits, on `device`; the LM-head losses'
+    index arguments after hidden and weight): for the fused op its plan, built once per forward on
+    the host, where the indices are, so that the op reads nothing on the host and, on a GPU, waits
+    for nothing (crystal_ext.ops.lm_head_plan); for the reference its index tensors."""
+    targets_cpu = targets.cpu()
+    flat, teacher, student, sample = _logit_rows(targets_cpu, samples)
+    row_targets = targets_cpu.flatten()[flat]
+    (flat_on_device,) = copy_to_device((flat,), device)
+    if config.lm_head_losses == "fused":
+        plan = lm_head_plan(
+            row_targets, teacher, student, sample, config.topk_fraction, flat.numel(), vocab, device
+        )
+        return flat_on_device, (plan,)
+    return flat_on_device, copy_to_device((row_targets, teacher, student, sample), device) + (
+        config.topk_fraction,
+    )
 
 
 def _with_new_token_rows(fn, model):
@@ -222,9 +240,9 @@ def intact_path_batch(batch: dict) -> dict:
     }
 
 
-def _baseline(model, backbone, head, batch, fn, transform) -> CrystalLoss:
+def _baseline(model, family, backbone, head, batch, fn, transform) -> CrystalLoss:
     single = intact_path_batch(batch)
-    with recording_router_logits(model) as router:
+    with recording_router_logits(model, family) as router:
         hidden = backbone(
             input_ids=single["input_ids"],
             position_ids=single["position_ids"],

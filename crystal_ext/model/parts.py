@@ -31,6 +31,7 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module
 
 
 def text_config(model: nn.Module):
+    """The config of `model`'s text decoder (the model's own config when it has no sub-configs)."""
     config = unwrap_peft(model).config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 

@@ -139,6 +139,33 @@ def validate_layout(layout, batch: int, length: int, op: str = "crystal_ext") ->
     return samples
 
 
+@dataclass(frozen=True, eq=False)
+class CheckedLayout:
+    """A layout that passed `validate_layout` for a sequence of `length` positions: its host copy
+    and its `Segments`. Made by `check_layout` only. The objective checks a batch's layout once and
+    hands this value on to the text layers (crystal_ext.model.attention_registration), which then
+    neither read nor check the layout again."""
+
+    source: torch.Tensor  # the layout as it was given (any device)
+    host: torch.Tensor  # its copy on the CPU
+    segments: tuple[Segments, ...]
+    length: int
+
+    @property
+    def batch(self) -> int:
+        return len(self.segments)
+
+    def describes(self, layout, batch: int, length: int) -> bool:
+        """Whether this is the check of `layout` (the same tensor) for a [batch, length] sequence."""
+        return layout is self.source and (batch, length) == (self.batch, self.length)
+
+
+def check_layout(layout, batch: int, length: int, op: str = "crystal_ext") -> CheckedLayout:
+    """`validate_layout` on the layout's host copy (read once), kept with it as a CheckedLayout."""
+    host = layout.to("cpu") if isinstance(layout, torch.Tensor) else layout
+    return CheckedLayout(layout, host, tuple(validate_layout(host, batch, length, op)), length)
+
+
 def copy_to_device(host: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
     """Host int64 index tensors on `device`. To a GPU they travel as one pinned buffer with one
     asynchronous copy, so building them never waits for the work already queued there."""

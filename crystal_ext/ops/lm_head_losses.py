@@ -54,9 +54,11 @@ from __future__ import annotations
 import torch
 
 import crystal_ext.ops._extension as _extension
+from crystal_ext.ops.checks import check_override
+from crystal_ext.ops.lm_head_outputs import forward_outputs_fake
 from crystal_ext.ops.lm_head_plan import LmHeadPlan, PlanTensors, lm_head_plan
 from crystal_ext.ops.model_logits import check_logit_transform
-from crystal_ext.ops.override_rows import check_override, override_lm_head_losses
+from crystal_ext.ops.override_rows import override_lm_head_losses
 
 _OP = "crystal_ext::lm_head_losses_fwd"
 _NAME = "lm_head_losses"
@@ -159,25 +161,6 @@ def _plan_of(hidden, weight, targets, teacher_rows, student_rows, pair_sample, t
             )
     return lm_head_plan(
         targets, teacher_rows, student_rows, pair_sample, topk_fraction, n_rows, vocab, hidden.device
-    )
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def forward_outputs_fake(hidden: torch.Tensor, n_pairs: int, grad_hidden: bool) -> tuple[torch.Tensor, ...]:
-    """Empty tensors shaped like the forward's outputs (ce, kl, d ce / d hidden, d kl / d hidden,
-    lse, pair coefficients): the fake kernel of lm_head_losses_fwd and of the override op."""
-    acc = _accumulate_dtype(hidden.dtype)
-    grad_shape = tuple(hidden.shape) if grad_hidden else (0,)
-    return (
-        hidden.new_empty((), dtype=acc),
-        hidden.new_empty((), dtype=acc),
-        hidden.new_empty(grad_shape, dtype=acc),
-        hidden.new_empty(grad_shape, dtype=acc),
-        hidden.new_empty((hidden.shape[0],), dtype=acc),
-        hidden.new_empty((n_pairs,), dtype=acc),
     )
 
 

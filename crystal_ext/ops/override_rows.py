@@ -30,49 +30,9 @@ from __future__ import annotations
 
 import torch
 
+from crystal_ext.ops.lm_head_outputs import forward_outputs_fake
 from crystal_ext.ops.lm_head_plan import PlanTensors
 from crystal_ext.ops.model_logits import model_logits
-
-
-def check_override(weight: torch.Tensor, override_ids, override_rows, op: str) -> bool:
-    """True when an override is given (both arguments), after checking it; errors name the argument.
-
-    Shapes, dtypes and devices are checked on every call. The ids' values (in [0, V), no
-    duplicates) are checked only when they are on the CPU, a free read there: ids on a GPU
-    would have to be copied back, which waits for it, so they are checked where they are made
-    (crystal_ext.model.new_token_rows.NewTokenRows checks its ids once, on creation)."""
-    if override_ids is None and override_rows is None:
-        return False
-    if override_ids is None or override_rows is None:
-        raise ValueError(f"{op}: override_ids and override_rows must be given together")
-    if not isinstance(override_ids, torch.Tensor) or override_ids.dim() != 1:
-        raise ValueError(f"{op}: override_ids must be a 1-D int64 tensor")
-    if override_ids.dtype != torch.long:
-        raise ValueError(f"{op}: override_ids must be int64, got {override_ids.dtype}")
-    vocab, width = weight.shape
-    n = override_ids.numel()
-    if not isinstance(override_rows, torch.Tensor) or tuple(override_rows.shape) != (n, width):
-        got = list(override_rows.shape) if isinstance(override_rows, torch.Tensor) else type(override_rows)
-        raise ValueError(f"{op}: override_rows must be [{n}, {width}] (len(override_ids), Hd), got {got}")
-    if not override_rows.is_floating_point():
-        raise ValueError(f"{op}: override_rows must be floating point, got {override_rows.dtype}")
-    if override_ids.device != weight.device or override_rows.device != weight.device:
-        raise RuntimeError(
-            f"{op}: override_ids and override_rows must be on the weight's device ({weight.device})"
-        )
-    if override_ids.device.type == "cpu":
-        check_override_ids(override_ids, vocab, op)
-    return True
-
-
-def check_override_ids(ids: torch.Tensor, vocab: int, op: str) -> None:
-    """The ids' values: in [0, vocab) and without duplicates (read on the host)."""
-    ids = ids.cpu()
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise ValueError(f"{op}: override_ids must be in [0, {vocab}), got {ids.tolist()}")
-    if ids.unique().numel() != ids.numel():
-        raise ValueError(f"{op}: override_ids has duplicates: {ids.tolist()}")
-
 
 _OP = "crystal_ext::lm_head_losses_override_fwd"
 
@@ -112,9 +72,6 @@ def _override_forward(
 
 @_override_forward.register_fake
 def _override_forward_fake(hidden, weight, bias, plan, *rest):
-    # Imported here: crystal_ext.ops.lm_head_losses imports this module.
-    from crystal_ext.ops.lm_head_losses import forward_outputs_fake
-
     return forward_outputs_fake(hidden, PlanTensors(*plan).pair_rows.shape[1], rest[-1])
 
 

@@ -7,30 +7,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from crystal_ext.ops.checks import check_override, check_qk
 from crystal_ext.ops.layout import dual_path_mask, validate_layout
 from crystal_ext.ops.model_logits import check_logit_transform, model_logits
-from crystal_ext.ops.override_rows import check_override
 
 RENORM_EPS = 1e-8
-
-
-def _check_qk(q: torch.Tensor, k: torch.Tensor, op: str) -> None:
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"{op}: q must be 4-D [batch, heads, length, head_dim]")
-    if not isinstance(k, torch.Tensor) or k.dim() != 4:
-        raise ValueError(f"{op}: k must be 4-D [batch, kv_heads, length, head_dim]")
-    if k.dtype != q.dtype:
-        raise ValueError(f"{op}: k must have the dtype of q ({q.dtype}), got {k.dtype}")
-    if k.device != q.device:
-        raise RuntimeError(f"{op}: k must be on the device of q ({q.device}), got {k.device}")
-    if (k.shape[0], k.shape[2], k.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]):
-        raise ValueError(
-            f"{op}: k {list(k.shape)} does not match q {list(q.shape)} in batch, length or head_dim"
-        )
-    if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(
-            f"{op}: the heads of q ({q.shape[1]}) must be a multiple of the kv_heads of k ({k.shape[1]})"
-        )
 
 
 def _dense_dual_path_probs(q, k, layout, scale):
@@ -56,7 +37,7 @@ def attention_alignment_loss(
     float64 inputs). Arithmetic runs in the input dtype, like a plain PyTorch model would.
     """
     op = "reference.attention_alignment_loss"
-    _check_qk(q, k, op)
+    check_qk(q, k, op)
     batch, _, length, head_dim = q.shape
     samples = validate_layout(layout, batch, length, op)
     scale = head_dim**-0.5 if scale is None else scale
@@ -149,7 +130,7 @@ def dual_path_attention(
     clarity); returns [B, H, L, d] in q's dtype, with zeros on padding rows (after F.end).
     """
     op = "reference.dual_path_attention"
-    _check_qk(q, k, op)
+    check_qk(q, k, op)
     if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype:
         raise ValueError(f"{op}: v must be a tensor with the shape and dtype of k")
     batch, heads, length, head_dim = q.shape

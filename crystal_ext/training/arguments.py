@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 
 from crystal_ext.data.corruption import KINDS, CorruptionConfig
+from crystal_ext.model.lora import LORA_ALPHA, LORA_DROPOUT, LORA_RANK
 from crystal_ext.model.objective import ObjectiveConfig
 
 TINY_OUTPUT_DIR = "outputs/crystal-tiny"
@@ -119,9 +120,9 @@ class CrystalArguments:
             "Default: on with --model, off for the tiny model (trained in full)."
         },
     )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.01, metadata={"help": "LoRA dropout."})
+    lora_r: int = field(default=LORA_RANK, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=LORA_ALPHA, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=LORA_DROPOUT, metadata={"help": "LoRA dropout."})
     max_length: int = field(
         default=4096, metadata={"help": "Longest packed dual-path sequence; longer ones are skipped."}
     )
@@ -325,8 +326,8 @@ def parse_args(argv: list[str] | None = None):
 
 
 def validate(cargs: CrystalArguments, targs) -> None:
-    """Every check that needs no model or data loaded; raises ValueError saying what to change."""
-    from crystal_ext.data.synthetic import TASKS
+    """Every check that needs no model or data loaded; raises ValueError saying what to change.
+    A --resume_from_checkpoint given as `last` is resolved to the checkpoint folder here."""
 
     def bad(msg):
         raise ValueError(msg)
@@ -361,55 +362,71 @@ def validate(cargs: CrystalArguments, targs) -> None:
             f"LoRA needs --lora_r >= 1, --lora_alpha > 0 and 0 <= --lora_dropout < 1, got "
             f"{cargs.lora_r}, {cargs.lora_alpha}, {cargs.lora_dropout}"
         )
+    _validate_data_and_schedule(cargs, targs)
+    _validate_sources(cargs)
+    targs.resume_from_checkpoint = _resume_checkpoint(cargs, targs)
+
+
+def _validate_data_and_schedule(cargs: CrystalArguments, targs) -> None:
+    """The synthetic task, the chat template's variables, the LM-head implementation, the
+    optimisation and evaluation schedule."""
+    from crystal_ext.data.synthetic import TASKS
+
     if cargs.task not in TASKS:
-        bad(f"--task must be one of {', '.join(sorted(TASKS))}, got {cargs.task!r}")
+        raise ValueError(f"--task must be one of {', '.join(sorted(TASKS))}, got {cargs.task!r}")
     if cargs.train_examples < 1 or cargs.eval_examples < 0:
-        bad("--train_examples must be >= 1 and --eval_examples >= 0")
-    try:
-        cargs.template_kwargs()
-    except ValueError as exc:
-        bad(str(exc))
+        raise ValueError("--train_examples must be >= 1 and --eval_examples >= 0")
+    cargs.template_kwargs()  # its ValueError names --chat_template_kwargs
     if cargs.lm_head_losses not in ("fused", "reference"):
-        bad(f"--lm_head_losses must be fused or reference, got {cargs.lm_head_losses!r}")
+        raise ValueError(f"--lm_head_losses must be fused or reference, got {cargs.lm_head_losses!r}")
     if cargs.max_train_minutes is not None and cargs.max_train_minutes <= 0:
-        bad(f"--max_train_minutes must be > 0, got {cargs.max_train_minutes}")
+        raise ValueError(f"--max_train_minutes must be > 0, got {cargs.max_train_minutes}")
     if cargs.cpu_threads is not None and cargs.cpu_threads < 1:
-        bad(f"--cpu_threads must be >= 1, got {cargs.cpu_threads}")
+        raise ValueError(f"--cpu_threads must be >= 1, got {cargs.cpu_threads}")
     if targs.learning_rate <= 0:
-        bad(f"--learning_rate must be > 0, got {targs.learning_rate}")
+        raise ValueError(f"--learning_rate must be > 0, got {targs.learning_rate}")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(targs, name) < 1:
-            bad(f"--{name} must be >= 1, got {getattr(targs, name)}")
+            raise ValueError(f"--{name} must be >= 1, got {getattr(targs, name)}")
     if cargs.max_length < 16:
-        bad(f"--max_length must be >= 16, got {cargs.max_length}")
+        raise ValueError(f"--max_length must be >= 16, got {cargs.max_length}")
     no_held_out = cargs.eval_data is None if cargs.data is not None else cargs.eval_examples == 0
     if targs.eval_strategy not in (None, "no") and no_held_out:
-        bad(
+        raise ValueError(
             f"--eval_strategy {targs.eval_strategy} evaluates on held-out examples: give --eval_examples > 0 "
             "(synthetic task) or --eval_data"
         )
     if targs.max_steps <= 0 and cargs.data is None:
-        bad("the synthetic data set is generated on the fly: give --max_steps > 0")
+        raise ValueError("the synthetic data set is generated on the fly: give --max_steps > 0")
+
+
+def _validate_sources(cargs: CrystalArguments) -> None:
+    """The image folder, the data and the model exist (a hub name is looked up when the hub answers)."""
     if cargs.image_folder is not None and not os.path.isdir(cargs.image_folder):
-        bad(f"--image_folder {cargs.image_folder}: no such folder")
+        raise ValueError(f"--image_folder {cargs.image_folder}: no such folder")
     for flag, path in (("--data", cargs.data), ("--eval_data", cargs.eval_data)):
         if path is not None:
             check_data_available(flag, path)
     if cargs.model is not None:
         check_model_available(cargs.model)
+
+
+def _resume_checkpoint(cargs: CrystalArguments, targs) -> str | None:
+    """The checkpoint to resume from; ValueError when the output folder holds checkpoints that
+    the run would neither resume nor overwrite."""
     from crystal_ext.training.checkpoints import last_complete_checkpoint, resolve_resume_checkpoint
 
     resume = resolve_resume_checkpoint(targs.resume_from_checkpoint, targs.output_dir)
-    targs.resume_from_checkpoint = resume
     if resume is None and not cargs.overwrite_output_dir and os.path.isdir(targs.output_dir):
         stale = [n for n in os.listdir(targs.output_dir) if n.startswith("checkpoint-")]
         if stale:
             last = last_complete_checkpoint(targs.output_dir)
-            bad(
+            raise ValueError(
                 f"--output_dir {targs.output_dir} already holds checkpoints ({len(stale)}): pass "
                 f"--resume_from_checkpoint last to continue{f' from {last}' if last else ''}, "
                 "--overwrite_output_dir to start over there, or another --output_dir"
             )
+    return resume
 
 
 def _probe_hub(timeout: float = 3.0) -> None:

@@ -11,7 +11,7 @@ it knows Qwen's chat and vision special tokens, carries Qwen's chat template, an
 (crystal_ext.data.synthetic), so a sample is about 30 tokens per path. Everything saves with
 `save_pretrained` and loads back with the stock `from_pretrained` / `AutoProcessor`.
 
-The pieces (word_level_tokenizer, text_config, mrope, qwen2_5_vl_config) also build the test
+The pieces (word_level_tokenizer, tiny_text_config, mrope, qwen2_5_vl_config) also build the test
 suite's and the benchmarks' smaller models (tests/family_models.py, benchmarks/step_models.py).
 """
 
@@ -136,7 +136,7 @@ def mrope(hidden: int) -> dict:
     }
 
 
-def text_config(tokenizer, hidden: int, layers: int, max_position_embeddings: int, **overrides) -> dict:
+def tiny_text_config(tokenizer, hidden: int, layers: int, max_position_embeddings: int, **overrides) -> dict:
     """A small decoder's text config over `tokenizer`'s vocabulary and its Qwen special tokens
     (4 heads / 2 kv heads, MLP twice as wide, untied head); `overrides` replace or add keys."""
     ids = tokenizer.convert_tokens_to_ids
@@ -170,7 +170,7 @@ def qwen_vision_token_ids(tokenizer) -> dict:
 
 
 def qwen2_5_vl_config(tokenizer, text: dict, vision_hidden: int, vision_depth: int, window_size: int):
-    """A Qwen2.5-VL config of `text` (see text_config) and a small vision tower (4 heads, patch 14,
+    """A Qwen2.5-VL config of `text` (see tiny_text_config) and a small vision tower (4 heads, patch 14,
     merge 2, full attention in every block) that hands the text model `text`'s hidden size."""
     from transformers import Qwen2_5_VLConfig
 
@@ -196,7 +196,7 @@ def tiny_config(
     tokenizer, hidden: int = 128, layers: int = 2, vision_hidden: int = 128, vision_depth: int = 2
 ):
     """The embedded default's Qwen2.5-VL config."""
-    text = text_config(tokenizer, hidden, layers, 1024, rope_parameters=mrope(hidden))
+    text = tiny_text_config(tokenizer, hidden, layers, 1024, rope_parameters=mrope(hidden))
     return qwen2_5_vl_config(tokenizer, text, vision_hidden, vision_depth, window_size=112)
 
 

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
+from crystal_ext.model.parts import unwrap_distributed, unwrap_peft
 from crystal_ext.ops.layout import segments_of
 
 
@@ -108,18 +109,15 @@ class _NoRouterLoss:
 
 
 @contextmanager
-def recording_router_logits(model):
+def recording_router_logits(model, family):
     """Yields an object that adds the stock router term of the forward run in the block to a loss
     (`with_path1_term`, `with_single_path_term`; the loss itself when the config asks for no term);
-    the hooks are removed on leaving the block."""
-    from crystal_ext.model.families import family_of
-    from crystal_ext.model.parts import unwrap_distributed, unwrap_peft
-
+    the hooks are removed on leaving the block. `family`: the model's (crystal_ext.model.families)."""
     base = unwrap_peft(unwrap_distributed(model))
     if not router_loss_requested(base.config):
         yield _NoRouterLoss()
         return
-    language = family_of(base).parts(base)[0]
+    language = family.parts(base)[0]
     problem = unsupported_router_loss(type(base), base.config)
     spec = _router_spec(language)
     if problem is not None or spec is None:

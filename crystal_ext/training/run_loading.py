@@ -1,0 +1,44 @@
+"""Loading what crystal_ext.train wrote, and merging it into a stock model."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from crystal_ext.training.run_config import read_run_config
+from crystal_ext.training.token_rows import TOKEN_ROWS_FILE, load_token_rows
+
+
+def load_trained(folder: str, dtype=torch.float32):
+    """(model, processor, run config) of an output folder or checkpoint of crystal_ext.train.
+    A LoRA run gives a peft model (base + adapter + trained token rows)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    config = read_run_config(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        from peft import PeftModel
+
+        base_path = config["base_model"]
+        if not os.path.isabs(base_path) and os.path.isdir(os.path.join(config["output_dir_abs"], base_path)):
+            base_path = os.path.join(config["output_dir_abs"], base_path)
+        base = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype, attn_implementation="sdpa")
+        if len(processor.tokenizer) > base.get_input_embeddings().weight.shape[0]:
+            base.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+        model = PeftModel.from_pretrained(base, folder)
+        if not load_token_rows(model, folder):
+            raise ValueError(f"{folder}: LoRA output without its token rows ({TOKEN_ROWS_FILE})")
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    return model.eval(), processor, config
+
+
+def merge(model, processor, folder: str) -> str:
+    """Write a stock model (LoRA folded in) that plain from_pretrained loads."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.set_attn_implementation("sdpa")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
