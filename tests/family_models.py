@@ -761,7 +761,7 @@ def build_windowed(
         # Aya Vision 8B's text: Cohere2, sliding layers with rotary positions, full ones without.
         text = {
             "model_type": "cohere2",
-            **tiny_model.text_config(tok, hidden, len(layer_types), 512),
+            **tiny_model.tiny_text_config(tok, hidden, len(layer_types), 512),
             "layer_types": list(layer_types),
             "sliding_window": window,
             "logit_scale": 4.0,

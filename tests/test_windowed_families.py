@@ -196,7 +196,7 @@ def test_a_sliding_last_layer_whose_window_covers_the_paths_is_exact(family):
 
 @pytest.mark.parametrize("family", WINDOWED_FAMILIES)
 def test_lora_trains_the_projector_in_full(family):
-    from crystal_ext.model.latent_tokens import apply_lora
+    from crystal_ext.model.lora import apply_lora
 
     model, _, batch = _setup(family)
     full = family_of(model).trained_in_full(model)
