@@ -195,7 +195,7 @@ MUTATIONS = [
         "every image of a multi-image example gets the same corruption draw (one seed key per example)",
         [
             (
-                "crystal_ext/data/packing.py",
+                "crystal_ext/data/images.py",
                 '    return key if count == 1 else f"{key}#{index}"\n',
                 "    return key\n",
             )
@@ -275,13 +275,13 @@ MUTATIONS = [
         ["tests/test_corruption.py::test_bad_arguments"],
     ),
     Mutation(
-        "evaluation_opens_images_unguarded",
-        "the evaluation opens held-out images without the shared opener: a truncated image crashes it",
+        "images_opened_unguarded",
+        "an example's images are opened without the guarded opener: a truncated held-out image crashes the evaluation",
         [
             (
-                "crystal_ext/training/evaluation.py",
-                "    image = open_image(source)\n",
-                '    image = Image.open(source).convert("RGB")\n',
+                "crystal_ext/data/images.py",
+                "        images = [open_image(source) for source in example.images]\n",
+                '        images = [Image.open(source).convert("RGB") for source in example.images]\n',
             )
         ],
         ["tests/test_bad_input.py::test_evaluate_names_every_bad_record_and_writes_its_results"],
@@ -402,8 +402,8 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/data/chat.py",
-                "messages = example.prompt_messages(system)",
-                'messages = example.prompt_messages(system or "You are a helpful assistant.")',
+                "messages = prompt_messages(example, system)",
+                'messages = prompt_messages(example, system or "You are a helpful assistant.")',
             )
         ],
         ["tests/test_chat_templates.py::test_path1_is_the_stock_rendering_then_the_trained_block"],
@@ -413,9 +413,9 @@ MUTATIONS = [
         "the latent block opens its own <think> after a generation prompt that already opened one",
         [
             (
-                "crystal_ext/data/packing.py",
-                "opening = [] if opens_think_block(prompt) else [lt.think_open]",
-                "opening = [lt.think_open]",
+                "crystal_ext/data/sequence.py",
+                "opening = [] if continues_think_block else [latent.think_open]",
+                "opening = [latent.think_open]",
             )
         ],
         [

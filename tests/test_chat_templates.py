@@ -242,7 +242,7 @@ def test_template_kwargs_option_reaches_training_and_evaluation(tmp_path):
         image_size=None, max_length=4096, system_prompt=None, chat_template_kwargs=flag,
     )  # fmt: skip
     packer = make_packer(config, processor, None, model)
-    assert packer.template_kwargs == {"enable_thinking": False}
-    assert packer.prompt(Example("k", _image(), QUESTION, ANSWER)).endswith(f"{THINK_CLOSE}\n\n")
+    assert packer.chat.template_kwargs == {"enable_thinking": False}
+    assert packer.chat.prompt(Example("k", _image(), QUESTION, ANSWER)).endswith(f"{THINK_CLOSE}\n\n")
     del config["chat_template_kwargs"]  # a run written before the option: the template's defaults
-    assert make_packer(config, processor, None, model).template_kwargs == {}
+    assert make_packer(config, processor, None, model).chat.template_kwargs == {}

@@ -87,17 +87,14 @@ def test_bad_arguments():
 def test_every_image_of_an_example_gets_its_own_draw():
     """Two identical images in one example are corrupted differently (each its own seeded draw,
     keyed by the example and the image's place); a single image is keyed by the example alone."""
-    from family_models import build
-
     from crystal_ext.data.example import Example
-    from crystal_ext.data.packing import DualPathPacker
+    from crystal_ext.data.images import ExampleImages
 
-    model, processor, latent = build("qwen2_5_vl", side=56)
-    packer = DualPathPacker(processor, latent, model, CorruptionConfig(), seed=4, image_size=56)
+    images = ExampleImages(56, CorruptionConfig(), seed=4)
     image = _image(56, 56)
-    first, second = packer.corrupted(Example("two", [image, image], "q", "a"), [image, image.copy()])
+    first, second = images.corrupted(Example("two", [image, image], "q", "a"), [image, image.copy()])
     assert not np.array_equal(np.asarray(first), np.asarray(second))
-    (alone,) = packer.corrupted(Example("one", image, "q", "a"), [image])
+    (alone,) = images.corrupted(Example("one", image, "q", "a"), [image])
     assert np.array_equal(np.asarray(alone), np.asarray(corrupt(image, CorruptionConfig(), 4, "one")))
 
 

@@ -51,7 +51,7 @@ def test_lora_run_saves_adapter_and_token_rows(lora_run):
 def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from crystal_ext.data.chat import render
+    from crystal_ext.data.chat import prompt_messages, render
     from crystal_ext.data.synthetic import SyntheticVQA
     from crystal_ext.training.run_loading import load_trained
 
@@ -83,7 +83,7 @@ def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
     ex = SyntheticVQA(2, "test", task=run_config["task"], image_size=run_config["image_size"])
     inputs = processor(
         text=[
-            render(processor, ex[i].prompt_messages(run_config["system_prompt"])) + "<think>"
+            render(processor, prompt_messages(ex[i], run_config["system_prompt"])) + "<think>"
             for i in range(2)
         ],
         images=[ex[i].image for i in range(2)],
@@ -103,7 +103,7 @@ def test_evaluate_and_merge_round_trip(lora_run, tmp_path):
 
 
 def test_extract_answer_and_prompt():
-    from crystal_ext.data.chat import render
+    from crystal_ext.data.chat import prompt_messages, render
     from crystal_ext.data.example import Example
     from crystal_ext.model.latent_tokens import add_latent_tokens
     from crystal_ext.training.answers import extract_answer
@@ -131,8 +131,8 @@ def test_extract_answer_and_prompt():
     assert extract_answer(tok, ids[:5] + [lat.think_close] + ids[5:]) != "triangle"
     text = render(
         tok,
-        Example("q", None, "what shape is in the image ?", None).prompt_messages(
-            "you are a helpful assistant ."
+        prompt_messages(
+            Example("q", None, "what shape is in the image ?", None), "you are a helpful assistant ."
         ),
     )
     assert "<unk>" not in tok.decode(tok(text).input_ids)

@@ -24,9 +24,9 @@ def _packer(family):
 def _stock_positions(model, processor, packer, example, path1_ids):
     """The stock model's own numbering of the single-path sequence: its get_rope_index on the
     processor's input ids and text types for the prompt (A and C), followed by the D and E text."""
-    images = packer.load_images(example)
+    images = packer.images.intact(example)
     processed = processor(
-        text=[packer.prompt(example)], images=[images], return_tensors="pt", add_special_tokens=False
+        text=[packer.chat.prompt(example)], images=[images], return_tensors="pt", add_special_tokens=False
     )
     prompt_ids = processed["input_ids"][0]
     assert torch.equal(path1_ids[: prompt_ids.numel()], prompt_ids)

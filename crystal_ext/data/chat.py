@@ -14,8 +14,10 @@ as it does when served.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from crystal_ext.data.example import Example, SkipExample
-from crystal_ext.model.latent_tokens import THINK_OPEN
+from crystal_ext.model.latent_tokens import ANSWER_CLOSE, ANSWER_OPEN, THINK_OPEN
 
 ANSWER_SENTINEL = "\x00ANSWER\x00"
 
@@ -65,13 +67,24 @@ def parse_template_kwargs(text: str | None) -> dict:
     return value
 
 
+def prompt_messages(example: Example, system: str | None) -> list[dict]:
+    """The example's turns up to its last assistant turn, images as parts; `system` first when
+    the record has no system turn of its own."""
+    head = [{"role": "system", "content": system}] if system else []
+    if example.messages is not None:
+        has_system = any(m["role"] == "system" for m in example.messages)
+        return (head if not has_system else []) + list(example.messages)
+    parts = [{"type": "image"} for _ in example.images] + [{"type": "text", "text": example.question}]
+    return head + [{"role": "user", "content": parts}]
+
+
 def generation_prompt(
     processor, example: Example, system: str | None = None, template_kwargs: dict | None = None
 ) -> str:
     """The chat text up to where the model writes its last assistant turn, with image
     placeholders: what training packs before the latent block and what evaluation (and serving)
     generates from. One function for both, so they cannot drift apart."""
-    messages = example.prompt_messages(system)
+    messages = prompt_messages(example, system)
     n_parts = sum(
         1
         for m in messages
@@ -108,3 +121,34 @@ def answer_text(answer: str, answer_open: str, answer_close: str, end: str) -> s
     """The assistant's answer as trained (segment E): the answer between its markers, and the
     turn end."""
     return f"{answer_open}{answer}{answer_close}{end}"
+
+
+@dataclass(frozen=True)
+class ChatText:
+    """An example's text as trained: `prompt`, the chat text up to the opening of the last
+    assistant turn with image placeholders (segments A..C); `answer`, the answer between its
+    markers and the turn end (segment E); `continues_think_block`, whether the prompt already
+    opened the think block that the latent block (segment D) then continues."""
+
+    prompt: str
+    answer: str
+    continues_think_block: bool
+
+
+class ChatFormat:
+    """The chat template's way of writing a run's examples: the processor's template with the
+    run's `system` turn (for records without one) and `template_kwargs` (its variables)."""
+
+    def __init__(self, processor, system: str | None = None, template_kwargs: dict | None = None):
+        self.processor, self.system = processor, system
+        self.template_kwargs = dict(template_kwargs or {})
+        self.turn_end = turn_end(processor, self.template_kwargs)
+
+    def prompt(self, example: Example) -> str:
+        """The chat text up to the opening of the last assistant turn (`generation_prompt`)."""
+        return generation_prompt(self.processor, example, self.system, self.template_kwargs)
+
+    def text_of(self, example: Example) -> ChatText:
+        prompt = self.prompt(example)
+        answer = answer_text(example.answer, ANSWER_OPEN, ANSWER_CLOSE, self.turn_end)
+        return ChatText(prompt, answer, opens_think_block(prompt))

@@ -29,15 +29,6 @@ class Example:
             return []
         return list(self.image) if isinstance(self.image, (list, tuple)) else [self.image]
 
-    def prompt_messages(self, system: str | None) -> list[dict]:
-        """The turns up to the last assistant turn, images as parts; the system message first."""
-        head = [{"role": "system", "content": system}] if system else []
-        if self.messages is not None:
-            has_system = any(m["role"] == "system" for m in self.messages)
-            return (head if not has_system else []) + list(self.messages)
-        parts = [{"type": "image"} for _ in self.images] + [{"type": "text", "text": self.question}]
-        return head + [{"role": "user", "content": parts}]
-
 
 class SkipExample(ValueError):
     """Raised while packing an example that cannot be trained on; the message says why."""

@@ -18,10 +18,9 @@ from __future__ import annotations
 import sys
 import warnings
 
-from crystal_ext.data.corruption import CorruptionConfig, corrupt
+from crystal_ext.data.corruption import CorruptionConfig
 from crystal_ext.data.example import SkipExample
-from crystal_ext.data.images import open_image
-from crystal_ext.data.packing import corruption_key
+from crystal_ext.data.images import ExampleImages
 from crystal_ext.ops import extension_available
 from crystal_ext.training import latent_carried
 from crystal_ext.training.answers import extract_answer, normalise_answer
@@ -53,43 +52,55 @@ def evaluate_model(
     in `latent_carried_unpacked`. Every example record holds each answer given (`intact`,
     `blurred`, `latent_carried`) and whether it is right (`intact_correct`, ...). The prompt is
     training's: `system` and `template_kwargs` as the run's packer has them."""
-    blur = CorruptionConfig(kind="blur", blur_radius=tuple(blur_radius))
+    images = ExampleImages(image_size, CorruptionConfig(kind="blur", blur_radius=tuple(blur_radius)), seed)
     names = ("intact", "blurred") + (("latent_carried",) if packer is not None else ())
     scores = _Scores(names, processor.tokenizer)
-    # think open/close + K latents + <answer> ... </answer> + <|im_end|>
-    max_new = num_latent_tokens + 2 + max_answer_tokens + 3
-    prompt = {"system": system, "template_kwargs": template_kwargs}
+    answering = {
+        "system": system,
+        "template_kwargs": template_kwargs,
+        # think open/close + K latents + <answer> ... </answer> + <|im_end|>
+        "max_new": num_latent_tokens + 2 + max_answer_tokens + 3,
+        "max_answer_tokens": max_answer_tokens,
+        "packer": packer,
+    }
     n = len(dataset)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, n, batch_size):
             batch = [dataset[i] for i in range(start, min(n, start + batch_size))]
-            loaded = [(e, _intact_images(e, image_size, scores.skipped)) for e in batch]
-            exs = [e for e, images in loaded if images is not None]
-            if not exs:
-                continue
-            intact = [images for _, images in loaded if images is not None]
-            blurred = _blurred(intact, exs, blur, seed)
-            got = {
-                "intact": _greedy_answers(model, processor, intact, exs, max_new, prompt),
-                "blurred": _greedy_answers(model, processor, blurred, exs, max_new, prompt),
-            }
-            if packer is not None:
-                got["latent_carried"] = latent_carried.latent_carried_answers(
-                    model, packer, exs, processor.tokenizer, max_answer_tokens
-                )
-                kl = latent_carried.held_out_attention_kl(model, packer, exs, processor.tokenizer)
-                scores.add_attention_kl(kl, len(exs))
-            scores.add(exs, got)
-            if progress:
+            if _score_batch(model, processor, batch, images, answering, scores) and progress:
                 print(f"evaluate: {scores.seen}/{n}", file=sys.stderr, flush=True)
     finally:
         model.train(was_training)
     return scores.result(packer, blur_radius)
 
 
-def _intact_images(example, image_size: int | None, skipped: list) -> list | None:
+def _score_batch(model, processor, batch: list, images: ExampleImages, answering: dict, scores) -> bool:
+    """Answers `batch`'s examples on intact and blurred images (and, with the run's packer,
+    latent-carried) into `scores`; False when every example of it was skipped."""
+    loaded = [(e, _intact_images(e, images, scores.skipped)) for e in batch]
+    exs = [e for e, intact in loaded if intact is not None]
+    if not exs:
+        return False
+    intact = [intact for _, intact in loaded if intact is not None]
+    blurred = [images.corrupted(e, ims) for ims, e in zip(intact, exs)]
+    got = {
+        "intact": _greedy_answers(model, processor, intact, exs, answering),
+        "blurred": _greedy_answers(model, processor, blurred, exs, answering),
+    }
+    packer = answering["packer"]
+    if packer is not None:
+        got["latent_carried"] = latent_carried.latent_carried_answers(
+            model, packer, exs, processor.tokenizer, answering["max_answer_tokens"]
+        )
+        kl = latent_carried.held_out_attention_kl(model, packer, exs, processor.tokenizer)
+        scores.add_attention_kl(kl, len(exs))
+    scores.add(exs, got)
+    return True
+
+
+def _intact_images(example, images: ExampleImages, skipped: list) -> list | None:
     """The example's intact images, or None (recorded in `skipped`, warned about) when it cannot be
     evaluated."""
     reason = None
@@ -97,43 +108,28 @@ def _intact_images(example, image_size: int | None, skipped: list) -> list | Non
         reason = "no image" if example.image is None else "no answer"
     else:
         try:
-            return [_open(source, image_size) for source in example.images]
+            return images.intact(example)
         except SkipExample as exc:
             reason = str(exc)
     where = getattr(example, "where", None)
     skipped.append({"key": example.key, "where": where, "reason": reason})
     warnings.warn(
         f"crystal_ext: evaluation skips example {example.key!r}{f' ({where})' if where else ''}: {reason}",
-        stacklevel=3,
+        stacklevel=4,
     )
     return None
 
 
-def _open(source, size: int | None):
-    from PIL import Image
-
-    image = open_image(source)
-    return image if size is None else image.resize((size, size), Image.BICUBIC)
-
-
-def _blurred(intact: list, examples: list, blur: CorruptionConfig, seed: int) -> list:
-    """Blurred copies of each example's images, seeded per example and image as in training."""
-    return [
-        [corrupt(im, blur, seed, corruption_key(e.key, i, len(ims))) for i, im in enumerate(ims)]
-        for ims, e in zip(intact, examples)
-    ]
-
-
-def _greedy_answers(model, processor, images, examples, max_new: int, prompt: dict) -> list[str | None]:
+def _greedy_answers(model, processor, images, examples, answering: dict) -> list[str | None]:
     outs = generate_answers(
         model,
         processor,
         images,
         [e.question for e in examples],
-        prompt["system"],
-        max_new,
+        answering["system"],
+        answering["max_new"],
         examples=examples,
-        template_kwargs=prompt["template_kwargs"],
+        template_kwargs=answering["template_kwargs"],
     )
     return [extract_answer(processor.tokenizer, o) for o in outs]
 
@@ -173,7 +169,7 @@ class _Scores:
         if packer is not None:
             summary["attention_kl"] = self.kl_sum / self.kl_count if self.kl_count else float("nan")
             summary["latent_carried_unpacked"] = sum(r["latent_carried"] is None for r in self.records)
-            summary["corruption"] = packer.corruption.kind
+            summary["corruption"] = packer.images.corruption.kind
         return {
             **summary,
             "blur_radius": list(blur_radius),

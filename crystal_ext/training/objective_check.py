@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from crystal_ext.data.example import SkipExample
+from crystal_ext.data.images import ExampleImages
 from crystal_ext.data.packing import DualPathCollator
 from crystal_ext.model.families.base import TEXT_KEYS
 from crystal_ext.model.objective import (
@@ -71,10 +72,19 @@ def pick_examples(packer, examples, count: int, tries: int = 50) -> list:
     return chosen
 
 
+class UncorruptedImages(ExampleImages):
+    """An example's images as the packer makes them ready, with the corruption replaced by the
+    identity."""
+
+    def corrupted(self, example, intact: list) -> list:
+        return [image.copy() for image in intact]
+
+
 def identity_packer(packer):
     """`packer` with the corruption replaced by the identity: path 2 then sees path 1's images."""
     twin = copy.copy(packer)
-    twin.corrupted = lambda ex, images: [im.copy() for im in images]
+    images = packer.images
+    twin.images = UncorruptedImages(images.size, images.corruption, images.seed)
     return twin
 
 
@@ -132,9 +142,9 @@ def stock_path1_logits(
     D and E: ids, attention mask 1, token types 0) and numbers positions itself."""
     seg = segments_of(batch["layout"].cpu())[b]
     ids = batch["input_ids"][b].cpu()[torch.tensor(seg.path1())]
-    images = packer.load_images(ex)
+    images = packer.images.intact(ex)
     processed = packer.processor(
-        text=[packer.prompt(ex)], images=[images], return_tensors="pt", add_special_tokens=False
+        text=[packer.chat.prompt(ex)], images=[images], return_tensors="pt", add_special_tokens=False
     )
     prompt = processed["input_ids"][0]
     if not torch.equal(prompt, ids[: prompt.numel()]):

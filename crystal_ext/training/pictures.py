@@ -188,7 +188,6 @@ def example_picture(model, packer, example, answers: dict | None = None, scale: 
     and the corrupted path (F rows) on one colour scale, rows and columns named by their tokens;
     at the bottom the question, the correct answer and, from `answers` (an eval_results.json
     example record), the model's own answers: intact path and latent-carried."""
-    from crystal_ext.data.corruption import corrupt
     from crystal_ext.data.packing import DualPathCollator
 
     batch = DualPathCollator(packer, packer.tok.pad_token_id)([example])
@@ -202,8 +201,8 @@ def example_picture(model, packer, example, answers: dict | None = None, scale: 
     think_names = _token_names(packer.tok, ids[slice(*seg.d)])
     e_names = _token_names(packer.tok, ids[slice(*seg.e)])
     f_names = _token_names(packer.tok, ids[slice(*seg.f)])
-    intact = packer._load(example)
-    corrupted = corrupt(intact, packer.corruption, packer.seed, example.key)
+    images = packer.images.intact_and_corrupted(example)
+    intact, corrupted = images.intact[0], images.corrupted[0]
     side = intact.size[0] * scale
     tiles = [
         intact.resize((side, side)),
