@@ -11,38 +11,45 @@ and the commands on top: `python -m crystal_ext.train`, `crystal_ext.evaluate`, 
 The names below are the public API; docs/ describes the method and every op's contract.
 """
 
-from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
-from crystal_ext.model.dual_path_attention import dual_path_attention
-from crystal_ext.model.families import UnsupportedModel, family_of
-from crystal_ext.model.latent_tokens import LatentTokens, add_latent_tokens
-from crystal_ext.model.objective import CrystalLoss, ObjectiveConfig, crystal_objective
-from crystal_ext.ops import (
-    attention_alignment_loss,
-    build_info,
-    extension_available,
-    extension_error,
-    lm_head_losses,
-    reference,
-)
-from crystal_ext.ops.layout import Segments
+import importlib
 
-__all__ = [
-    "ATTN_IMPLEMENTATION",
-    "CrystalLoss",
-    "LatentTokens",
-    "ObjectiveConfig",
-    "Segments",
-    "UnsupportedModel",
-    "add_latent_tokens",
-    "attention_alignment_loss",
-    "build_info",
-    "crystal_objective",
-    "dual_path_attention",
-    "extension_available",
-    "extension_error",
-    "family_of",
-    "lm_head_losses",
-    "reference",
-    "register_dual_path_attention",
-]
+# public name -> the module that defines it; loaded on first use, so that importing one part
+# (the plain-PyTorch references, say) loads no other
+_PUBLIC = {
+    "ATTN_IMPLEMENTATION": "crystal_ext.model.attention_registration",
+    "register_dual_path_attention": "crystal_ext.model.attention_registration",
+    "dual_path_attention": "crystal_ext.model.dual_path_attention",
+    "UnsupportedModel": "crystal_ext.model.families",
+    "family_of": "crystal_ext.model.families",
+    "LatentTokens": "crystal_ext.model.latent_tokens",
+    "add_latent_tokens": "crystal_ext.model.latent_tokens",
+    "CrystalLoss": "crystal_ext.model.objective",
+    "ObjectiveConfig": "crystal_ext.model.objective",
+    "crystal_objective": "crystal_ext.model.objective",
+    "attention_alignment_loss": "crystal_ext.ops",
+    "build_info": "crystal_ext.ops",
+    "extension_available": "crystal_ext.ops",
+    "extension_error": "crystal_ext.ops",
+    "lm_head_losses": "crystal_ext.ops",
+    "reference": "crystal_ext.ops",
+    "Segments": "crystal_ext.ops.layout",
+}
+
+
+_SUBPACKAGES = ("data", "model", "ops", "training")
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC, *_SUBPACKAGES})
+
+
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"

@@ -641,6 +641,39 @@ MUTATIONS = [
         ],
         ["tests/test_import_structure.py::test_no_import_cycle"],
     ),
+    Mutation(
+        "package_imports_its_ops_eagerly",
+        "the package's __init__ imports the objective up front, so importing the references loads "
+        "and registers every fused op",
+        [
+            (
+                "crystal_ext/__init__.py",
+                "import importlib\n",
+                "import importlib\n\nfrom crystal_ext.model.objective import crystal_objective  # noqa: F401\n",
+            )
+        ],
+        ["tests/test_import_structure.py::test_importing_the_references_registers_no_fused_op"],
+    ),
+    Mutation(
+        "op_names_left_to_module_getattr",
+        "the ops' lazy names are served by the module __getattr__ alone, so importing an op's module "
+        "first leaves the module where the op's name is",
+        [
+            (
+                "crystal_ext/ops/__init__.py",
+                "sys.modules[__name__].__class__ = _OpsPackage\n",
+                "",
+            ),
+            (
+                "crystal_ext/ops/__init__.py",
+                '    if name == "reference":\n',
+                "    if name in _OPS:\n"
+                '        return getattr(importlib.import_module(f"{__name__}.{name}"), name)\n'
+                '    if name == "reference":\n',
+            ),
+        ],
+        ["tests/test_import_structure.py::test_public_op_names_are_the_ops_whatever_was_imported_first"],
+    ),
 ]
 
 

@@ -85,6 +85,7 @@ def test_torch_version_mismatch_is_reported_with_the_fix():
         "import torch\n"
         "torch.__version__ = '0.0.0-other'\n"
         "import crystal_ext\n"
+        "crystal_ext.extension_available()\n"
     )
     out = run_python(code)
     assert out.returncode == 0, out.stderr

@@ -1,10 +1,14 @@
 """The package's import structure, read from the source (every import, also those inside
 functions): no import cycle, the layers import only downwards, and the plain-PyTorch references
-reach no module of the fused code (docs/architecture.md)."""
+reach no module of the fused code (docs/architecture.md); importing them in a fresh interpreter
+loads no fused module and registers no custom op."""
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "crystal_ext"
@@ -113,3 +117,38 @@ def test_references_reach_no_fused_module():
     for module in ("crystal_ext.ops.reference", "crystal_ext.ops.checks", "crystal_ext.ops.model_logits"):
         fused = _reachable(graph, module) & FUSED
         assert not fused, f"{module} imports the fused code: {sorted(fused)}"
+
+
+def _fresh_interpreter(code: str) -> dict:
+    """What `code` prints as JSON, run in a new interpreter on this checkout's package."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_importing_the_references_registers_no_fused_op():
+    loaded = _fresh_interpreter(
+        "import json, sys, torch\n"
+        "import crystal_ext.ops.reference\n"
+        "ops = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith('crystal_ext::')]\n"
+        "print(json.dumps({'ops': ops, 'modules': sorted(m for m in sys.modules if m.startswith('crystal_ext'))}))"
+    )
+    assert loaded["ops"] == []
+    fused = set(loaded["modules"]) & (FUSED | {"crystal_ext._C"})
+    assert not fused, f"importing crystal_ext.ops.reference loads {sorted(fused)}"
+
+
+def test_public_op_names_are_the_ops_whatever_was_imported_first():
+    """The ops share their names with their modules: importing a module first (as the model code
+    does) must not leave the module where the op's name is."""
+    names = _fresh_interpreter(
+        "import json\n"
+        "import crystal_ext.ops.attention_alignment_loss, crystal_ext.ops.lm_head_losses\n"
+        "import crystal_ext\n"
+        "from crystal_ext.ops import attention_alignment_loss, lm_head_losses, reference\n"
+        "print(json.dumps([type(f).__name__ for f in (attention_alignment_loss, lm_head_losses,\n"
+        "    crystal_ext.lm_head_losses, crystal_ext.attention_alignment_loss, reference)]))"
+    )
+    assert names == ["function", "function", "function", "function", "module"]

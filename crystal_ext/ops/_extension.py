@@ -1,9 +1,10 @@
 """Loading of the compiled extension (crystal_ext._C) and the facts about how it was built.
 
 The fused ops need the extension; the plain-PyTorch references in crystal_ext.ops.reference do
-not. When the extension is missing or was built against another torch, importing
-crystal_ext still works and says why (with the command that fixes it); calling a fused op
-then raises instead of silently falling back to the reference.
+not. When the extension is missing or was built against another torch, loading it (the first
+use of a fused op, or of extension_available / build_info) still works and says why (with the
+command that fixes it); calling a fused op then raises instead of silently falling back to the
+reference.
 """
 
 from __future__ import annotations
