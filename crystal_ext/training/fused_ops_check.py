@@ -64,16 +64,24 @@ def _with_grads(fn, inputs: list[torch.Tensor], upstream: list[float | torch.Ten
 
 
 def check_ops(report, model, batch, objective, hidden, max_attention_elements: int = 2**27):
-    from crystal_ext.model.dual_path_attention import dual_path_attention
-    from crystal_ext.ops import attention_alignment_loss, lm_head_losses, reference
+    """Part c: the fused LM-head losses (when the objective runs them) on the batch's own rows of
+    `hidden`, then the attention ops on random q, k, v of the model's attention shapes, unless
+    their references would build more than `max_attention_elements` probabilities."""
+    report.lines.append(
+        f"  c. fused ops against their plain-PyTorch references ({str(report.dtype).replace('torch.', '')})"
+    )
+    if objective.lm_head_losses == "fused":
+        _check_lm_head_losses(report, model, batch, hidden)
+    _check_attention_ops(report, model, batch, hidden.device, max_attention_elements)
 
-    dtype, tol = report.dtype, TOLERANCES[report.dtype].ops
-    _, _, head = backbone_and_head(model)
-    samples = segments_of(batch["layout"].cpu())
+
+def _logit_rows(batch, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the flat rows that need logits; the teacher, student and sample indices into them),
+    written out here apart from the objective's own selection."""
     targets = batch["targets"]
     length = targets.shape[1]
     rows, teacher, student, sample = [], [], [], []
-    for b, seg in enumerate(samples):
+    for b, seg in enumerate(segments_of(batch["layout"].cpu())):
         need = [
             r for r in range(length) if targets[b, r] != IGNORE or r in seg.span("e") or r in seg.span("f")
         ]
@@ -82,16 +90,21 @@ def check_ops(report, model, batch, objective, hidden, max_attention_elements: i
         teacher += [slot[r] for r in seg.span("e")]
         student += [slot[r] for r in seg.span("f")]
         sample += [b] * seg.size("e")
-    device = hidden.device
-    flat = torch.tensor(rows, device=device)
-    index = [torch.tensor(x, device=device) for x in (teacher, student, sample)]
-    row_targets = targets.flatten()[flat]
+    return torch.tensor(rows, device=device), [
+        torch.tensor(x, device=device) for x in (teacher, student, sample)
+    ]
+
+
+def _check_lm_head_losses(report, model, batch, hidden) -> None:
+    from crystal_ext.ops import lm_head_losses, reference
+
+    dtype, tol = report.dtype, TOLERANCES[report.dtype].ops
+    _, _, head = backbone_and_head(model)
+    flat, index = _logit_rows(batch, hidden.device)
+    row_targets = batch["targets"].flatten()[flat]
     weight = head.weight.detach()
     bias = None if head.bias is None else head.bias.detach()
     h = hidden.flatten(0, 1)[flat].detach()
-    report.lines.append(
-        f"  c. fused ops against their plain-PyTorch references ({str(dtype).replace('torch.', '')})"
-    )
 
     def lm_head(fused, args):
         fn = lm_head_losses if fused else reference.lm_head_losses
@@ -99,24 +112,30 @@ def check_ops(report, model, batch, objective, hidden, max_attention_elements: i
         b = None if bias is None else bias.to(w.dtype)
         return _with_grads(lambda x: fn(x, w, row_targets, *index, EVERY_PAIR, bias=b), [hid], [0.7, 1.3])
 
-    if objective.lm_head_losses == "fused":
-        # A small KL is the difference of two nearly equal log-sum-exps in any formula, so it loses
-        # digits to cancellation: its error counts relative to the CE it is added to.
-        ce = float(reference.lm_head_losses(h, weight, row_targets, *index, EVERY_PAIR, bias=bias)[0])
-        error, how = _op_error(lm_head, [h, weight], dtype, floors=[0.0, abs(ce), 0.0])
-        report.measure(
-            f"lm_head_losses (ce, kl, d hidden) at hidden [{h.shape[0]}, {h.shape[1]}], weight "
-            f"[{weight.shape[0]}, {weight.shape[1]}], {how}",
-            error,
-            tol,
-            fail=f"fused lm_head_losses differs from its reference by {short_number(error)} ({how}, > {tol:g}) "
-            f"at hidden [{h.shape[0]}, {h.shape[1]}], weight [{weight.shape[0]}, {weight.shape[1]}]",
-        )
+    # A small KL is the difference of two nearly equal log-sum-exps in any formula, so it loses
+    # digits to cancellation: its error counts relative to the CE it is added to.
+    ce = float(reference.lm_head_losses(h, weight, row_targets, *index, EVERY_PAIR, bias=bias)[0])
+    error, how = _op_error(lm_head, [h, weight], dtype, floors=[0.0, abs(ce), 0.0])
+    report.measure(
+        f"lm_head_losses (ce, kl, d hidden) at hidden [{h.shape[0]}, {h.shape[1]}], weight "
+        f"[{weight.shape[0]}, {weight.shape[1]}], {how}",
+        error,
+        tol,
+        fail=f"fused lm_head_losses differs from its reference by {short_number(error)} ({how}, > {tol:g}) "
+        f"at hidden [{h.shape[0]}, {h.shape[1]}], weight [{weight.shape[0]}, {weight.shape[1]}]",
+    )
+
+
+def _check_attention_ops(report, model, batch, device, max_attention_elements: int) -> None:
+    from crystal_ext.model.dual_path_attention import dual_path_attention
+    from crystal_ext.ops import attention_alignment_loss, reference
+
+    dtype, tol = report.dtype, TOLERANCES[report.dtype].ops
     text = text_config(model)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    batch_size = targets.shape[0]
+    batch_size, length = batch["targets"].shape
     if batch_size * heads * length * length > max_attention_elements:
         report.lines.append(
             f"  skip attention ops: their references build [{batch_size}, {heads}, {length}, {length}] "
