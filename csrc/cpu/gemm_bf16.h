@@ -27,6 +27,11 @@ namespace cpu_gemm {
 // True when this build has the kernel (x86-64) and the CPU runs AVX512-BF16 instructions.
 // Callers fall back to an fp32 GEMM otherwise.
 bool bf16_gemm_available();
+// True when gemm_bf16_f32 runs on AMX tiles (ATen's oneDNN brgemm ukernel on the same packed
+// panels, about 3x the AVX512-BF16 kernel where measured): the CPU has AMX-BF16, Linux
+// granted the tile state, and CRYSTAL_EXT_CPU_AMX is not "0" (read at each call, so a test or
+// benchmark can compare both paths in one process).
+bool amx_available();
 
 // B packed for gemm_bf16_f32: k x n, k padded to even with zeros, columns in panels of
 // kPanel (the last panel zero-padded). Panel j holds [k_pairs][kPanel][2] bf16.
