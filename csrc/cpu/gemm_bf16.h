@@ -4,7 +4,8 @@
 // inputs with fp32 OUTPUT, at bf16 speed. On the CPUs these kernels target, nothing reachable
 // from an extension provides that: ATen's CPU matmul has no fp32-out variant for bf16
 // (aten::mm.dtype is CUDA-only), at::native::mkldnn_matmul rejects an fp32 result for bf16
-// inputs, the oneDNN brgemm ukernel that ATen exposes (cpublas::brgemm) needs AMX, and the
+// inputs, the oneDNN brgemm ukernel that ATen exposes (cpublas::brgemm) needs AMX (so it is
+// used where the CPU has AMX: amx_available() below), and the
 // MKL cblas_gemm_bf16bf16f32 bundled in libtorch_cpu runs at fp32 speed on AMD CPUs
 // (measured: 64 ms vs 26 ms for a bf16-out matmul of [708x896]x[896x8192]). Rounding the
 // logits to bf16 instead is the error the op must avoid (Liger-Kernel issue 1432).
