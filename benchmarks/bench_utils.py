@@ -1,4 +1,5 @@
-"""Benchmark helpers: peak-memory measurement on CPU and CUDA, and the fused-op guard.
+"""Benchmark helpers: ours and the reference timed alternately in one process, peak-memory
+measurement on CPU and CUDA, and the fused-op guard.
 
 Peak memory of a call is the highest amount of tensor memory allocated by the call and alive
 at once: on CUDA from torch.cuda.max_memory_allocated above the starting point, on the CPU
@@ -8,9 +9,12 @@ from the allocation events of the torch profiler (profile_memory=True), replayed
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -74,6 +78,101 @@ def median_seconds(fn, rounds: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def benchmark_threads() -> int:
+    """The torch thread count every timed benchmark runs with, set explicitly so that a ratio
+    never compares runs with different thread counts: CRYSTAL_BENCH_THREADS, or all cores."""
+    threads = int(os.environ.get("CRYSTAL_BENCH_THREADS", "0")) or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+@dataclass
+class Side:
+    """One of the two things compared: `run` is timed; `enter` (untimed) puts the shared model
+    in this side's set-up before its calls, when the two sides need different ones."""
+
+    run: Callable[[], object]
+    enter: Callable[[], None] | None = None
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def min(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+@dataclass
+class Alternated:
+    """Times of ours and theirs from `alternate`; ratio = theirs / ours (above 1: ours faster)."""
+
+    ours: Side
+    theirs: Side
+    threads: int
+    load: tuple[float, float]  # 1-minute load average before and after
+
+    @property
+    def ratio_median(self) -> float:
+        return self.theirs.median / self.ours.median
+
+    @property
+    def ratio_min(self) -> float:
+        return self.theirs.min / self.ours.min
+
+    def info(self, ours_name: str = "ours", theirs_name: str = "published") -> dict:
+        r = lambda x: round(x, 3)  # noqa: E731
+        return {
+            f"{ours_name}_s_median": r(self.ours.median),
+            f"{ours_name}_s_min": r(self.ours.min),
+            f"{theirs_name}_s_median": r(self.theirs.median),
+            f"{theirs_name}_s_min": r(self.theirs.min),
+            "ratio_median": round(self.ratio_median, 2),
+            "ratio_min": round(self.ratio_min, 2),
+            "rounds": len(self.ours.seconds),
+            "threads": self.threads,
+            "load_average": f"{self.load[0]:.1f} -> {self.load[1]:.1f}",
+        }
+
+
+def _timed_call(side: Side) -> float:
+    if side.enter is not None:
+        side.enter()
+    # The other side's garbage (reference cycles holding large tensors) is freed here, not
+    # inside the timed call.
+    gc.collect()
+    start = time.perf_counter()
+    side.run()
+    return time.perf_counter() - start
+
+
+def alternate(ours, theirs, rounds: int = 3, warmup: int = 1) -> Alternated:
+    """Time `ours` and `theirs` (callables or Sides) alternately in this process.
+
+    Both first run `warmup` untimed calls each, so that first-call costs (oneDNN / MKL kernel
+    selection, lazy initialisation, the allocator's first growth, optimizer states allocated at
+    the first step) land in neither side's times. Then `rounds` rounds, each timing one call of
+    both, in the order ours-theirs, theirs-ours, ... so that a load that drifts over the run
+    (the machine is shared) falls on both alike, and each call follows the other side's call
+    as often as its own: memory the other side returned to the OS (glibc gives large blocks
+    back on free, so the next call page-faults them in again) costs both the same. Threads are
+    fixed (benchmark_threads) for both. Report min and median of each: the min is the least
+    disturbed call, the median the typical one; their gap is the noise of this run.
+    """
+    ours = ours if isinstance(ours, Side) else Side(ours)
+    theirs = theirs if isinstance(theirs, Side) else Side(theirs)
+    threads = benchmark_threads()
+    load_before = os.getloadavg()[0]
+    for _ in range(warmup):
+        for side in (ours, theirs):
+            _timed_call(side)
+    for i in range(rounds):
+        for side in (ours, theirs) if i % 2 == 0 else (theirs, ours):
+            side.seconds.append(_timed_call(side))
+    return Alternated(ours, theirs, threads, (load_before, os.getloadavg()[0]))
 
 
 def require_fused_ops() -> None:

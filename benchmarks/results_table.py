@@ -81,6 +81,16 @@ def rows(text: str) -> list[str]:
             f"| published recipe: {_g(step['published_s'])} s, {step['published_peak_MB']:.0f} MB "
             f"| {step['speedup']:.1f}x faster, {step['memory_ratio']:.2f} of the memory |"
         )
+    for shape in ("E24", "E96", "E384", "image1024"):
+        row = _dict_after(text, f"answer length {shape}, ours vs published")
+        if row:
+            out.append(
+                f"| whole step, bf16, \\|E\\| = {row['answer_rows']}, L = {row['length']}, Qwen 7B attention "
+                f"and vocabulary, 2 layers | {_g(row['ours_s_median'])} s, {row['ours_peak_MB']:.0f} MB "
+                f"| published recipe: {_g(row['published_s_median'])} s, {row['published_peak_MB']:.0f} MB "
+                f"| {row['speedup']:.1f}x faster (LM-head bound {row['bound']:.1f}x), "
+                f"{row['memory_ratio']:.2f} of the memory |"
+            )
     return out
 
 

@@ -76,10 +76,16 @@ def build_qwen7b_attention(
     attn: str, image: int, question: int, answer: int, vocab: int = 152064, batch_size: int = 1
 ):
     """The Qwen-7B-attention model and a batch with `answer` answer words (|E| = answer + 3)."""
+    model, tok, latent = qwen7b_attention_parts(attn, vocab=vocab)
+    return model, make_batch(model, tok, latent, image, question, answer, batch_size)
+
+
+def qwen7b_attention_parts(attn: str, vocab: int = 152064, dtype=torch.float32):
+    """(the Qwen-7B-attention model in training mode, its tokenizer, the latent tokens), for
+    batches made with make_batch."""
     tok = qwen_tokenizer()
     latent = add_latent_tokens(tok, None, k=10)  # |D| = 12 with the think markers
-    model = qwen7b_attention_model(tok, vocab=vocab, attn=attn).train()
-    return model, make_batch(model, tok, latent, image, question, answer, batch_size)
+    return qwen7b_attention_model(tok, vocab=vocab, attn=attn, dtype=dtype).train(), tok, latent
 
 
 def build_published_configuration(attn: str, dtype=torch.bfloat16):

@@ -1,6 +1,8 @@
 """The CPU bf16 x bf16 -> fp32 GEMM (csrc/cpu/gemm_bf16) that the fused LM-head losses use
 for bf16 inputs: exact against an fp32 GEMM of the same bf16 values (up to summation order)
-on every edge of its blocking. Skipped where the CPU has no AVX512-BF16."""
+on every edge of its blocking, on both of its paths (AMX tiles where the CPU has them, the
+AVX512-BF16 kernel otherwise or with CRYSTAL_EXT_CPU_AMX=0; on a CPU without AMX both ids run
+the AVX512-BF16 kernel). Skipped where the CPU has no AVX512-BF16."""
 
 from __future__ import annotations
 
@@ -15,9 +17,15 @@ pytestmark = pytest.mark.skipif(
     reason="no compiled extension or no AVX512-BF16 on this CPU",
 )
 
-# (m, k, n): rows around the 14-row micro-kernel, n around the 32-column panel, odd k (pad
-# pair), k over one 4096-pair pass, and a k whose row stride is a multiple of 2 KB (padded).
+# (m, k, n): rows around the 14-row micro-kernel and the AMX path's 64-row blocks, row counts
+# that are multiples of neither (779: the LM-head rows at |E| = 384), n around the 32-column
+# panel, odd k (pad pair), k over one 4096-pair pass, and a k whose row stride is a multiple of
+# 2 KB (padded).
 SIZES = [
+    (63, 40, 33),
+    (65, 130, 64),
+    (129, 7, 95),
+    (779, 96, 70),
     (1, 1, 1),
     (13, 7, 31),
     (14, 8, 32),
@@ -29,9 +37,16 @@ SIZES = [
 ]
 
 
+@pytest.fixture(params=["amx", "avx512bf16"])
+def path(request, monkeypatch):
+    """The GEMM path under test (read by the extension at each call)."""
+    monkeypatch.setenv("CRYSTAL_EXT_CPU_AMX", "1" if request.param == "amx" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("m,k,n", SIZES, ids=lambda v: str(v))
 @pytest.mark.parametrize("transposed", [True, False], ids=["w^T", "w"])
-def test_matches_fp32_gemm_of_the_same_values(m, k, n, transposed):
+def test_matches_fp32_gemm_of_the_same_values(m, k, n, transposed, path):
     g = torch.Generator().manual_seed(m * 7 + k + n)
     a = torch.randn(m, k, generator=g).bfloat16()
     w = torch.randn(n, k, generator=g).bfloat16() if transposed else torch.randn(k, n, generator=g).bfloat16()
@@ -48,12 +63,12 @@ def test_matches_fp32_gemm_of_the_same_values(m, k, n, transposed):
     assert ((got.double() - gold).abs() <= bound).all()
 
 
-def test_empty_k_gives_zeros():
+def test_empty_k_gives_zeros(path):
     got = _C.cpu_gemm_bf16(torch.empty(3, 0).bfloat16(), torch.empty(5, 0).bfloat16(), True)
     assert torch.equal(got, torch.zeros(3, 5))
 
 
-def test_accumulates_into_out():
+def test_accumulates_into_out(path):
     g = torch.Generator().manual_seed(1)
     a = torch.randn(17, 40, generator=g).bfloat16()
     w = torch.randn(40, 45, generator=g).bfloat16()
@@ -64,7 +79,7 @@ def test_accumulates_into_out():
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
 
 
-def test_non_finite_values_propagate_and_pad_is_clean():
+def test_non_finite_values_propagate_and_pad_is_clean(path):
     # An odd k pads A and B with a zero column / row: that pad must not inject NaN, while a
     # real inf in the data must come through.
     a = torch.ones(3, 5).bfloat16()

@@ -2,18 +2,23 @@
 //
 // Only the kernel functions are compiled for AVX512-BF16 (function target attributes), so the
 // rest of the extension runs on any x86-64 CPU; bf16_gemm_available() checks the CPU at run
-// time before anything calls them.
+// time before anything calls them. Where the CPU has AMX, the same packed panels go through
+// ATen's oneDNN brgemm ukernel instead (see amx_available()).
 #include "gemm_bf16.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define CRYSTAL_HAVE_BF16_GEMM 1
+#include <cpuid.h>
 #include <immintrin.h>
 #define CRYSTAL_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #else
@@ -34,6 +39,22 @@ bool bf16_gemm_available() {
 #endif
 }
 
+bool amx_available() {
+#if CRYSTAL_HAVE_BF16_GEMM
+  static const bool ok = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amx_bf16 = (edx >> 22) & 1u, amx_tile = (edx >> 24) & 1u;
+    // init_amx asks Linux for the tile state; without it the first tile instruction faults.
+    return amx_bf16 && amx_tile && bf16_gemm_available() && at::cpu::init_amx();
+  }();
+  const char* env = std::getenv("CRYSTAL_EXT_CPU_AMX");
+  return ok && (env == nullptr || std::strcmp(env, "0") != 0);
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 constexpr int64_t kRows = 14;     // rows of C per micro-kernel call: 14 x 2 accumulators
@@ -41,6 +62,9 @@ constexpr int64_t kRows = 14;     // rows of C per micro-kernel call: 14 x 2 acc
 // once instead of read and written per k block, which measured 25% faster at k = 896 than
 // 128-pair blocks; a kPairBlock-pair micro-panel of B (up to 512 KB) stays in a 1-2 MB L2.
 constexpr int64_t kPairBlock = 4096;
+// Rows of A per brgemm call on the AMX path: 64 rows of a k = 3584 A (450 KB) stay in L2 while
+// the thread's panels stream past them; measured faster than 32 (fewer, longer tile loops).
+constexpr int64_t kAmxRows = 64;
 
 void check_bf16_matrix(const at::Tensor& w, const char* what) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
@@ -221,6 +245,31 @@ constexpr std::array<MicroKernel, sizeof...(R)> kernels_for(std::integer_sequenc
 // kernel_for_rows[r - 1] handles r rows (1 <= r <= kRows).
 constexpr auto kernel_for_rows = kernels_for(std::make_integer_sequence<int, kRows>{});
 
+// The AMX path: a panel is [pairs][kPanel][2] bf16, the VNNI layout brgemm reads as a
+// [2 * pairs x kPanel] B with ld_b = kPanel. Row blocks of A outside, the thread's panels
+// inside, so a block of A is read from L2 once per panel; each thread writes only its panels'
+// columns of c.
+void gemm_amx(const at::BFloat16* a, int64_t lda, int64_t m, const PackedB& b, float* c,
+              int64_t ldc, bool accumulate) {
+  const at::BFloat16* data = b.data.data_ptr<at::BFloat16>();
+  at::parallel_for(0, b.n_panels, 1, [&](int64_t jb, int64_t je) {
+    for (int64_t pass = 0; pass * kPairBlock < b.k_pairs; ++pass) {
+      const int64_t p0 = pass * kPairBlock, pairs = std::min(kPairBlock, b.k_pairs - p0);
+      const bool add = accumulate || pass > 0;
+      for (int64_t i0 = 0; i0 < m; i0 += kAmxRows) {
+        const int64_t rows = std::min(kAmxRows, m - i0);
+        for (int64_t j = jb; j < je; ++j) {
+          const int64_t cols = std::min(kPanel, b.n - j * kPanel);
+          at::native::cpublas::brgemm(rows, cols, 2 * pairs, lda, kPanel, ldc, add,
+                                      a + i0 * lda + 2 * p0, data + (j * b.k_pairs + p0) * kPanel * 2,
+                                      c + i0 * ldc + j * kPanel);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+}
+
 }  // namespace
 #endif
 
@@ -233,6 +282,10 @@ void gemm_bf16_f32(const at::BFloat16* a_in, int64_t lda, int64_t m, const Packe
   if (b.k_pairs == 0) {  // an empty sum
     if (!accumulate)
       for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + b.n, 0.0f);
+    return;
+  }
+  if (amx_available()) {
+    gemm_amx(a_in, lda, m, b, c, ldc, accumulate);
     return;
   }
   const uint16_t* a = reinterpret_cast<const uint16_t*>(a_in);

@@ -4,7 +4,8 @@
 // inputs with fp32 OUTPUT, at bf16 speed. On the CPUs these kernels target, nothing reachable
 // from an extension provides that: ATen's CPU matmul has no fp32-out variant for bf16
 // (aten::mm.dtype is CUDA-only), at::native::mkldnn_matmul rejects an fp32 result for bf16
-// inputs, the oneDNN brgemm ukernel that ATen exposes (cpublas::brgemm) needs AMX, and the
+// inputs, the oneDNN brgemm ukernel that ATen exposes (cpublas::brgemm) needs AMX (so it is
+// used where the CPU has AMX: amx_available() below), and the
 // MKL cblas_gemm_bf16bf16f32 bundled in libtorch_cpu runs at fp32 speed on AMD CPUs
 // (measured: 64 ms vs 26 ms for a bf16-out matmul of [708x896]x[896x8192]). Rounding the
 // logits to bf16 instead is the error the op must avoid (Liger-Kernel issue 1432).
@@ -27,6 +28,11 @@ namespace cpu_gemm {
 // True when this build has the kernel (x86-64) and the CPU runs AVX512-BF16 instructions.
 // Callers fall back to an fp32 GEMM otherwise.
 bool bf16_gemm_available();
+// True when gemm_bf16_f32 runs on AMX tiles (ATen's oneDNN brgemm ukernel on the same packed
+// panels, about 3x the AVX512-BF16 kernel where measured): the CPU has AMX-BF16, Linux
+// granted the tile state, and CRYSTAL_EXT_CPU_AMX is not "0" (read at each call, so a test or
+// benchmark can compare both paths in one process).
+bool amx_available();
 
 // B packed for gemm_bf16_f32: k x n, k padded to even with zeros, columns in panels of
 // kPanel (the last panel zero-padded). Panel j holds [k_pairs][kPanel][2] bf16.
