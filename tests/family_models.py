@@ -644,6 +644,10 @@ def build_scaled_head(
     processor.chat_template = tok.chat_template
     torch.manual_seed(seed)
     model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    with torch.no_grad():  # slow decay (A in [0.01, 0.1]): the state remembers across segments
+        for module in model.modules():
+            if hasattr(module, "A_log"):
+                module.A_log.uniform_(-4.6, -2.3)
     return model.eval(), processor, latent
 
 
@@ -775,4 +779,84 @@ def build_windowed(
     if family == "gemma3":
         with torch.no_grad():  # Gemma 3 initialises its projection to zeros: images would be invisible
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    return model.eval(), processor, latent
+
+
+# ---- linear-attention and convolution layers (crystal_ext.model.path_scan) ----
+
+LINEAR_FAMILIES = ("qwen3_5",)
+
+# Linear layers first and between the attention layers, so a linear layer reads D's hidden states
+# after an attention layer has computed them on path 1; a full-attention last layer (the alignment
+# loss's layer).
+QWEN3_5_LAYERS = ("linear_attention", "full_attention", "linear_attention", "full_attention")
+
+
+def qwen3_5_text_config(tok, hidden: int, layer_types=QWEN3_5_LAYERS) -> dict:
+    """A tiny Qwen3.5 text config: grouped value heads (2 key heads, 4 value heads) and a conv
+    kernel of 4 taps, so the short convolution reaches across segment boundaries."""
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+        "mrope_section": [2, 1, 1],
+        "mrope_interleaved": True,
+    }
+    return {
+        "model_type": "qwen3_5_text",
+        **tiny_model.tiny_text_config(tok, hidden, len(layer_types), 512),
+        "head_dim": hidden // 4,
+        "rope_parameters": rope,
+        "layer_types": list(layer_types),
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+    }
+
+
+def _qwen3_5(hidden: int, k: int, layer_types):
+    """Qwen3.5: its Qwen3VLProcessor (patch 16, merge 2) and a two-block vision tower."""
+    tok = tokenizer(QWEN_TEMPLATE)
+    latent = _latent(tok, k)
+    vision = dict(
+        depth=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        out_hidden_size=hidden,
+        patch_size=16,
+        num_position_embeddings=64,
+    )
+    config = transformers.Qwen3_5Config(
+        text_config=qwen3_5_text_config(tok, hidden, layer_types),
+        vision_config=vision,
+        tie_word_embeddings=False,
+        **tiny_model.qwen_vision_token_ids(tok),
+    )
+    processor = _qwen_processor(tok, "qwen3_5", 56)
+    return tok, transformers.Qwen3_5ForConditionalGeneration, config, processor, latent
+
+
+def build_linear(
+    family: str,
+    attn_implementation: str = "eager",
+    seed: int = 0,
+    hidden: int = 64,
+    k: int = 4,
+    layer_types=None,
+):
+    """(model [float32, eval], processor, latent tokens) of a tiny random LINEAR_FAMILIES model."""
+    if family == "qwen3_5":
+        tok, cls, config, processor, latent = _qwen3_5(hidden, k, layer_types or QWEN3_5_LAYERS)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    processor.chat_template = tok.chat_template
+    torch.manual_seed(seed)
+    model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    with torch.no_grad():  # slow decay (A in [0.01, 0.1]): the state remembers across segments
+        for module in model.modules():
+            if hasattr(module, "A_log"):
+                module.A_log.uniform_(-4.6, -2.3)
     return model.eval(), processor, latent

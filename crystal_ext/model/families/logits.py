@@ -91,6 +91,7 @@ PLAIN = frozenset(
         "internvl",
         "mistral3",
         "glm4v",
+        "qwen3_5",
         "gemma3",  # Gemma3ForConditionalGeneration does not cap (only the text-only Gemma3ForCausalLM does)
     }
 )

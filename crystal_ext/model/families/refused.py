@@ -40,7 +40,6 @@ REFUSED = {
     "pi05": _PREFIX + " (an action expert attends to it)",
     "git": "its image tokens attend to each other bidirectionally ahead of the causal text",
     "molmo2": "its image tokens attend to each other bidirectionally (token_type_ids)",
-    "qwen3_5": _LINEAR_ATTENTION,
     "qwen3_5_moe": _LINEAR_ATTENTION,
     "qwen3_next": _LINEAR_ATTENTION,
     # The image reached otherwise than through image tokens of the one sequence.

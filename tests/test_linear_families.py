@@ -1,0 +1,288 @@
+"""Families with linear-attention layers (Qwen3.5's Gated DeltaNet), on tiny random models with their
+real processors, float64:
+
+- the objective (its parts and every gradient) equals a reference written here: the attention
+  layers through an eager attention with the dense dual-path mask (dual_path_helpers), the linear
+  layers as a per-path token-by-token recurrence (the causal convolution and the gated delta rule
+  as plain loops over time, read from the layer's weights), path 1 over [A, C, D, E] and path 2
+  over [A, B, D, F] with D's inputs as the packed sequence holds them (path 1's);
+- the same reference, with path 2 scanned wrongly (over the packed sequence; F continuing path 1's
+  state; D's outputs taken from path 2), differs from the objective: the comparison sees each;
+- path 1 equals the stock model's own forward on [A, C, D, E], and the single-path baseline its loss;
+- a configuration whose last layer is linear is refused, and so is a text layer the scans do not know.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+from dual_path_helpers import (
+    additive,
+    cast_floats,
+    dense_visibility,
+    gradient_pairs,
+    plain_losses,
+    register_dense_eager,
+)
+from family_models import LINEAR_FAMILIES, build_linear
+from test_families import _examples, _relative_error
+
+import crystal_ext
+from crystal_ext.data.packing import IGNORE, DualPathCollator, DualPathPacker
+from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
+from crystal_ext.model.families import UnsupportedModel, family_of
+from crystal_ext.model.objective import (
+    ObjectiveConfig,
+    crystal_objective,
+    dual_path_hidden,
+    intact_path_batch,
+)
+from crystal_ext.model.parts import backbone_and_head
+from crystal_ext.ops.layout import segments_of
+
+pytestmark = pytest.mark.skipif(
+    not crystal_ext.extension_available(), reason="the attention-alignment loss needs the compiled extension"
+)
+REFERENCE_HEAD = ObjectiveConfig(lm_head_losses="reference")
+
+
+@functools.cache
+def _setup(family):
+    register_dual_path_attention()
+    model, processor, latent = build_linear(family, ATTN_IMPLEMENTATION)
+    model = model.double()
+    packer = DualPathPacker(processor, latent, model, system="you are a helpful assistant")
+    batch = DualPathCollator(packer, processor.tokenizer.pad_token_id)(_examples())
+    assert len(batch["keys"]) == 3
+    return model, processor, cast_floats(batch, torch.float64)
+
+
+# ---- the reference: Gated DeltaNet written as loops over time ----------------------------------
+
+
+def _causal_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [n, channels], weight [channels, taps]: out[t] = sum_j weight[:, taps-1-j] * x[t-j] (t-j >= 0)."""
+    taps = weight.shape[1]
+    rows = []
+    for t in range(x.shape[0]):
+        acc = torch.zeros_like(x[0])
+        for j in range(taps):
+            if t - j >= 0:
+                acc = acc + weight[:, taps - 1 - j] * x[t - j]
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def gated_delta_net_reference(layer, x: torch.Tensor) -> torch.Tensor:
+    """Qwen3.5's linear-attention layer on ONE sequence x [n, hidden], token by token: the short
+    causal convolution (SiLU) over the q/k/v projection, then per value head h the state S [dk, dv]:
+    S <- exp(g_t) S;  S <- S + beta_t k_t (v_t - S^T k_t)^T;  o_t = S^T q_t  (q, k unit length,
+    q scaled by dk^-1/2; each key head serves consecutive value heads); then the RMS norm of o
+    gated by SiLU(z), and the output projection."""
+    nk, nv, dk, dv = layer.num_k_heads, layer.num_v_heads, layer.head_k_dim, layer.head_v_dim
+    n = x.shape[0]
+    mixed = Fn.silu(_causal_conv(x @ layer.in_proj_qkv.weight.T, layer.conv1d.weight[:, 0]))
+    q, k, v = mixed.split([nk * dk, nk * dk, nv * dv], dim=-1)
+    q = _unit(q.reshape(n, nk, dk)).repeat_interleave(nv // nk, 1) * dk**-0.5
+    k = _unit(k.reshape(n, nk, dk)).repeat_interleave(nv // nk, 1)
+    v = v.reshape(n, nv, dv)
+    beta = torch.sigmoid(x @ layer.in_proj_b.weight.T)  # [n, nv]
+    g = -layer.A_log.exp() * Fn.softplus(x @ layer.in_proj_a.weight.T + layer.dt_bias)
+    state = x.new_zeros(nv, dk, dv)
+    outs = []
+    for t in range(n):
+        state = state * g[t].exp()[:, None, None]
+        recalled = torch.einsum("hkv,hk->hv", state, k[t])
+        state = state + torch.einsum("hk,hv->hkv", k[t], beta[t][:, None] * (v[t] - recalled))
+        outs.append(torch.einsum("hkv,hk->hv", state, q[t]))
+    o = torch.stack(outs)  # [n, nv, dv]
+    z = (x @ layer.in_proj_z.weight.T).reshape(n, nv, dv)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.norm.variance_epsilon) * layer.norm.weight
+    o = o * Fn.silu(z)
+    return o.reshape(n, nv * dv) @ layer.out_proj.weight.T
+
+
+# How the reference scans path 2 of one sample (segments `seg`): "right" is the dual-path rule; the
+# others are the bugs the comparison must see.
+PATH2_SCANS = {
+    "right": lambda seg: [*seg.span("a"), *seg.span("b"), *seg.span("d"), *seg.span("f")],
+    "packed": lambda seg: list(range(seg.f[1])),  # one scan over A, B, C, D, E, F
+    "f_after_path1": lambda seg: [*seg.span("a"), *seg.span("c"), *seg.span("d"), *seg.span("f")],
+}
+
+
+def _reference_forward(layer, layout, path2="right", d_from_path2=False):
+    def forward(hidden_states, *args, **kwargs):
+        out = torch.zeros_like(hidden_states)
+        for b, seg in enumerate(segments_of(layout)):
+            path1 = seg.path1()
+            out[b, path1] = gated_delta_net_reference(layer, hidden_states[b, path1])
+            # Rows B and F (and D, wrongly) from path 2's scan; with a wrong scan, each row from it
+            # where that scan holds the row, else from the right one.
+            keep = [*seg.span("b"), *seg.span("f")] + ([*seg.span("d")] if d_from_path2 else [])
+            for scan in (PATH2_SCANS["right"](seg), PATH2_SCANS[path2](seg)):
+                y2 = gated_delta_net_reference(layer, hidden_states[b, scan])
+                rows = [p for p in keep if p in scan]
+                out[b, rows] = y2[[scan.index(p) for p in rows]]
+        return out
+
+    return forward
+
+
+def _reference_run(model, batch, **scan):
+    """The reference model copy's (logits, last layer q, k, scale, copy)."""
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation(register_dense_eager())
+    for module in ref.modules():
+        if type(module).__name__ == "Qwen3_5GatedDeltaNet":
+            module.forward = _reference_forward(module, batch["layout"], **scan)
+    length = batch["input_ids"].shape[1]
+    dense = additive(dense_visibility(batch["layout"], length), model.dtype)
+    sink = {}
+    out = ref(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask={"full_attention": dense, "linear_attention": None},
+        use_cache=False,
+        crystal_test_sink=sink,
+        **batch["images"],
+    )
+    return out.logits, sink["q"], sink["k"], sink["scale"], ref
+
+
+@functools.cache
+def _ours(family):
+    model, _, batch = _setup(family)
+    ours_model = copy.deepcopy(model)
+    ours = crystal_objective(ours_model, batch, REFERENCE_HEAD)
+    ours.loss.backward()
+    return ours, ours_model
+
+
+def _objective_errors(family, **scan):
+    model, _, batch = _setup(family)
+    ours, ours_model = _ours(family)
+    logits, q, k, scale, ref = _reference_run(model, batch, **scan)
+    parts = plain_losses(logits, q, k, batch, scale)
+    assert ours.kl_pred > 0 and ours.kl_attn > 0
+    errors = [_relative_error(got, want) for got, want in zip((ours.ce, ours.kl_pred, ours.kl_attn), parts)]
+    sum(parts).backward()
+    errors.append(_relative_error(ours.loss, sum(parts).detach()))
+    pairs = gradient_pairs(ours_model, ref)
+    return errors + [_relative_error(got, want) for _, got, want in pairs], pairs
+
+
+@pytest.mark.parametrize("family", LINEAR_FAMILIES)
+def test_objective_and_gradients_equal_the_per_path_recurrence(family):
+    errors, pairs = _objective_errors(family)
+    names = " ".join(n for n, _, _ in pairs)
+    print(
+        f"\n{family}: max relative error {max(errors):.1e} over the loss, its parts and {len(pairs)} gradients"
+    )
+    assert "linear_attn.in_proj_qkv" in names and "linear_attn.conv1d" in names and "A_log" in names
+    # 1e-5, not float64's 1e-6: the stock layer runs its gate and recurrence in float32 whatever the
+    # model's dtype (A_log.float(), and its delta-rule kernel casts q, k, v, g and beta).
+    assert len(pairs) > 20 and max(errors) < 1e-5
+
+
+@pytest.mark.parametrize("family", LINEAR_FAMILIES)
+@pytest.mark.parametrize(
+    "wrong",
+    [{"path2": "packed"}, {"path2": "f_after_path1"}, {"d_from_path2": True}],
+    ids=["one_packed_scan", "f_continues_path1", "d_from_path2"],
+)
+def test_the_comparison_sees_a_wrong_path2_scan(family, wrong):
+    """The reference with path 2 scanned wrongly differs from the objective by far more than the
+    tolerance of the test above: that test would catch the objective doing the same."""
+    errors, _ = _objective_errors(family, **wrong)
+    assert max(errors) > 1e-2
+
+
+def _image_types(model, single):
+    """The processor's mm_token_type_ids (1 on image tokens): the stock model numbers its own positions."""
+    return (single["input_ids"] == model.config.image_token_id).int()
+
+
+@pytest.mark.parametrize("family", LINEAR_FAMILIES)
+def test_path1_equals_the_stock_forward(family):
+    """The dual path's rows A, C, D, E hold the stock model's last hidden states of [A, C, D, E]
+    (its own positions, SDPA attention and linear-attention kernels, right-padded batch)."""
+    model, _, batch = _setup(family)
+    single = intact_path_batch(batch)
+    stock = copy.deepcopy(model)
+    stock.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        hidden, _ = dual_path_hidden(backbone_and_head(model)[1], batch)
+        want = stock(
+            input_ids=single["input_ids"],
+            attention_mask=single["attention_mask"],
+            mm_token_type_ids=_image_types(model, single),
+            output_hidden_states=True,
+            **single["images"],
+        ).hidden_states[-1]
+    for b, seg in enumerate(segments_of(batch["layout"])):
+        path1 = seg.path1()
+        assert _relative_error(hidden[b, path1], want[b, : len(path1)]) < 1e-10
+
+
+@pytest.mark.parametrize("family", LINEAR_FAMILIES)
+def test_baseline_is_plain_sft_on_the_intact_path(family):
+    model, _, batch = _setup(family)
+    base = crystal_objective(model, batch, ObjectiveConfig(crystal=False, lm_head_losses="reference"))
+    single = intact_path_batch(batch)
+    stock = copy.deepcopy(model)
+    stock.set_attn_implementation("sdpa")
+    logits = stock(
+        input_ids=single["input_ids"],
+        attention_mask=single["attention_mask"],
+        mm_token_type_ids=_image_types(model, single),
+        **single["images"],
+    ).logits
+    want = Fn.cross_entropy(logits.flatten(0, 1), single["targets"].flatten(), ignore_index=IGNORE)
+    assert _relative_error(base.ce, want) < 1e-9
+
+
+@pytest.mark.parametrize("family", LINEAR_FAMILIES)
+def test_a_linear_last_layer_is_refused(family):
+    model, _, _ = _setup(family)
+    config = copy.deepcopy(model.config)
+    config.text_config.layer_types = [*config.text_config.layer_types[:-1], "linear_attention"]
+    with pytest.raises(UnsupportedModel, match="last text layer is a 'linear_attention' layer"):
+        family_of(config)
+
+
+def test_a_scanned_layer_without_a_known_mixer_is_refused():
+    from crystal_ext.model.path_scan import use_path_scans
+
+    model, _, _ = _setup("qwen3_5")
+    backbone = copy.deepcopy(backbone_and_head(model)[1])
+    layer = backbone.language_model.layers[0]
+    layer.linear_attn = torch.nn.Identity()  # a mixer class the scans do not know
+    with pytest.raises(ValueError, match="2 layers of types .* holds 1 known sequence mixers"):
+        use_path_scans(backbone)
+
+
+@pytest.mark.parametrize("family", LINEAR_FAMILIES)
+def test_lora_targets_the_linear_layers_projections(family):
+    from crystal_ext.model.lora import apply_lora
+
+    model, _, batch = _setup(family)
+    targets = family_of(model).lora_targets(model)
+    for name in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"):
+        assert f"model.language_model.layers.0.linear_attn.{name}" in targets
+    assert family_of(model).trained_in_full(model) == ["model.visual.merger"]
+    peft_model = apply_lora(copy.deepcopy(model).float())
+    crystal_objective(peft_model, cast_floats(batch, torch.float32), REFERENCE_HEAD).loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any(
+        "lora_B" in n and "linear_attn.in_proj_qkv" in n and g.abs().sum() > 0 for n, g in grads.items()
+    )
+    assert any("lora_B" in n and "visual.blocks" in n and g.abs().sum() > 0 for n, g in grads.items())
