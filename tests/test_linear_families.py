@@ -286,3 +286,35 @@ def test_lora_targets_the_linear_layers_projections(family):
         "lora_B" in n and "linear_attn.in_proj_qkv" in n and g.abs().sum() > 0 for n, g in grads.items()
     )
     assert any("lora_B" in n and "visual.blocks" in n and g.abs().sum() > 0 for n, g in grads.items())
+
+
+# ---- the run-time check, and `python -m crystal_ext.train` from a saved folder --------------------
+
+
+@pytest.mark.parametrize("family", LINEAR_FAMILIES)
+def test_the_run_time_check_passes(family):
+    from crystal_ext.data.packing import DualPathPacker
+    from crystal_ext.training.objective_check import check_objective
+
+    register_dual_path_attention()
+    model, processor, latent = build_linear(family, attn_implementation="sdpa")  # as train loads it
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model.train()
+    packer = DualPathPacker(processor, latent, model, system="you are a helpful assistant")
+    report = check_objective(model, packer, _examples(), ObjectiveConfig(), count=3)
+    print("\n" + report.summary())
+    assert report.examples == ["a", "b", "c"] and not report.failures
+
+
+@pytest.mark.parametrize("family", LINEAR_FAMILIES)
+def test_train_from_a_saved_folder_lowers_the_loss(family, tmp_path, monkeypatch):
+    import test_families_train
+
+    def save_linear(name, folder):
+        model, processor, _ = build_linear(name, k=1, attn_implementation="sdpa")
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        return str(folder)
+
+    monkeypatch.setattr(test_families_train, "save_family", save_linear)
+    test_families_train.test_train_from_a_saved_folder_lowers_the_loss(family, tmp_path)
