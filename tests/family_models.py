@@ -648,6 +648,8 @@ def build_scaled_head(
         for module in model.modules():
             if hasattr(module, "A_log"):
                 module.A_log.uniform_(-4.6, -2.3)
+    if family == "qwen3_5_moe":
+        model.set_experts_implementation("eager")  # the grouped-GEMM kernel has no float64
     return model.eval(), processor, latent
 
 
@@ -784,7 +786,7 @@ def build_windowed(
 
 # ---- linear-attention and convolution layers (crystal_ext.model.path_scan) ----
 
-LINEAR_FAMILIES = ("qwen3_5",)
+LINEAR_FAMILIES = ("qwen3_5", "qwen3_5_moe")
 
 # Linear layers first and between the attention layers, so a linear layer reads D's hidden states
 # after an attention layer has computed them on path 1; a full-attention last layer (the alignment
@@ -816,8 +818,20 @@ def qwen3_5_text_config(tok, hidden: int, layer_types=QWEN3_5_LAYERS) -> dict:
     }
 
 
-def _qwen3_5(hidden: int, k: int, layer_types):
-    """Qwen3.5: its Qwen3VLProcessor (patch 16, merge 2) and a two-block vision tower."""
+def qwen3_5_moe_text_config(tok, hidden: int, layer_types=QWEN3_5_LAYERS) -> dict:
+    """Qwen3.5-MoE's: the same layers with 4 experts (top 2) and a shared expert in every MLP."""
+    return {
+        **qwen3_5_text_config(tok, hidden, layer_types),
+        "model_type": "qwen3_5_moe_text",
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": hidden,
+        "shared_expert_intermediate_size": hidden,
+    }
+
+
+def _qwen3_5(hidden: int, k: int, layer_types, moe: bool = False):
+    """Qwen3.5 (-MoE): its Qwen3VLProcessor (patch 16, merge 2) and a two-block vision tower."""
     tok = tokenizer(QWEN_TEMPLATE)
     latent = _latent(tok, k)
     vision = dict(
@@ -829,14 +843,21 @@ def _qwen3_5(hidden: int, k: int, layer_types):
         patch_size=16,
         num_position_embeddings=64,
     )
-    config = transformers.Qwen3_5Config(
-        text_config=qwen3_5_text_config(tok, hidden, layer_types),
+    config_class = transformers.Qwen3_5MoeConfig if moe else transformers.Qwen3_5Config
+    text = (qwen3_5_moe_text_config if moe else qwen3_5_text_config)(tok, hidden, layer_types)
+    config = config_class(
+        text_config=text,
         vision_config=vision,
         tie_word_embeddings=False,
         **tiny_model.qwen_vision_token_ids(tok),
     )
     processor = _qwen_processor(tok, "qwen3_5", 56)
-    return tok, transformers.Qwen3_5ForConditionalGeneration, config, processor, latent
+    cls = (
+        transformers.Qwen3_5MoeForConditionalGeneration
+        if moe
+        else transformers.Qwen3_5ForConditionalGeneration
+    )
+    return tok, cls, config, processor, latent
 
 
 def build_linear(
@@ -848,8 +869,9 @@ def build_linear(
     layer_types=None,
 ):
     """(model [float32, eval], processor, latent tokens) of a tiny random LINEAR_FAMILIES model."""
-    if family == "qwen3_5":
-        tok, cls, config, processor, latent = _qwen3_5(hidden, k, layer_types or QWEN3_5_LAYERS)
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        moe = family == "qwen3_5_moe"
+        tok, cls, config, processor, latent = _qwen3_5(hidden, k, layer_types or QWEN3_5_LAYERS, moe)
     else:
         raise ValueError(f"unknown family {family!r}")
     processor.chat_template = tok.chat_template
@@ -859,4 +881,6 @@ def build_linear(
         for module in model.modules():
             if hasattr(module, "A_log"):
                 module.A_log.uniform_(-4.6, -2.3)
+    if family == "qwen3_5_moe":
+        model.set_experts_implementation("eager")  # the grouped-GEMM kernel has no float64
     return model.eval(), processor, latent

@@ -142,7 +142,7 @@ def _reference_run(model, batch, **scan):
     ref = copy.deepcopy(model)
     ref.set_attn_implementation(register_dense_eager())
     for module in ref.modules():
-        if type(module).__name__ == "Qwen3_5GatedDeltaNet":
+        if type(module).__name__ in ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet"):
             module.forward = _reference_forward(module, batch["layout"], **scan)
     length = batch["input_ids"].shape[1]
     dense = additive(dense_visibility(batch["layout"], length), model.dtype)
@@ -318,3 +318,27 @@ def test_train_from_a_saved_folder_lowers_the_loss(family, tmp_path, monkeypatch
 
     monkeypatch.setattr(test_families_train, "save_family", save_linear)
     test_families_train.test_train_from_a_saved_folder_lowers_the_loss(family, tmp_path)
+
+
+def test_qwen3_5_moe_adds_the_stock_router_term_on_path_1():
+    """With output_router_logits, the objective's loss holds router_aux_loss_coef x the stock
+    forward's load-balancing loss of the single path [A, C, D, E] (the router reads each row alone,
+    and path 1's rows of the dual-path forward equal the stock ones)."""
+    coef = 0.25
+    model, _, batch = _setup("qwen3_5_moe")
+    model = copy.deepcopy(model)
+    model.config.text_config.output_router_logits = True
+    model.config.text_config.router_aux_loss_coef = coef
+    ours = crystal_objective(copy.deepcopy(model), batch, REFERENCE_HEAD)
+    added = ours.loss - (ours.ce + ours.kl_pred + ours.kl_attn)
+    single = intact_path_batch(batch)
+    stock = copy.deepcopy(model)
+    stock.set_attn_implementation("sdpa")
+    out = stock(
+        input_ids=single["input_ids"],
+        attention_mask=single["attention_mask"],
+        mm_token_type_ids=_image_types(model, single),
+        **single["images"],
+    )
+    want = coef * out.aux_loss
+    assert float(want) > 0.1 and abs(float(added - want)) < 1e-6 * float(want)

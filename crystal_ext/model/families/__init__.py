@@ -86,7 +86,7 @@ def classify(model_or_config) -> tuple[str, str]:
         if "sliding_attention" in family.attention_kinds:
             where += ", tests/test_windowed_families.py"
         if {"linear_attention", "conv"} & family.attention_kinds:
-            where += ", tests/test_linear_families.py"
+            where = "tests/test_linear_families.py"
         return "tested", f"{type(family).__name__}, {where}"
     if config.model_type in GENERIC_BY_ARCHITECTURE:
         return "generic", GENERIC_BY_ARCHITECTURE[config.model_type]

@@ -92,6 +92,7 @@ PLAIN = frozenset(
         "mistral3",
         "glm4v",
         "qwen3_5",
+        "qwen3_5_moe",
         "gemma3",  # Gemma3ForConditionalGeneration does not cap (only the text-only Gemma3ForCausalLM does)
     }
 )

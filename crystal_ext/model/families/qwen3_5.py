@@ -1,4 +1,5 @@
-"""Qwen3.5 (`qwen3_5`, Qwen3_5ForConditionalGeneration). Facts from transformers 5.25's modelling code:
+"""Qwen3.5 and Qwen3.5-MoE (`qwen3_5`, `qwen3_5_moe`: Qwen3_5ForConditionalGeneration,
+Qwen3_5MoeForConditionalGeneration). Facts from transformers 5.25's modelling code:
 
 - Text layers by `text_config.layer_types`: `linear_attention` (Qwen3_5GatedDeltaNet: in_proj_qkv,
   a short causal depthwise conv1d over q/k/v, the gated delta-rule recurrence, a gated RMS norm,
@@ -12,6 +13,10 @@
 - Positions: 3-row M-RoPE (interleaved) from the model's own `get_rope_index`, as Qwen3-VL
   (crystal_ext.model.families.own_positions). Images: `pixel_values` and `image_grid_thw` from
   Qwen3VLProcessor. Logits: the LM head's output as it is.
+- Qwen3.5-MoE: the same layers (Qwen3_5MoeGatedDeltaNet is the dense layer's code) with a sparse
+  MoE block (top-k router, experts, a gated shared expert); with `output_router_logits` its forward
+  adds `router_aux_loss_coef` x the load-balancing loss, which the objective adds on path 1's
+  routing (crystal_ext.model.families.router_loss).
 - Trained in full: the vision tower's merger. LoRA: every linear layer of the text decoder (the
   linear layers' in_proj_qkv / in_proj_z / in_proj_b / in_proj_a / out_proj included) and of the
   vision blocks.
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 from crystal_ext.model.families.qwen_vl import QwenVLFamily
 
-QWEN3_5_MODEL_TYPES = ("qwen3_5",)
+QWEN3_5_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe")
 
 
 def last_layer_problem(config, kinds=("full_attention",)) -> str | None:

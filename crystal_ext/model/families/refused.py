@@ -10,8 +10,8 @@ _SLIDING_AND_BIDIRECTIONAL = (
     "bidirectionally; the dual path runs plain causal full attention"
 )
 _LINEAR_ATTENTION = (
-    "its text decoder has linear-attention (gated delta-net) layers, whose recurrent state cannot be "
-    "split into the two paths"
+    "its text decoder has linear-attention (gated delta-net) layers of its own class, which the dual path's "
+    "two scans (crystal_ext.model.path_scan) have not been checked on"
 )
 _PREFIX = "its prefix (image and prompt) attends bidirectionally; the dual path runs plain causal attention"
 _DISCRETE = (
@@ -40,7 +40,6 @@ REFUSED = {
     "pi05": _PREFIX + " (an action expert attends to it)",
     "git": "its image tokens attend to each other bidirectionally ahead of the causal text",
     "molmo2": "its image tokens attend to each other bidirectionally (token_type_ids)",
-    "qwen3_5_moe": _LINEAR_ATTENTION,
     "qwen3_next": _LINEAR_ATTENTION,
     # The image reached otherwise than through image tokens of the one sequence.
     "mllama": _CROSS,
