@@ -342,3 +342,18 @@ def test_qwen3_5_moe_adds_the_stock_router_term_on_path_1():
     )
     want = coef * out.aux_loss
     assert float(want) > 0.1 and abs(float(added - want)) < 1e-6 * float(want)
+
+
+def test_activation_checkpointing_recomputes_the_same_two_scans():
+    """With activation checkpointing the backward pass reruns each decoder layer's forward: the
+    linear layers must split into the two paths there too (the recipes turn it on)."""
+    model, _, batch = _setup("qwen3_5")
+    ours, ours_model = _ours("qwen3_5")
+    checkpointed = copy.deepcopy(model)
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.train()
+    again = crystal_objective(checkpointed, batch, REFERENCE_HEAD)
+    again.loss.backward()
+    assert _relative_error(again.loss, ours.loss.detach()) < 1e-12
+    pairs = gradient_pairs(checkpointed, ours_model)
+    assert len(pairs) > 20 and max(_relative_error(got, want) for _, got, want in pairs) < 1e-10
