@@ -786,7 +786,7 @@ def build_windowed(
 
 # ---- linear-attention and convolution layers (crystal_ext.model.path_scan) ----
 
-LINEAR_FAMILIES = ("qwen3_5", "qwen3_5_moe")
+LINEAR_FAMILIES = ("qwen3_5", "qwen3_5_moe", "lfm2_vl")
 
 # Linear layers first and between the attention layers, so a linear layer reads D's hidden states
 # after an attention layer has computed them on path 1; a full-attention last layer (the alignment
@@ -872,6 +872,8 @@ def build_linear(
     if family in ("qwen3_5", "qwen3_5_moe"):
         moe = family == "qwen3_5_moe"
         tok, cls, config, processor, latent = _qwen3_5(hidden, k, layer_types or QWEN3_5_LAYERS, moe)
+    elif family == "lfm2_vl":
+        tok, cls, config, processor, latent = _lfm2_vl(hidden, k, layer_types or LFM2_LAYERS)
     else:
         raise ValueError(f"unknown family {family!r}")
     processor.chat_template = tok.chat_template
@@ -884,3 +886,59 @@ def build_linear(
     if family == "qwen3_5_moe":
         model.set_experts_implementation("eager")  # the grouped-GEMM kernel has no float64
     return model.eval(), processor, latent
+
+
+# LFM2-VL's chat format (facts, not its text): ChatML turns after a <|startoftext|> bos, an image
+# written as <image> (the processor expands it into <|image_start|>, the image's tokens, <|image_end|>).
+LFM2_VL_TEMPLATE = (
+    "<|startoftext|>{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LFM2_VL_SPECIAL = ["<|startoftext|>", "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>"]
+LFM2_LAYERS = ("conv", "full_attention", "conv", "full_attention")
+
+
+def _lfm2_vl(hidden: int, k: int, layer_types):
+    """LFM2-VL: a one-layer SigLIP2 (NaFlex) tower with patch 8, 2 x 2 pixel unshuffle, 4 to 16
+    tokens an image (no tiling); a text decoder of short-convolution and attention layers."""
+    from transformers.models.lfm2_vl.image_processing_lfm2_vl import Lfm2VlImageProcessor
+
+    tok = tokenizer(LFM2_VL_TEMPLATE, LFM2_VL_SPECIAL)
+    latent = _latent(tok, k)
+    text = {
+        "model_type": "lfm2",
+        **tiny_model.tiny_text_config(tok, hidden, len(layer_types), 512),
+        "layer_types": list(layer_types),
+        "conv_L_cache": 3,
+        "block_auto_adjust_ff_dim": False,
+        "block_ff_dim": 2 * hidden,
+    }
+    vision = {
+        "model_type": "siglip2_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "patch_size": 8,
+        "num_patches": 16,
+    }
+    config = transformers.Lfm2VlConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        projector_hidden_size=2 * hidden,
+        downsample_factor=2,
+        tie_word_embeddings=False,
+    )
+    image = Lfm2VlImageProcessor(
+        encoder_patch_size=8,
+        downsample_factor=2,
+        min_image_tokens=4,
+        max_image_tokens=16,
+        do_image_splitting=False,
+        use_thumbnail=False,
+    )
+    processor = transformers.Lfm2VlProcessor(image_processor=image, tokenizer=tok)
+    return tok, transformers.Lfm2VlForConditionalGeneration, config, processor, latent

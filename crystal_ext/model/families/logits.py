@@ -93,6 +93,7 @@ PLAIN = frozenset(
         "glm4v",
         "qwen3_5",
         "qwen3_5_moe",
+        "lfm2_vl",
         "gemma3",  # Gemma3ForConditionalGeneration does not cap (only the text-only Gemma3ForCausalLM does)
     }
 )

@@ -65,7 +65,6 @@ REFUSED = {
     "granite4_vision": _not_checked("its own Granite 4 text decoder (granite4_vision_text)"),
     "hyperclovax_vision_v2": _not_checked("its own HyperCLOVA X text decoder (hyperclovax)"),
     "kimi_k25": _not_checked("a DeepSeek-V3 text decoder (latent attention, mixture of experts)"),
-    "lfm2_vl": _not_checked("an LFM2 text decoder (short-convolution layers in its released configs)"),
     "llava_onevision1_5": _not_checked("a Qwen3 text decoder with its own vision merger code"),
     "minimax_m3_vl": _not_checked("its own mixture-of-experts text decoder (minimax_m3_vl_text)"),
     "mistral4": _not_checked("its own text decoder (mistral4)"),
