@@ -428,3 +428,24 @@ def test_activation_checkpointing_recomputes_the_same_two_scans():
     assert _relative_error(again.loss, ours.loss.detach()) < 1e-12
     pairs = gradient_pairs(checkpointed, ours_model)
     assert len(pairs) > 20 and max(_relative_error(got, want) for _, got, want in pairs) < 1e-10
+
+
+def test_a_scanned_layer_refuses_a_cache_and_a_malformed_input():
+    from crystal_ext.model.attention_registration import LAYOUT_KWARG
+    from crystal_ext.model.path_scan import path_scan, use_path_scans
+
+    model, _, batch = _setup("qwen3_5")
+    backbone = copy.deepcopy(backbone_and_head(model)[1])
+    use_path_scans(backbone)
+    mixer = backbone.language_model.layers[0].linear_attn
+    hidden = torch.zeros(*batch["input_ids"].shape, model.config.text_config.hidden_size, dtype=torch.float64)
+    with pytest.raises(
+        ValueError, match="path_scan: a dual-path layout needs the whole packed sequence.*cache"
+    ):
+        mixer(hidden_states=hidden, cache=object(), **{LAYOUT_KWARG: batch["layout"]})
+    with pytest.raises(
+        ValueError, match=r"path_scan: hidden_states must be \[batch, length, hidden\], got \[4\]"
+    ):
+        path_scan(mixer.forward, torch.zeros(4), plan=None)
+    # Without a layout the stock forward runs, on the packed sequence as it is.
+    assert torch.equal(mixer(hidden_states=hidden), type(mixer).forward(mixer, hidden))
