@@ -644,6 +644,12 @@ def build_scaled_head(
     processor.chat_template = tok.chat_template
     torch.manual_seed(seed)
     model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    with torch.no_grad():  # slow decay (A in [0.01, 0.1]): the state remembers across segments
+        for module in model.modules():
+            if hasattr(module, "A_log"):
+                module.A_log.uniform_(-4.6, -2.3)
+    if family == "qwen3_5_moe":
+        model.set_experts_implementation("eager")  # the grouped-GEMM kernel has no float64
     return model.eval(), processor, latent
 
 
@@ -776,3 +782,163 @@ def build_windowed(
         with torch.no_grad():  # Gemma 3 initialises its projection to zeros: images would be invisible
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
     return model.eval(), processor, latent
+
+
+# ---- linear-attention and convolution layers (crystal_ext.model.path_scan) ----
+
+LINEAR_FAMILIES = ("qwen3_5", "qwen3_5_moe", "lfm2_vl")
+
+# Linear layers first and between the attention layers, so a linear layer reads D's hidden states
+# after an attention layer has computed them on path 1; a full-attention last layer (the alignment
+# loss's layer).
+QWEN3_5_LAYERS = ("linear_attention", "full_attention", "linear_attention", "full_attention")
+
+
+def qwen3_5_text_config(tok, hidden: int, layer_types=QWEN3_5_LAYERS) -> dict:
+    """A tiny Qwen3.5 text config: grouped value heads (2 key heads, 4 value heads) and a conv
+    kernel of 4 taps, so the short convolution reaches across segment boundaries."""
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+        "mrope_section": [2, 1, 1],
+        "mrope_interleaved": True,
+    }
+    return {
+        "model_type": "qwen3_5_text",
+        **tiny_model.tiny_text_config(tok, hidden, len(layer_types), 512),
+        "head_dim": hidden // 4,
+        "rope_parameters": rope,
+        "layer_types": list(layer_types),
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+    }
+
+
+def qwen3_5_moe_text_config(tok, hidden: int, layer_types=QWEN3_5_LAYERS) -> dict:
+    """Qwen3.5-MoE's: the same layers with 4 experts (top 2) and a shared expert in every MLP."""
+    return {
+        **qwen3_5_text_config(tok, hidden, layer_types),
+        "model_type": "qwen3_5_moe_text",
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": hidden,
+        "shared_expert_intermediate_size": hidden,
+    }
+
+
+def _qwen3_5(hidden: int, k: int, layer_types, moe: bool = False):
+    """Qwen3.5 (-MoE): its Qwen3VLProcessor (patch 16, merge 2) and a two-block vision tower."""
+    tok = tokenizer(QWEN_TEMPLATE)
+    latent = _latent(tok, k)
+    vision = dict(
+        depth=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        out_hidden_size=hidden,
+        patch_size=16,
+        num_position_embeddings=64,
+    )
+    config_class = transformers.Qwen3_5MoeConfig if moe else transformers.Qwen3_5Config
+    text = (qwen3_5_moe_text_config if moe else qwen3_5_text_config)(tok, hidden, layer_types)
+    config = config_class(
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=False,
+        **tiny_model.qwen_vision_token_ids(tok),
+    )
+    processor = _qwen_processor(tok, "qwen3_5", 56)
+    cls = (
+        transformers.Qwen3_5MoeForConditionalGeneration
+        if moe
+        else transformers.Qwen3_5ForConditionalGeneration
+    )
+    return tok, cls, config, processor, latent
+
+
+def build_linear(
+    family: str,
+    attn_implementation: str = "eager",
+    seed: int = 0,
+    hidden: int = 64,
+    k: int = 4,
+    layer_types=None,
+):
+    """(model [float32, eval], processor, latent tokens) of a tiny random LINEAR_FAMILIES model."""
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        moe = family == "qwen3_5_moe"
+        tok, cls, config, processor, latent = _qwen3_5(hidden, k, layer_types or QWEN3_5_LAYERS, moe)
+    elif family == "lfm2_vl":
+        tok, cls, config, processor, latent = _lfm2_vl(hidden, k, layer_types or LFM2_LAYERS)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    processor.chat_template = tok.chat_template
+    torch.manual_seed(seed)
+    model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    with torch.no_grad():  # slow decay (A in [0.01, 0.1]): the state remembers across segments
+        for module in model.modules():
+            if hasattr(module, "A_log"):
+                module.A_log.uniform_(-4.6, -2.3)
+    if family == "qwen3_5_moe":
+        model.set_experts_implementation("eager")  # the grouped-GEMM kernel has no float64
+    return model.eval(), processor, latent
+
+
+# LFM2-VL's chat format (facts, not its text): ChatML turns after a <|startoftext|> bos, an image
+# written as <image> (the processor expands it into <|image_start|>, the image's tokens, <|image_end|>).
+LFM2_VL_TEMPLATE = (
+    "<|startoftext|>{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LFM2_VL_SPECIAL = ["<|startoftext|>", "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>"]
+LFM2_LAYERS = ("conv", "full_attention", "conv", "full_attention")
+
+
+def _lfm2_vl(hidden: int, k: int, layer_types):
+    """LFM2-VL: a one-layer SigLIP2 (NaFlex) tower with patch 8, 2 x 2 pixel unshuffle, 4 to 16
+    tokens an image (no tiling); a text decoder of short-convolution and attention layers."""
+    from transformers.models.lfm2_vl.image_processing_lfm2_vl import Lfm2VlImageProcessor
+
+    tok = tokenizer(LFM2_VL_TEMPLATE, LFM2_VL_SPECIAL)
+    latent = _latent(tok, k)
+    text = {
+        "model_type": "lfm2",
+        **tiny_model.tiny_text_config(tok, hidden, len(layer_types), 512),
+        "layer_types": list(layer_types),
+        "conv_L_cache": 3,
+        "block_auto_adjust_ff_dim": False,
+        "block_ff_dim": 2 * hidden,
+    }
+    vision = {
+        "model_type": "siglip2_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "patch_size": 8,
+        "num_patches": 16,
+    }
+    config = transformers.Lfm2VlConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        projector_hidden_size=2 * hidden,
+        downsample_factor=2,
+        tie_word_embeddings=False,
+    )
+    image = Lfm2VlImageProcessor(
+        encoder_patch_size=8,
+        downsample_factor=2,
+        min_image_tokens=4,
+        max_image_tokens=16,
+        do_image_splitting=False,
+        use_thumbnail=False,
+    )
+    processor = transformers.Lfm2VlProcessor(image_processor=image, tokenizer=tok)
+    return tok, transformers.Lfm2VlForConditionalGeneration, config, processor, latent

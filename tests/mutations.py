@@ -674,6 +674,45 @@ MUTATIONS = [
         ],
         ["tests/test_import_structure.py::test_public_op_names_are_the_ops_whatever_was_imported_first"],
     ),
+    Mutation(
+        "linear_layer_one_packed_scan",
+        "a linear-attention layer scans the packed sequence once (path 2 sees C and E, path 1 sees B)",
+        [
+            (
+                "crystal_ext/model/objective.py",
+                "    use_path_scans(backbone)  # linear-attention / convolution layers: one scan per path\n",
+                "",
+            )
+        ],
+        ["tests/test_linear_families.py::test_objective_and_gradients_equal_the_per_path_recurrence"],
+    ),
+    Mutation(
+        "linear_f_continues_path1",
+        "a linear-attention layer's F scan starts from path 1's state after [A, C, D], not path 2's",
+        [
+            (
+                "crystal_ext/model/path_scan.py",
+                "    index = torch.cat([plan.idx1, plan.idx2])",
+                "    f_start = plan.layout_cpu[:, 5, :1].to(plan.idx2.device)\n"
+                "    index = torch.cat([plan.idx1, torch.where(plan.idx2 >= f_start, plan.idx2, plan.idx1)])",
+            )
+        ],
+        ["tests/test_linear_families.py::test_objective_and_gradients_equal_the_per_path_recurrence"],
+    ),
+    Mutation(
+        "linear_d_from_path2",
+        "a linear-attention layer's D rows take path 2's scan (D recomputed on the corrupted path)",
+        [
+            (
+                "crystal_ext/model/path_scan.py",
+                "    both = torch.cat([out[:batch], out[batch:], zero_row], dim=1)",
+                "    d = plan.layout_cpu[:, 3].to(out.device)\n"
+                "    in_d = ((plan.idx1 >= d[:, :1]) & (plan.idx1 < d[:, 1:]))[..., None]\n"
+                "    both = torch.cat([torch.where(in_d, out[batch:], out[:batch]), out[batch:], zero_row], dim=1)",
+            )
+        ],
+        ["tests/test_linear_families.py::test_objective_and_gradients_equal_the_per_path_recurrence"],
+    ),
 ]
 
 

@@ -25,7 +25,7 @@ def _without_deepspeed(argv: list[str]) -> list[str]:
 
 
 def test_recipes_are_shipped():
-    assert {p.name for p in RECIPES} >= {"qwen2_5_vl_7b.yaml", "qwen3_vl_8b.yaml"}
+    assert {p.name for p in RECIPES} >= {"qwen2_5_vl_7b.yaml", "qwen3_vl_8b.yaml", "qwen3_5_9b.yaml"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)

@@ -31,6 +31,7 @@ from crystal_ext.model.families import family_of
 from crystal_ext.model.families.router_loss import recording_router_logits
 from crystal_ext.model.new_token_rows import new_token_rows_of
 from crystal_ext.model.parts import backbone_and_head, text_config
+from crystal_ext.model.path_scan import use_path_scans
 from crystal_ext.ops import lm_head_losses as fused_lm_head_losses
 from crystal_ext.ops import reference
 from crystal_ext.ops.layout import IGNORE, CheckedLayout, Segments, check_layout, copy_to_device, segments_of
@@ -112,6 +113,7 @@ def dual_path_hidden(
     # registered mask function builds no L x L mask. The family may add inputs (Gemma 3: which
     # tokens are image tokens, and no masks at all).
     family = family_of(backbone.config)
+    use_path_scans(backbone)  # linear-attention / convolution layers: one scan per path
     kwargs = {"attention_mask": None, **family.dual_path_inputs(backbone.config, batch["input_ids"])}
     hidden = backbone(
         input_ids=batch["input_ids"],

@@ -28,12 +28,16 @@ from crystal_ext.model.families.base import Family, UnsupportedModel
 from crystal_ext.model.families.gemma3 import GEMMA3_MODEL_TYPES, Gemma3Family
 from crystal_ext.model.families.generic import GENERIC_BY_ARCHITECTURE, GENERIC_MODEL_TYPES, GenericFamily
 from crystal_ext.model.families.glm4v import GLM4V_MODEL_TYPES, Glm4vFamily
+from crystal_ext.model.families.lfm2_vl import LFM2_VL_MODEL_TYPES, Lfm2VlFamily
 from crystal_ext.model.families.own_positions import OwnPositionsFamily
+from crystal_ext.model.families.qwen3_5 import QWEN3_5_MODEL_TYPES, Qwen3_5Family
 from crystal_ext.model.families.qwen_vl import QWEN_MODEL_TYPES, QwenVLFamily
 from crystal_ext.model.families.refused import REFUSED
 
 _FAMILIES = (
     {t: QwenVLFamily(t) for t in QWEN_MODEL_TYPES}
+    | {t: Qwen3_5Family(t) for t in QWEN3_5_MODEL_TYPES}
+    | {t: Lfm2VlFamily(t) for t in LFM2_VL_MODEL_TYPES}
     | {t: Glm4vFamily(t) for t in GLM4V_MODEL_TYPES}
     | {t: Gemma3Family(t) for t in GEMMA3_MODEL_TYPES}
     | {t: AyaVisionFamily(t) for t in AYA_VISION_MODEL_TYPES}
@@ -83,6 +87,8 @@ def classify(model_or_config) -> tuple[str, str]:
         where = "tests/test_families.py"
         if "sliding_attention" in family.attention_kinds:
             where += ", tests/test_windowed_families.py"
+        if {"linear_attention", "conv"} & family.attention_kinds:
+            where = "tests/test_linear_families.py"
         return "tested", f"{type(family).__name__}, {where}"
     if config.model_type in GENERIC_BY_ARCHITECTURE:
         return "generic", GENERIC_BY_ARCHITECTURE[config.model_type]
@@ -95,6 +101,8 @@ __all__ = [
     "Gemma3Family",
     "GenericFamily",
     "Glm4vFamily",
+    "Lfm2VlFamily",
+    "Qwen3_5Family",
     "QwenVLFamily",
     "REFUSED",
     "TESTED_MODEL_TYPES",

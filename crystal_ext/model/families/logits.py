@@ -91,6 +91,9 @@ PLAIN = frozenset(
         "internvl",
         "mistral3",
         "glm4v",
+        "qwen3_5",
+        "qwen3_5_moe",
+        "lfm2_vl",
         "gemma3",  # Gemma3ForConditionalGeneration does not cap (only the text-only Gemma3ForCausalLM does)
     }
 )

@@ -10,8 +10,8 @@ _SLIDING_AND_BIDIRECTIONAL = (
     "bidirectionally; the dual path runs plain causal full attention"
 )
 _LINEAR_ATTENTION = (
-    "its text decoder has linear-attention (gated delta-net) layers, whose recurrent state cannot be "
-    "split into the two paths"
+    "its text decoder has linear-attention (gated delta-net) layers of its own class, which the dual path's "
+    "two scans (crystal_ext.model.path_scan) have not been checked on"
 )
 _PREFIX = "its prefix (image and prompt) attends bidirectionally; the dual path runs plain causal attention"
 _DISCRETE = (
@@ -40,8 +40,6 @@ REFUSED = {
     "pi05": _PREFIX + " (an action expert attends to it)",
     "git": "its image tokens attend to each other bidirectionally ahead of the causal text",
     "molmo2": "its image tokens attend to each other bidirectionally (token_type_ids)",
-    "qwen3_5": _LINEAR_ATTENTION,
-    "qwen3_5_moe": _LINEAR_ATTENTION,
     "qwen3_next": _LINEAR_ATTENTION,
     # The image reached otherwise than through image tokens of the one sequence.
     "mllama": _CROSS,
@@ -67,7 +65,6 @@ REFUSED = {
     "granite4_vision": _not_checked("its own Granite 4 text decoder (granite4_vision_text)"),
     "hyperclovax_vision_v2": _not_checked("its own HyperCLOVA X text decoder (hyperclovax)"),
     "kimi_k25": _not_checked("a DeepSeek-V3 text decoder (latent attention, mixture of experts)"),
-    "lfm2_vl": _not_checked("an LFM2 text decoder (short-convolution layers in its released configs)"),
     "llava_onevision1_5": _not_checked("a Qwen3 text decoder with its own vision merger code"),
     "minimax_m3_vl": _not_checked("its own mixture-of-experts text decoder (minimax_m3_vl_text)"),
     "mistral4": _not_checked("its own text decoder (mistral4)"),

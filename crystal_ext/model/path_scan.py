@@ -1,0 +1,136 @@
+r"""The dual-path rule for text layers that are not attention: sequence mixers that carry a state
+along the sequence (Qwen3.5's Gated DeltaNet linear attention with its short causal convolution,
+LFM2's short convolution). docs/method.md, "Linear attention and short convolutions".
+
+Such a layer has no mask to restrict: row r's output depends on every earlier row through the
+scan. The dual-path rule (rows of A, C, D, E see A, C, D, E; rows of B, F see A, B, D, F) is kept
+by running the layer's own stock module twice per sample, on each path gathered into its own
+contiguous sequence (the DualPathPlan's indices of crystal_ext.model.dual_path_attention):
+
+  path 1 = [A, C, D, E] -> one scan; gives the outputs of rows A, C, D, E
+  path 2 = [A, B, D, F] -> one scan; gives the outputs of rows B, F (its A and D outputs are
+                           discarded: the scan state at D differs, having run through B)
+
+D's inputs at that layer are the packed sequence's, i.e. path 1's (D exists once), so path 2's
+scan reads the latents computed on the intact path, as path 2's attention rows read path 1's D
+keys. The two paths of a sample have the same length (|B| = |C|, |E| = |F|), so the whole batch
+runs as ONE call of the stock module on [2 * batch, P, hidden] (path 1 of every sample, then
+path 2 of every sample): each sample's path is its own sequence of that batch, so no state
+crosses samples or paths, and the module's own kernels run (transformers' torch fallback, or the
+fast `fla` / `causal_conv1d` kernels when installed). Paths are padded at their END, which a
+causal scan never reads back; the module also gets the valid slots as its 2-D padding mask.
+
+Wiring: `use_path_scans(backbone)` (idempotent; called where the dual-path forward starts,
+crystal_ext.model.objective.dual_path_hidden) gives every mixer module of the text decoder an
+instance-level forward that splits into the two paths when the forward carries a dual-path
+layout (the `crystal_layout` kwarg that transformers hands down to every layer), and calls the
+stock forward unchanged otherwise (generation, the single-path baseline, the stock checks). It
+stays installed, so gradient checkpointing's recomputation runs the same rule.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from crystal_ext.model.attention_registration import (
+    _PLAN_KEY,
+    IMAGE_TOKENS_KWARG,
+    LAYOUT_KWARG,
+    OUTPUTS_KWARG,
+    _checked_layout,
+)
+from crystal_ext.model.dual_path_attention import DualPathPlan
+
+_OP = "path_scan"
+_INSTALLED = "_crystal_path_scan"
+
+# The stock sequence-mixer classes, by class name (transformers 5.25): each takes
+# (hidden_states [batch, length, hidden], cache, attention_mask [batch, length]) and returns the
+# mixed hidden states of the same shape.
+MIXER_CLASSES = frozenset({"Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet", "Lfm2ShortConv"})
+
+
+def is_sequence_mixer(module) -> bool:
+    return type(module).__name__ in MIXER_CLASSES
+
+
+def sequence_mixers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in module.modules() if is_sequence_mixer(m)]
+
+
+def _plan(hidden: torch.Tensor, layout, outputs: dict | None, image_tokens) -> DualPathPlan:
+    """The forward's plan (shared with the attention layers through the output slot)."""
+    as_heads = hidden.unsqueeze(1)  # [batch, 1, length, hidden]: the shape the plan checks
+    plan = outputs.get(_PLAN_KEY) if outputs is not None else None
+    if plan is None or not plan.matches(as_heads):
+        plan = DualPathPlan(_checked_layout(layout, outputs, as_heads), hidden.device, image_tokens)
+        if outputs is not None:
+            outputs[_PLAN_KEY] = plan
+    return plan
+
+
+def path_scan(stock_forward, hidden_states: torch.Tensor, plan: DualPathPlan, **kwargs) -> torch.Tensor:
+    """The dual-path output [batch, length, hidden] of a sequence mixer whose stock forward is
+    `stock_forward(hidden_states=..., cache=None, attention_mask=..., **kwargs)`; rows after F.end
+    are zeros."""
+    if hidden_states.dim() != 3:
+        raise ValueError(
+            f"{_OP}: hidden_states must be [batch, length, hidden], got {list(hidden_states.shape)}"
+        )
+    batch = hidden_states.shape[0]
+    index = torch.cat([plan.idx1, plan.idx2])  # [2 * batch, P]: path 1 of each sample, then path 2
+    rows = torch.arange(batch, device=index.device).repeat(2)[:, None]
+    paths = hidden_states[rows, index]
+    valid = torch.cat([plan.valid, plan.valid]).long()
+    out = stock_forward(hidden_states=paths, cache=None, attention_mask=valid, **kwargs)
+    zero_row = out.new_zeros(batch, 1, out.shape[-1])
+    # plan.src points into [path 1 slots, path 2 slots, zero row] of each sample.
+    both = torch.cat([out[:batch], out[batch:], zero_row], dim=1)
+    return both.gather(1, plan.src[:, :, None].expand(-1, -1, out.shape[-1]))
+
+
+def _dual_path_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+    """The instance forward of a sequence mixer (the stock signature): the stock forward, split
+    into the two paths when the call carries a dual-path layout."""
+    stock = type(self).forward.__get__(self)
+    layout = kwargs.pop(LAYOUT_KWARG, None)
+    outputs = kwargs.pop(OUTPUTS_KWARG, None)
+    image_tokens = kwargs.pop(IMAGE_TOKENS_KWARG, None)
+    if layout is None:
+        return stock(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+    if cache is not None or kwargs.get("cache_params") is not None:
+        raise ValueError(
+            f"{_OP}: a dual-path layout needs the whole packed sequence in one call; do not pass a cache "
+            "when training"
+        )
+    # attention_mask is not used: the layout says which positions are padding.
+    plan = _plan(hidden_states, layout, outputs, image_tokens)
+    return path_scan(stock, hidden_states, plan, **kwargs)
+
+
+# The text layer types whose mixer is one of MIXER_CLASSES.
+SCANNED_LAYER_TYPES = frozenset({"linear_attention", "conv"})
+
+
+def use_path_scans(module: torch.nn.Module) -> int:
+    """Give every sequence mixer inside `module` (a backbone) the dual-path forward (idempotent);
+    returns how many mixers it holds. Raises when its config names more scanned layers than it
+    holds known mixers: such a layer would scan the packed sequence, both paths as one."""
+    mixers = sequence_mixers(module)
+    config = getattr(module, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = list(getattr(text, "layer_types", None) or ())
+    scanned = sum(t in SCANNED_LAYER_TYPES for t in layer_types)
+    if scanned > len(mixers):
+        raise ValueError(
+            f"{_OP}: the text config has {scanned} layers of types "
+            f"{sorted(SCANNED_LAYER_TYPES & set(layer_types))} but {type(module).__name__} holds "
+            f"{len(mixers)} known sequence mixers ({', '.join(sorted(MIXER_CLASSES))})"
+        )
+    for mixer in mixers:
+        if not getattr(mixer, _INSTALLED, False):
+            mixer.forward = types.MethodType(_dual_path_forward, mixer)
+            setattr(mixer, _INSTALLED, True)
+    return len(mixers)
