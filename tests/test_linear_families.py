@@ -449,3 +449,24 @@ def test_a_scanned_layer_refuses_a_cache_and_a_malformed_input():
         path_scan(mixer.forward, torch.zeros(4), plan=None)
     # Without a layout the stock forward runs, on the packed sequence as it is.
     assert torch.equal(mixer(hidden_states=hidden), type(mixer).forward(mixer, hidden))
+
+
+@pytest.mark.parametrize("family", ["qwen3_5"])
+def test_attention_pictures_run_the_two_scans(family):
+    """The pictures' forward (crystal_ext.training.pictures) scans the linear layers per path even
+    on a model that has not trained a step yet (the objective installs the scans otherwise)."""
+    from crystal_ext.model.path_scan import use_path_scans
+    from crystal_ext.training.pictures import attention_maps
+
+    register_dual_path_attention()
+    fresh, processor, latent = build_linear(family, ATTN_IMPLEMENTATION)
+    fresh = fresh.double()
+    packer = DualPathPacker(processor, latent, fresh, system="you are a helpful assistant")
+    batch = cast_floats(
+        DualPathCollator(packer, processor.tokenizer.pad_token_id)(_examples()[:1]), torch.float64
+    )
+    scanned = copy.deepcopy(fresh)
+    use_path_scans(backbone_and_head(scanned)[1])
+    got, want = attention_maps(fresh, batch), attention_maps(scanned, batch)
+    for name in ("intact", "corrupted"):
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-12)

@@ -30,6 +30,7 @@ from crystal_ext.model.attention_registration import (
 )
 from crystal_ext.model.families import family_of
 from crystal_ext.model.parts import backbone_and_head, text_config
+from crystal_ext.model.path_scan import use_path_scans
 from crystal_ext.ops.layout import Segments, dual_path_mask
 
 PROBE = "crystal_dual_path_probe"
@@ -108,12 +109,16 @@ def attention_maps(model, batch: dict) -> dict:
     slot: dict = {}
     was_training = model.training
     model.eval()
+    # The same forward as the objective's (crystal_ext.model.objective.dual_path_hidden): the
+    # family's own inputs and the two scans of linear / convolution layers.
+    use_path_scans(backbone)
+    family_inputs = family_of(backbone.config).dual_path_inputs(backbone.config, batch["input_ids"][:1])
     try:
         backbone(
             input_ids=batch["input_ids"][:1],
             position_ids=batch["position_ids"][..., :1, :],
-            attention_mask=None,
             use_cache=False,
+            **{"attention_mask": None, **family_inputs},
             **batch["images"],
             **{LAYOUT_KWARG: batch["layout"][:1], OUTPUTS_KWARG: slot},
         )
