@@ -175,6 +175,22 @@ def test_kv_shared_layers_get_the_storing_layers_packed_keys_and_values(monkeypa
     assert [w for _, _, w in calls] == [None, GEMMA3_WINDOW, None, GEMMA3_WINDOW, None]
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    """The recipes checkpoint activations: the storing layers are recomputed in the backward pass and
+    the KV-shared layers' gradients still reach them."""
+    model, _, batch = _setup()
+    plain, checkpointed = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    recomputed = []
+    k_proj = checkpointed.model.language_model.layers[2].self_attn.k_proj
+    k_proj.register_forward_hook(lambda *args: recomputed.append(1))
+    for m in (plain, checkpointed):
+        crystal_objective(m, batch, REFERENCE_HEAD).loss.backward()
+    assert len(recomputed) == 2  # the forward, and its recomputation in the backward pass
+    pairs = gradient_pairs(checkpointed, plain)
+    assert len(pairs) > 30 and max(_relative_error(got, want) for _, got, want in pairs) < 1e-12
+
+
 def _stock_single_path(model, single, **kwargs):
     """The stock model on ordinary sequences, with its SDPA attention and its own masks (image blocks
     on the sliding layers from mm_token_type_ids, 1 on the image tokens)."""
