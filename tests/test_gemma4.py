@@ -254,6 +254,22 @@ def test_variants_not_reproduced_are_refused(field, value, reason):
         family_of(config)
 
 
+def test_added_tokens_get_the_same_per_layer_inputs_in_training_and_after_a_reload():
+    """The per-layer input rows that a vocabulary resize adds are zeros, not transformers' random
+    draw, both where training adds the latent tokens and where a LoRA run is loaded again."""
+    from crystal_ext.model.latent_tokens import add_latent_tokens, grow_vocabulary
+
+    model, processor, _ = build_gemma4(k=1)
+    base = copy.deepcopy(model)
+    size = model.get_input_embeddings().weight.shape[0]
+    original = model.get_per_layer_input_embeddings().weight.clone()
+    add_latent_tokens(processor.tokenizer, model, k=3)  # two more latent tokens: the matrices grow
+    grow_vocabulary(base, len(processor.tokenizer))  # crystal_ext.training.run_loading's resize
+    trained, reloaded = (m.get_per_layer_input_embeddings().weight for m in (model, base))
+    assert trained.shape[0] == size + 2 and torch.equal(trained, reloaded)
+    assert trained[size:].eq(0).all() and torch.equal(trained[:size], original)
+
+
 def test_the_run_time_check_passes():
     from crystal_ext.training.objective_check import check_objective
 
