@@ -813,11 +813,19 @@ GEMMA4_LAYERS = (
 GEMMA4_KV_SHARED = 2
 
 
-def gemma4_text_config(tok, hidden: int, layer_types, window: int, kv_shared: int) -> dict:
+def gemma4_text_config(tok, hidden: int, layer_types, window: int, kv_shared: int, moe: bool = False) -> dict:
     """A tiny Gemma 4 text config with every feature the dual path must carry: KV-shared layers, full
     layers of their own head size whose values are their keys, per-layer inputs, image blocks on
-    the sliding layers, a logit soft-cap."""
+    the sliding layers, a logit soft-cap; with `moe`, a mixture-of-experts block beside each MLP
+    (4 experts, 2 per token: Gemma 4 26B-A4B's shape of layer)."""
+    experts = {
+        "enable_moe_block": True,
+        "num_experts": 4,
+        "top_k_experts": 2,
+        "moe_intermediate_size": hidden,
+    }
     return {
+        **(experts if moe else {}),
         "model_type": "gemma4_text",
         "vocab_size": len(tok),
         "vocab_size_per_layer_input": len(tok),
@@ -842,7 +850,7 @@ def gemma4_text_config(tok, hidden: int, layer_types, window: int, kv_shared: in
     }
 
 
-def _gemma4(hidden: int, k: int, layer_types, window: int, kv_shared: int):
+def _gemma4(hidden: int, k: int, layer_types, window: int, kv_shared: int, moe: bool):
     """Gemma 4: a one-layer vision tower 32 wide, patch 4, pooled 2 x 2 (up to 70 image tokens an
     image after the processor's aspect-preserving resize); the real Gemma4Processor (its image, video
     and audio processors) around a word-level tokenizer holding Gemma 4's turn and media tokens."""
@@ -883,7 +891,7 @@ def _gemma4(hidden: int, k: int, layer_types, window: int, kv_shared: int):
     latent = _latent(tok, k)  # after the processor, which adds its video token
     ids = tok.convert_tokens_to_ids
     config = transformers.Gemma4Config(
-        text_config=gemma4_text_config(tok, hidden, layer_types, window, kv_shared),
+        text_config=gemma4_text_config(tok, hidden, layer_types, window, kv_shared, moe),
         vision_config={
             "model_type": "gemma4_vision",
             "hidden_size": 32,
@@ -917,12 +925,16 @@ def build_gemma4(
     layer_types=GEMMA4_LAYERS,
     window: int = GEMMA3_WINDOW,
     kv_shared: int = GEMMA4_KV_SHARED,
+    moe: bool = False,
 ):
-    """(model [float32, eval], processor, latent tokens) of a tiny random Gemma 4."""
-    tok, cls, config, processor, latent = _gemma4(hidden, k, layer_types, window, kv_shared)
+    """(model [float32, eval], processor, latent tokens) of a tiny random Gemma 4 (`moe`: with
+    mixture-of-experts blocks)."""
+    tok, cls, config, processor, latent = _gemma4(hidden, k, layer_types, window, kv_shared, moe)
     processor.chat_template = tok.chat_template
     torch.manual_seed(seed)
-    model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    # The experts' loop in plain PyTorch: the default grouped matmul takes no float64.
+    experts = {"experts_implementation": "eager"} if moe else {}
+    model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32, **experts)
     with torch.no_grad():
         # At the default initialisation the logits are so small that every token is about equally
         # likely, and the image features small beside the text: a wrong mask would hardly show.
