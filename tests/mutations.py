@@ -539,8 +539,8 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/model/dual_path_attention.py",
-                "path_mask(order, self._blocks(idx), window) for idx in",
-                "path_mask(idx, self._blocks(idx), window) for idx in",
+                "path_mask(order, self._blocks(idx) if blocks else None, window)",
+                "path_mask(idx, self._blocks(idx) if blocks else None, window)",
             )
         ],
         [
@@ -554,8 +554,8 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/model/dual_path_attention.py",
-                "path_mask(order, self._blocks(idx), window) for idx in",
-                "path_mask(order, self._blocks(idx) if idx is self.idx1 else None, window) for idx in",
+                "path_mask(order, self._blocks(idx) if blocks else None, window)",
+                "path_mask(order, self._blocks(idx) if blocks and idx is self.idx1 else None, window)",
             )
         ],
         [
