@@ -942,3 +942,168 @@ def _lfm2_vl(hidden: int, k: int, layer_types):
     )
     processor = transformers.Lfm2VlProcessor(image_processor=image, tokenizer=tok)
     return tok, transformers.Lfm2VlForConditionalGeneration, config, processor, latent
+
+
+# ---- Gemma 4: KV-shared layers, per-layer inputs, image blocks on sliding layers (families/gemma4.py) ----
+
+GEMMA4_SPECIAL = [
+    "<bos>",
+    "<|turn>",
+    "<turn|>",
+    "<|image>",
+    "<image|>",
+    "<|image|>",
+    "<|audio>",
+    "<audio|>",
+    "<|audio|>",
+]
+# Gemma 4's chat format (facts, not its text): <bos>, turns "<|turn>ROLE\n ... <turn|>\n" with the
+# assistant named "model" and the system prompt a turn of its own, an image written as one image
+# placeholder (the processor expands it into <|image> image tokens <image|>).
+GEMMA4_TEMPLATE = (
+    "<bos>{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<|image|>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+# Three layers of their own, then the KV-shared ones: a sliding one reading layer 1's keys and values
+# and the full last layer (the alignment loss's) reading layer 2's, which depend on layer 0's image
+# rows through a full layer (a window of 3 positions keeps image rows away from the answer rows).
+GEMMA4_LAYERS = (
+    "full_attention",
+    "sliding_attention",
+    "full_attention",
+    "sliding_attention",
+    "full_attention",
+)
+GEMMA4_KV_SHARED = 2
+
+
+def gemma4_text_config(tok, hidden: int, layer_types, window: int, kv_shared: int, moe: bool = False) -> dict:
+    """A tiny Gemma 4 text config with every feature the dual path must carry: KV-shared layers, full
+    layers of their own head size whose values are their keys, per-layer inputs, image blocks on
+    the sliding layers, a logit soft-cap; with `moe`, a mixture-of-experts block beside each MLP
+    (4 experts, 2 per token: Gemma 4 26B-A4B's shape of layer)."""
+    experts = {
+        "enable_moe_block": True,
+        "num_experts": 4,
+        "top_k_experts": 2,
+        "moe_intermediate_size": hidden,
+    }
+    return {
+        **(experts if moe else {}),
+        "model_type": "gemma4_text",
+        "vocab_size": len(tok),
+        "vocab_size_per_layer_input": len(tok),
+        "hidden_size_per_layer_input": 8,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": len(layer_types),
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": hidden // 4,
+        "global_head_dim": hidden // 2,
+        "num_global_key_value_heads": 1,
+        "attention_k_eq_v": True,
+        "num_kv_shared_layers": kv_shared,
+        "layer_types": list(layer_types),
+        "sliding_window": window,
+        "use_bidirectional_attention": "vision",
+        "final_logit_softcapping": 3.0,
+        "max_position_embeddings": 512,
+        "pad_token_id": tok.pad_token_id,
+        "attention_dropout": 0.0,
+    }
+
+
+def _gemma4(hidden: int, k: int, layer_types, window: int, kv_shared: int, moe: bool):
+    """Gemma 4: a one-layer vision tower 32 wide, patch 4, pooled 2 x 2 (up to 70 image tokens an
+    image after the processor's aspect-preserving resize); the real Gemma4Processor (its image, video
+    and audio processors) around a word-level tokenizer holding Gemma 4's turn and media tokens."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.gemma4 import (
+        Gemma4AudioFeatureExtractor,
+        Gemma4ImageProcessor,
+        Gemma4Processor,
+        Gemma4VideoProcessor,
+    )
+
+    base = tiny_model.word_level_tokenizer([*WORDS, "model"], [*SPECIAL, *GEMMA4_SPECIAL], GEMMA4_TEMPLATE)
+    named = {
+        "image_token": "<|image|>",
+        "boi_token": "<|image>",
+        "eoi_token": "<image|>",
+        "audio_token": "<|audio|>",
+        "boa_token": "<|audio>",
+        "eoa_token": "<audio|>",
+    }
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer,
+        unk_token=base.unk_token,
+        pad_token=base.pad_token,
+        eos_token="<turn|>",
+        extra_special_tokens=named,
+        chat_template=GEMMA4_TEMPLATE,
+    )
+    patch, pooling = 4, 2
+    media = {"patch_size": patch, "pooling_kernel_size": pooling, "max_soft_tokens": 70}
+    processor = Gemma4Processor(
+        feature_extractor=Gemma4AudioFeatureExtractor(),
+        image_processor=Gemma4ImageProcessor(**media),
+        tokenizer=tok,
+        video_processor=Gemma4VideoProcessor(**media),
+        image_seq_length=70,
+    )
+    latent = _latent(tok, k)  # after the processor, which adds its video token
+    ids = tok.convert_tokens_to_ids
+    config = transformers.Gemma4Config(
+        text_config=gemma4_text_config(tok, hidden, layer_types, window, kv_shared, moe),
+        vision_config={
+            "model_type": "gemma4_vision",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "patch_size": patch,
+            "pooling_kernel_size": pooling,
+            "position_embedding_size": 64,
+        },
+        audio_config=None,
+        boi_token_id=ids("<|image>"),
+        eoi_token_id=ids("<image|>"),
+        image_token_id=ids("<|image|>"),
+        video_token_id=ids("<|video|>"),
+        boa_token_id=ids("<|audio>"),
+        eoa_token_index=ids("<audio|>"),
+        audio_token_id=ids("<|audio|>"),
+        tie_word_embeddings=True,
+    )
+    return tok, transformers.Gemma4ForConditionalGeneration, config, processor, latent
+
+
+def build_gemma4(
+    attn_implementation: str = "eager",
+    seed: int = 0,
+    hidden: int = 64,
+    k: int = 4,
+    layer_types=GEMMA4_LAYERS,
+    window: int = GEMMA3_WINDOW,
+    kv_shared: int = GEMMA4_KV_SHARED,
+    moe: bool = False,
+):
+    """(model [float32, eval], processor, latent tokens) of a tiny random Gemma 4 (`moe`: with
+    mixture-of-experts blocks)."""
+    tok, cls, config, processor, latent = _gemma4(hidden, k, layer_types, window, kv_shared, moe)
+    processor.chat_template = tok.chat_template
+    torch.manual_seed(seed)
+    # The experts' loop in plain PyTorch: the default grouped matmul takes no float64.
+    experts = {"experts_implementation": "eager"} if moe else {}
+    model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32, **experts)
+    with torch.no_grad():
+        # At the default initialisation the logits are so small that every token is about equally
+        # likely, and the image features small beside the text: a wrong mask would hardly show.
+        model.model.language_model.embed_tokens.weight.normal_(0.0, 0.3)  # tied to the LM head
+        model.model.embed_vision.embedding_projection.weight.normal_(0.0, 0.5)
+    return model.eval(), processor, latent

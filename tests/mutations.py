@@ -539,8 +539,8 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/model/dual_path_attention.py",
-                "path_mask(order, self._blocks(idx), window) for idx in",
-                "path_mask(idx, self._blocks(idx), window) for idx in",
+                "path_mask(order, self._blocks(idx) if blocks else None, window)",
+                "path_mask(idx, self._blocks(idx) if blocks else None, window)",
             )
         ],
         [
@@ -554,8 +554,8 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/model/dual_path_attention.py",
-                "path_mask(order, self._blocks(idx), window) for idx in",
-                "path_mask(order, self._blocks(idx) if idx is self.idx1 else None, window) for idx in",
+                "path_mask(order, self._blocks(idx) if blocks else None, window)",
+                "path_mask(order, self._blocks(idx) if blocks and idx is self.idx1 else None, window)",
             )
         ],
         [
@@ -712,6 +712,44 @@ MUTATIONS = [
             )
         ],
         ["tests/test_linear_families.py::test_objective_and_gradients_equal_the_per_path_recurrence"],
+    ),
+    Mutation(
+        "kv_shared_layer_reads_one_path",
+        "a KV-shared layer (Gemma 4) reads shared keys and values of path 1 only: B's and F's slots hold "
+        "C's and E's, so path 2 sees C",
+        [
+            (
+                "crystal_ext/model/attention_registration.py",
+                "    image_blocks = window is not None or not sliding_only\n",
+                "    image_blocks = window is not None or not sliding_only\n"
+                '    if getattr(module, "is_kv_shared_layer", False):\n'
+                "        one_path = torch.arange(key.shape[2], device=key.device).repeat(key.shape[0], 1)\n"
+                "        for b, seg in enumerate(plan.segments):\n"
+                "            one_path[b, seg.b[0] : seg.b[1]] = torch.arange(seg.c[0], seg.c[1])\n"
+                "            one_path[b, seg.f[0] : seg.f[1]] = torch.arange(seg.e[0], seg.e[1])\n"
+                "        key, value = (t.gather(2, one_path[:, None, :, None].expand_as(t)) for t in (key, value))\n",
+            )
+        ],
+        [
+            "tests/test_gemma4.py::test_objective_and_gradients_equal_the_dense_eager_forward",
+            "tests/test_gemma4.py::test_every_row_equals_the_dense_eager_forward",
+        ],
+    ),
+    Mutation(
+        "gemma4_image_blocks_on_full_layers",
+        "Gemma 4's image blocks made bidirectional on the full layers too (the stock model: sliding only)",
+        [
+            (
+                "crystal_ext/model/attention_registration.py",
+                "    image_blocks = window is not None or not sliding_only\n",
+                "    image_blocks = True\n",
+            )
+        ],
+        [
+            "tests/test_gemma4.py::test_objective_and_gradients_equal_the_dense_eager_forward",
+            "tests/test_gemma4.py::test_every_row_equals_the_dense_eager_forward",
+            "tests/test_gemma4.py::test_path1_equals_the_stock_forward",
+        ],
     ),
 ]
 

@@ -13,9 +13,14 @@ caller passes two forward kwargs:
                    (crystal_ext.ops.layout.check_layout) under "checked_layout": the layers then
                    take it as it is instead of reading and checking the layout again.
 
-and, for a family whose image tokens attend to each other in both directions (Gemma 3), a third:
+and, for a family whose image tokens attend to each other in both directions (Gemma 3, Gemma 4), a
+third, and a fourth where only the sliding layers do so (Gemma 4):
 
-  crystal_image_tokens  bool [batch, length], True on the image tokens (Family.dual_path_inputs)
+  crystal_image_tokens               bool [batch, length], True on the image tokens (Family.dual_path_inputs)
+  crystal_image_blocks_sliding_only  True: the image blocks are bidirectional on sliding layers only
+
+A layer that reuses an earlier layer's keys and values (Gemma 4) receives them as `key` / `value`
+of the whole packed sequence, and runs the dual path on them like a layer that computed its own.
 
 A layer's sliding window comes with the call itself (the `sliding_window` keyword the stock
 attention layers pass; crystal_ext.model.dual_path_attention counts it on path positions).
@@ -48,6 +53,7 @@ ATTN_IMPLEMENTATION = "crystal_dual_path"
 LAYOUT_KWARG = "crystal_layout"
 OUTPUTS_KWARG = "crystal_outputs"
 IMAGE_TOKENS_KWARG = "crystal_image_tokens"
+IMAGE_BLOCKS_SLIDING_ONLY_KWARG = "crystal_image_blocks_sliding_only"
 ALIGNMENT_LOSS_KEY = "attention_alignment_loss"
 CHECKED_LAYOUT_KEY = "checked_layout"  # put in the per-call output slot by a caller that checked the layout
 _PLAN_KEY = "_dual_path_plan"  # cached in the per-call output slot: built by the first text layer
@@ -69,6 +75,7 @@ def crystal_attention_forward(module, query, key, value, attention_mask, scaling
     layout = kwargs.pop(LAYOUT_KWARG, None)
     outputs = kwargs.pop(OUTPUTS_KWARG, None)
     image_tokens = kwargs.pop(IMAGE_TOKENS_KWARG, None)
+    sliding_only = kwargs.pop(IMAGE_BLOCKS_SLIDING_ONLY_KWARG, False)
     if layout is None or not is_text_decoder_attention(module):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -105,7 +112,12 @@ def crystal_attention_forward(module, query, key, value, attention_mask, scaling
             f"dual-path key set. Keep every path (|A|+|C|+|D|+|E| tokens) within {window} tokens "
             "(--max_length), or use a model whose last layer is full attention"
         )
-    out = dual_path_attention_planned(query, key, value, plan, scale=scaling, window=window)
+    # The layer's own window decides, not the plan's clamp of it: a sliding layer whose window
+    # covers the paths still has its bidirectional image blocks.
+    image_blocks = window is not None or not sliding_only
+    out = dual_path_attention_planned(
+        query, key, value, plan, scale=scaling, window=window, image_blocks=image_blocks
+    )
     if last:
         # The fused op takes q and k in one dtype and its kernels' own GEMMs must not be
         # re-cast by autocast (which stays active inside a custom op).

@@ -24,7 +24,12 @@ blocks") run each path with a path-local boolean mask [P, P] instead of `is_caus
   - bidirectional image blocks: a run of consecutive image tokens of one path sees itself in both
     directions (the stock rule: AND(window, OR(causal, same block))). Each path's blocks are found
     on that path's own tokens, so C's images pair only with path 1's rows and B's with path 2's.
-The masks are built once per forward (per window size) by the plan, and only for such layers.
+The masks are built once per forward (per window size, with or without the image blocks: Gemma 4
+makes them bidirectional on its sliding layers only) by the plan, and only for such layers.
+
+Layers that reuse an earlier layer's keys and values (Gemma 4's KV-shared layers) are handed that
+layer's packed k/v [batch, kv_heads, length, head_dim] and gather them like their own: path 2 reads
+the A, B, D, F keys of the layer that computed them, with the same visibility there as here.
 """
 
 from __future__ import annotations
@@ -142,7 +147,7 @@ class DualPathPlan:
     pinned asynchronous copies, so neither the layers nor the alignment op read the layout again
     and, on a GPU, nothing waits for the device. With `image_tokens` (bool [batch, length]) or a
     sliding window, the path-local masks are built on the device on first use, once per window
-    size (`masks`)."""
+    size and image-block choice (`masks`)."""
 
     def __init__(self, layout: CheckedLayout, device: torch.device, image_tokens: torch.Tensor | None = None):
         self.layout_cpu = layout.host
@@ -166,20 +171,26 @@ class DualPathPlan:
             return None
         return image_block_ids(self.image_tokens.gather(1, idx) & self.valid)
 
-    def masks(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def masks(
+        self, window: int | None, image_blocks: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(path-1 mask, path-2 mask) for a layer with this sliding window (None: full), or None
-        when plain causal attention is exact (no image blocks, no window shorter than a path)."""
+        when plain causal attention is exact (no image blocks, no window shorter than a path).
+        `image_blocks`: whether this layer makes the plan's image blocks bidirectional (Gemma 4
+        does on its sliding layers only)."""
         if window is not None and window >= self.longest_path:
             window = None  # the window cuts no row of any path
-        if window is None and self.image_tokens is None:
+        blocks = image_blocks and self.image_tokens is not None
+        if window is None and not blocks:
             return None
-        if window not in self._masks:
+        if (window, blocks) not in self._masks:
             # The window counts path positions, which are the path-local indices (module docstring).
             order = torch.arange(self.longest_path, device=self.device).expand(self.batch, -1)
-            self._masks[window] = tuple(
-                path_mask(order, self._blocks(idx), window) for idx in (self.idx1, self.idx2)
+            self._masks[window, blocks] = tuple(
+                path_mask(order, self._blocks(idx) if blocks else None, window)
+                for idx in (self.idx1, self.idx2)
             )
-        return self._masks[window]
+        return self._masks[window, blocks]
 
     @functools.cached_property
     def alignment(self) -> AlignmentIndices:
@@ -191,10 +202,17 @@ class DualPathPlan:
 
 
 def dual_path_attention_planned(
-    q, k, v, plan: DualPathPlan, scale: float | None = None, window: int | None = None
+    q,
+    k,
+    v,
+    plan: DualPathPlan,
+    scale: float | None = None,
+    window: int | None = None,
+    image_blocks: bool = True,
 ) -> torch.Tensor:
     """dual_path_attention with the layout work done beforehand (see DualPathPlan); `window`: the
-    layer's sliding window (None: full attention); image blocks come with the plan."""
+    layer's sliding window (None: full attention); image blocks come with the plan, and apply to
+    this layer unless `image_blocks` is False."""
     _check_qkv(q, k, v, _OP)
     if not plan.matches(q):
         raise ValueError(
@@ -203,7 +221,7 @@ def dual_path_attention_planned(
         )
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"{_OP}: window must be a positive int or None, got {window!r}")
-    mask1, mask2 = plan.masks(window) or (None, None)
+    mask1, mask2 = plan.masks(window, image_blocks) or (None, None)
     out1 = _sdpa(_gather(q, plan.idx1), _gather(k, plan.idx1), _gather(v, plan.idx1), scale, mask1)
     out2 = _sdpa(_gather(q, plan.idx2), _gather(k, plan.idx2), _gather(v, plan.idx2), scale, mask2)
     zero_row = q.new_zeros(q.shape[0], q.shape[1], 1, q.shape[3])

@@ -73,10 +73,25 @@ def add_latent_tokens(tokenizer, model: nn.Module | None = None, k: int = 8) -> 
     ids = tokenizer.convert_tokens_to_ids(wanted)
     new_ids = tuple(tokenizer.convert_tokens_to_ids(missing))
     if model is not None:
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        grow_vocabulary(model, len(tokenizer))
         _init_new_rows(model, new_ids, old_len)
     return LatentTokens(tuple(ids[:k]), *ids[k:], new_ids=new_ids)
+
+
+@torch.no_grad()
+def grow_vocabulary(model: nn.Module, size: int) -> None:
+    """Resize `model`'s token matrices to `size` rows when they hold fewer. Rows that the resize
+    adds to a per-layer input embedding (Gemma 4's `embed_tokens_per_layer`, resized with the
+    embedding by the model itself) start at zero: they are never trained, and a reload of a LoRA
+    run, which resizes the base model again (crystal_ext.training.run_loading), must give the
+    tokens the same per-layer inputs as training did (transformers draws them at random)."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if size <= old:
+        return
+    model.resize_token_embeddings(size, mean_resizing=False)
+    per_layer = getattr(model, "get_per_layer_input_embeddings", lambda: None)()
+    if per_layer is not None:
+        per_layer.weight[old:] = 0
 
 
 @torch.no_grad()

@@ -132,6 +132,8 @@ def _check_attention_ops(report, model, batch, device, max_attention_elements: i
 
     dtype, tol = report.dtype, TOLERANCES[report.dtype].ops
     text = text_config(model)
+    if getattr(text, "per_layer_config", None):  # layers of several shapes (Gemma 4): the last layer's
+        text = text.per_layer_config[text.num_hidden_layers - 1]
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from crystal_ext.model.latent_tokens import grow_vocabulary
 from crystal_ext.training.run_config import read_run_config
 from crystal_ext.training.token_rows import TOKEN_ROWS_FILE, load_token_rows
 
@@ -24,8 +25,7 @@ def load_trained(folder: str, dtype=torch.float32):
         if not os.path.isabs(base_path) and os.path.isdir(os.path.join(config["output_dir_abs"], base_path)):
             base_path = os.path.join(config["output_dir_abs"], base_path)
         base = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype, attn_implementation="sdpa")
-        if len(processor.tokenizer) > base.get_input_embeddings().weight.shape[0]:
-            base.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+        grow_vocabulary(base, len(processor.tokenizer))
         model = PeftModel.from_pretrained(base, folder)
         if not load_token_rows(model, folder):
             raise ValueError(f"{folder}: LoRA output without its token rows ({TOKEN_ROWS_FILE})")

@@ -26,6 +26,7 @@ from crystal_ext.model.families.architecture import config_problem
 from crystal_ext.model.families.aya_vision import AYA_VISION_MODEL_TYPES, AyaVisionFamily
 from crystal_ext.model.families.base import Family, UnsupportedModel
 from crystal_ext.model.families.gemma3 import GEMMA3_MODEL_TYPES, Gemma3Family
+from crystal_ext.model.families.gemma4 import GEMMA4_MODEL_TYPES, Gemma4Family
 from crystal_ext.model.families.generic import GENERIC_BY_ARCHITECTURE, GENERIC_MODEL_TYPES, GenericFamily
 from crystal_ext.model.families.glm4v import GLM4V_MODEL_TYPES, Glm4vFamily
 from crystal_ext.model.families.lfm2_vl import LFM2_VL_MODEL_TYPES, Lfm2VlFamily
@@ -40,6 +41,7 @@ _FAMILIES = (
     | {t: Lfm2VlFamily(t) for t in LFM2_VL_MODEL_TYPES}
     | {t: Glm4vFamily(t) for t in GLM4V_MODEL_TYPES}
     | {t: Gemma3Family(t) for t in GEMMA3_MODEL_TYPES}
+    | {t: Gemma4Family(t) for t in GEMMA4_MODEL_TYPES}
     | {t: AyaVisionFamily(t) for t in AYA_VISION_MODEL_TYPES}
     | {t: GenericFamily(t) for t in GENERIC_MODEL_TYPES}
 )
@@ -84,8 +86,8 @@ def classify(model_or_config) -> tuple[str, str]:
         return "refused", exc.reason
     if config.model_type in _FAMILIES:
         family = _FAMILIES[config.model_type]
-        where = "tests/test_families.py"
-        if "sliding_attention" in family.attention_kinds:
+        where = family.tests or "tests/test_families.py"
+        if not family.tests and "sliding_attention" in family.attention_kinds:
             where += ", tests/test_windowed_families.py"
         if {"linear_attention", "conv"} & family.attention_kinds:
             where = "tests/test_linear_families.py"
@@ -99,6 +101,7 @@ __all__ = [
     "AyaVisionFamily",
     "Family",
     "Gemma3Family",
+    "Gemma4Family",
     "GenericFamily",
     "Glm4vFamily",
     "Lfm2VlFamily",

@@ -35,7 +35,11 @@ def attention_problem(config, allowed=frozenset({"full_attention"})) -> str | No
     text = text_config_of(config)
     kinds = set(getattr(text, "layer_types", None) or ())
     if kinds - set(allowed):
-        return f"its text layers are of types {sorted(kinds)}; the dual path runs plain causal full attention"
+        return (
+            f"its text layers are of types {sorted(kinds)}; the dual path runs "
+            f"{sorted(kinds - set(allowed))} layers only in the families tested with them (sliding "
+            "windows, linear attention and convolutions: docs/method.md), and this type is not one"
+        )
     window = getattr(text, "sliding_window", None)
     if window is not None and getattr(text, "use_sliding_window", True) is not False and not kinds:
         return f"its text layers use a sliding window ({window}); the dual path runs full attention"

@@ -34,6 +34,7 @@ class Family:
     decoder, the vision tower and the vision-language projector (trained in full)."""
 
     language = ("language_model", "text_model")
+    tests = ""  # the test file proving the family, when it has its own
     vision = ("visual", "vision_tower", "vision_model")
     projector = ("multi_modal_projector", "connector", "merger")
 
