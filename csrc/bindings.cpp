@@ -15,20 +15,24 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include <vector>
+
+#include "attention_alignment_plan.h"
 #include "cpu/gemm_bf16.h"
+#include "lm_head_plan.h"
 #include "test_entry_points.h"
 
 TORCH_LIBRARY(crystal_ext, m) {
-  // Attention-alignment loss (crystal_ext/ops/attention_alignment_loss.py). The layout and the
-  // index tensors come from alignment_indices, on q's device. Returns (loss, lse): the scalar
-  // loss (float32; float64 for float64 inputs) and the log-sum-exp of every aligned row and
-  // head, [B, H, L] (zero on the other rows), which the backward reuses.
-  m.def("attention_alignment_loss_fwd(Tensor q, Tensor k, Tensor layout, Tensor answer_rows, "
-        "Tensor intact_keys, Tensor corrupted_keys, Tensor latent_keys, float scale) "
+  // Attention-alignment loss (crystal_ext/ops/attention_alignment_loss.py). `plan` is the
+  // plan that alignment_indices built on the host and moved to q's device: the layout and its
+  // index tensors (layout, answer_rows, intact_keys, corrupted_keys, latent_keys; unpacked once
+  // into attention_alignment::AlignmentPlan, csrc/attention_alignment_plan.h). Returns
+  // (loss, lse): the scalar loss (float32; float64 for float64 inputs) and the log-sum-exp of
+  // every aligned row and head, [B, H, L] (zero on the other rows), which the backward reuses.
+  m.def("attention_alignment_loss_fwd(Tensor q, Tensor k, Tensor[] plan, float scale) "
         "-> (Tensor, Tensor)");
   // Returns (grad_q, grad_k).
-  m.def("attention_alignment_loss_bwd(Tensor grad_loss, Tensor q, Tensor k, Tensor layout, "
-        "Tensor answer_rows, Tensor intact_keys, Tensor corrupted_keys, Tensor latent_keys, "
+  m.def("attention_alignment_loss_bwd(Tensor grad_loss, Tensor q, Tensor k, Tensor[] plan, "
         "Tensor lse, float scale) -> (Tensor, Tensor)");
   // LM-head losses (crystal_ext/ops/lm_head_losses.py). `plan` and `paired_rows` are the plan
   // that crystal_ext.ops.lm_head_plan.lm_head_plan built on the host and moved to hidden's
@@ -87,16 +91,29 @@ pybind11::dict build_info() {
 
 // Direct entry points through the dispatcher (the same kernels torch.ops.crystal_ext reaches).
 std::tuple<at::Tensor, at::Tensor> attention_alignment_loss_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& layout,
-    const at::Tensor& answer_rows, const at::Tensor& intact_keys,
-    const at::Tensor& corrupted_keys, const at::Tensor& latent_keys, double scale) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("crystal_ext::attention_alignment_loss_fwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(q, k, layout, answer_rows, intact_keys, corrupted_keys, latent_keys, scale);
+    const at::Tensor& q, const at::Tensor& k, const std::vector<at::Tensor>& plan, double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("crystal_ext::attention_alignment_loss_fwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, at::TensorList, double)>();
+  return op.call(q, k, plan, scale);
+}
+
+template <size_t N>
+pybind11::tuple names_tuple(const char* const (&names)[N]) {
+  pybind11::tuple out(N);
+  for (size_t i = 0; i < N; ++i) out[i] = pybind11::str(names[i]);
+  return out;
+}
+
+// Each op's plan tensors in its schema's order, as the kernels unpack them: the Python plans'
+// NamedTuples are checked against these when the extension loads (crystal_ext.ops._extension).
+pybind11::dict plan_tensor_names() {
+  pybind11::dict names;
+  names["lm_head_losses"] = names_tuple(crystal_ext::lm_head::kPlanTensorNames);
+  names["attention_alignment_loss"] =
+      names_tuple(crystal_ext::attention_alignment::kPlanTensorNames);
+  return names;
 }
 
 }  // namespace
@@ -107,8 +124,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_alignment_loss_forward", &attention_alignment_loss_forward,
         "Fused attention-alignment loss, forward: (loss, lse). Prefer "
         "crystal_ext.attention_alignment_loss, which adds autograd.",
-        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("layout"),
-        pybind11::arg("answer_rows"), pybind11::arg("intact_keys"),
-        pybind11::arg("corrupted_keys"), pybind11::arg("latent_keys"), pybind11::arg("scale"));
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("plan"), pybind11::arg("scale"));
+  m.def("plan_tensor_names", &plan_tensor_names,
+        "Each op's plan tensors, in the order its schema's `Tensor[] plan` takes them");
   crystal_ext::testing::register_test_entry_points(m);
 }

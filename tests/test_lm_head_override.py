@@ -248,7 +248,7 @@ def test_opcheck(bias, transform):
         prob["hidden"].requires_grad_(),
         prob["weight"],
         prob["bias"],
-        plan.tensors(),
+        plan.tensors,
         plan.paired_rows,
         prob["override_ids"],
         prob["override_rows"].requires_grad_(),

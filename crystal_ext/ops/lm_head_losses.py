@@ -121,7 +121,7 @@ def lm_head_losses(
         return override_lm_head_losses(hidden, weight, bias, plan, override_ids, override_rows, scale, cap)
     grad_hidden = bool(torch.is_grad_enabled() and hidden.requires_grad)
     ce, kl, *_ = torch.ops.crystal_ext.lm_head_losses_fwd(
-        hidden, weight, bias, plan.tensors(), plan.paired_rows, scale, cap, grad_hidden
+        hidden, weight, bias, plan.tensors, plan.paired_rows, scale, cap, grad_hidden
     )
     return ce, kl
 

@@ -52,7 +52,7 @@ def _override_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The compiled forward with the override rows written into the weight for the call:
     (ce, kl, d ce / d hidden, d kl / d hidden, lse, pair coefficients), as lm_head_losses_fwd.
-    plan, paired_rows: the plan (crystal_ext.ops.lm_head_plan.LmHeadPlan.tensors(), .paired_rows)."""
+    plan, paired_rows: the plan (crystal_ext.ops.lm_head_plan.LmHeadPlan.tensors, .paired_rows)."""
     # Written through .data and put back before returning: the weight is unchanged for every
     # reader, and its version counter (shared with its base: under FSDP the head and the
     # trained rows are views of one flat parameter) is not bumped, which would make autograd
@@ -140,7 +140,7 @@ def override_lm_head_losses(
         hidden,
         weight,
         bias,
-        plan.tensors(),
+        plan.tensors,
         plan.paired_rows,
         override_ids,
         override_rows,
