@@ -38,23 +38,28 @@ TORCH_LIBRARY(crystal_ext, m) {
   // that crystal_ext.ops.lm_head_plan.lm_head_plan built on the host and moved to hidden's
   // device: its seven index tensors (rows, row_targets, ce_rows, pair_rows, sample_pairs,
   // sample_k, kept_slots; unpacked once into lm_head::LmHeadPlan, csrc/lm_head_plan.h) and its
-  // paired-row count. logit_scale and logit_softcap are the model's own logits,
-  // z = softcap(logit_scale * (h W^T + b)) with softcap(u) = logit_softcap * tanh(u /
-  // logit_softcap) (0: no cap).
+  // paired-row count. override_ids [n] and override_rows [n, Hd] (both or neither; hidden's
+  // dtype): the logits of column override_ids[j] are h . override_rows[j] (+ its bias) instead of
+  // the weight's row, which is only read (csrc/lm_head_override.h). logit_scale and
+  // logit_softcap are the model's own logits, z = softcap(logit_scale * (h W^T + b)) with
+  // softcap(u) = logit_softcap * tanh(u / logit_softcap) (0: no cap).
   // Returns (ce, kl, grad_hidden_ce, grad_hidden_kl, lse, kl_coef): the two scalar losses
   // (float32; float64 for float64 inputs), d ce / d hidden and d kl / d hidden ([N, Hd] in the
   // accumulate dtype, or [0] when grad_hidden is false), each row's log-sum-exp [N] (zero on
   // rows without logits) and each pair's d kl / d KL_i [M] (zero for pairs outside the top k).
   m.def("lm_head_losses_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor[] plan, "
-        "int paired_rows, float logit_scale, float logit_softcap, bool grad_hidden) "
+        "int paired_rows, Tensor? override_ids, Tensor? override_rows, float logit_scale, "
+        "float logit_softcap, bool grad_hidden) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The forward's arguments, its saved outputs (grad_hidden_ce .. kl_coef) and output_mask:
-  // which of (grad_hidden, grad_weight, grad_bias) to compute. Returns them; each is [0] when
-  // not requested.
+  // which of (grad_hidden, grad_weight, grad_bias, grad_override_rows) to compute (with override
+  // rows the head is frozen: no weight or bias gradient). Returns them; each is [0] when not
+  // requested.
   m.def("lm_head_losses_bwd(Tensor grad_ce, Tensor grad_kl, Tensor hidden, Tensor weight, "
-        "Tensor? bias, Tensor[] plan, int paired_rows, float logit_scale, float logit_softcap, "
+        "Tensor? bias, Tensor[] plan, int paired_rows, Tensor? override_ids, "
+        "Tensor? override_rows, float logit_scale, float logit_softcap, "
         "Tensor grad_hidden_ce, Tensor grad_hidden_kl, Tensor lse, Tensor kl_coef, "
-        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+        "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -171,12 +171,30 @@ MUTATIONS = [
         "the new tokens' LM-head rows get the cross-entropy gradient only, none from the KL",
         [
             (
-                "crystal_ext/ops/override_rows.py",
-                "    if pair_rows.shape[1]:\n        teacher, student = ",
-                "    if False:\n        teacher, student = ",
+                "csrc/lm_head_override.h",
+                "  if (p.n_pairs > 0) {\n    const at::Tensor teacher",
+                "  if (false) {\n    const at::Tensor teacher",
             )
         ],
         ["tests/test_lm_head_override.py::test_fused_override_matches_the_reference"],
+        csrc=True,
+    ),
+    Mutation(
+        "override_column_from_the_weight",
+        "the CPU kernel computes the override columns' logits from the frozen weight's rows instead of "
+        "the override rows",
+        [
+            (
+                "csrc/cpu/lm_head_losses.cpp",
+                "    if (columns.empty()) return;\n    const acc_t* ov_ptr",
+                "    return;\n    const acc_t* ov_ptr",
+            )
+        ],
+        [
+            "tests/test_lm_head_override.py::test_fused_override_matches_the_reference",
+            "tests/test_lm_head_override.py::test_fused_override_matches_the_reference_on_fresh_random_inputs",
+        ],
+        csrc=True,
     ),
     Mutation(
         "objective_ignores_the_trained_head_rows",

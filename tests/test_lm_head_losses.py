@@ -331,7 +331,7 @@ def test_opcheck(bias, transform):
     weight = prob["weight"].requires_grad_()
     b = prob["bias"].requires_grad_() if bias else None
     plan = plan_of(prob, 0.5)
-    args = (hidden, weight, b, plan.tensors, plan.paired_rows, *transform, True)
+    args = (hidden, weight, b, list(plan.tensors), plan.paired_rows, None, None, *transform, True)
     torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_fwd.default, args)
 
 
@@ -539,7 +539,16 @@ def _plan_tensors(prob, topk=0.5):
 def _direct_call(prob, tensors, paired_rows, scale=1.0, cap=0.0):
     """The compiled forward called with a plan list, without the Python checks."""
     return torch.ops.crystal_ext.lm_head_losses_fwd(
-        prob["hidden"], prob["weight"], prob["bias"], list(tensors.values()), paired_rows, scale, cap, False
+        prob["hidden"],
+        prob["weight"],
+        prob["bias"],
+        list(tensors.values()),
+        paired_rows,
+        None,
+        None,
+        scale,
+        cap,
+        False,
     )
 
 
@@ -673,8 +682,10 @@ def test_cuda_opcheck_and_edge_cases(cuda):
         prob["hidden"].requires_grad_(),
         prob["weight"].requires_grad_(),
         prob["bias"].requires_grad_(),
-        plan.tensors,
+        list(plan.tensors),
         plan.paired_rows,
+        None,
+        None,
         0.5,
         3.0,
         True,
