@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "attention_alignment_loss.h"
+#include "attention_alignment_plan.h"
 #include "common_host.h"
 
 namespace crystal_ext {
@@ -89,10 +90,9 @@ inline void check_index(const at::Tensor& index, const char* name, const at::Ten
 }
 
 // Metadata checks of the op's arguments (shapes, dtypes, devices; no values).
-inline Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& layout,
-                            const at::Tensor& answer_rows, const at::Tensor& intact_keys,
-                            const at::Tensor& corrupted_keys, const at::Tensor& latent_keys,
+inline Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const AlignmentPlan& plan,
                             double scale) {
+  const at::Tensor& layout = plan.layout;
   TORCH_CHECK_VALUE(q.dim() == 4, "attention_alignment_loss: q must be 4-D "
                     "[batch, heads, length, head_dim], got shape ", q.sizes());
   TORCH_CHECK_VALUE(k.dim() == 4, "attention_alignment_loss: k must be 4-D "
@@ -129,10 +129,10 @@ inline Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::
                     "attention_alignment_loss: layout must have shape [batch=", q.size(0),
                     ", 6, 2] ((start, end) of segments A..F), got ", layout.sizes());
   const int64_t batch = q.size(0);
-  check_index(answer_rows, "answer_rows", q, {2, batch});
-  check_index(intact_keys, "intact_keys", q, {batch});
-  check_index(corrupted_keys, "corrupted_keys", q, {batch});
-  check_index(latent_keys, "latent_keys", q, {batch});
+  check_index(plan.answer_rows, "answer_rows", q, {2, batch});
+  check_index(plan.intact_keys, "intact_keys", q, {batch});
+  check_index(plan.corrupted_keys, "corrupted_keys", q, {batch});
+  check_index(plan.latent_keys, "latent_keys", q, {batch});
 
   Problem p;
   p.batch = batch;
@@ -140,10 +140,10 @@ inline Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::
   p.kv_heads = k.size(1);
   p.length = q.size(2);
   p.head_dim = q.size(3);
-  p.max_answer = answer_rows.size(2);
-  p.max_keys[0] = intact_keys.size(1);
-  p.max_keys[1] = corrupted_keys.size(1);
-  p.max_latent = latent_keys.size(1);
+  p.max_answer = plan.answer_rows.size(2);
+  p.max_keys[0] = plan.intact_keys.size(1);
+  p.max_keys[1] = plan.corrupted_keys.size(1);
+  p.max_latent = plan.latent_keys.size(1);
   return p;
 }
 

@@ -85,6 +85,21 @@ CRYSTAL_HD T kl_cross_term(T teacher_unnormalised_prob, T z_teacher, T z_student
                                            : teacher_unnormalised_prob * (z_teacher - z_student);
 }
 
+// ---- override columns (csrc/lm_head_override.h) ----
+
+// The column of vocabulary id `id` in the block [v0, v0 + vb), or -1 when it lies outside.
+CRYSTAL_HD int64_t block_column(int64_t id, int64_t v0, int64_t vb) {
+  return id >= v0 && id < v0 + vb ? id - v0 : -1;
+}
+
+// What the expectation GEMM's P holds for a logit z: its unnormalised probability against the
+// row's shift, times the soft-cap's slope (1 without a cap). An override column's entry is taken
+// out of P and multiplies the override row instead of the weight's.
+template <typename T>
+CRYSTAL_HD T expectation_weight(T z, T shift, T cap) {
+  return unnormalised_prob(z, shift) * softcap_slope(z, cap);
+}
+
 // ---- losses per row / pair ----
 
 template <typename T>

@@ -1,11 +1,11 @@
 // The lm_head_losses entry points, one for both devices: the plan unpacked from the schema's
-// arguments (lm_head_plan.h), input checks (always, in the forward and the backward; metadata
-// only), contiguous operands, the accumulate dtype, the per-sample top-k selection (ATen ops on
-// the compute device), the combination of the saved hidden gradients in the backward and the
-// empty placeholders for gradients not requested. csrc/cpu/lm_head_losses.cpp and
-// csrc/cuda/lm_head_losses.cu supply only a Device: the device kernels (a forward sweep, a
-// weight-gradient sweep) and what a call holds on that device, and register forward<Device>
-// and backward<Device>.
+// arguments (lm_head_plan.h), the override rows checked (lm_head_override.h), input checks
+// (always, in the forward and the backward; metadata only), contiguous operands, the accumulate
+// dtype, the per-sample top-k selection (ATen ops on the compute device), the combination of the
+// saved hidden gradients in the backward, the override rows' gradient and the empty placeholders
+// for gradients not requested. csrc/cpu/lm_head_losses.cpp and csrc/cuda/lm_head_losses.cu
+// supply only a Device: the device kernels (a forward sweep, a weight-gradient sweep) and what a
+// call holds on that device, and register forward<Device> and backward<Device>.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,6 +18,7 @@
 
 #include "common_host.h"
 #include "lm_head_losses_checks.h"
+#include "lm_head_override.h"
 #include "lm_head_plan.h"
 
 namespace crystal_ext {
@@ -29,11 +30,12 @@ struct ForwardOutputs {
 
 // Forward sweep over the vocabulary: the two losses, each row's lse, each pair's d kl / d KL_i
 // and, with grad_hidden, d ce / d hidden and d kl / d hidden (the logit scale already in them).
-// The logit transform is p.logit_scale / p.logit_softcap.
+// The logit transform is p.logit_scale / p.logit_softcap; override rows (possibly none) stand in
+// for their columns of the weight (lm_head_override.h).
 using ForwardKernel = ForwardOutputs (*)(const Problem& p, const LmHeadPlan& plan,
                                          const at::Tensor& hidden, const at::Tensor& weight,
-                                         const c10::optional<at::Tensor>& bias, bool grad_hidden,
-                                         at::ScalarType acc);
+                                         const c10::optional<at::Tensor>& bias, const Override& ov,
+                                         bool grad_hidden, at::ScalarType acc);
 
 // Weight-gradient sweep: fills *grad_weight / *grad_bias (each may be null: not wanted) from
 // the saved lse and coef and the upstream gradients grad_ce, grad_kl (scalar tensors).
@@ -84,7 +86,7 @@ inline c10::optional<at::Tensor> contiguous_bias(const c10::optional<at::Tensor>
 
 using ForwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The lm_head_losses_fwd kernel of a device: Device supplies kType (its at::DeviceType), Scope
 // (constructed from hidden for the call: a device guard and the GEMM precision on CUDA,
@@ -93,14 +95,16 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 template <typename Device>
 ForwardResult forward(const at::Tensor& hidden_in, const at::Tensor& weight_in,
                       const c10::optional<at::Tensor>& bias_in, at::TensorList plan_tensors,
-                      int64_t paired_rows, double logit_scale, double logit_softcap,
-                      bool grad_hidden) {
+                      int64_t paired_rows, const c10::optional<at::Tensor>& override_ids,
+                      const c10::optional<at::Tensor>& override_rows, double logit_scale,
+                      double logit_softcap, bool grad_hidden) {
   const typename Device::Scope scope(hidden_in);
   const LmHeadPlan plan = unpack_plan(plan_tensors, paired_rows);
   const Problem p = check_inputs(hidden_in, weight_in, bias_in, plan, logit_scale, logit_softcap);
+  const Override ov = check_override(override_ids, override_rows, hidden_in, p);
   check_kernel_device(hidden_in, Device::kType);
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
-  const ForwardOutputs o = Device::forward(p, plan, hidden, weight, contiguous_bias(bias_in),
+  const ForwardOutputs o = Device::forward(p, plan, hidden, weight, contiguous_bias(bias_in), ov,
                                            grad_hidden, accumulate_type(hidden.scalar_type()));
   return {o.ce, o.kl, o.grad_ce, o.grad_kl, o.lse, o.coef};
 }
@@ -134,23 +138,32 @@ inline at::Tensor combine_hidden_grads(const at::Tensor& hidden, const at::Tenso
 }
 
 // The lm_head_losses_bwd kernel of a device (Device as for forward). output_mask: which of
-// (grad_hidden, grad_weight, grad_bias) to compute; the others are empty [0].
+// (grad_hidden, grad_weight, grad_bias, grad_override_rows) to compute; the others are empty [0].
 template <typename Device>
 BackwardResult backward(const at::Tensor& grad_ce, const at::Tensor& grad_kl,
                         const at::Tensor& hidden_in, const at::Tensor& weight_in,
                         const c10::optional<at::Tensor>& bias_in, at::TensorList plan_tensors,
-                        int64_t paired_rows, double logit_scale, double logit_softcap,
-                        const at::Tensor& grad_hidden_ce, const at::Tensor& grad_hidden_kl,
-                        const at::Tensor& lse_in, const at::Tensor& coef_in,
-                        std::array<bool, 3> output_mask) {
+                        int64_t paired_rows, const c10::optional<at::Tensor>& override_ids,
+                        const c10::optional<at::Tensor>& override_rows, double logit_scale,
+                        double logit_softcap, const at::Tensor& grad_hidden_ce,
+                        const at::Tensor& grad_hidden_kl, const at::Tensor& lse_in,
+                        const at::Tensor& coef_in, std::array<bool, 4> output_mask) {
   const typename Device::Scope scope(hidden_in);
   const LmHeadPlan plan = unpack_plan(plan_tensors, paired_rows);
   const Problem p = check_inputs(hidden_in, weight_in, bias_in, plan, logit_scale, logit_softcap);
+  const Override ov = check_override(override_ids, override_rows, hidden_in, p);
   check_kernel_device(hidden_in, Device::kType);
   check_saved(p, hidden_in, grad_ce, grad_kl, lse_in, coef_in);
   const auto acc = accumulate_type(hidden_in.scalar_type());
   const bool grad_weight = output_mask[1], grad_bias = output_mask[2];
-  at::Tensor gw, gb;
+  TORCH_CHECK_VALUE(!(ov.given() && (grad_weight || grad_bias)), "lm_head_losses backward: "
+                    "with override rows the head is frozen: no weight or bias gradient "
+                    "(output_mask asks for one); the override columns' rows get theirs");
+  TORCH_CHECK_VALUE(ov.given() || !output_mask[3], "lm_head_losses backward: output_mask asks "
+                    "for the override rows' gradient, but no override rows were given");
+  at::Tensor gw, gb, gr;
+  if (output_mask[3])
+    gr = override_rows_grad(p, plan, hidden_in, bias_in, ov, lse_in, coef_in, grad_ce, grad_kl, acc);
   const at::Tensor gh = output_mask[0] ? combine_hidden_grads(hidden_in, grad_ce, grad_kl, grad_hidden_ce,
                                              grad_hidden_kl, acc)
                       : at::empty({0}, hidden_in.options());
@@ -162,7 +175,8 @@ BackwardResult backward(const at::Tensor& grad_ce, const at::Tensor& grad_kl,
   }
   if (!gw.defined()) gw = at::empty({0}, weight_in.options());
   if (!gb.defined()) gb = at::empty({0}, weight_in.options());
-  return {gh, gw, gb};
+  if (!gr.defined()) gr = at::empty({0}, hidden_in.options());
+  return {gh, gw, gb, gr};
 }
 
 // Registers a device's lm_head_losses kernels (in its TORCH_LIBRARY_IMPL block).

@@ -1,8 +1,9 @@
 // The LM-head op's index plan as the kernels see it: one value, unpacked once from the schema's
-// `Tensor[] plan` (the seven int64 tensors that crystal_ext/ops/lm_head_plan.py builds, in the
-// order of kPlanTensorNames) and `int paired_rows`, and its metadata checks (dtypes, devices,
-// shapes; no value is read). The plan's values are checked by the CPU kernel, which reads them
-// on the host anyway (host_plan, lm_head_losses_checks.h).
+// `Tensor[] plan` (the int64 tensors that crystal_ext/ops/lm_head_plan.py builds, in the order
+// of CRYSTAL_LM_HEAD_PLAN_TENSORS, the one list of them on this side: plan_tensors.h) and
+// `int paired_rows`, and its metadata checks (dtypes, devices, shapes; no value is read). The
+// plan's values are checked by the CPU kernel, which reads them on the host anyway (host_plan,
+// lm_head_losses_checks.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,32 +11,39 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "plan_tensors.h"
+
+// All int64, on hidden's device, in the order of crystal_ext.ops.lm_head_plan.PlanTensors:
+//   rows          [R] rows of hidden needing logits, paired rows first
+//   row_targets   [R] their targets (-100: none)
+//   ce_rows       [T] positions in rows of the targeted rows
+//   pair_rows     [2, M] positions in rows of each pair's teacher, student
+//   sample_pairs  [S, W] pairs of each sample, padded with -1
+//   sample_k      [S] pairs kept per sample
+//   kept_slots    [K] flat positions s * W + j (j < k_s) of kept ranks
+#define CRYSTAL_LM_HEAD_PLAN_TENSORS(X) \
+  X(rows) X(row_targets) X(ce_rows) X(pair_rows) X(sample_pairs) X(sample_k) X(kept_slots)
+
 namespace crystal_ext {
 namespace lm_head {
 
-// The schema's plan list, in order (crystal_ext.ops.lm_head_plan.PlanTensors).
-constexpr const char* kPlanTensorNames[] = {"rows",         "row_targets", "ce_rows",
-                                            "pair_rows",    "sample_pairs", "sample_k",
-                                            "kept_slots"};
+constexpr const char* kPlanTensorNames[] = {CRYSTAL_LM_HEAD_PLAN_TENSORS(CRYSTAL_PLAN_NAME)};
 constexpr size_t kPlanTensors = sizeof(kPlanTensorNames) / sizeof(kPlanTensorNames[0]);
 
-// All int64, on hidden's device.
 struct LmHeadPlan {
-  at::Tensor rows;          // [R] rows of hidden needing logits, paired rows first
-  at::Tensor row_targets;   // [R] their targets (-100: none)
-  at::Tensor ce_rows;       // [T] positions in rows of the targeted rows
-  at::Tensor pair_rows;     // [2, M] positions in rows of each pair's teacher, student
-  at::Tensor sample_pairs;  // [S, W] pairs of each sample, padded with -1
-  at::Tensor sample_k;      // [S] pairs kept per sample
-  at::Tensor kept_slots;    // [K] flat positions s * W + j (j < k_s) of kept ranks
+  CRYSTAL_LM_HEAD_PLAN_TENSORS(CRYSTAL_PLAN_FIELD)
   int64_t paired_rows = 0;  // rows[:paired_rows] are the paired rows
 };
 
 inline LmHeadPlan unpack_plan(at::TensorList plan, int64_t paired_rows) {
-  TORCH_CHECK_VALUE(plan.size() == kPlanTensors, "lm_head_losses: plan must hold ", kPlanTensors,
-                    " tensors (rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, "
-                    "kept_slots; build it with lm_head_plan), got ", plan.size());
-  return LmHeadPlan{plan[0], plan[1], plan[2], plan[3], plan[4], plan[5], plan[6], paired_rows};
+  check_plan_length(plan, "lm_head_losses", kPlanTensorNames, "lm_head_plan");
+  LmHeadPlan out;
+  size_t i = 0;
+#define CRYSTAL_UNPACK(name) out.name = plan[i++];
+  CRYSTAL_LM_HEAD_PLAN_TENSORS(CRYSTAL_UNPACK)
+#undef CRYSTAL_UNPACK
+  out.paired_rows = paired_rows;
+  return out;
 }
 
 inline void check_plan_tensor(const at::Tensor& t, const char* name, const at::Tensor& hidden,

@@ -171,12 +171,30 @@ MUTATIONS = [
         "the new tokens' LM-head rows get the cross-entropy gradient only, none from the KL",
         [
             (
-                "crystal_ext/ops/override_rows.py",
-                "    if pair_rows.shape[1]:\n        teacher, student = ",
-                "    if False:\n        teacher, student = ",
+                "csrc/lm_head_override.h",
+                "  if (p.n_pairs > 0) {\n    const at::Tensor teacher",
+                "  if (false) {\n    const at::Tensor teacher",
             )
         ],
         ["tests/test_lm_head_override.py::test_fused_override_matches_the_reference"],
+        csrc=True,
+    ),
+    Mutation(
+        "override_column_from_the_weight",
+        "the CPU kernel computes the override columns' logits from the frozen weight's rows instead of "
+        "the override rows",
+        [
+            (
+                "csrc/cpu/lm_head_losses.cpp",
+                "    if (columns.empty()) return;\n    const acc_t* ov_ptr",
+                "    return;\n    const acc_t* ov_ptr",
+            )
+        ],
+        [
+            "tests/test_lm_head_override.py::test_fused_override_matches_the_reference",
+            "tests/test_lm_head_override.py::test_fused_override_matches_the_reference_on_fresh_random_inputs",
+        ],
+        csrc=True,
     ),
     Mutation(
         "objective_ignores_the_trained_head_rows",
@@ -370,16 +388,27 @@ MUTATIONS = [
         "plan_unpacked_in_another_order",
         "the C++ side unpacks the schema's plan list in another order than the Python side packs it "
         "(rows and ce_rows swapped)",
+        [("csrc/lm_head_plan.h", "X(rows) X(row_targets) X(ce_rows)", "X(ce_rows) X(row_targets) X(rows)")],
+        [
+            "tests/test_lm_head_losses.py::test_python_and_kernel_plans_name_the_same_tensors_in_the_same_order",
+            "tests/test_lm_head_losses.py::test_matches_reference_fp32",
+        ],
+        csrc=True,
+    ),
+    Mutation(
+        "alignment_plan_unpacked_in_another_order",
+        "the alignment kernels unpack the schema's plan list in another order than the Python side "
+        "packs it (the two paths' keys swapped)",
         [
             (
-                "csrc/lm_head_plan.h",
-                "return LmHeadPlan{plan[0], plan[1], plan[2],",
-                "return LmHeadPlan{plan[2], plan[1], plan[0],",
+                "csrc/attention_alignment_plan.h",
+                "X(intact_keys) X(corrupted_keys)",
+                "X(corrupted_keys) X(intact_keys)",
             )
         ],
         [
-            "tests/test_lm_head_losses.py::test_wrong_plan_tensors_name_the_argument",
-            "tests/test_lm_head_losses.py::test_matches_reference_fp32",
+            "tests/test_attention_alignment_loss.py::test_python_and_kernel_plans_name_the_same_tensors_in_the_same_order",
+            "tests/test_attention_alignment_loss.py::test_float64_fused_equals_reference_exactly_enough",
         ],
         csrc=True,
     ),

@@ -7,8 +7,9 @@ import torch
 from alignment_cases import MIXED_SAMPLES, make_layout, needed_length, random_qk
 
 import crystal_ext
+import crystal_ext.ops._extension as _extension
 from crystal_ext.ops import reference
-from crystal_ext.ops.attention_alignment_loss import AlignmentIndices, alignment_indices
+from crystal_ext.ops.attention_alignment_loss import AlignmentIndices, AlignmentPlanTensors, alignment_indices
 from crystal_ext.ops.layout import validate_layout
 
 fused = crystal_ext.attention_alignment_loss
@@ -128,7 +129,8 @@ def test_gradcheck_float64():
 
 
 def _indices(layout, q):
-    return alignment_indices(layout, q.shape[2], q.device).tensors()
+    """The op's `plan` argument for this layout."""
+    return list(alignment_indices(layout, q.shape[2], q.device).tensors)
 
 
 def test_opcheck():
@@ -137,7 +139,7 @@ def test_opcheck():
     q.requires_grad_(True)
     k.requires_grad_(True)
     torch.library.opcheck(
-        torch.ops.crystal_ext.attention_alignment_loss_fwd.default, (q, k, *_indices(layout, q), 0.3)
+        torch.ops.crystal_ext.attention_alignment_loss_fwd.default, (q, k, _indices(layout, q), 0.3)
     )
 
 
@@ -148,9 +150,9 @@ def test_opcheck_backward_with_transposed_q():
     q, k = random_qk(3, 4, 2, needed_length(MIXED_SAMPLES), 8, seed=6)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)
     indices = _indices(layout, q)
-    _, lse = torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, *indices, 0.3)
+    _, lse = torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, indices, 0.3)
     grad = torch.tensor(1.0)
-    args = (grad, q, k, *indices, lse, 0.3)
+    args = (grad, q, k, indices, lse, 0.3)
     torch.library.opcheck(torch.ops.crystal_ext.attention_alignment_loss_bwd.default, args)
     grad_q, _ = torch.ops.crystal_ext.attention_alignment_loss_bwd(*args)
     assert grad_q.stride() == q.stride()
@@ -161,7 +163,7 @@ def test_prebuilt_indices_give_the_layout_result():
     q, k = random_qk(3, 6, 2, needed_length(MIXED_SAMPLES) + 2, 16, dtype=torch.float64, seed=17)
     indices = alignment_indices(layout, q.shape[2], q.device)
     assert isinstance(indices, AlignmentIndices)
-    assert indices.answer_rows.shape == (2, 3, 5) and indices.latent_keys.shape == (3, 4)
+    assert indices.tensors.answer_rows.shape == (2, 3, 5) and indices.tensors.latent_keys.shape == (3, 4)
     for a, b in zip(loss_and_grads(fused, q, k, indices), loss_and_grads(fused, q, k, layout)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -179,15 +181,33 @@ def test_op_refuses_index_tensors_that_do_not_fit_the_layout(name):
     """Index tensors from another layout: a clear error naming them, not a read past their end."""
     layout = make_layout(MIXED_SAMPLES)
     q, k = random_qk(3, 4, 2, needed_length(MIXED_SAMPLES), 8)
-    indices = dict(
-        zip(("layout", "answer_rows", "intact_keys", "corrupted_keys", "latent_keys"), _indices(layout, q))
-    )
+    indices = alignment_indices(layout, q.shape[2], q.device).tensors._asdict()
     indices[name] = indices[name][..., :-1]
     with pytest.raises(ValueError, match=f"{name} has width"):
-        torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, *indices.values(), 0.3)
+        torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, list(indices.values()), 0.3)
     indices[name] = indices[name].int()
     with pytest.raises(ValueError, match=f"{name} must be int64"):
-        torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, *indices.values(), 0.3)
+        torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, list(indices.values()), 0.3)
+
+
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_op_refuses_a_plan_with_a_missing_or_extra_tensor(change):
+    layout = make_layout(MIXED_SAMPLES)
+    q, k = random_qk(3, 4, 2, needed_length(MIXED_SAMPLES), 8)
+    plan = _indices(layout, q)
+    plan = plan[:-1] if change == "missing" else plan + [plan[-1]]
+    with pytest.raises(
+        ValueError, match=r"attention_alignment_loss: plan must hold 5 tensors \(layout, answer_rows"
+    ):
+        torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, plan, 0.3)
+
+
+def test_python_and_kernel_plans_name_the_same_tensors_in_the_same_order():
+    assert _extension.plan_mismatch("attention_alignment_loss", AlignmentPlanTensors._fields) is None
+    swapped = ("layout", "intact_keys", "answer_rows", "corrupted_keys", "latent_keys")
+    error = _extension.plan_mismatch("attention_alignment_loss", swapped)
+    assert "unpack the attention_alignment_loss plan as ['layout', 'answer_rows'" in error
+    assert "Python plan holds ['layout', 'intact_keys'" in error
 
 
 def test_long_rows():
@@ -418,7 +438,7 @@ def test_cuda_opcheck(cuda):
     q.requires_grad_(True)
     k.requires_grad_(True)
     torch.library.opcheck(
-        torch.ops.crystal_ext.attention_alignment_loss_fwd.default, (q, k, *_indices(layout, q), 0.3)
+        torch.ops.crystal_ext.attention_alignment_loss_fwd.default, (q, k, _indices(layout, q), 0.3)
     )
 
 

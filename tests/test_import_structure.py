@@ -22,7 +22,6 @@ FUSED = {
     "crystal_ext.ops.attention_alignment_loss",
     "crystal_ext.ops.lm_head_losses",
     "crystal_ext.ops.lm_head_plan",
-    "crystal_ext.ops.override_rows",
 }
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import crystal_ext
+import crystal_ext.ops._extension as _extension
 from crystal_ext.ops import reference
 from crystal_ext.ops._extension import _C
-from crystal_ext.ops.lm_head_plan import LmHeadPlan, lm_head_plan
+from crystal_ext.ops.lm_head_plan import LmHeadPlan, PlanTensors, lm_head_plan
 
 pytestmark = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason="compiled extension unavailable"
@@ -330,7 +331,7 @@ def test_opcheck(bias, transform):
     weight = prob["weight"].requires_grad_()
     b = prob["bias"].requires_grad_() if bias else None
     plan = plan_of(prob, 0.5)
-    args = (hidden, weight, b, plan.tensors(), plan.paired_rows, *transform, True)
+    args = (hidden, weight, b, list(plan.tensors), plan.paired_rows, None, None, *transform, True)
     torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_fwd.default, args)
 
 
@@ -454,7 +455,7 @@ def test_prebuilt_plan_equals_the_plain_call_and_the_reference(case):
     n, hd, vocab, pairs, bias, ignore, dtype = case
     prob = make_problem(n, hd, vocab, pairs, bias=bias, ignore_fraction=ignore, seed=n + vocab, dtype=dtype)
     plan = plan_of(prob, 0.4)
-    assert isinstance(plan, LmHeadPlan) and plan.sample_pairs.shape == (len(pairs), max(pairs))
+    assert isinstance(plan, LmHeadPlan) and plan.tensors.sample_pairs.shape == (len(pairs), max(pairs))
     planned = run(crystal_ext.lm_head_losses, prob, plan=plan)
     _assert_identical(planned, run(crystal_ext.lm_head_losses, prob, 0.4))
     if dtype in (torch.float32, torch.float64):
@@ -513,7 +514,7 @@ def test_device_topk_selection_matches_the_rule_with_ties_and_nan(seed):
     want_kl, want_coef = _select_topk_rule(pair_kl, pair_sample, fraction)
     for dtype in (torch.float64, torch.float32):
         kl, coef = _C.lm_head_select_topk(
-            pair_kl.to(dtype), plan.sample_pairs, plan.sample_k, plan.kept_slots
+            pair_kl.to(dtype), plan.tensors.sample_pairs, plan.tensors.sample_k, plan.tensors.kept_slots
         )
         assert kl.dtype == dtype and coef.dtype == dtype
         torch.testing.assert_close(coef, want_coef.to(dtype), rtol=0, atol=0)
@@ -532,13 +533,22 @@ def test_device_topk_selection_matches_the_rule_with_ties_and_nan(seed):
 def _plan_tensors(prob, topk=0.5):
     """The op's plan list by name (a dict, to replace one tensor) and its paired-row count."""
     plan = plan_of(prob, topk)
-    return plan.tensors()._asdict(), plan.paired_rows
+    return plan.tensors._asdict(), plan.paired_rows
 
 
 def _direct_call(prob, tensors, paired_rows, scale=1.0, cap=0.0):
     """The compiled forward called with a plan list, without the Python checks."""
     return torch.ops.crystal_ext.lm_head_losses_fwd(
-        prob["hidden"], prob["weight"], prob["bias"], list(tensors.values()), paired_rows, scale, cap, False
+        prob["hidden"],
+        prob["weight"],
+        prob["bias"],
+        list(tensors.values()),
+        paired_rows,
+        None,
+        None,
+        scale,
+        cap,
+        False,
     )
 
 
@@ -556,13 +566,33 @@ def test_wrong_plan_tensors_name_the_argument(name):
         call({**plan, name: plan[name].unsqueeze(0)})
 
 
-def test_plan_list_of_the_wrong_length_is_refused():
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_plan_list_of_the_wrong_length_is_refused(change):
     """The schema's `Tensor[] plan` is unpacked in one place, which names what it must hold."""
     prob = make_problem(9, 5, 67, [3, 2], bias=True, seed=2)
     plan, paired_rows = _plan_tensors(prob)
-    del plan["kept_slots"]
-    with pytest.raises(ValueError, match=r"plan must hold 7 tensors \(rows, row_targets, .*\), got 6"):
+    if change == "missing":
+        del plan["kept_slots"]
+    else:
+        plan["spare"] = plan["kept_slots"]
+    got = 6 if change == "missing" else 8
+    match = (
+        r"lm_head_losses: plan must hold 7 tensors \(rows, row_targets, .*kept_slots; build it with "
+        rf"lm_head_plan\), got {got}"
+    )
+    with pytest.raises(ValueError, match=match):
         _direct_call(prob, plan, paired_rows)
+
+
+def test_python_and_kernel_plans_name_the_same_tensors_in_the_same_order():
+    """One list on each side (PlanTensors, csrc/lm_head_plan.h), checked against each other when
+    the extension loads; a difference is named, so an op never reads one tensor as another."""
+    assert _extension.plan_mismatch("lm_head_losses", PlanTensors._fields) is None
+    reordered = ("row_targets", "rows", *PlanTensors._fields[2:])
+    error = _extension.plan_mismatch("lm_head_losses", reordered)
+    assert "unpack the lm_head_losses plan as ['rows', 'row_targets'" in error
+    assert "Python plan holds ['row_targets', 'rows'" in error
+    assert _extension.plan_mismatch("lm_head_losses", PlanTensors._fields[:-1]) is not None
 
 
 @pytest.mark.cuda
@@ -652,8 +682,10 @@ def test_cuda_opcheck_and_edge_cases(cuda):
         prob["hidden"].requires_grad_(),
         prob["weight"].requires_grad_(),
         prob["bias"].requires_grad_(),
-        plan.tensors(),
+        list(plan.tensors),
         plan.paired_rows,
+        None,
+        None,
         0.5,
         3.0,
         True,

@@ -233,6 +233,8 @@ def test_fused_override_without_targeted_rows_or_pairs():
 @pytest.mark.parametrize("transform", [(1.0, 0.0), (0.6, 2.0)], ids=TRANSFORMS.keys())
 @pytest.mark.parametrize("bias", [False, True])
 def test_opcheck(bias, transform):
+    """The LM-head op itself takes the override rows: its schema says it mutates nothing, and
+    opcheck's schema test checks that it writes no input (the weight included)."""
     prob = problem(bias=bias)
     plan = lm_head_plan(
         prob["targets"],
@@ -248,14 +250,16 @@ def test_opcheck(bias, transform):
         prob["hidden"].requires_grad_(),
         prob["weight"],
         prob["bias"],
-        plan.tensors(),
+        list(plan.tensors),
         plan.paired_rows,
         prob["override_ids"],
         prob["override_rows"].requires_grad_(),
         *transform,
         True,
     )
-    torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_override_fwd.default, args)
+    torch.library.opcheck(torch.ops.crystal_ext.lm_head_losses_fwd.default, args)
+    schema = torch.ops.crystal_ext.lm_head_losses_fwd.default._schema
+    assert not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
 
 
 def test_override_ids_off_the_cpu_are_not_read_on_each_call():
@@ -301,3 +305,125 @@ def test_cuda_override_forward_and_backward_without_host_synchronisation(cuda):
     want = losses_and_grads(reference.lm_head_losses, prob)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+
+
+def random_problem(n, hd, vocab, ids, dtype=torch.float32, bias=True, seed=0):
+    """Fresh random inputs: odd sizes, three samples of pairs, targets that hit override ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    hits = torch.randperm(n, generator=g)[: max(1, n // 4)]
+    targets[hits] = ids[torch.randint(0, ids.numel(), (hits.numel(),), generator=g)]
+    targets[torch.rand(n, generator=g) < 0.2] = -100
+    rows = torch.randperm(n, generator=g)
+    m = min(9, n // 2)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    return dict(
+        hidden=cast(torch.randn(n, hd, generator=g, dtype=torch.float64)),
+        weight=cast(torch.randn(vocab, hd, generator=g, dtype=torch.float64) / hd**0.5 * 2),
+        bias=cast(torch.randn(vocab, generator=g, dtype=torch.float64)) if bias else None,
+        targets=targets,
+        teacher_rows=rows[:m],
+        student_rows=rows[m : 2 * m],
+        pair_sample=torch.tensor([5, -2, 9])[torch.arange(m) % 3],
+        override_ids=ids,
+        override_rows=cast(torch.randn(ids.numel(), hd, generator=g, dtype=torch.float64) / hd**0.5 * 2),
+    )
+
+
+def _spread_ids(vocab, n, seed=1):
+    """n unique ids over the whole vocabulary, 0 and vocab - 1 among them."""
+    g = torch.Generator().manual_seed(seed)
+    middle = torch.randperm(vocab - 2, generator=g)[: n - 2] + 1
+    return torch.cat([torch.tensor([vocab - 1]), middle, torch.tensor([0])])
+
+
+# (rows N, hidden size, vocabulary V, override ids): one id (0), ids at both ends, 300 ids spread
+# over several vocabulary blocks, and rows over several row chunks.
+RANDOM_CASES = {
+    "n1-id0": (37, 13, 611, [0]),
+    "ids-at-0-and-V-1": (37, 13, 611, [610, 0, 300]),
+    "ids-over-blocks": (37, 13, 9001, _spread_ids(9001, 300)),
+    "rows-over-chunks": (2801, 5, 301, [300, 0, 17]),
+}
+
+
+def _err(a, b):
+    return (a.double() - b.double()).norm().item()
+
+
+def _cast(prob, dtype):
+    """prob with its floating-point tensors in dtype."""
+    floating = lambda v: isinstance(v, torch.Tensor) and v.is_floating_point()  # noqa: E731
+    return {k: v.to(dtype) if floating(v) else v for k, v in prob.items()}
+
+
+@fused_only
+@pytest.mark.parametrize("transform", TRANSFORMS.values(), ids=TRANSFORMS.keys())
+@pytest.mark.parametrize("case", RANDOM_CASES.values(), ids=RANDOM_CASES.keys())
+def test_fused_override_matches_the_reference_on_fresh_random_inputs(case, transform):
+    """fp32 close to the reference; bf16 and fp16 no worse than twice the reference's own error
+    in the same dtype, both against a float64 run."""
+    n, hd, vocab, ids = case
+    chunk_rows, block = crystal_ext.ops._extension._C.lm_head_losses_tiling(False, n, vocab, hd)
+    if len(ids) > 100:
+        assert len(set((torch.as_tensor(ids) // block).tolist())) > 1, "ids in several vocabulary blocks"
+    if n > 2000:
+        assert chunk_rows < 0.75 * n, "rows needing logits (80% targeted) in several row chunks"
+    prob = random_problem(n, hd, vocab, ids, dtype=torch.float64, seed=n + vocab)
+    names = ("ce", "kl", "d hidden", "d rows")
+    gold = losses_and_grads(reference.lm_head_losses, prob, transform=transform)
+    got = losses_and_grads(crystal_ext.lm_head_losses, prob, transform=transform)
+    for name, a, b in zip(names, got, gold):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        inputs = _cast(prob, dtype)  # the float64 run below sees the same rounded inputs
+        gold = losses_and_grads(reference.lm_head_losses, _cast(inputs, torch.float64), transform=transform)
+        fused = losses_and_grads(crystal_ext.lm_head_losses, inputs, transform=transform)
+        if dtype == torch.float32:
+            for name, f, g in zip(names, fused, gold):
+                torch.testing.assert_close(f.double(), g, rtol=1e-4, atol=1e-5, msg=name)
+            continue
+        ref = losses_and_grads(reference.lm_head_losses, inputs, transform=transform)
+        for name, f, r, g in zip(names, fused, ref, gold):
+            assert _err(f, g) <= 2 * _err(r, g) + 1e-6 * g.abs().max().item(), (dtype, name)
+
+
+def _direct_forward(prob, ids, rows):
+    plan = lm_head_plan(
+        prob["targets"], prob["teacher_rows"], prob["student_rows"], prob["pair_sample"], 0.5,
+        prob["hidden"].shape[0], prob["weight"].shape[0], "cpu",
+    )  # fmt: skip
+    return torch.ops.crystal_ext.lm_head_losses_fwd(
+        prob["hidden"], prob["weight"], None, list(plan.tensors), plan.paired_rows, ids, rows, 1.0, 0.0, False
+    )
+
+
+OP_BAD = [
+    (dict(override_ids=torch.tensor([4, 9, 4])), r"override_ids has duplicates: override_ids\[2\] = 4"),
+    (
+        dict(override_ids=torch.tensor([4, 9, 23])),
+        r"override_ids must be in \[0, 23\) .*override_ids\[2\] = 23",
+    ),
+    (
+        dict(override_ids=torch.tensor([-1, 9, 4])),
+        r"override_ids must be in \[0, 23\) .*override_ids\[0\] = -1",
+    ),
+    (dict(override_ids=torch.tensor([4, 9, 5], dtype=torch.int32)), "override_ids must be a 1-D int64"),
+    (
+        dict(override_rows=torch.zeros(3, 6, dtype=torch.float32)),
+        "override_rows must have the dtype of hidden",
+    ),
+    (dict(override_rows=torch.zeros(3, 5, dtype=torch.float64)), r"override_rows must be \[3, 6\]"),
+    (dict(override_rows=torch.zeros(2, 6, dtype=torch.float64)), r"override_rows must be \[3, 6\]"),
+    (dict(override_rows=None), "override_ids and override_rows must be given together"),
+]
+
+
+@fused_only
+@pytest.mark.parametrize("change, match", OP_BAD)
+def test_the_op_itself_names_bad_override_arguments(change, match):
+    """The compiled op checks what it reads (a direct call skips the Python checks)."""
+    prob = {**problem(), **change}
+    with pytest.raises(ValueError, match=match):
+        _direct_forward(prob, prob["override_ids"], prob["override_rows"])

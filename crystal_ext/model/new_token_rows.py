@@ -10,8 +10,8 @@ Here the base matrices stay frozen and the rows live in their own parameters, `[
   positions of the new tokens (a `torch.where` over the looked-up embeddings);
 - the LM head's rows reach the training loss through the LM-head losses, which take them as
   override rows in place of the base rows (`crystal_ext.lm_head_losses(..., override_ids=,
-  override_rows=)`, crystal_ext.ops.override_rows), so the objective never
-  calls the head module;
+  override_rows=)`: the kernels compute those columns from the rows and only read the frozen
+  weight), so the objective never calls the head module;
 - a forward hook on the head module replaces the new tokens' logit columns with
   hidden . rows, so generation and evaluation on the live model use the trained rows too.
 

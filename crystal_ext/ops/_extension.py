@@ -90,10 +90,38 @@ def build_info() -> dict:
     return info
 
 
+_plan_errors: dict[str, str] = {}
+
+
+def plan_mismatch(op_name: str, fields: tuple[str, ...]) -> str | None:
+    """Why the compiled kernels would misread `op_name`'s plan with these fields (the Python
+    plan's NamedTuple fields, in order), or None when they unpack the same tensors in the same
+    order (crystal_ext._C.plan_tensor_names(), from the one list in csrc/<plan header>)."""
+    compiled = tuple(_C.plan_tensor_names().get(op_name, ()))
+    if compiled == tuple(fields):
+        return None
+    return (
+        f"the compiled kernels unpack the {op_name} plan as {list(compiled)} but the Python plan "
+        f"holds {list(fields)}: rebuild the extension ({REBUILD_COMMAND}) or make the two lists "
+        f"agree"
+    )
+
+
+def register_plan(op_name: str, fields: tuple[str, ...]) -> None:
+    """Check, when an op module loads, that the kernels read its plan as Python builds it; on a
+    mismatch warn and make every call of the op raise (require_fused) instead of misreading."""
+    error = plan_mismatch(op_name, fields) if _C is not None else None
+    if error is not None:
+        _plan_errors[op_name] = error
+        warnings.warn(f"crystal_ext.{op_name}: {error}", RuntimeWarning, stacklevel=2)
+
+
 def require_fused(op_name: str, *tensors: torch.Tensor) -> None:
     """Raise a clear error when `op_name` cannot run on these tensors' device."""
     if _C is None:
         raise RuntimeError(f"crystal_ext.{op_name}: fused kernels unavailable: {_load_error}")
+    if op_name in _plan_errors:
+        raise RuntimeError(f"crystal_ext.{op_name}: {_plan_errors[op_name]}")
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.is_cuda and not _C.build_info()["cuda_kernels"]:
             raise RuntimeError(

@@ -28,6 +28,7 @@ host, so on a GPU neither direction waits for the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -38,16 +39,16 @@ _OP = "crystal_ext::attention_alignment_loss_fwd"
 _NAME = "attention_alignment_loss"
 
 
-@dataclass(frozen=True)
-class AlignmentIndices:
-    """Everything the op reads from a layout, made once per layout on the compute device, so
-    that neither direction of the op reads a value on the host (on a GPU: no synchronisation).
+class AlignmentPlanTensors(NamedTuple):
+    """The op's index tensors (int64, on the compute device), in the order of its schema's
+    `Tensor[] plan` argument: the one list of them on the Python side, checked against the
+    kernels' list (csrc/attention_alignment_plan.h) when the extension loads.
 
-    layout          int64 [batch, 6, 2], the validated layout
-    answer_rows     int64 [2, batch, max |E|]: packed rows of E (path 0) and F (path 1)
-    intact_keys     int64 [batch, max keys]: keys of the intact path, [A, C, D, E]
-    corrupted_keys  int64 [batch, max keys]: keys of the corrupted path, [A, B, D, F]
-    latent_keys     int64 [batch, max |D|]: the latent keys D
+    layout          [batch, 6, 2], the validated layout
+    answer_rows     [2, batch, max |E|]: packed rows of E (path 0) and F (path 1)
+    intact_keys     [batch, max keys]: keys of the intact path, [A, C, D, E]
+    corrupted_keys  [batch, max keys]: keys of the corrupted path, [A, B, D, F]
+    latent_keys     [batch, max |D|]: the latent keys D
     Rows are padded at the end with position 0 (never an aligned row; the kernels mask
     padding by the layout), so the widths are the batch maxima the kernels size their work by.
     """
@@ -57,15 +58,27 @@ class AlignmentIndices:
     intact_keys: torch.Tensor
     corrupted_keys: torch.Tensor
     latent_keys: torch.Tensor
+
+
+if _extension.extension_available():
+    _extension.register_plan(_NAME, AlignmentPlanTensors._fields)
+
+
+@dataclass(frozen=True)
+class AlignmentIndices:
+    """Everything the op reads from a layout, made once per layout on the compute device, so
+    that neither direction of the op reads a value on the host (on a GPU: no synchronisation).
+
+    tensors  the op's `plan` argument (AlignmentPlanTensors)
+    length   the sequence length they were built for
+    """
+
+    tensors: AlignmentPlanTensors
     length: int
 
     @property
     def device(self) -> torch.device:
-        return self.layout.device
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The op's index arguments, in its schema's order."""
-        return (self.layout, self.answer_rows, self.intact_keys, self.corrupted_keys, self.latent_keys)
+        return self.tensors.layout.device
 
 
 def alignment_indices(layout: torch.Tensor, length: int, device: torch.device | str) -> AlignmentIndices:
@@ -85,7 +98,9 @@ def alignment_indices(layout: torch.Tensor, length: int, device: torch.device | 
         raise ValueError(f"{_NAME}: layout must be a torch.Tensor, got {type(layout).__name__}")
     layout = layout.to("cpu")
     host = (layout.contiguous(), *torch.ops.crystal_ext.attention_alignment_indices(layout, int(length)))
-    return AlignmentIndices(*copy_to_device(host, torch.device(device)), length=int(length))
+    return AlignmentIndices(
+        AlignmentPlanTensors(*copy_to_device(host, torch.device(device))), length=int(length)
+    )
 
 
 def attention_alignment_loss(
@@ -133,7 +148,7 @@ def attention_alignment_loss(
         indices = alignment_indices(layout, q.shape[2], q.device)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    loss, _lse = torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, *indices.tensors(), float(scale))
+    loss, _lse = torch.ops.crystal_ext.attention_alignment_loss_fwd(q, k, list(indices.tensors), float(scale))
     return loss
 
 
@@ -144,29 +159,28 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 if _extension.extension_available():
 
     @torch.library.register_fake(_OP)
-    def _forward_fake(q, k, layout, answer_rows, intact_keys, corrupted_keys, latent_keys, scale):
+    def _forward_fake(q, k, plan, scale):
         acc = _accumulate_dtype(q.dtype)
         batch, heads, length, _ = q.shape
         return q.new_empty((), dtype=acc), q.new_empty((batch, heads, length), dtype=acc)
 
     @torch.library.register_fake("crystal_ext::attention_alignment_loss_bwd")
-    def _backward_fake(
-        grad_loss, q, k, layout, answer_rows, intact_keys, corrupted_keys, latent_keys, lse, scale
-    ):
+    def _backward_fake(grad_loss, q, k, plan, lse, scale):
         # In the strides of q and k, like the real kernels' outputs (q is often a transposed view).
         return torch.empty_like(q), torch.empty_like(k)
 
     def _setup_context(ctx, inputs, output):
-        q, k, layout, answer_rows, intact_keys, corrupted_keys, latent_keys, scale = inputs
+        q, k, plan, scale = inputs
         _loss, lse = output
-        ctx.save_for_backward(q, k, layout, answer_rows, intact_keys, corrupted_keys, latent_keys, lse)
+        ctx.save_for_backward(q, k, lse, *plan)
         ctx.scale = scale
 
     def _backward(ctx, grad_loss, _grad_lse):
-        q, k, *indices, lse = ctx.saved_tensors
+        q, k, lse, *plan = ctx.saved_tensors
         grad_q, grad_k = torch.ops.crystal_ext.attention_alignment_loss_bwd(
-            grad_loss, q, k, *indices, lse, ctx.scale
+            grad_loss, q, k, plan, lse, ctx.scale
         )
-        return grad_q, grad_k, None, None, None, None, None, None
+        # q, k, plan (one None per tensor), scale
+        return grad_q, grad_k, [None] * len(plan), None
 
     torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)

@@ -30,13 +30,17 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, op: str) -> None:
         )
 
 
-def check_override(weight: torch.Tensor, override_ids, override_rows, op: str) -> bool:
+def check_override(
+    weight: torch.Tensor, override_ids, override_rows, op: str, check_values: bool = True
+) -> bool:
     """True when an override is given (both arguments), after checking it; errors name the argument.
 
     Shapes, dtypes and devices are checked on every call. The ids' values (in [0, V), no
     duplicates) are checked only when they are on the CPU, a free read there: ids on a GPU
     would have to be copied back, which waits for it, so they are checked where they are made
-    (crystal_ext.model.new_token_rows.NewTokenRows checks its ids once, on creation)."""
+    (crystal_ext.model.new_token_rows.NewTokenRows checks its ids once, on creation). The fused
+    op passes check_values=False: its CPU kernel checks them itself, and a value read here would
+    break a torch.compile graph."""
     if override_ids is None and override_rows is None:
         return False
     if override_ids is None or override_rows is None:
@@ -56,7 +60,7 @@ def check_override(weight: torch.Tensor, override_ids, override_rows, op: str) -
         raise RuntimeError(
             f"{op}: override_ids and override_rows must be on the weight's device ({weight.device})"
         )
-    if override_ids.device.type == "cpu":
+    if check_values and override_ids.device.type == "cpu":
         check_override_ids(override_ids, vocab, op)
     return True
 

@@ -38,6 +38,19 @@ float32) by the two upstream gradients: no logits are recomputed for hidden. Onl
 or bias requires grad does the backward sweep the vocabulary once more, for the CE rows and
 the kept pairs' rows only, using the saved lse; with a frozen head nothing of that runs.
 
+Override rows (the trained rows of new tokens in a frozen head): override_ids [n] and
+override_rows R [n, Hd] stand for rows of W, the logits of column id_j being
+softcap(scale (R_j h_r + b_{id_j})). The kernels take them themselves and only read W: per
+vocabulary block they write the override columns' logits over the weight's, and take those
+columns' entries out of the expectation GEMM's P to multiply R_j instead of W_{id_j}; the CE
+gradient uses R_j for a target id_j. The weight and the bias get no gradient (the head is
+frozen); R gets, from the saved lse and pair coefficients in [R, n] work (no vocabulary sweep),
+
+  d ce / d R_j = (scale/|T|) sum_{r in T} (p_{r,id_j} - [t_r = id_j]) g_{r,id_j} h_r
+  d kl / d R_j = scale sum_{kept i} c_i (p_{s_i,id_j} - p_{a_i,id_j}) g_{s_i,id_j} h_{s_i}
+
+(csrc/lm_head_override.h, shared by both devices).
+
 The index arguments reach the kernels as a plan (crystal_ext.ops.lm_head_plan.LmHeadPlan):
 checked and built once on the host and copied to the device in one pinned asynchronous copy,
 so that the op itself reads no value on the host; the per-sample top-k selection runs in ATen
@@ -55,10 +68,8 @@ import torch
 
 import crystal_ext.ops._extension as _extension
 from crystal_ext.ops.checks import check_override
-from crystal_ext.ops.lm_head_outputs import forward_outputs_fake
 from crystal_ext.ops.lm_head_plan import LmHeadPlan, PlanTensors, lm_head_plan
 from crystal_ext.ops.model_logits import check_logit_transform
-from crystal_ext.ops.override_rows import override_lm_head_losses
 
 _OP = "crystal_ext::lm_head_losses_fwd"
 _NAME = "lm_head_losses"
@@ -97,8 +108,8 @@ def lm_head_losses(
         bias: optional [V] LM-head bias.
         override_ids, override_rows: optional int64 [n] unique ids in [0, V) and their rows
             [n, Hd]: the logits of column override_ids[j] are hidden . override_rows[j] (+ its
-            bias) instead of the weight's row; the weight is not copied and gets no gradient,
-            override_rows does (crystal_ext.ops.override_rows).
+            bias) instead of the weight's row; the weight is only read and gets no gradient (nor
+            does the bias), override_rows does (see the maths above).
         logit_scale: the model's logit multiplier, finite and > 0 (1: the head's output as it is).
         logit_softcap: None or 0 (no cap), or the cap of logit_softcap * tanh(z / logit_softcap)
             applied after the scale (crystal_ext.ops.model_logits).
@@ -117,11 +128,21 @@ def lm_head_losses(
         raise ValueError(f"{_NAME}: hidden and weight must be tensors")
     scale, cap = check_logit_transform(logit_scale, logit_softcap, _NAME)
     plan = _plan_of(hidden, weight, targets, teacher_rows, student_rows, pair_sample, topk_fraction)
-    if check_override(weight, override_ids, override_rows, _NAME):
-        return override_lm_head_losses(hidden, weight, bias, plan, override_ids, override_rows, scale, cap)
+    if check_override(weight, override_ids, override_rows, _NAME, check_values=False):
+        # The kernels take the rows in hidden's dtype; the cast is differentiable.
+        override_rows = override_rows.to(hidden.dtype)
     grad_hidden = bool(torch.is_grad_enabled() and hidden.requires_grad)
     ce, kl, *_ = torch.ops.crystal_ext.lm_head_losses_fwd(
-        hidden, weight, bias, plan.tensors(), plan.paired_rows, scale, cap, grad_hidden
+        hidden,
+        weight,
+        bias,
+        plan.tensors,
+        plan.paired_rows,
+        override_ids,
+        override_rows,
+        scale,
+        cap,
+        grad_hidden,
     )
     return ce, kl
 
@@ -164,62 +185,89 @@ def _plan_of(hidden, weight, targets, teacher_rows, student_rows, pair_sample, t
     )
 
 
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward_outputs_fake(hidden: torch.Tensor, n_pairs: int, grad_hidden: bool) -> tuple[torch.Tensor, ...]:
+    """Empty tensors shaped like the forward's outputs (ce, kl, d ce / d hidden, d kl / d hidden,
+    lse, pair coefficients)."""
+    acc = _accumulate_dtype(hidden.dtype)
+    grad_shape = tuple(hidden.shape) if grad_hidden else (0,)
+    return (
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty(grad_shape, dtype=acc),
+        hidden.new_empty(grad_shape, dtype=acc),
+        hidden.new_empty((hidden.shape[0],), dtype=acc),
+        hidden.new_empty((n_pairs,), dtype=acc),
+    )
+
+
 if _extension.extension_available():
 
     @torch.library.register_fake(_OP)
-    def _forward_fake(hidden, weight, bias, plan, paired_rows, logit_scale, logit_softcap, grad_hidden):
-        return forward_outputs_fake(hidden, PlanTensors(*plan).pair_rows.shape[1], grad_hidden)
+    def _forward_fake(
+        hidden, weight, bias, plan, paired_rows, ids, rows, logit_scale, logit_softcap, grad_hidden
+    ):
+        return _forward_outputs_fake(hidden, PlanTensors(*plan).pair_rows.shape[1], grad_hidden)
 
     @torch.library.register_fake("crystal_ext::lm_head_losses_bwd")
-    def _backward_fake(grad_ce, grad_kl, hidden, weight, bias, plan, paired_rows, *rest):
-        *_transform_and_saved, (grad_hidden, grad_weight, grad_bias) = rest
+    def _backward_fake(grad_ce, grad_kl, hidden, weight, bias, plan, paired_rows, ids, rows, *rest):
+        *_transform_and_saved, (grad_hidden, grad_weight, grad_bias, grad_rows) = rest
         return (
             hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty((0,)),
             weight.new_empty(weight.shape) if grad_weight else weight.new_empty((0,)),
             weight.new_empty((weight.shape[0],)) if grad_bias else weight.new_empty((0,)),
+            rows.new_empty(rows.shape) if grad_rows else hidden.new_empty((0,)),
         )
 
     def _setup_context(ctx, inputs, output):
-        hidden, weight, bias, plan, paired_rows, logit_scale, logit_softcap, grad_hidden = inputs
+        hidden, weight, bias, plan, paired_rows, ids, rows, logit_scale, logit_softcap, grad_hidden = inputs
         _ce, _kl, grad_hidden_ce, grad_hidden_kl, lse, kl_coef = output
         ctx.grad_hidden = bool(grad_hidden)
         ctx.logit_transform = (logit_scale, logit_softcap)
         ctx.has_bias = bias is not None
+        ctx.has_override = ids is not None
         ctx.paired_rows = paired_rows
-        ctx.save_for_backward(hidden, weight, bias, grad_hidden_ce, grad_hidden_kl, lse, kl_coef, *plan)
+        ctx.save_for_backward(
+            hidden, weight, bias, ids, rows, grad_hidden_ce, grad_hidden_kl, lse, kl_coef, *plan
+        )
 
     def _backward(ctx, grad_ce, grad_kl, *_unused):
-        hidden, weight, bias, *saved = ctx.saved_tensors
+        hidden, weight, bias, ids, rows, *saved = ctx.saved_tensors
         saved, plan = saved[:4], saved[4:]  # (grad_hidden_ce, grad_hidden_kl, lse, kl_coef), the plan
         need_hidden = ctx.needs_input_grad[0]
-        need_weight = ctx.needs_input_grad[1]
-        need_bias = ctx.has_bias and ctx.needs_input_grad[2]
+        # With override rows the head is frozen: the weight and the bias get no gradient (the
+        # override columns' rows are trained through override_rows).
+        need_weight = ctx.needs_input_grad[1] and not ctx.has_override
+        need_bias = ctx.has_bias and ctx.needs_input_grad[2] and not ctx.has_override
+        need_rows = ctx.has_override and ctx.needs_input_grad[6]
         if need_hidden and not ctx.grad_hidden:
             raise RuntimeError(
                 "lm_head_losses: hidden did not require grad when the forward ran, so its "
                 "gradient was not prepared; set requires_grad before calling the op"
             )
-        # plan (a list: one None per tensor), paired_rows, logit_scale, logit_softcap, grad_hidden
-        none = ([None] * len(plan), None, None, None, None)
-        if not (need_hidden or need_weight or need_bias):
-            return (None, None, None, *none)
-        gh, gw, gb = torch.ops.crystal_ext.lm_head_losses_bwd(
-            grad_ce,
-            grad_kl,
-            hidden,
-            weight,
-            bias,
-            plan,
-            ctx.paired_rows,
-            *ctx.logit_transform,
-            *saved,
-            [bool(need_hidden), bool(need_weight), bool(need_bias)],
-        )
+        # plan (a list: one None per tensor), paired_rows, override_ids, logit_scale,
+        # logit_softcap, grad_hidden
+        plan_none, rest_none = [None] * len(plan), (None, None, None)
+        if not (need_hidden or need_weight or need_bias or need_rows):
+            return (None, None, None, plan_none, None, None, None, *rest_none)
+        mask = [bool(need_hidden), bool(need_weight), bool(need_bias), bool(need_rows)]
+        gh, gw, gb, gr = torch.ops.crystal_ext.lm_head_losses_bwd(
+            grad_ce, grad_kl, hidden, weight, bias, plan, ctx.paired_rows, ids, rows,
+            *ctx.logit_transform, *saved, mask,
+        )  # fmt: skip
+        keep = lambda grad, needed: grad if needed else None  # noqa: E731
         return (
-            gh if need_hidden else None,
-            gw if need_weight else None,
-            gb if need_bias else None,
-            *none,
+            keep(gh, need_hidden),
+            keep(gw, need_weight),
+            keep(gb, need_bias),
+            plan_none,
+            None,
+            None,
+            keep(gr, need_rows),
+            *rest_none,
         )
 
     torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)

@@ -22,23 +22,10 @@ _NAME = "lm_head_losses"
 
 
 class PlanTensors(NamedTuple):
-    """The plan's index tensors in the order of the op schema's `Tensor[] plan` argument
-    (csrc/lm_head_plan.h unpacks the same order): what `LmHeadPlan.tensors()` passes to the op,
-    and the names a fake kernel or an autograd formula reads the op's list with
-    (`PlanTensors(*plan)`)."""
-
-    rows: torch.Tensor
-    row_targets: torch.Tensor
-    ce_rows: torch.Tensor
-    pair_rows: torch.Tensor
-    sample_pairs: torch.Tensor
-    sample_k: torch.Tensor
-    kept_slots: torch.Tensor
-
-
-@dataclass(frozen=True)
-class LmHeadPlan:
-    """The op's index tensors (int64, on the compute device) and the sizes they were built for.
+    """The plan's index tensors (int64, on the compute device), in the order of the op schema's
+    `Tensor[] plan` argument: the one list of them on the Python side, checked against the
+    kernels' list (csrc/lm_head_plan.h) when the extension loads. A fake kernel or an autograd
+    formula reads the op's list with `PlanTensors(*plan)`.
 
     rows          [R]: the rows of hidden that need logits, each once: every row of a pair
                   first (in order of first appearance, teacher before student), then the other
@@ -50,7 +37,6 @@ class LmHeadPlan:
                   pair order, padded with -1; W is the largest pair count of a sample
     sample_k      [S]: pairs kept per sample, k = max(1, int(topk_fraction * pairs))
     kept_slots    [K]: flat positions s * W + j, j < k_s, of the kept ranks (K = sum k_s)
-    paired_rows   rows[:paired_rows] are the paired rows (the kernels keep them in one chunk)
     """
 
     rows: torch.Tensor
@@ -60,6 +46,22 @@ class LmHeadPlan:
     sample_pairs: torch.Tensor
     sample_k: torch.Tensor
     kept_slots: torch.Tensor
+
+
+if _extension.extension_available():
+    _extension.register_plan(_NAME, PlanTensors._fields)
+
+
+@dataclass(frozen=True)
+class LmHeadPlan:
+    """The op's plan: its index tensors and the sizes they were built for.
+
+    tensors       the op's `plan` argument (PlanTensors)
+    paired_rows   tensors.rows[:paired_rows] are the paired rows (the kernels keep them in one
+                  chunk); the op's `paired_rows` argument
+    """
+
+    tensors: PlanTensors
     paired_rows: int
     n_rows: int
     vocab: int
@@ -67,11 +69,7 @@ class LmHeadPlan:
 
     @property
     def device(self) -> torch.device:
-        return self.rows.device
-
-    def tensors(self) -> PlanTensors:
-        """The op's `plan` argument (its `paired_rows` argument is `self.paired_rows`)."""
-        return PlanTensors(*(getattr(self, name) for name in PlanTensors._fields))
+        return self.tensors.rows.device
 
 
 def _index(t, name: str) -> torch.Tensor:
@@ -119,7 +117,7 @@ def lm_head_plan(
     sample_pairs, sample_k, kept_slots = _kept_ranks(sample, topk_fraction)
     host = PlanTensors(rows, row_targets, ce_rows, pair_rows, sample_pairs, sample_k, kept_slots)
     return LmHeadPlan(
-        *copy_to_device(host, torch.device(device)),
+        PlanTensors(*copy_to_device(host, torch.device(device))),
         paired_rows=paired_rows,
         n_rows=int(n_rows),
         vocab=int(vocab),

@@ -83,7 +83,7 @@ def lm_head_losses(
     the logit gradients run in float32 (float64 for float64 inputs).
     override_ids [n] / override_rows [n, Hd]: the logits of column override_ids[j] are
     hidden . override_rows[j] (+ that column's bias) instead of the weight's row
-    (crystal_ext.ops.override_rows); the weight is not copied.
+    (crystal_ext.ops.lm_head_losses); the weight is not copied.
     logit_scale, logit_softcap: the model's own logits, softcap(logit_scale * (h W^T + b))
     (crystal_ext.ops.model_logits), applied in float32 (float64) after the upcast.
     """

@@ -93,15 +93,10 @@ acc_t batch_loss(const at::Tensor& mass, const Problem& p, const HostSegments& h
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                               const at::Tensor& layout,
-                                               const at::Tensor& answer_rows,
-                                               const at::Tensor& intact_keys,
-                                               const at::Tensor& corrupted_keys,
-                                               const at::Tensor& latent_keys, double scale) {
-  const Problem p = check_inputs(q_in, k_in, layout, answer_rows, intact_keys, corrupted_keys,
-                                 latent_keys, scale);
-  const HostSegments h = host_segments(layout, p);
-  const at::Tensor* path_keys[2] = {&intact_keys, &corrupted_keys};
+                                               at::TensorList plan_tensors, double scale) {
+  const AlignmentPlan plan = unpack_plan(plan_tensors);
+  const Problem p = check_inputs(q_in, k_in, plan, scale);
+  const HostSegments h = host_segments(plan.layout, p);
   TORCH_CHECK(q_in.device().is_cpu(), "attention_alignment_loss: CPU kernel called with q on ",
               q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
@@ -120,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at:
         const Segments& seg = h.segments[b];
         for (int path = 0; path < 2; ++path) {
           const at::Tensor qg = group_queries(q, b, j, g, seg, path, acc);
-          const at::Tensor columns = key_columns(*path_keys[path], b, path_key_count(seg, path));
+          const at::Tensor columns = key_columns(plan.path_keys(path), b, path_key_count(seg, path));
           const at::Tensor kg = group_keys(k, b, j, columns, acc);
           const at::Tensor scores = at::mm(qg, kg.t()).mul_(scale);
           accumulate_latent_mass<scalar_t>(scores, path_latent_offset(seg, path), true, p, seg, b,
@@ -136,15 +131,11 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at:
 
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
                                                 const at::Tensor& q_in, const at::Tensor& k_in,
-                                                const at::Tensor& layout,
-                                                const at::Tensor& answer_rows,
-                                                const at::Tensor& intact_keys,
-                                                const at::Tensor& corrupted_keys,
-                                                const at::Tensor& latent_keys,
+                                                at::TensorList plan_tensors,
                                                 const at::Tensor& lse_in, double scale) {
-  const Problem p = check_inputs(q_in, k_in, layout, answer_rows, intact_keys, corrupted_keys,
-                                 latent_keys, scale);
-  const HostSegments h = host_segments(layout, p);
+  const AlignmentPlan plan = unpack_plan(plan_tensors);
+  const Problem p = check_inputs(q_in, k_in, plan, scale);
+  const HostSegments h = host_segments(plan.layout, p);
   check_saved_lse(lse_in, p);
   TORCH_CHECK(q_in.device().is_cpu(), "attention_alignment_loss: CPU kernel called with q on ",
               q_in.device());
@@ -171,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / p.kv_heads, j = task % p.kv_heads;
         const Segments& seg = h.segments[b];
-        const at::Tensor kg = group_keys(k, b, j, key_columns(latent_keys, b, seg.n_latent()), acc);
+        const at::Tensor kg = group_keys(k, b, j, key_columns(plan.latent_keys, b, seg.n_latent()), acc);
         for (int path = 0; path < 2; ++path) {
           const at::Tensor scores =
               at::mm(group_queries(q, b, j, g, seg, path, acc), kg.t()).mul_(scale);
@@ -205,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
         const Segments& seg = h.segments[b];
         const int path = 1;
         const int64_t n_answer = seg.n_answer(), n_latent = seg.n_latent();
-        const at::Tensor columns = key_columns(corrupted_keys, b, path_key_count(seg, path));
+        const at::Tensor columns = key_columns(plan.corrupted_keys, b, path_key_count(seg, path));
         const at::Tensor qg = group_queries(q, b, j, g, seg, path, acc);
         const at::Tensor kg = group_keys(k, b, j, columns, acc);
         at::Tensor scores = at::mm(qg, kg.t()).mul_(scale);

@@ -26,6 +26,11 @@
 // The weight-gradient sweep uses it too. CRYSTAL_EXT_CPU_BF16_GEMM=0 turns the path off
 // (ATen fp32 GEMMs on converted blocks, as for fp16 inputs).
 //
+// Override rows (csrc/lm_head_override.h): the ids are read on the host, and in each block that
+// holds some, their columns of S are overwritten with h . R_j (+ bias) before the transform, and
+// their entries of P are taken out before the expectation GEMM and multiply R_j instead
+// (O += P[:, ids] R, a small GEMM): the weight is only read.
+//
 // Workspace: two [rows_in_chunk, Vb] fp32 blocks (S and P, about 4 MB each; P in bf16 on the
 // bf16 path, plus lo rows for the paired rows), the running expectation [rows_in_chunk, Hd]
 // fp32, a copy of the chunk's hidden rows and, for bf16/fp16 without the bf16 GEMM, one fp32
@@ -45,6 +50,7 @@
 #include "lm_head_losses_checks.h"
 #include "lm_head_losses_host.h"
 #include "lm_head_losses_tiling.h"
+#include "lm_head_override.h"
 
 namespace crystal_ext {
 namespace lm_head {
@@ -130,6 +136,8 @@ struct Chunk {
   bool cross_expect = false;
   std::vector<int64_t> rows, target;  // the chunk's rows of hidden and their targets
   at::Tensor h, s_buf, p_buf, expect, x_expect, pc_buf;
+  // Override rows: the override columns' head output h . rows[j] + b[ids[j]], [R, n] in acc_t.
+  at::Tensor ov_logits;
   cpu_gemm::PackedB packed_logits, packed_expect;
   std::vector<double> run_sum, cross, lse;
   std::vector<acc_t> run_max, alpha, target_logit;
@@ -170,14 +178,18 @@ inline double fill_p_row_bf16(at::BFloat16* hi, at::BFloat16* lo, const float* s
   return sum;
 }
 
+// The override columns of one vocabulary block: (j, column) for each ids[j] inside it.
+using BlockColumns = std::vector<std::pair<int64_t, int64_t>>;
+
 template <typename acc_t>
 struct Forward {
   const Problem& p;
   const LmHeadPlan& plan;
   const HostPlan& h_plan;
   const at::Tensor& hidden;  // contiguous, input dtype
-  const at::Tensor& weight;  // contiguous, input dtype
+  const at::Tensor& weight;  // contiguous, input dtype, only read
   const c10::optional<at::Tensor>& bias;
+  const Override& ov;
   bool grad_hidden;
   at::ScalarType acc;
 
@@ -185,8 +197,16 @@ struct Forward {
   acc_t ce = acc_t(0), kl = acc_t(0);
   at::Tensor lse, coef, grad_ce, grad_kl;
 
+  // Override rows on the host side: their ids, and the rows in acc_t [n, Hd].
+  std::vector<int64_t> ov_ids;
+  at::Tensor ov_rows;
+
   void run() {
     const auto opts = hidden.options().dtype(acc);
+    if (ov.given()) {
+      ov_ids = host_values(ov.ids);
+      ov_rows = ov.rows.to(acc).contiguous();
+    }
     lse = at::zeros({p.n_rows}, opts);
     coef = at::zeros({p.n_pairs}, opts);
     grad_ce = grad_hidden ? at::zeros({p.n_rows, p.hidden_dim}, opts) : at::empty({0}, opts);
@@ -222,6 +242,11 @@ struct Forward {
     c.n_lo = c.bf16_gemm && c.has_pairs ? p.n_paired_rows : 0;
     const at::Tensor chunk_hidden = hidden.index_select(0, long_tensor(c.rows));
     c.h = c.bf16_gemm ? cpu_gemm::a_operand(chunk_hidden) : chunk_hidden.to(acc).contiguous();
+    if (ov.given()) {
+      c.ov_logits = override_raw_logits(c.bf16_gemm ? chunk_hidden.to(acc) : c.h, ov, acc);
+      if (bias.has_value() && bias->defined())
+        c.ov_logits.add_(bias->index_select(0, ov.ids).to(acc));
+    }
     c.lda_p = c.bf16_gemm ? cpu_gemm::operand_lda(c.Vb) : c.Vb;
     c.p_buf = c.bf16_gemm ? at::empty({(R + c.n_lo) * c.lda_p}, hidden.options())
                           : at::empty({R * c.Vb}, opts);
@@ -239,18 +264,83 @@ struct Forward {
     return c;
   }
 
-  // One vocabulary block [v0, v0 + Vb): the logits GEMM, the rows' online statistics, the
-  // pairs' cross terms, the expectation GEMMs.
+  // One vocabulary block [v0, v0 + Vb): the logits GEMM (the override columns' logits written
+  // over the weight's), the rows' online statistics, the pairs' cross terms, the expectation
+  // GEMMs (the override columns' entries of P applied to their rows, not the weight's).
   void sweep_block(Chunk<acc_t>& c, int64_t v0) {
     const int64_t vb = std::min(c.Vb, p.vocab - v0);
     const at::Tensor S = front(c.s_buf, c.R, vb);
     const at::Tensor w = logits_block(S, c.h, weight, bias, v0, vb, c.bf16_gemm, &c.packed_logits, acc);
     if (c.bf16_gemm && grad_hidden) cpu_gemm::pack_into(weight.narrow(0, v0, vb), &c.packed_expect);
     acc_t* s_ptr = S.data_ptr<acc_t>();
+    const BlockColumns columns = override_columns(v0, vb);
+    write_override_logits(c, s_ptr, vb, columns);
     transform_rows(s_ptr, c.R, vb, p);
     row_statistics(c, s_ptr, vb, v0);
     if (c.has_pairs) pair_cross_terms(c, s_ptr, vb);
+    at::Tensor p_cols, pc_cols, rows;
+    if (grad_hidden && !columns.empty()) take_override_columns(c, s_ptr, vb, columns, &p_cols, &pc_cols, &rows);
     expectation_gemms(c, w, vb);
+    if (rows.defined()) {
+      c.expect.addmm_(p_cols, rows);
+      if (c.cross_expect) c.x_expect.addmm_(pc_cols, rows);
+    }
+  }
+
+  BlockColumns override_columns(int64_t v0, int64_t vb) const {
+    BlockColumns columns;
+    for (int64_t j = 0; j < static_cast<int64_t>(ov_ids.size()); ++j) {
+      const int64_t col = block_column(ov_ids[j], v0, vb);
+      if (col >= 0) columns.emplace_back(j, col);
+    }
+    return columns;
+  }
+
+  // The head's output of the override columns, before the model's transform.
+  void write_override_logits(Chunk<acc_t>& c, acc_t* s_ptr, int64_t vb, const BlockColumns& columns) {
+    if (columns.empty()) return;
+    const acc_t* ov_ptr = c.ov_logits.template data_ptr<acc_t>();
+    const int64_t n = c.ov_logits.size(1);
+    for (int64_t j = 0; j < c.R; ++j)
+      for (const auto& jc : columns) s_ptr[j * vb + jc.second] = ov_ptr[j * n + jc.first];
+  }
+
+  // Takes the override columns out of P (and, under a soft-cap, out of the pairs' P_teacher *
+  // g_student block): their entries become *p_cols [R, n_blk] (*pc_cols [M, n_blk]) for the
+  // override rows *rows [n_blk, Hd], and zeros in the buffers the weight's GEMM reads.
+  void take_override_columns(Chunk<acc_t>& c, const acc_t* s_ptr, int64_t vb, const BlockColumns& columns,
+                             at::Tensor* p_cols, at::Tensor* pc_cols, at::Tensor* rows) {
+    const int64_t nb = static_cast<int64_t>(columns.size());
+    const auto opts = hidden.options().dtype(acc);
+    std::vector<int64_t> which;
+    for (const auto& jc : columns) which.push_back(jc.first);
+    *rows = ov_rows.index_select(0, long_tensor(which));
+    *p_cols = at::empty({c.R, nb}, opts);
+    acc_t* out = p_cols->template data_ptr<acc_t>();
+    const acc_t cap = static_cast<acc_t>(p.logit_softcap);
+    for (int64_t j = 0; j < c.R; ++j) {
+      const acc_t shift = exp_shift(c.run_max[j]);
+      for (int64_t k = 0; k < nb; ++k) {
+        const int64_t col = columns[k].second;
+        out[j * nb + k] = expectation_weight(s_ptr[j * vb + col], shift, cap);
+        if (c.bf16_gemm) {
+          at::BFloat16* p16 = c.p_buf.template data_ptr<at::BFloat16>();
+          p16[j * c.lda_p + col] = at::BFloat16(0.0f);
+          if (j < c.n_lo) p16[(c.R + j) * c.lda_p + col] = at::BFloat16(0.0f);
+        } else {
+          c.p_buf.template data_ptr<acc_t>()[j * vb + col] = acc_t(0);
+        }
+      }
+    }
+    if (!c.cross_expect) return;
+    *pc_cols = at::empty({p.n_pairs, nb}, opts);
+    acc_t* pc_out = pc_cols->template data_ptr<acc_t>();
+    acc_t* pc = c.pc_buf.template data_ptr<acc_t>();
+    for (int64_t i = 0; i < p.n_pairs; ++i)
+      for (int64_t k = 0; k < nb; ++k) {
+        pc_out[i * nb + k] = pc[i * vb + columns[k].second];
+        pc[i * vb + columns[k].second] = acc_t(0);
+      }
   }
 
   // Per row: online max / sum, P, target logit, rescale of the running expectation O.
@@ -351,7 +441,8 @@ struct Forward {
   }
 
   // E = O / Z (and X / Z_teacher), then d ce / d h_r = scale (E_r - g_rt W_t) / n_targeted for
-  // the chunk's targeted rows (the target rows of W gathered once, in acc_t).
+  // the chunk's targeted rows (the target rows of W gathered once, in acc_t; an override row
+  // for an override id).
   void finish_expectations(Chunk<acc_t>& c) {
     const int64_t Hd = p.hidden_dim;
     acc_t* e_ptr = c.expect.template data_ptr<acc_t>();
@@ -374,9 +465,7 @@ struct Forward {
                             ? static_cast<acc_t>(p.logit_scale) / acc_t(p.n_targeted)
                             : acc_t(0);
     const acc_t cap = static_cast<acc_t>(p.logit_softcap);
-    std::vector<int64_t> safe_target(c.R);
-    for (int64_t j = 0; j < c.R; ++j) safe_target[j] = c.target[j] == kIgnoreIndex ? 0 : c.target[j];
-    const at::Tensor wt = weight.index_select(0, long_tensor(safe_target)).to(acc).contiguous();
+    const at::Tensor wt = target_weight_rows(weight, long_tensor(c.target), ov, acc);
     const acc_t* wt_ptr = wt.data_ptr<acc_t>();
     acc_t* g_ptr = grad_ce.data_ptr<acc_t>();
     at::parallel_for(0, c.R, 16, [&](int64_t rb, int64_t re) {
@@ -424,11 +513,11 @@ struct Forward {
 
 ForwardOutputs forward_sweep(const Problem& p, const LmHeadPlan& plan, const at::Tensor& hidden,
                              const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                             bool grad_hidden, at::ScalarType acc) {
+                             const Override& ov, bool grad_hidden, at::ScalarType acc) {
   ForwardOutputs o;
   const HostPlan h_plan = host_plan(plan, p);
   AT_DISPATCH_FLOATING_TYPES(acc, "lm_head_losses_fwd_cpu", [&] {
-    Forward<scalar_t> f{p, plan, h_plan, hidden, weight, bias, grad_hidden, acc};
+    Forward<scalar_t> f{p, plan, h_plan, hidden, weight, bias, ov, grad_hidden, acc};
     f.run();
     o = {at::scalar_tensor(f.ce, hidden.options().dtype(acc)),
          at::scalar_tensor(f.kl, hidden.options().dtype(acc)), f.grad_ce, f.grad_kl, f.lse,

@@ -215,26 +215,21 @@ at::Tensor latent_mass(const at::Tensor& scores, const at::Tensor& layout, int p
 // caller's plan), the maxima come from their widths, and the layout's values were checked where
 // the plan was built.
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& layout_in,
-                                                const at::Tensor& answer_rows,
-                                                const at::Tensor& intact_keys,
-                                                const at::Tensor& corrupted_keys,
-                                                const at::Tensor& latent_keys, double scale) {
-  const Problem p = check_inputs(q, k, layout_in, answer_rows, intact_keys, corrupted_keys,
-                                 latent_keys, scale);
+                                                at::TensorList plan_tensors, double scale) {
+  const AlignmentPlan plan = unpack_plan(plan_tensors);
+  const Problem p = check_inputs(q, k, plan, scale);
   TORCH_CHECK(q.is_cuda(), "attention_alignment_loss: CUDA kernel called with q on ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
   const Fp32GemmPrecisionGuard fp32_gemms;  // scores GEMMs in full fp32 whatever the TF32 flag
   const auto acc = accumulate_type(q.scalar_type());
-  const at::Tensor layout = layout_in.contiguous();
-  const at::Tensor* path_keys[2] = {&intact_keys, &corrupted_keys};
+  const at::Tensor layout = plan.layout.contiguous();
   at::Tensor lse = at::zeros({p.batch, p.heads, p.length}, q.options().dtype(acc));
   at::Tensor loss;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(acc, "attention_alignment_loss_fwd_cuda", [&] {
     at::Tensor mass[2];
     for (int path = 0; path < 2; ++path) {
-      const Gathered g = path_scores(q, k, answer_rows.select(0, path), *path_keys[path], scale, acc);
+      const Gathered g = path_scores(q, k, plan.answer_rows.select(0, path), plan.path_keys(path), scale, acc);
       const int64_t warps = p.batch * p.heads * p.max_answer;
       row_lse_kernel<scalar_t><<<blocks_for(warps, kWarpsPerBlock), kWarpsPerBlock * kWarpSize, 0,
                                  stream>>>(g.scores.data_ptr<scalar_t>(),
@@ -257,14 +252,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
 
 std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_loss,
                                                  const at::Tensor& q, const at::Tensor& k,
-                                                 const at::Tensor& layout_in,
-                                                 const at::Tensor& answer_rows,
-                                                 const at::Tensor& intact_keys,
-                                                 const at::Tensor& corrupted_keys,
-                                                 const at::Tensor& latent_keys,
+                                                 at::TensorList plan_tensors,
                                                  const at::Tensor& lse_in, double scale) {
-  const Problem p = check_inputs(q, k, layout_in, answer_rows, intact_keys, corrupted_keys,
-                                 latent_keys, scale);
+  const AlignmentPlan plan = unpack_plan(plan_tensors);
+  const Problem p = check_inputs(q, k, plan, scale);
   check_saved_lse(lse_in, p);
   TORCH_CHECK(q.is_cuda(), "attention_alignment_loss: CUDA kernel called with q on ", q.device());
   TORCH_CHECK_VALUE(grad_loss.numel() == 1, "attention_alignment_loss backward: grad_loss must "
@@ -274,18 +265,18 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_loss,
   const c10::cuda::CUDAGuard guard(q.device());
   const Fp32GemmPrecisionGuard fp32_gemms;
   const auto acc = accumulate_type(q.scalar_type());
-  const at::Tensor layout = layout_in.contiguous();
+  const at::Tensor layout = plan.layout.contiguous();
   const at::Tensor lse = lse_in.to(acc).contiguous();
   const at::Tensor go = grad_loss.to(acc).reshape({1}).contiguous();
   at::Tensor dq, dk;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(acc, "attention_alignment_loss_bwd_cuda", [&] {
     // Teacher masses: E rows against the latent keys only, with the saved log-sum-exp.
-    const Gathered teacher = path_scores(q, k, answer_rows.select(0, 0), latent_keys, scale, acc);
+    const Gathered teacher = path_scores(q, k, plan.answer_rows.select(0, 0), plan.latent_keys, scale, acc);
     const at::Tensor teacher_mass = latent_mass<scalar_t>(teacher.scores, layout, 0, true, p, lse);
     // Student rows: full visible key set (their scores become the score gradients).
-    const at::Tensor student_rows = answer_rows.select(0, 1);
-    Gathered student = path_scores(q, k, student_rows, corrupted_keys, scale, acc);
+    const at::Tensor student_rows = plan.answer_rows.select(0, 1);
+    Gathered student = path_scores(q, k, student_rows, plan.corrupted_keys, scale, acc);
     const at::Tensor student_mass =
         latent_mass<scalar_t>(student.scores, layout, 1, false, p, lse);
 
@@ -323,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_loss,
                         .expand({p.batch, p.heads, p.max_answer, p.head_dim}),
                     dq_rows);
     dk.scatter_add_(2,
-                    corrupted_keys.reshape({p.batch, 1, p.max_keys[1], 1})
+                    plan.corrupted_keys.reshape({p.batch, 1, p.max_keys[1], 1})
                         .expand({p.batch, p.kv_heads, p.max_keys[1], p.head_dim}),
                     dk_keys);
   });

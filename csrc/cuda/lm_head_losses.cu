@@ -9,6 +9,11 @@
 // that P keeps about fp32 accuracy and the weight block is never copied to fp32). The per-row
 // and per-pair arithmetic comes from the shared header.
 //
+// Override rows (csrc/lm_head_override.h): every block runs two small kernels that overwrite the
+// override columns' logits with h . R_j and take their entries out of P, then O += P[:, ids] R;
+// an id outside the block changes nothing, so the ids are never read on the host and the weight
+// is only read.
+//
 // No value is read on the host: the rows, targets and pairs come from the caller's plan,
 // already on the device (crystal_ext/ops/lm_head_plan.py), the per-sample top-k selection runs
 // in ATen ops on the device (select_topk, lm_head_losses_host.h), and the weight sweep picks
@@ -26,6 +31,7 @@
 #include "lm_head_losses_checks.h"
 #include "lm_head_losses_host.h"
 #include "lm_head_losses_tiling.h"
+#include "lm_head_override.h"
 
 namespace crystal_ext {
 namespace lm_head {
@@ -143,15 +149,16 @@ __global__ void pair_cross_kernel(const acc_t* __restrict__ S, int64_t vb,
   if (threadIdx.x == 0) cross[i] = cross[i] * alpha[pair_t[i]] + sum;
 }
 
-// One block per row: lse, CE term, E = O / Z, d ce / d h for targeted rows.
-template <typename scalar_t, typename acc_t>
+// One block per row: lse, CE term, E = O / Z, d ce / d h for targeted rows. target_rows [R, Hd]
+// holds each row's W_t (the override row for an override id: target_weight_rows).
+template <typename acc_t>
 __global__ void row_finish_kernel(const int64_t* __restrict__ rows,
                                   const int64_t* __restrict__ target,
                                   const acc_t* __restrict__ run_max,
                                   const acc_t* __restrict__ run_sum,
                                   const acc_t* __restrict__ target_logit, acc_t* __restrict__ lse,
                                   acc_t* __restrict__ ce_terms, acc_t* __restrict__ expect,
-                                  const scalar_t* __restrict__ weight, acc_t inv_n, acc_t cap,
+                                  const acc_t* __restrict__ target_rows, acc_t inv_n, acc_t cap,
                                   acc_t* __restrict__ grad_ce, int64_t hidden_dim) {
   const int64_t j = blockIdx.x;
   const acc_t l = lse_finish(run_max[j], run_sum[j]);
@@ -169,7 +176,7 @@ __global__ void row_finish_kernel(const int64_t* __restrict__ rows,
     e[d] = ed;
     if (t != kIgnoreIndex)
       grad_ce[rows[j] * hidden_dim + d] =
-          ce_hidden_grad(ed, slope * static_cast<acc_t>(weight[t * hidden_dim + d]), inv_n);
+          ce_hidden_grad(ed, slope * target_rows[j * hidden_dim + d], inv_n);
   }
 }
 
@@ -242,6 +249,41 @@ __global__ void logit_grad_kernel(const acc_t* __restrict__ S, int64_t vb, int64
   }
 }
 
+// Override columns of a block (csrc/lm_head_override.h), one thread per (row, override id); an
+// id outside [v0, v0 + vb) does nothing. Writes the head's output h . rows[j] (raw: the bias and
+// the model's transform are applied with the block's other logits) over the weight's.
+template <typename acc_t>
+__global__ void write_override_logits_kernel(acc_t* __restrict__ S, int64_t rows, int64_t vb,
+                                             int64_t v0, const int64_t* __restrict__ ids,
+                                             int64_t n, const acc_t* __restrict__ ov_logits) {
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= rows * n) return;
+  const int64_t j = e / n, k = e % n;
+  const int64_t col = block_column(ids[k], v0, vb);
+  if (col >= 0) S[j * vb + col] = ov_logits[e];
+}
+
+// Takes the override columns out of P [rows, vb] (after the row statistics filled it): taken
+// [rows, n] gets each entry (0 for an id outside the block), P a zero there, so the weight's
+// expectation GEMM skips those columns and taken @ override_rows adds them.
+template <typename acc_t>
+__global__ void take_override_columns_kernel(acc_t* __restrict__ P, int64_t rows, int64_t vb,
+                                             int64_t v0, const int64_t* __restrict__ ids,
+                                             int64_t n, acc_t* __restrict__ taken) {
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= rows * n) return;
+  const int64_t j = e / n, k = e % n;
+  const int64_t col = block_column(ids[k], v0, vb);
+  acc_t value = acc_t(0);
+  if (col >= 0) {
+    value = P[j * vb + col];
+    P[j * vb + col] = acc_t(0);
+  }
+  taken[e] = value;
+}
+
+int64_t grid_for(int64_t n, int64_t threads) { return (n + threads - 1) / threads; }
+
 // Logits of rows h [R, Hd] (input dtype) against weight rows [v0, v0 + vb), in acc_t.
 void block_logits(at::Tensor& S, const at::Tensor& h, const at::Tensor& w_blk, at::ScalarType acc) {
   if (h.scalar_type() == at::kHalf || h.scalar_type() == at::kBFloat16) {
@@ -277,6 +319,9 @@ struct ChunkCuda {
   // teacher's running max) and its block of P_teacher * g_student.
   bool cross_expect = false;
   at::Tensor rows, target, h, s_buf, p_buf, expect, run_max, run_sum, alpha, target_logit;
+  // Override rows: the override columns' raw logits h . rows[j] [R, n] and, per block, their
+  // entries taken out of P [R, n] and out of the pairs' cross block [M, n].
+  at::Tensor ov_logits, ov_p, ov_pc;
   // Local positions of each pair's rows (the first chunk starts at position 0).
   at::Tensor cross, pair_t, pair_s, x_expect, pc_buf;
 };
@@ -286,11 +331,13 @@ struct ForwardCuda {
   const Problem& p;
   const LmHeadPlan& plan;
   const at::Tensor& hidden;
-  const at::Tensor& weight;
+  const at::Tensor& weight;  // only read
   const c10::optional<at::Tensor>& bias;
+  const Override& ov;
   bool grad_hidden;
   at::ScalarType acc;
   at::Tensor lse, coef, grad_ce, grad_kl, ce_terms, kl;
+  at::Tensor ov_rows;  // the override rows in acc_t [n, Hd]
 
   void run() {
     const auto opts = hidden.options().dtype(acc);
@@ -300,6 +347,7 @@ struct ForwardCuda {
     grad_ce = grad_hidden ? at::zeros({p.n_rows, p.hidden_dim}, opts) : at::empty({0}, opts);
     grad_kl = grad_hidden ? at::zeros({p.n_rows, p.hidden_dim}, opts) : at::empty({0}, opts);
     ce_terms = at::zeros({p.n_logit_rows}, opts);
+    if (ov.given()) ov_rows = ov.rows.to(acc).contiguous();
     for (const auto& chunk : row_chunks(p, kMaxChunkRows)) run_chunk(chunk.first, chunk.second);
   }
 
@@ -322,6 +370,10 @@ struct ForwardCuda {
     c.h = half ? hidden.index_select(0, c.rows).contiguous()
                : hidden.index_select(0, c.rows).to(acc).contiguous();
     c.Vb = vocab_block(R, p.vocab, Hd);
+    if (ov.given() && ov.size() > 0) {
+      c.ov_logits = override_raw_logits(half ? c.h.to(acc) : c.h, ov, acc);
+      c.ov_p = at::empty({R, ov.size()}, opts);
+    }
     c.s_buf = at::empty({R * c.Vb}, opts);
     c.p_buf = at::empty({R * c.Vb}, opts);
     if (grad_hidden) c.expect = at::zeros({R, Hd}, opts);
@@ -339,12 +391,34 @@ struct ForwardCuda {
     if (c.cross_expect) {
       c.x_expect = at::zeros({p.n_pairs, Hd}, opts);
       c.pc_buf = at::empty({p.n_pairs * c.Vb}, opts);
+      if (c.ov_logits.defined()) c.ov_pc = at::empty({p.n_pairs, ov.size()}, opts);
     }
     return c;
   }
 
-  // One vocabulary block [v0, v0 + Vb): the logits GEMM, the rows' online statistics, the
-  // pairs' cross terms, the expectation GEMMs.
+  // Override ids may lie in any block: no host read says which, so every block runs the two
+  // small kernels, and an id outside it changes nothing.
+  void write_override_logits(ChunkCuda& c, at::Tensor& S, int64_t v0, int64_t vb) {
+    const int64_t n = ov.size(), threads = kThreads;
+    write_override_logits_kernel<acc_t>
+        <<<grid_for(c.R * n, threads), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            S.data_ptr<acc_t>(), c.R, vb, v0, ov.ids.data_ptr<int64_t>(), n,
+            c.ov_logits.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void take_override_columns(at::Tensor& P, int64_t rows, int64_t v0, int64_t vb, at::Tensor& taken) {
+    const int64_t n = ov.size(), threads = kThreads;
+    take_override_columns_kernel<acc_t>
+        <<<grid_for(rows * n, threads), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            P.data_ptr<acc_t>(), rows, vb, v0, ov.ids.data_ptr<int64_t>(), n,
+            taken.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // One vocabulary block [v0, v0 + Vb): the logits GEMM (the override columns' logits written
+  // over the weight's), the rows' online statistics, the pairs' cross terms, the expectation
+  // GEMMs (the override columns' entries of P applied to their rows, not the weight's).
   void sweep_block(ChunkCuda& c, int64_t v0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     const acc_t scale = static_cast<acc_t>(p.logit_scale), cap = static_cast<acc_t>(p.logit_softcap);
@@ -352,6 +426,8 @@ struct ForwardCuda {
     const at::Tensor w_blk = weight.narrow(0, v0, vb);
     at::Tensor S = front(c.s_buf, c.R, vb), P = front(c.p_buf, c.R, vb);
     block_logits(S, c.h, w_blk, acc);
+    const bool overrides = c.ov_logits.defined();
+    if (overrides) write_override_logits(c, S, v0, vb);
     at::Tensor b_blk;
     if (bias.has_value() && bias->defined()) b_blk = bias->narrow(0, v0, vb).to(acc).contiguous();
     row_block_kernel<acc_t><<<c.R, kThreads, 0, stream>>>(
@@ -367,10 +443,17 @@ struct ForwardCuda {
           c.cross_expect ? c.pc_buf.data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (grad_hidden) expectation_update(c.expect, P, w_blk, acc);
+    if (grad_hidden) {
+      if (overrides) take_override_columns(P, c.R, v0, vb, c.ov_p);
+      expectation_update(c.expect, P, w_blk, acc);
+      if (overrides) c.expect.addmm_(c.ov_p, ov_rows);
+    }
     if (c.cross_expect) {
+      at::Tensor Pc = front(c.pc_buf, p.n_pairs, vb);
       c.x_expect.mul_(c.alpha.index_select(0, c.pair_t).unsqueeze(1));
-      expectation_update(c.x_expect, front(c.pc_buf, p.n_pairs, vb), w_blk, acc);
+      if (overrides) take_override_columns(Pc, p.n_pairs, v0, vb, c.ov_pc);
+      expectation_update(c.x_expect, Pc, w_blk, acc);
+      if (overrides) c.x_expect.addmm_(c.ov_pc, ov_rows);
     }
   }
 
@@ -380,11 +463,13 @@ struct ForwardCuda {
     // The logit scale multiplies every hidden gradient once: in inv_n and in kl_grad_kernel.
     const acc_t inv_n =
         p.n_targeted > 0 ? static_cast<acc_t>(p.logit_scale) / acc_t(p.n_targeted) : acc_t(0);
-    row_finish_kernel<scalar_t, acc_t><<<c.R, kThreads, 0, stream>>>(
+    const at::Tensor target_rows =
+        grad_hidden ? target_weight_rows(weight, c.target, ov, acc) : at::empty({0}, lse.options());
+    row_finish_kernel<acc_t><<<c.R, kThreads, 0, stream>>>(
         c.rows.data_ptr<int64_t>(), c.target.data_ptr<int64_t>(), c.run_max.data_ptr<acc_t>(),
         c.run_sum.data_ptr<acc_t>(), c.target_logit.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
         ce_terms.data_ptr<acc_t>() + c.begin, grad_hidden ? c.expect.data_ptr<acc_t>() : nullptr,
-        weight.data_ptr<scalar_t>(), inv_n, static_cast<acc_t>(p.logit_softcap),
+        target_rows.data_ptr<acc_t>(), inv_n, static_cast<acc_t>(p.logit_softcap),
         grad_hidden ? grad_ce.data_ptr<acc_t>() : nullptr, p.hidden_dim);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (c.cross_expect) c.x_expect.div_(c.run_sum.index_select(0, c.pair_t).unsqueeze(1));
@@ -415,12 +500,12 @@ struct ForwardCuda {
 
 ForwardOutputs forward_sweep(const Problem& p, const LmHeadPlan& plan, const at::Tensor& hidden,
                              const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                             bool grad_hidden, at::ScalarType acc) {
+                             const Override& ov, bool grad_hidden, at::ScalarType acc) {
   ForwardOutputs o;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(),
                                   "lm_head_losses_fwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    ForwardCuda<scalar_t, acc_t> f{p, plan, hidden, weight, bias, grad_hidden, acc};
+    ForwardCuda<scalar_t, acc_t> f{p, plan, hidden, weight, bias, ov, grad_hidden, acc};
     f.run();
     o.ce = p.n_targeted > 0 ? f.ce_terms.sum().div_(static_cast<double>(p.n_targeted))
                             : at::zeros({}, hidden.options().dtype(acc));
