@@ -60,6 +60,14 @@ def check_override(
         raise RuntimeError(
             f"{op}: override_ids and override_rows must be on the weight's device ({weight.device})"
         )
+    if torch.is_grad_enabled() and weight.is_leaf and weight.requires_grad:
+        # The override columns train through override_rows and the kernels give the weight no
+        # gradient: a head parameter that requires one would silently not be trained. (A view,
+        # e.g. FSDP's head inside a flat parameter of trained pieces, is the caller's to freeze.)
+        raise ValueError(
+            f"{op}: with override rows the head is frozen, but weight requires grad; train the whole "
+            "head without override rows, or freeze it (weight.requires_grad_(False))"
+        )
     if check_values and override_ids.device.type == "cpu":
         check_override_ids(override_ids, vocab, op)
     return True

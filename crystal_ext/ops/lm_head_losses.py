@@ -44,7 +44,8 @@ softcap(scale (R_j h_r + b_{id_j})). The kernels take them themselves and only r
 vocabulary block they write the override columns' logits over the weight's, and take those
 columns' entries out of the expectation GEMM's P to multiply R_j instead of W_{id_j}; the CE
 gradient uses R_j for a target id_j. The weight and the bias get no gradient (the head is
-frozen); R gets, from the saved lse and pair coefficients in [R, n] work (no vocabulary sweep),
+frozen: a weight parameter that requires grad is refused); R gets, from the saved lse and pair
+coefficients in [R, n] work (no vocabulary sweep),
 
   d ce / d R_j = (scale/|T|) sum_{r in T} (p_{r,id_j} - [t_r = id_j]) g_{r,id_j} h_r
   d kl / d R_j = scale sum_{kept i} c_i (p_{s_i,id_j} - p_{a_i,id_j}) g_{s_i,id_j} h_{s_i}
