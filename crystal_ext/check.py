@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from crystal_ext.model.alignment_layer import ALIGNMENT_LAYERS
+
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -52,6 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda when a GPU is visible, else cpu")
     parser.add_argument("--lm_head_losses", choices=("fused", "reference"), default="fused")
     parser.add_argument("--topk_fraction", type=float, default=0.1)
+    parser.add_argument(
+        "--alignment_layer",
+        choices=ALIGNMENT_LAYERS,
+        default="last",
+        help="whose attention the alignment loss reads, as crystal_ext.train's flag: last (as published) or "
+        "last_attention (the last full-attention text layer)",
+    )
     args = parser.parse_args(argv)
     if args.examples < 1:
         parser.error(f"--examples must be at least 1, got {args.examples}")
@@ -75,12 +84,15 @@ def load(args):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from crystal_ext.data.packing import DualPathPacker
+    from crystal_ext.model.alignment_layer import alignment_layer_index
     from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
     from crystal_ext.model.families import UnsupportedModel, family_of
     from crystal_ext.model.latent_tokens import add_latent_tokens
 
     try:  # refused before any weight is loaded
-        family_of(AutoConfig.from_pretrained(args.model))
+        config = AutoConfig.from_pretrained(args.model)
+        family_of(config)
+        alignment_layer_index(config, args.alignment_layer)
     except UnsupportedModel as exc:
         _fail(f"--model {args.model}: {exc}")
     except OSError as exc:
@@ -116,7 +128,11 @@ def main(argv=None) -> None:
         _fail(f"the compiled extension is missing ({extension_error()}); the objective's fused ops need it")
     try:
         examples = load_examples(args.data, args.image_folder)
-        objective = ObjectiveConfig(topk_fraction=args.topk_fraction, lm_head_losses=args.lm_head_losses)
+        objective = ObjectiveConfig(
+            topk_fraction=args.topk_fraction,
+            lm_head_losses=args.lm_head_losses,
+            alignment_layer=args.alignment_layer,
+        )
     except ValueError as exc:
         _fail(str(exc))
     model, packer = load(args)

@@ -143,10 +143,14 @@ def build_model(cargs, targs):
         return tiny_model(tok, seed=targs.seed), tiny_processor(tok, cargs.image_size), latent
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from crystal_ext.model.alignment_layer import alignment_layer_index
     from crystal_ext.model.families import UnsupportedModel, family_of
 
     try:  # refused before any weight is loaded
-        family_of(AutoConfig.from_pretrained(cargs.model))
+        config = AutoConfig.from_pretrained(cargs.model)
+        family_of(config)
+        if not cargs.no_crystal:
+            alignment_layer_index(config, cargs.alignment_layer)
     except UnsupportedModel as exc:
         _fail(f"--model {cargs.model}: {exc}")
     # Mixed precision keeps fp32 master weights only if the model is loaded in fp32; with bf16
@@ -277,12 +281,16 @@ def evaluate_and_draw(config: dict, cargs, targs, model, processor, packer, held
         eval_results=os.path.join(out, "eval_results.json"),
     )
     if cargs.num_pictures:
-        summary["pictures"] = draw_some_pictures(model, packer, held_out, result, cargs.num_pictures, out)
+        summary["pictures"] = draw_some_pictures(
+            model, packer, held_out, result, cargs.num_pictures, out, cargs.alignment_layer
+        )
     return summary
 
 
-def draw_some_pictures(model, packer, held_out, result: dict, count: int, out: str) -> list[str]:
-    """Pictures of the first `count` evaluated held-out examples."""
+def draw_some_pictures(
+    model, packer, held_out, result: dict, count: int, out: str, alignment_layer: str = "last"
+) -> list[str]:
+    """Pictures of the first `count` evaluated held-out examples, at the run's `alignment_layer`."""
     from crystal_ext.training.pictures import draw_example_picture
 
     answers = {r["key"]: r for r in result["examples"]}
@@ -295,7 +303,9 @@ def draw_some_pictures(model, packer, held_out, result: dict, count: int, out: s
             continue
         path = os.path.join(out, "pictures", f"attention_{example.key}.png")
         try:
-            drawn.append(draw_example_picture(model, packer, example, path, answers[example.key]))
+            drawn.append(
+                draw_example_picture(model, packer, example, path, answers[example.key], alignment_layer)
+            )
         except (SkipExample, ValueError) as exc:
             _log(f"warning: no picture of held-out example {example.key!r}: {exc}")
     return drawn

@@ -80,7 +80,8 @@ def additive(visible: torch.Tensor, dtype) -> torch.Tensor:
 
 def dense_eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """softmax(q k^T * scale + mask) v written out (an AttentionInterface function, registered as
-    DENSE_EAGER); records the last text layer's q and k in the `crystal_test_sink` kwarg."""
+    DENSE_EAGER); records the q and k of the last text layer, or of the layer index the sink holds
+    under "layer" (the layer the alignment loss reads), in the `crystal_test_sink` kwarg."""
     sink = kwargs.get("crystal_test_sink")
     groups = query.shape[1] // key.shape[1]
     k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
@@ -89,7 +90,8 @@ def dense_eager_attention(module, query, key, value, attention_mask, scaling=Non
         scores = scores + attention_mask[..., : key.shape[-2]]
     out = scores.softmax(-1) @ v
     layers = getattr(module.config, "num_hidden_layers", None)
-    if sink is not None and getattr(module, "layer_idx", None) == layers - 1 and module.is_causal:
+    wanted = sink.get("layer", layers - 1) if sink is not None else None
+    if sink is not None and getattr(module, "layer_idx", None) == wanted and module.is_causal:
         sink["q"], sink["k"], sink["scale"] = query, key, scaling
     return out.transpose(1, 2).contiguous(), None
 

@@ -778,6 +778,21 @@ MUTATIONS = [
             "tests/test_gemma4.py::test_objective_and_gradients_equal_the_dense_eager_forward",
             "tests/test_gemma4.py::test_every_row_equals_the_dense_eager_forward",
             "tests/test_gemma4.py::test_path1_equals_the_stock_forward",
+    ),
+    Mutation(
+        "alignment_layer_one_attention_layer_early",
+        "--alignment_layer last_attention reads the attention layer before the last full-attention one",
+        [
+            (
+                "crystal_ext/model/alignment_layer.py",
+                "    return len(types) - 1 - types[::-1].index(FULL_ATTENTION)\n",
+                "    full = [i for i, t in enumerate(types) if t == FULL_ATTENTION]\n"
+                "    return full[-2] if len(full) > 1 else full[-1]\n",
+            )
+        ],
+        [
+            "tests/test_alignment_layer.py::test_last_attention_equals_the_reference_read_at_the_last_attention_layer",
+            "tests/test_alignment_layer.py::test_the_pictures_read_the_chosen_layer",
         ],
     ),
 ]

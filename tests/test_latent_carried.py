@@ -192,13 +192,13 @@ def test_evaluation_reports_the_answers_it_was_given(monkeypatch):
         texts = [wrong[g] if name == "blurred" else g for g in gold[start : start + len(images)]]
         return [tok(f"<answer> {t} </answer>", add_special_tokens=False).input_ids for t in texts]
 
-    def fake_carried(model, packer, exs, tokenizer, max_answer_tokens):
+    def fake_carried(model, packer, exs, tokenizer, max_answer_tokens, alignment_layer):
         return [e.answer if e.key == examples[0].key else wrong[e.answer] for e in exs]
 
     kl_of_batch = iter([0.2, 0.5])
     monkeypatch.setattr(evaluation, "generate_answers", fake_generate)
     monkeypatch.setattr(evaluation.latent_carried, "latent_carried_answers", fake_carried)
-    monkeypatch.setattr(evaluation.latent_carried, "held_out_attention_kl", lambda *a: next(kl_of_batch))
+    monkeypatch.setattr(evaluation.latent_carried, "held_out_attention_kl", lambda *a, **k: next(kl_of_batch))
     result = _evaluate(model, tok, packer, examples, batch_size=2)
     assert result["accuracy_intact"] == 1.0 and result["accuracy_blurred"] == 0.0
     assert result["accuracy_latent_carried"] == pytest.approx(1 / 3)
@@ -235,9 +235,9 @@ def test_evaluation_counts_the_answers_the_packer_could_not_use(monkeypatch):
     monkeypatch.setattr(
         evaluation.latent_carried,
         "latent_carried_answers",
-        lambda model, packer, exs, *a: [None if e.key == examples[1].key else e.answer for e in exs],
+        lambda model, packer, exs, *a, **k: [None if e.key == examples[1].key else e.answer for e in exs],
     )
-    monkeypatch.setattr(evaluation.latent_carried, "held_out_attention_kl", lambda *a: 0.0)
+    monkeypatch.setattr(evaluation.latent_carried, "held_out_attention_kl", lambda *a, **k: 0.0)
     result = _evaluate(model, tok, packer, examples)
     assert result["latent_carried_unpacked"] == 1
     assert [r["latent_carried_correct"] for r in result["examples"]] == [True, False, True]

@@ -10,7 +10,9 @@ processors, float64:
 - the same reference, with path 2 scanned wrongly (over the packed sequence; F continuing path 1's
   state; D's outputs taken from path 2), differs from the objective: the comparison sees each;
 - path 1 equals the stock model's own forward on [A, C, D, E], and the single-path baseline its loss;
-- a configuration whose last layer is linear is refused, and so is a text layer the scans do not know.
+- a configuration whose last layer is linear is refused with the default --alignment_layer (the
+  flag named; tests/test_alignment_layer.py runs the other choice), and so is a text layer the
+  scans do not know.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from test_families import _examples, _relative_error
 
 import crystal_ext
 from crystal_ext.data.packing import IGNORE, DualPathCollator, DualPathPacker
+from crystal_ext.model.alignment_layer import alignment_layer_index
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
 from crystal_ext.model.families import UnsupportedModel, family_of
 from crystal_ext.model.objective import (
@@ -193,8 +196,9 @@ def _layer_types(model) -> set:
     return set(model.config.get_text_config().layer_types)
 
 
-def _reference_run(model, batch, **scan):
-    """The reference model copy's (logits, last layer q, k, scale, copy)."""
+def _reference_run(model, batch, layer=None, **scan):
+    """The reference model copy's (logits, q, k and scale of the last layer or of text layer
+    `layer`, copy)."""
     ref = copy.deepcopy(model)
     ref.set_attn_implementation(register_dense_eager())
     for module in ref.modules():
@@ -202,7 +206,7 @@ def _reference_run(model, batch, **scan):
             module.forward = _reference_forward(module, batch["layout"], **scan)
     length = batch["input_ids"].shape[1]
     dense = additive(dense_visibility(batch["layout"], length), model.dtype)
-    sink = {}
+    sink = {} if layer is None else {"layer": layer}
     out = ref(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
@@ -320,8 +324,10 @@ def test_a_scanned_last_layer_is_refused(family):
     kind = SPECS[family].kind
     config = copy.deepcopy(model.config)
     config.text_config.layer_types = [*config.text_config.layer_types[:-1], kind]
-    with pytest.raises(UnsupportedModel, match=f"last text layer is a '{kind}' layer"):
-        family_of(config)
+    with pytest.raises(
+        UnsupportedModel, match=f"last text layer is a '{kind}' layer.*Pass --alignment_layer last_attention"
+    ):
+        alignment_layer_index(config, "last")
 
 
 def test_a_scanned_layer_without_a_known_mixer_is_refused():

@@ -96,5 +96,6 @@ def test_the_evaluation_settings_are_the_run_s(tmp_path):
         "blur_radius": (3.0, 4.0),
         "seed": 7,
         "template_kwargs": {"enable_thinking": False},
+        "alignment_layer": "last",
     }
     assert run_config.corruption_config(config).blur_radius == (3.0, 4.0)

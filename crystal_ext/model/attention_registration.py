@@ -12,6 +12,8 @@ caller passes two forward kwargs:
                    A caller that has already checked the layout puts its CheckedLayout
                    (crystal_ext.ops.layout.check_layout) under "checked_layout": the layers then
                    take it as it is instead of reading and checking the layout again.
+                   The caller puts the index of the layer whose attention the loss reads under
+                   "alignment_layer" (crystal_ext.model.alignment_layer); without it, the last layer.
 
 and, for a family whose image tokens attend to each other in both directions (Gemma 3, Gemma 4), a
 third, and a fourth where only the sliding layers do so (Gemma 4):
@@ -56,6 +58,7 @@ IMAGE_TOKENS_KWARG = "crystal_image_tokens"
 IMAGE_BLOCKS_SLIDING_ONLY_KWARG = "crystal_image_blocks_sliding_only"
 ALIGNMENT_LOSS_KEY = "attention_alignment_loss"
 CHECKED_LAYOUT_KEY = "checked_layout"  # put in the per-call output slot by a caller that checked the layout
+ALIGNMENT_LAYER_KEY = "alignment_layer"  # put in the per-call output slot: the loss's layer index
 _PLAN_KEY = "_dual_path_plan"  # cached in the per-call output slot: built by the first text layer
 
 
@@ -66,6 +69,13 @@ def is_text_decoder_attention(module) -> bool:
 def is_last_layer(module) -> bool:
     config = module.config
     return module.layer_idx == getattr(config, "num_hidden_layers", None) - 1
+
+
+def is_alignment_layer(module, outputs: dict) -> bool:
+    """The layer whose attention the alignment loss reads: the caller's index in the output slot
+    (ALIGNMENT_LAYER_KEY), else the last layer."""
+    index = outputs.get(ALIGNMENT_LAYER_KEY)
+    return is_last_layer(module) if index is None else module.layer_idx == index
 
 
 def crystal_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -103,7 +113,7 @@ def crystal_attention_forward(module, query, key, value, attention_mask, scaling
         # low-precision matmul; SDPA (and so the stock attention) runs in the autocast dtype.
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = (t.to(dtype) for t in (query, key, value))
-    last = outputs is not None and is_last_layer(module)
+    last = outputs is not None and is_alignment_layer(module, outputs)
     if last and window is not None and window < plan.longest_path:
         raise NotImplementedError(
             f"{ATTN_IMPLEMENTATION}: the last text layer is a sliding-window layer (window {window}) and "

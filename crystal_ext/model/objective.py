@@ -8,8 +8,9 @@ forward would compute the full [B, L, V] logits) with dual-path attention; then
     crystal_ext.model.new_token_rows, those rows as override rows of the frozen head) and the
     model's own logit transform (a scale, a soft-cap: Family.logit_transform), so the losses
     see the logits the model's forward computes;
-  - KL_attn from the fused attention-alignment loss, computed inside the last text layer
-    and returned through the `crystal_outputs` forward kwarg.
+  - KL_attn from the fused attention-alignment loss, computed inside the text layer the run
+    chose (the last one, as published, or the last full-attention one:
+    crystal_ext.model.alignment_layer) and returned through the `crystal_outputs` forward kwarg.
 `crystal=False` is the plain single-path SFT baseline: the intact path [A, C, D, E] alone,
 with the model's own attention and logits, CE only.
 """
@@ -20,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from crystal_ext.model.alignment_layer import ALIGNMENT_LAYERS, alignment_layer_index
 from crystal_ext.model.attention_registration import (
+    ALIGNMENT_LAYER_KEY,
     ALIGNMENT_LOSS_KEY,
     ATTN_IMPLEMENTATION,
     CHECKED_LAYOUT_KEY,
@@ -49,6 +52,8 @@ class ObjectiveConfig:
     lambda_pred, lambda_attn: weights of the prediction and attention alignment losses.
     topk_fraction: the share of a sample's answer rows whose prediction KL is kept.
     lm_head_losses: "fused" (the compiled op) or "reference" (its plain-PyTorch twin).
+    alignment_layer: whose attention the alignment loss reads, "last" or "last_attention"
+      (crystal_ext.model.alignment_layer).
     """
 
     crystal: bool = True
@@ -56,8 +61,13 @@ class ObjectiveConfig:
     lambda_attn: float = 1.0
     topk_fraction: float = 0.1
     lm_head_losses: str = "fused"
+    alignment_layer: str = "last"
 
     def __post_init__(self):
+        if self.alignment_layer not in ALIGNMENT_LAYERS:
+            raise ValueError(
+                f"ObjectiveConfig: alignment_layer must be one of {ALIGNMENT_LAYERS}, got {self.alignment_layer!r}"
+            )
         if self.lm_head_losses not in LM_HEAD_IMPLEMENTATIONS:
             raise ValueError(
                 f"ObjectiveConfig: lm_head_losses must be one of {LM_HEAD_IMPLEMENTATIONS}, "
@@ -102,13 +112,18 @@ def _logit_rows(targets: torch.Tensor, samples: tuple[Segments, ...]):
 
 
 def dual_path_hidden(
-    backbone, batch: dict, layout: CheckedLayout | None = None
+    backbone, batch: dict, layout: CheckedLayout | None = None, alignment_layer: str = "last"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(last hidden states [batch, length, hidden], attention-alignment loss) of a collated
     dual-path batch; the backbone's text layers must run the dual-path attention. `layout`: the
     batch's layout already checked (crystal_ext.ops.layout.check_layout), which the text layers
-    then take as it is; without it the first text layer checks the layout."""
-    slot: dict = {} if layout is None else {CHECKED_LAYOUT_KEY: layout}
+    then take as it is; without it the first text layer checks the layout. `alignment_layer`:
+    the layer whose attention the loss reads (crystal_ext.model.alignment_layer; its index goes
+    to the layers in the output slot, the model's config is left as it is)."""
+    index = alignment_layer_index(backbone.config, alignment_layer)
+    slot: dict = {ALIGNMENT_LAYER_KEY: index}
+    if layout is not None:
+        slot[CHECKED_LAYOUT_KEY] = layout
     # attention_mask=None on purpose: the layout marks padding, and without a 2-D mask the
     # registered mask function builds no L x L mask. The family may add inputs (Gemma 3: which
     # tokens are image tokens, and no masks at all).
@@ -125,8 +140,8 @@ def dual_path_hidden(
     ).last_hidden_state
     if ALIGNMENT_LOSS_KEY not in slot:
         raise RuntimeError(
-            "crystal_objective: the last text layer did not report the attention-alignment "
-            "loss (is it a text decoder attention run through crystal_dual_path?)"
+            f"crystal_objective: text layer {index} ({alignment_layer!r}) did not report the "
+            "attention-alignment loss (is it a text decoder attention run through crystal_dual_path?)"
         )
     return hidden, slot[ALIGNMENT_LOSS_KEY]
 
@@ -145,7 +160,7 @@ def crystal_objective(model, batch: dict, config: ObjectiveConfig = ObjectiveCon
     _require_dual_path_attention(model)
     layout = check_layout(batch["layout"], *batch["input_ids"].shape, "crystal_objective")
     with recording_router_logits(model, family) as router:  # the MoE router term the stock forward adds
-        hidden, kl_attn = dual_path_hidden(backbone, batch, layout)
+        hidden, kl_attn = dual_path_hidden(backbone, batch, layout, config.alignment_layer)
     rows, indices = _lm_head_indices(
         config, batch["targets"], layout.segments, head.weight.shape[0], hidden.device
     )

@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 
 from crystal_ext.data.corruption import KINDS, CorruptionConfig
+from crystal_ext.model.alignment_layer import check_choice
 from crystal_ext.model.lora import LORA_ALPHA, LORA_DROPOUT, LORA_RANK
 from crystal_ext.model.objective import ObjectiveConfig
 
@@ -92,6 +93,15 @@ class CrystalArguments:
     blur_radius_max: float = field(default=5.0, metadata={"help": "Gaussian blur radius, upper end."})
     lambda_pred: float = field(default=1.0, metadata={"help": "Weight of the prediction-alignment KL."})
     lambda_attn: float = field(default=1.0, metadata={"help": "Weight of the attention-alignment KL."})
+    alignment_layer: str = field(
+        default="last",
+        metadata={
+            "help": "Whose attention the attention-alignment loss reads: last (the last text layer, as "
+            "published; refused when it is not attention) or last_attention (the last full-attention text "
+            "layer; the layers after it still train through the other losses). LFM2-VL's released "
+            "checkpoints end on a convolution layer and need last_attention (docs/method.md)."
+        },
+    )
     alignment_warmup_ratio: float = field(
         default=0.0,
         metadata={
@@ -195,6 +205,7 @@ class CrystalArguments:
             lambda_attn=self.lambda_attn,
             topk_fraction=self.topk_fraction,
             lm_head_losses=self.lm_head_losses,
+            alignment_layer=self.alignment_layer,
         )
 
     def template_kwargs(self) -> dict:
@@ -344,6 +355,7 @@ def validate(cargs: CrystalArguments, targs) -> None:
     for name in ("lambda_pred", "lambda_attn"):
         if getattr(cargs, name) < 0:
             bad(f"--{name} must be >= 0, got {getattr(cargs, name)}")
+    check_choice(cargs.alignment_layer)  # its ValueError names --alignment_layer
     if not 0 <= cargs.alignment_warmup_ratio <= 1:
         bad(f"--alignment_warmup_ratio must be in [0, 1], got {cargs.alignment_warmup_ratio}")
     if not 0 < cargs.topk_fraction <= 1:

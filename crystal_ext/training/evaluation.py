@@ -43,6 +43,7 @@ def evaluate_model(
     progress: bool = True,
     packer=None,
     template_kwargs: dict | None = None,
+    alignment_layer: str = "last",
 ) -> dict:
     """Accuracy on the intact and on blurred images of `dataset` (Examples); greedy, intact path.
 
@@ -51,7 +52,8 @@ def evaluate_model(
     latent-carried answer the packer could not use has `latent_carried` None (wrong) and is counted
     in `latent_carried_unpacked`. Every example record holds each answer given (`intact`,
     `blurred`, `latent_carried`) and whether it is right (`intact_correct`, ...). The prompt is
-    training's: `system` and `template_kwargs` as the run's packer has them."""
+    training's: `system` and `template_kwargs` as the run's packer has them; the attention KL is read
+    at the run's `alignment_layer` (crystal_ext.model.alignment_layer)."""
     images = ExampleImages(image_size, CorruptionConfig(kind="blur", blur_radius=tuple(blur_radius)), seed)
     names = ("intact", "blurred") + (("latent_carried",) if packer is not None else ())
     scores = _Scores(names, processor.tokenizer)
@@ -62,6 +64,7 @@ def evaluate_model(
         "max_new": num_latent_tokens + 2 + max_answer_tokens + 3,
         "max_answer_tokens": max_answer_tokens,
         "packer": packer,
+        "alignment_layer": alignment_layer,
     }
     n = len(dataset)
     was_training = model.training
@@ -91,10 +94,13 @@ def _score_batch(model, processor, batch: list, images: ExampleImages, answering
     }
     packer = answering["packer"]
     if packer is not None:
+        layer = answering["alignment_layer"]
         got["latent_carried"] = latent_carried.latent_carried_answers(
-            model, packer, exs, processor.tokenizer, answering["max_answer_tokens"]
+            model, packer, exs, processor.tokenizer, answering["max_answer_tokens"], alignment_layer=layer
         )
-        kl = latent_carried.held_out_attention_kl(model, packer, exs, processor.tokenizer)
+        kl = latent_carried.held_out_attention_kl(
+            model, packer, exs, processor.tokenizer, alignment_layer=layer
+        )
         scores.add_attention_kl(kl, len(exs))
     scores.add(exs, got)
     return True

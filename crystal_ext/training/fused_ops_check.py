@@ -72,7 +72,8 @@ def check_ops(report, model, batch, objective, hidden, max_attention_elements: i
     )
     if objective.lm_head_losses == "fused":
         _check_lm_head_losses(report, model, batch, hidden)
-    _check_attention_ops(report, model, batch, hidden.device, max_attention_elements)
+    shape = alignment_layer_shape(model, objective.alignment_layer)
+    _check_attention_ops(report, shape, batch, hidden.device, max_attention_elements)
 
 
 def _logit_rows(batch, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -126,17 +127,35 @@ def _check_lm_head_losses(report, model, batch, hidden) -> None:
     )
 
 
-def _check_attention_ops(report, model, batch, device, max_attention_elements: int) -> None:
+def alignment_layer_shape(model, alignment_layer: str) -> tuple[int, int, int, int]:
+    """(layer index, query heads, key/value heads, head dim) of the text layer whose attention the
+    alignment loss reads (crystal_ext.model.alignment_layer): its attention module's own head
+    size and grouping where it has them, else the text config's."""
+    from crystal_ext.model.alignment_layer import alignment_layer_index
+    from crystal_ext.model.attention_registration import is_text_decoder_attention
+
+    text = text_config(model)
+    index = alignment_layer_index(text, alignment_layer)
+    if getattr(text, "per_layer_config", None):  # layers of several shapes (Gemma 4): the chosen one's
+        text = text.per_layer_config[index]
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    _, backbone, _ = backbone_and_head(model)
+    for module in backbone.modules():
+        if is_text_decoder_attention(module) and module.layer_idx == index:
+            head_dim = getattr(module, "head_dim", head_dim)
+            kv_heads = heads // getattr(module, "num_key_value_groups", heads // kv_heads)
+            break
+    return index, heads, kv_heads, head_dim
+
+
+def _check_attention_ops(report, shape, batch, device, max_attention_elements: int) -> None:
     from crystal_ext.model.dual_path_attention import dual_path_attention
     from crystal_ext.ops import attention_alignment_loss, reference
 
     dtype, tol = report.dtype, TOLERANCES[report.dtype].ops
-    text = text_config(model)
-    if getattr(text, "per_layer_config", None):  # layers of several shapes (Gemma 4): the last layer's
-        text = text.per_layer_config[text.num_hidden_layers - 1]
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    index, heads, kv_heads, head_dim = shape
     batch_size, length = batch["targets"].shape
     if batch_size * heads * length * length > max_attention_elements:
         report.lines.append(
@@ -164,6 +183,7 @@ def _check_attention_ops(report, model, batch, device, max_attention_elements: i
 
     shape = (
         f"q [{batch_size}, {heads}, {length}, {head_dim}], k [{batch_size}, {kv_heads}, {length}, {head_dim}]"
+        f" (text layer {index}'s)"
     )
     for name, run, args in (
         ("attention_alignment_loss (loss, d q, d k)", alignment, [q, k]),

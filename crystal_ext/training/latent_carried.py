@@ -11,7 +11,8 @@ never the intact image. So, per held-out example:
   can only answer from the corrupted image; on a task whose answer the corruption removes it
   scores at chance.
 - **held-out attention KL**: the attention-alignment loss (the answer rows' attention over the
-  latent block, intact path vs corrupted path, last layer) with the gold answer teacher-forced.
+  latent block, intact path vs corrupted path, at the run's --alignment_layer) with the gold
+  answer teacher-forced.
 
 The think block is the one the packer writes (`<think>`, the K latent tokens, `</think>`, or its
 continuation after a generation prompt that opened it): what the model is trained to write.
@@ -56,10 +57,10 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def dual_path_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(last hidden states, attention-alignment loss) of a collated dual-path batch, without
-    gradients; the model's text layers must run the dual-path attention."""
-    return dual_path_hidden(backbone_and_head(model)[1], batch)
+def dual_path_forward(model, batch: dict, alignment_layer: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
+    """(last hidden states, attention-alignment loss at `alignment_layer`) of a collated dual-path
+    batch, without gradients; the model's text layers must run the dual-path attention."""
+    return dual_path_hidden(backbone_and_head(model)[1], batch, alignment_layer=alignment_layer)
 
 
 def next_token_rows(batch: dict, answer_close: int, decoded: list[list[int]]) -> list[int]:
@@ -78,7 +79,12 @@ def next_token_rows(batch: dict, answer_close: int, decoded: list[list[int]]) ->
 
 @torch.no_grad()
 def latent_carried_answers(
-    model, packer, examples: list[Example], tokenizer, max_answer_tokens: int = 32
+    model,
+    packer,
+    examples: list[Example],
+    tokenizer,
+    max_answer_tokens: int = 32,
+    alignment_layer: str = "last",
 ) -> list[str | None]:
     """The corrupted path's greedy answer for each example, normalised like the intact-path
     evaluation (decoded, stripped, lower case); None for an example the packer could not pack at
@@ -102,7 +108,7 @@ def latent_carried_answers(
                 if not live:
                     break
                 batch = _to(collate.batch_of(packed), device)
-                hidden, _ = dual_path_forward(model, batch)
+                hidden, _ = dual_path_forward(model, batch, alignment_layer)
                 rows = next_token_rows(batch, latent.answer_close, [decoded[i] for i in live])
                 base, _, head = backbone_and_head(model)
                 picked = hidden[torch.arange(len(live), device=device), torch.tensor(rows, device=device)]
@@ -148,8 +154,11 @@ def _pack_live(
 
 
 @torch.no_grad()
-def held_out_attention_kl(model, packer, examples: list[Example], tokenizer) -> float:
-    """Mean attention-alignment loss (KL_attn) over `examples`, gold answers teacher-forced."""
+def held_out_attention_kl(
+    model, packer, examples: list[Example], tokenizer, alignment_layer: str = "last"
+) -> float:
+    """Mean attention-alignment loss (KL_attn, at `alignment_layer`) over `examples`, gold answers
+    teacher-forced."""
     collate = DualPathCollator(packer, tokenizer.pad_token_id)
     device = next(model.parameters()).device
     was_training = model.training
@@ -161,7 +170,7 @@ def held_out_attention_kl(model, packer, examples: list[Example], tokenizer) -> 
                 batch = collate([example])
                 if batch is None:
                     continue
-                _, kl_attn = dual_path_forward(model, _to(batch, device))
+                _, kl_attn = dual_path_forward(model, _to(batch, device), alignment_layer)
                 total += float(kl_attn)
                 count += 1
     finally:

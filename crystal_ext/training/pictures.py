@@ -1,7 +1,8 @@
 """PNG pictures of where the trained model looks, drawn with Pillow (no matplotlib needed).
 
-For one held-out example, at the last text layer (the layer the attention-alignment loss
-reads), head-averaged attention probabilities of the packed dual-path sequence:
+For one held-out example, at the text layer the attention-alignment loss reads (the last one, or
+the last full-attention one: the run's --alignment_layer, crystal_ext.model.alignment_layer),
+head-averaged attention probabilities of the packed dual-path sequence:
   - answer -> latent: rows of the intact-path answer E and of the corrupted-path answer F,
     columns of the latent block D, each row renormalised over D (exactly what loss_attn
     compares);
@@ -10,7 +11,7 @@ reads), head-averaged attention probabilities of the packed dual-path sequence:
 Both answer->latent maps share one colour scale (drawn beside them), their rows and columns
 are named by their tokens, and the model's own answers stand beside the correct one.
 The queries and keys are read through a probe attention registered like the training one
-(`AttentionInterface`), which stores the last layer's rotated q and k; the probabilities are
+(`AttentionInterface`), which stores that layer's rotated q and k; the probabilities are
 then computed densely with the dual-path mask (fine for one short example).
 """
 
@@ -21,11 +22,13 @@ import os
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from crystal_ext.model.alignment_layer import alignment_layer_index
 from crystal_ext.model.attention_registration import (
+    ALIGNMENT_LAYER_KEY,
     LAYOUT_KWARG,
     OUTPUTS_KWARG,
     crystal_attention_forward,
-    is_last_layer,
+    is_alignment_layer,
     is_text_decoder_attention,
 )
 from crystal_ext.model.families import family_of
@@ -43,7 +46,7 @@ def _probe_forward(module, query, key, value, attention_mask, scaling=None, drop
         outputs is not None
         and kwargs.get(LAYOUT_KWARG) is not None
         and is_text_decoder_attention(module)
-        and is_last_layer(module)
+        and is_alignment_layer(module, outputs)
     ):
         outputs["probe"] = (query.detach(), key.detach(), scaling)
     return crystal_attention_forward(
@@ -100,13 +103,16 @@ def overlay(image: Image.Image, grid: torch.Tensor, alpha: float = 0.55) -> Imag
 
 
 @torch.no_grad()
-def attention_maps(model, batch: dict) -> dict:
-    """Head-averaged last-layer maps of the first sample of a collated dual-path batch."""
+def attention_maps(model, batch: dict, alignment_layer: str = "last") -> dict:
+    """Head-averaged maps of the first sample of a collated dual-path batch, at the layer the
+    alignment loss reads (`alignment_layer`, crystal_ext.model.alignment_layer; its index is
+    under "layer")."""
     base, backbone, _ = backbone_and_head(model)
+    index = alignment_layer_index(backbone.config, alignment_layer)
     previous = text_config(base)._attn_implementation
     _register_probe()
     base.set_attn_implementation(PROBE)
-    slot: dict = {}
+    slot: dict = {ALIGNMENT_LAYER_KEY: index}
     was_training = model.training
     model.eval()
     # The same forward as the objective's (crystal_ext.model.objective.dual_path_hidden): the
@@ -146,6 +152,7 @@ def attention_maps(model, batch: dict) -> dict:
         "intact": renorm(probs[slice(*seg.e), latent]),
         "corrupted": renorm(probs[slice(*seg.f), latent]),
         "latent_to_image": latent_to_image,
+        "layer": index,
     }
 
 
@@ -187,12 +194,15 @@ def _verdict(given, gold) -> str:
     return f"{given!r} {'right' if given == gold else 'wrong'}"
 
 
-def example_picture(model, packer, example, answers: dict | None = None, scale: int = 2):
+def example_picture(
+    model, packer, example, answers: dict | None = None, scale: int = 2, alignment_layer: str = "last"
+):
     """(PIL image, the texts written on it) for one example: intact / corrupted image /
     latent->image overlay on top; below, the answer->think-block maps of the intact path (E rows)
     and the corrupted path (F rows) on one colour scale, rows and columns named by their tokens;
     at the bottom the question, the correct answer and, from `answers` (an eval_results.json
-    example record), the model's own answers: intact path and latent-carried."""
+    example record), the model's own answers: intact path and latent-carried. The maps are read at
+    the run's `alignment_layer` (crystal_ext.model.alignment_layer)."""
     from crystal_ext.data.packing import DualPathCollator
 
     batch = DualPathCollator(packer, packer.tok.pad_token_id)([example])
@@ -200,7 +210,7 @@ def example_picture(model, packer, example, answers: dict | None = None, scale: 
         raise ValueError(f"pictures: example {example.key!r} cannot be packed")
     device = next(model.parameters()).device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    maps = attention_maps(model, batch)
+    maps = attention_maps(model, batch, alignment_layer)
     seg = Segments.from_bounds(batch["layout"][0])
     ids = batch["input_ids"][0].tolist()
     think_names = _token_names(packer.tok, ids[slice(*seg.d)])
@@ -236,7 +246,8 @@ def example_picture(model, packer, example, answers: dict | None = None, scale: 
     y = head + side + pad
     canvas.text(
         (pad, y),
-        "attention of the answer tokens (rows) over the think block (columns), last layer, head mean",
+        "attention of the answer tokens (rows) over the think block (columns), "
+        f"text layer {maps['layer']} ({alignment_layer}), head mean",
     )
     y += head
     x = pad
@@ -265,15 +276,19 @@ def example_picture(model, packer, example, answers: dict | None = None, scale: 
     return canvas.image, canvas.texts
 
 
-def draw_example_picture(model, packer, example, path: str, answers: dict | None = None) -> str:
+def draw_example_picture(
+    model, packer, example, path: str, answers: dict | None = None, alignment_layer: str = "last"
+) -> str:
     """example_picture saved as a PNG at `path`."""
-    image, _ = example_picture(model, packer, example, answers)
+    image, _ = example_picture(model, packer, example, answers, alignment_layer=alignment_layer)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     image.save(path)
     return path
 
 
-def draw_pictures(model, packer, examples, folder: str, answers: dict | None = None) -> list[str]:
+def draw_pictures(
+    model, packer, examples, folder: str, answers: dict | None = None, alignment_layer: str = "last"
+) -> list[str]:
     """One picture per example; `answers`: {key: eval_results.json example record}."""
     return [
         draw_example_picture(
@@ -282,6 +297,7 @@ def draw_pictures(model, packer, examples, folder: str, answers: dict | None = N
             ex,
             os.path.join(folder, f"attention_{ex.key}.png"),
             None if answers is None else answers.get(ex.key),
+            alignment_layer,
         )
         for ex in examples
     ]

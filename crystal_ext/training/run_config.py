@@ -99,7 +99,14 @@ def evaluation_settings(config: dict) -> dict:
         "blur_radius": (config["blur_radius_min"], config["blur_radius_max"]),
         "seed": config["seed"],
         "template_kwargs": template_kwargs(config),
+        "alignment_layer": alignment_layer(config),
     }
+
+
+def alignment_layer(config: dict) -> str:
+    """The layer whose attention the run's alignment loss read (--alignment_layer); a run written
+    before the flag existed read the last one."""
+    return config.get("alignment_layer", "last")
 
 
 def template_kwargs(config: dict) -> dict:

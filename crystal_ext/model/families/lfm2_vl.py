@@ -4,10 +4,10 @@
   streams B, C, x; a short causal depthwise convolution of B * x; C times its output; out_proj) and
   `full_attention` (causal attention with q/k layer norms). The conv layers run the dual path as
   two scans of the stock module (crystal_ext.model.path_scan), the attention layers through the
-  dual-path attention. A configuration whose last layer is a conv layer is refused (the alignment
-  loss reads the last layer's attention); the released LFM2 text configurations (350M, 1.2B,
-  2.6B) end on a conv layer, so their checkpoints are refused with that reason, and only
-  configurations ending on full attention train.
+  dual-path attention. The alignment loss reads the last layer's attention; the released LFM2 text
+  configurations (350M, 1.2B, 2.6B) end on a conv layer, so their checkpoints train with
+  `--alignment_layer last_attention` (the loss read at the last full-attention layer,
+  crystal_ext.model.alignment_layer) and are refused without it, the message naming the flag.
 - Positions: plain 1-D 0, 1, 2, ... Logits: the LM head's output as it is.
 - Images: a SigLIP2 (NaFlex) tower, `pixel_values` [images, patches, 3 * p * p] padded to the image
   processor's most patches, `pixel_attention_mask`, `spatial_shapes`; the chat template writes an
@@ -17,8 +17,8 @@
 
 from __future__ import annotations
 
+from crystal_ext.model.alignment_layer import alignment_layer_problem
 from crystal_ext.model.families.generic import GenericFamily
-from crystal_ext.model.families.qwen3_5 import last_layer_problem
 
 LFM2_VL_MODEL_TYPES = ("lfm2_vl",)
 
@@ -30,7 +30,7 @@ class Lfm2VlFamily(GenericFamily):
     attention_kinds = frozenset({"full_attention", "conv"})
 
     def problem(self, config):
-        return last_layer_problem(config)
+        return alignment_layer_problem(config, "last_attention")  # as Qwen3_5Family.problem
 
 
 __all__ = ["LFM2_VL_MODEL_TYPES", "Lfm2VlFamily"]

@@ -6,8 +6,10 @@ Qwen3_5MoeForConditionalGeneration). Facts from transformers 5.25's modelling co
   out_proj) and `full_attention` (causal attention with a gated output). The linear layers run
   the dual path as two scans of the stock module (crystal_ext.model.path_scan), the attention
   layers through the dual-path attention.
-- The alignment loss reads the last layer's attention: a configuration whose last layer is a
-  linear layer is refused (the published default ends on a full-attention layer).
+- The alignment loss reads the last layer's attention (the published configurations end on a
+  full-attention layer); a configuration ending on a linear layer is refused unless the run reads
+  the last full-attention layer (`--alignment_layer last_attention`,
+  crystal_ext.model.alignment_layer), and one without any full-attention layer is refused.
 - Padding: the stock forward zeroes padded rows before a linear layer's projections (its 2-D
   mask); the dual path pads each gathered path at its end, which a causal scan never reads back.
 - Positions: 3-row M-RoPE (interleaved) from the model's own `get_rope_index`, as Qwen3-VL
@@ -24,21 +26,10 @@ Qwen3_5MoeForConditionalGeneration). Facts from transformers 5.25's modelling co
 
 from __future__ import annotations
 
+from crystal_ext.model.alignment_layer import alignment_layer_problem
 from crystal_ext.model.families.qwen_vl import QwenVLFamily
 
 QWEN3_5_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe")
-
-
-def last_layer_problem(config, kinds=("full_attention",)) -> str | None:
-    """Why the last text layer cannot give the alignment loss its attention (None if it can)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    types = list(getattr(text, "layer_types", None) or ())
-    if types and types[-1] not in kinds:
-        return (
-            f"its last text layer is a {types[-1]!r} layer; the attention-alignment loss reads the last "
-            "layer's attention probabilities, so the last layer must be full attention"
-        )
-    return None
 
 
 class Qwen3_5Family(QwenVLFamily):
@@ -46,7 +37,9 @@ class Qwen3_5Family(QwenVLFamily):
     attention_kinds = frozenset({"full_attention", "linear_attention"})
 
     def problem(self, config):
-        return last_layer_problem(config)
+        # Refused here only when no choice of --alignment_layer names a layer; the choice itself is
+        # checked where the run knows it (crystal_ext.model.alignment_layer.alignment_layer_index).
+        return alignment_layer_problem(config, "last_attention")
 
 
-__all__ = ["QWEN3_5_MODEL_TYPES", "Qwen3_5Family", "last_layer_problem"]
+__all__ = ["QWEN3_5_MODEL_TYPES", "Qwen3_5Family"]
