@@ -626,8 +626,8 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/model/objective.py",
-                "hidden, kl_attn = dual_path_hidden(backbone, batch, layout)",
-                "hidden, kl_attn = dual_path_hidden(backbone, batch)",
+                "hidden, kl_attn = dual_path_hidden(backbone, batch, layout, config.alignment_layer)",
+                "hidden, kl_attn = dual_path_hidden(backbone, batch, None, config.alignment_layer)",
             )
         ],
         ["tests/test_model_dual_path.py::test_layout_is_read_and_checked_once_per_forward"],
@@ -778,6 +778,7 @@ MUTATIONS = [
             "tests/test_gemma4.py::test_objective_and_gradients_equal_the_dense_eager_forward",
             "tests/test_gemma4.py::test_every_row_equals_the_dense_eager_forward",
             "tests/test_gemma4.py::test_path1_equals_the_stock_forward",
+        ],
     ),
     Mutation(
         "alignment_layer_one_attention_layer_early",
