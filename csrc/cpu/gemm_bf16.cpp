@@ -21,6 +21,7 @@
 #include <cpuid.h>
 #include <immintrin.h>
 #define CRYSTAL_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define CRYSTAL_AVX512BW __attribute__((target("avx512f,avx512bw")))
 #else
 #define CRYSTAL_HAVE_BF16_GEMM 0
 #endif
@@ -49,6 +50,16 @@ bool amx_available() {
     return amx_bf16 && amx_tile && bf16_gemm_available() && at::cpu::init_amx();
   }();
   const char* env = std::getenv("CRYSTAL_EXT_CPU_AMX");
+  return ok && (env == nullptr || std::strcmp(env, "0") != 0);
+#else
+  return false;
+#endif
+}
+
+bool simd_pack_available() {
+#if CRYSTAL_HAVE_BF16_GEMM
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  const char* env = std::getenv("CRYSTAL_EXT_CPU_SIMD_PACK");
   return ok && (env == nullptr || std::strcmp(env, "0") != 0);
 #else
   return false;
@@ -88,16 +99,16 @@ void shape_packed(PackedB* out, int64_t k, int64_t n) {
 
 // Panel j, pair p, column c: {B[2p][32j + c], B[2p + 1][32j + c]} at
 // data[((j * k_pairs + p) * kPanel + c) * 2 + {0, 1}].
-void pack_transposed_into(const at::Tensor& w, PackedB* out) {
-  check_bf16_matrix(w, "w");
-  const int64_t n = w.size(0), k = w.size(1);
-  shape_packed(out, k, n);
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  uint16_t* dst = reinterpret_cast<uint16_t*>(out->data.data_ptr<at::BFloat16>());
-  const int64_t kp = out->k_pairs;
-  // B[kk][col] = w[col][kk]: a k-pair of one column is two adjacent values of a row of w, so a
-  // panel is a transpose of 32-bit words.
-  at::parallel_for(0, out->n_panels, 1, [&](int64_t jb, int64_t je) {
+namespace {
+
+// The packs move bf16 values and nothing else, so the vector and scalar packs write the same
+// bits and the GEMM's results do not depend on which one ran.
+
+// B = w^T for w [n, k]: B[kk][col] = w[col][kk], so a k-pair of one column is two adjacent
+// values of a row of w and a panel is a transpose of 32-bit words.
+void pack_transposed_scalar(const uint16_t* src, uint16_t* dst, int64_t n, int64_t k,
+                            int64_t kp, int64_t n_panels) {
+  at::parallel_for(0, n_panels, 1, [&](int64_t jb, int64_t je) {
     for (int64_t j = jb; j < je; ++j) {
       uint16_t* panel = dst + j * kp * kPanel * 2;
       for (int64_t c = 0; c < kPanel; ++c) {
@@ -119,15 +130,10 @@ void pack_transposed_into(const at::Tensor& w, PackedB* out) {
   });
 }
 
-void pack_into(const at::Tensor& w, PackedB* out) {
-  check_bf16_matrix(w, "w");
-  const int64_t k = w.size(0), n = w.size(1);
-  shape_packed(out, k, n);
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  uint16_t* dst = reinterpret_cast<uint16_t*>(out->data.data_ptr<at::BFloat16>());
-  const int64_t kp = out->k_pairs;
-  // B[kk][col] = w[kk][col]: a k-pair interleaves two rows of w.
-  at::parallel_for(0, out->n_panels * kp, 64, [&](int64_t tb, int64_t te) {
+// B = w for w [k, n]: a k-pair interleaves two rows of w.
+void pack_scalar(const uint16_t* src, uint16_t* dst, int64_t n, int64_t k, int64_t kp,
+                 int64_t n_panels) {
+  at::parallel_for(0, n_panels * kp, 64, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t j = t / kp, p = t % kp;
       uint16_t* dst_pair = dst + (j * kp + p) * kPanel * 2;
@@ -141,6 +147,143 @@ void pack_into(const at::Tensor& w, PackedB* out) {
       }
     }
   });
+}
+
+#if CRYSTAL_HAVE_BF16_GEMM
+// r[i] holds row i of a 16 x 16 matrix of 32-bit words; afterwards r[i] holds column i. Two
+// rounds of in-lane unpacks leave column 4L + q of rows 4g..4g+3 in lane L of r[4g + q]; two
+// rounds of lane shuffles gather lane L of r[0 + q], r[4 + q], r[8 + q], r[12 + q].
+CRYSTAL_AVX512BW inline void transpose_16x16_words(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    t[q] = _mm512_shuffle_i32x4(r[q], r[4 + q], 0x88);       // lanes 0, 2
+    t[4 + q] = _mm512_shuffle_i32x4(r[q], r[4 + q], 0xdd);   // lanes 1, 3
+    t[8 + q] = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0x88);
+    t[12 + q] = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0xdd);
+  }
+  for (int q = 0; q < 4; ++q) {
+    r[q] = _mm512_shuffle_i32x4(t[q], t[8 + q], 0x88);
+    r[8 + q] = _mm512_shuffle_i32x4(t[q], t[8 + q], 0xdd);
+    r[4 + q] = _mm512_shuffle_i32x4(t[4 + q], t[12 + q], 0x88);
+    r[12 + q] = _mm512_shuffle_i32x4(t[4 + q], t[12 + q], 0xdd);
+  }
+}
+
+// The transposed pack of panel j in 16 x 16 word tiles: 16 rows of w (columns of B) x 16
+// k-pairs are loaded (masked at the last pairs, zeros past row n), transposed, and stored as 16
+// runs of 16 words of the panel. The panel's 32 rows of w are read front to back together.
+CRYSTAL_AVX512BW void pack_transposed_panel_avx512(const uint16_t* src, uint16_t* panel,
+                                                   int64_t j, int64_t n, int64_t k, int64_t kp) {
+  const int64_t full = k / 2;  // pairs with two values of w; an odd k adds one with a zero
+  __m512i r[16];
+  for (int64_t p0 = 0; p0 < full; p0 += 16) {
+    const int64_t cnt = std::min<int64_t>(16, full - p0);
+    const __mmask16 mask = cnt == 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
+    for (int64_t c0 = 0; c0 < kPanel; c0 += 16) {
+      for (int i = 0; i < 16; ++i) {
+        const int64_t col = j * kPanel + c0 + i;
+        r[i] = col < n ? _mm512_maskz_loadu_epi32(mask, src + col * k + 2 * p0)
+                       : _mm512_setzero_si512();
+      }
+      transpose_16x16_words(r);
+      for (int64_t i = 0; i < cnt; ++i)
+        _mm512_storeu_si512(panel + ((p0 + i) * kPanel + c0) * 2, r[i]);
+    }
+  }
+  if (k % 2) {
+    for (int64_t c = 0; c < kPanel; ++c) {
+      const int64_t col = j * kPanel + c;
+      panel[((kp - 1) * kPanel + c) * 2] = col < n ? src[col * k + k - 1] : 0;
+      panel[((kp - 1) * kPanel + c) * 2 + 1] = 0;
+    }
+  }
+}
+
+void pack_transposed_avx512(const uint16_t* src, uint16_t* dst, int64_t n, int64_t k, int64_t kp,
+                            int64_t n_panels) {
+  at::parallel_for(0, n_panels, 1, [&](int64_t jb, int64_t je) {
+    for (int64_t j = jb; j < je; ++j)
+      pack_transposed_panel_avx512(src, dst + j * kp * kPanel * 2, j, n, k, kp);
+  });
+}
+
+// The straight pack of pairs [p_begin, p_end): for each panel and pair of rows of w, 32 values
+// of both rows (masked past column n) are interleaved with one two-source permute per 32
+// output values; the rows are walked front to back across all panels.
+CRYSTAL_AVX512BW void pack_pairs_avx512(const uint16_t* src, uint16_t* dst, int64_t n, int64_t k,
+                                        int64_t kp, int64_t n_panels, int64_t p_begin,
+                                        int64_t p_end) {
+  alignas(64) uint16_t lo[32], hi[32];
+  for (int i = 0; i < 32; ++i) {  // output value i: row (i & 1) of the pair, column i / 2
+    lo[i] = uint16_t(i / 2 + (i & 1) * 32);
+    hi[i] = uint16_t(16 + i / 2 + (i & 1) * 32);
+  }
+  const __m512i idx_lo = _mm512_load_si512(lo), idx_hi = _mm512_load_si512(hi);
+  for (int64_t j = 0; j < n_panels; ++j) {
+    const int64_t cnt = std::min(kPanel, n - j * kPanel);
+    const __mmask32 mask = cnt == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << cnt) - 1);
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const __m512i r0 = _mm512_maskz_loadu_epi16(mask, src + (2 * p) * n + j * kPanel);
+      const __m512i r1 = 2 * p + 1 < k
+                             ? _mm512_maskz_loadu_epi16(mask, src + (2 * p + 1) * n + j * kPanel)
+                             : _mm512_setzero_si512();
+      uint16_t* dst_pair = dst + (j * kp + p) * kPanel * 2;
+      _mm512_storeu_si512(dst_pair, _mm512_permutex2var_epi16(r0, idx_lo, r1));
+      _mm512_storeu_si512(dst_pair + 32, _mm512_permutex2var_epi16(r0, idx_hi, r1));
+    }
+  }
+}
+
+void pack_avx512(const uint16_t* src, uint16_t* dst, int64_t n, int64_t k, int64_t kp,
+                 int64_t n_panels) {
+  constexpr int64_t kPairsPerTask = 8;  // 16 rows of w: 16 read streams, 1 KB runs written
+  at::parallel_for(0, (kp + kPairsPerTask - 1) / kPairsPerTask, 1, [&](int64_t tb, int64_t te) {
+    pack_pairs_avx512(src, dst, n, k, kp, n_panels, tb * kPairsPerTask,
+                      std::min(kp, te * kPairsPerTask));
+  });
+}
+#endif
+
+}  // namespace
+
+void pack_transposed_into(const at::Tensor& w, PackedB* out) {
+  check_bf16_matrix(w, "w");
+  const int64_t n = w.size(0), k = w.size(1);
+  shape_packed(out, k, n);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out->data.data_ptr<at::BFloat16>());
+#if CRYSTAL_HAVE_BF16_GEMM
+  if (simd_pack_available()) {
+    pack_transposed_avx512(src, dst, n, k, out->k_pairs, out->n_panels);
+    return;
+  }
+#endif
+  pack_transposed_scalar(src, dst, n, k, out->k_pairs, out->n_panels);
+}
+
+void pack_into(const at::Tensor& w, PackedB* out) {
+  check_bf16_matrix(w, "w");
+  const int64_t k = w.size(0), n = w.size(1);
+  shape_packed(out, k, n);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out->data.data_ptr<at::BFloat16>());
+#if CRYSTAL_HAVE_BF16_GEMM
+  if (simd_pack_available()) {
+    pack_avx512(src, dst, n, k, out->k_pairs, out->n_panels);
+    return;
+  }
+#endif
+  pack_scalar(src, dst, n, k, out->k_pairs, out->n_panels);
 }
 
 PackedB pack_transposed(const at::Tensor& w) {

@@ -34,6 +34,12 @@ bool bf16_gemm_available();
 // benchmark can compare both paths in one process).
 bool amx_available();
 
+// True when the packs below run on AVX-512 (AVX512F + AVX512BW) and CRYSTAL_EXT_CPU_SIMD_PACK
+// is not "0" (read at each call, so a test or benchmark can compare both in one process);
+// otherwise scalar loops pack the same bits. The packs are memory-bound: they read and write
+// every weight element of a block once per GEMM.
+bool simd_pack_available();
+
 // B packed for gemm_bf16_f32: k x n, k padded to even with zeros, columns in panels of
 // kPanel (the last panel zero-padded). Panel j holds [k_pairs][kPanel][2] bf16.
 constexpr int64_t kPanel = 32;
