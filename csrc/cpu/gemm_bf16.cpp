@@ -471,8 +471,9 @@ void gemm_amx_deferred(const at::BFloat16* a, int64_t lda, int64_t m, const Pack
     const at::BFloat16* panels = reinterpret_cast<const at::BFloat16*>(buf.data());
     for (int64_t g = gb; g < ge; ++g) {
       const int64_t j0 = g * kGroupPanels, j1 = std::min(b.n_panels, j0 + kGroupPanels);
-      for (int64_t p0 = 0; p0 < b.k_pairs; p0 += kPairBlock) {
-        const int64_t pairs = std::min(kPairBlock, b.k_pairs - p0);
+      int64_t pairs = 0;
+      for (int64_t p0 = 0; p0 < b.k_pairs; p0 += pairs) {
+        pairs = std::min(kPairBlock, b.k_pairs - p0);
         pack_panels(b, j0, j1, p0, p0 + pairs, buf.data());
         const bool add = accumulate || p0 > 0;
         for (int64_t i0 = 0; i0 < m; i0 += kAmxRows) {
