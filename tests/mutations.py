@@ -426,6 +426,32 @@ MUTATIONS = [
         csrc=True,
     ),
     Mutation(
+        "vector_pack_drops_second_row",
+        "the AVX-512 pack of w leaves out the second row of the last full pair",
+        [
+            (
+                "csrc/cpu/gemm_bf16.cpp",
+                "const __m512i r1 = 2 * p + 1 < k",
+                "const __m512i r1 = 2 * p + 2 < k",
+            )
+        ],
+        ["tests/test_cpu_gemm_bf16.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "vector_transpose_repeats_a_lane",
+        "the 16 x 16 word transpose of the AVX-512 pack of w^T writes column 0 where column 8 goes",
+        [
+            (
+                "csrc/cpu/gemm_bf16.cpp",
+                "r[8 + q] = _mm512_shuffle_i32x4(t[q], t[8 + q], 0xdd);",
+                "r[8 + q] = _mm512_shuffle_i32x4(t[q], t[8 + q], 0x88);",
+            )
+        ],
+        ["tests/test_cpu_gemm_bf16.py"],
+        csrc=True,
+    ),
+    Mutation(
         "prompt_injects_a_system_turn",
         "the prompt gets a system turn that neither the record, the option nor the template wrote",
         [

@@ -95,3 +95,55 @@ def test_bad_operands_raise():
         _C.cpu_gemm_bf16(torch.randn(3, 4), torch.randn(5, 4).bfloat16(), True)
     with pytest.raises(RuntimeError, match="columns"):
         _C.cpu_gemm_bf16(torch.randn(3, 4).bfloat16(), torch.randn(5, 6).bfloat16(), True)
+
+
+# Shapes at every edge of the vector packs: the transposed pack moves 16 x 16 tiles of 32-bit
+# words (k-pairs in runs of 16 with a masked last run, rows of w in halves of a 32-column
+# panel, zeros past the last row, an odd k's last pair), the straight pack 32 columns of a
+# pair of rows (masked past column n, a missing second row at odd k, pairs split in runs of 8);
+# the packs deferred into the AMX GEMM go in groups of 4 panels (5 panels: a short last group),
+# per k pass (k = 8193: two passes and an odd k), over row blocks of 64 (m = 65).
+PACK_SIZES = [
+    (5, 1, 1),
+    (5, 2, 16),
+    (5, 30, 15),
+    (5, 32, 17),
+    (5, 33, 31),
+    (5, 34, 32),
+    (5, 62, 33),
+    (5, 64, 47),
+    (5, 67, 63),
+    (5, 15, 64),
+    (5, 17, 65),
+    (5, 33, 1),
+    (65, 130, 160),
+    (3, 8193, 161),
+]
+# How B is packed: deferred into the GEMM (the default where the CPU has AMX and AVX512BW),
+# eagerly with the vector packs, eagerly with the scalar loops (the reference for the bits).
+PACK_MODES = {
+    "deferred": {},
+    "eager_vector": {"CRYSTAL_EXT_CPU_PACK_IN_GEMM": "0"},
+    "scalar": {"CRYSTAL_EXT_CPU_SIMD_PACK": "0"},
+}
+
+
+@pytest.mark.parametrize("m,k,n", PACK_SIZES, ids=lambda v: str(v))
+@pytest.mark.parametrize("transposed", [True, False], ids=["w^T", "w"])
+def test_every_pack_gives_the_same_bits(m, k, n, transposed, path, monkeypatch):
+    # The packs only move values, so the GEMM must give the same bits whichever pack ran, and
+    # the fp32 GEMM's values.
+    g = torch.Generator().manual_seed(m * 7 + k * 3 + n)
+    a = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16() if transposed else torch.randn(k, n, generator=g).bfloat16()
+    got = {}
+    for mode, env in PACK_MODES.items():
+        for name in ("CRYSTAL_EXT_CPU_PACK_IN_GEMM", "CRYSTAL_EXT_CPU_SIMD_PACK"):
+            monkeypatch.setenv(name, env.get(name, "1"))
+        got[mode] = _C.cpu_gemm_bf16(a, w, transposed)
+    for mode in PACK_MODES:
+        assert torch.equal(got[mode], got["scalar"]), mode
+    b = w.double().t() if transposed else w.double()
+    gold = a.double() @ b
+    bound = 4 * k**0.5 * 2.0**-24 * (a.double().abs() @ b.abs()) + 1e-30
+    assert ((got["deferred"].double() - gold).abs() <= bound).all()

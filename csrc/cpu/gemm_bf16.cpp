@@ -15,12 +15,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define CRYSTAL_HAVE_BF16_GEMM 1
 #include <cpuid.h>
 #include <immintrin.h>
 #define CRYSTAL_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define CRYSTAL_AVX512BW __attribute__((target("avx512f,avx512bw")))
 #else
 #define CRYSTAL_HAVE_BF16_GEMM 0
 #endif
@@ -55,6 +57,16 @@ bool amx_available() {
 #endif
 }
 
+bool simd_pack_available() {
+#if CRYSTAL_HAVE_BF16_GEMM
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  const char* env = std::getenv("CRYSTAL_EXT_CPU_SIMD_PACK");
+  return ok && (env == nullptr || std::strcmp(env, "0") != 0);
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 constexpr int64_t kRows = 14;     // rows of C per micro-kernel call: 14 x 2 accumulators
@@ -73,31 +85,49 @@ void check_bf16_matrix(const at::Tensor& w, const char* what) {
               w.scalar_type(), " ", w.sizes());
 }
 
-void shape_packed(PackedB* out, int64_t k, int64_t n) {
+// The pack of w^T is deferred to the GEMM (see PackedB) when the GEMM will run on AMX tiles
+// and the vector packs are there to pack panels on the way. The pack of w is not: a group of
+// panels of w is a narrow column strip of every row of w, and reading it strip by strip
+// measured 2x slower than the eager pack's walk along the rows (perf, 60 rows, 7B widths).
+bool defer_pack() {
+  const char* env = std::getenv("CRYSTAL_EXT_CPU_PACK_IN_GEMM");
+  return simd_pack_available() && amx_available() && (env == nullptr || std::strcmp(env, "0") != 0);
+}
+
+// Sets out's shape; returns true when the pack is deferred (out->source = w), false when the
+// caller must fill out->data (allocated here, reused when large enough).
+bool shape_packed(PackedB* out, const at::Tensor& w, int64_t k, int64_t n, bool transposed) {
   out->k = k;
   out->n = n;
   out->k_pairs = (k + 1) / 2;
   out->n_panels = (n + kPanel - 1) / kPanel;
+  out->source_transposed = transposed;
+  if (transposed && defer_pack()) {
+    out->source = w;
+    return true;
+  }
+  out->source = at::Tensor();
   const int64_t need = out->n_panels * out->k_pairs * kPanel * 2;
   if (!out->data.defined() || out->data.numel() < need) {
     out->data = at::empty({need}, at::TensorOptions().dtype(at::kBFloat16));
   }
+  return false;
 }
 
 }  // namespace
 
 // Panel j, pair p, column c: {B[2p][32j + c], B[2p + 1][32j + c]} at
 // data[((j * k_pairs + p) * kPanel + c) * 2 + {0, 1}].
-void pack_transposed_into(const at::Tensor& w, PackedB* out) {
-  check_bf16_matrix(w, "w");
-  const int64_t n = w.size(0), k = w.size(1);
-  shape_packed(out, k, n);
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  uint16_t* dst = reinterpret_cast<uint16_t*>(out->data.data_ptr<at::BFloat16>());
-  const int64_t kp = out->k_pairs;
-  // B[kk][col] = w[col][kk]: a k-pair of one column is two adjacent values of a row of w, so a
-  // panel is a transpose of 32-bit words.
-  at::parallel_for(0, out->n_panels, 1, [&](int64_t jb, int64_t je) {
+namespace {
+
+// The packs move bf16 values and nothing else, so the vector and scalar packs write the same
+// bits and the GEMM's results do not depend on which one ran.
+
+// B = w^T for w [n, k]: B[kk][col] = w[col][kk], so a k-pair of one column is two adjacent
+// values of a row of w and a panel is a transpose of 32-bit words.
+void pack_transposed_scalar(const uint16_t* src, uint16_t* dst, int64_t n, int64_t k,
+                            int64_t kp, int64_t n_panels) {
+  at::parallel_for(0, n_panels, 1, [&](int64_t jb, int64_t je) {
     for (int64_t j = jb; j < je; ++j) {
       uint16_t* panel = dst + j * kp * kPanel * 2;
       for (int64_t c = 0; c < kPanel; ++c) {
@@ -119,15 +149,10 @@ void pack_transposed_into(const at::Tensor& w, PackedB* out) {
   });
 }
 
-void pack_into(const at::Tensor& w, PackedB* out) {
-  check_bf16_matrix(w, "w");
-  const int64_t k = w.size(0), n = w.size(1);
-  shape_packed(out, k, n);
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  uint16_t* dst = reinterpret_cast<uint16_t*>(out->data.data_ptr<at::BFloat16>());
-  const int64_t kp = out->k_pairs;
-  // B[kk][col] = w[kk][col]: a k-pair interleaves two rows of w.
-  at::parallel_for(0, out->n_panels * kp, 64, [&](int64_t tb, int64_t te) {
+// B = w for w [k, n]: a k-pair interleaves two rows of w.
+void pack_scalar(const uint16_t* src, uint16_t* dst, int64_t n, int64_t k, int64_t kp,
+                 int64_t n_panels) {
+  at::parallel_for(0, n_panels * kp, 64, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t j = t / kp, p = t % kp;
       uint16_t* dst_pair = dst + (j * kp + p) * kPanel * 2;
@@ -141,6 +166,170 @@ void pack_into(const at::Tensor& w, PackedB* out) {
       }
     }
   });
+}
+
+#if CRYSTAL_HAVE_BF16_GEMM
+// r[i] holds row i of a 16 x 16 matrix of 32-bit words; afterwards r[i] holds column i. Two
+// rounds of in-lane unpacks leave column 4L + q of rows 4g..4g+3 in lane L of r[4g + q]; two
+// rounds of lane shuffles gather lane L of r[0 + q], r[4 + q], r[8 + q], r[12 + q].
+CRYSTAL_AVX512BW inline void transpose_16x16_words(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    t[q] = _mm512_shuffle_i32x4(r[q], r[4 + q], 0x88);       // lanes 0, 2
+    t[4 + q] = _mm512_shuffle_i32x4(r[q], r[4 + q], 0xdd);   // lanes 1, 3
+    t[8 + q] = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0x88);
+    t[12 + q] = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0xdd);
+  }
+  for (int q = 0; q < 4; ++q) {
+    r[q] = _mm512_shuffle_i32x4(t[q], t[8 + q], 0x88);
+    r[8 + q] = _mm512_shuffle_i32x4(t[q], t[8 + q], 0xdd);
+    r[4 + q] = _mm512_shuffle_i32x4(t[4 + q], t[12 + q], 0x88);
+    r[12 + q] = _mm512_shuffle_i32x4(t[4 + q], t[12 + q], 0xdd);
+  }
+}
+
+// The transposed pack of pairs [p_begin, p_end) of panel j into out (pair p at
+// out[(p - p_begin) * kPanel * 2]), in 16 x 16 word tiles: 16 rows of w (columns of B) x 16
+// k-pairs are loaded (masked at the last pairs, zeros past row n), transposed, and stored as
+// 16 runs of 16 words. The panel's 32 rows of w are read front to back together.
+CRYSTAL_AVX512BW void pack_transposed_panel_avx512(const uint16_t* src, int64_t n, int64_t k,
+                                                   int64_t j, int64_t p_begin, int64_t p_end,
+                                                   uint16_t* out) {
+  const int64_t full = std::min(p_end, k / 2);  // pairs with two values of w
+  __m512i r[16];
+  for (int64_t p0 = p_begin; p0 < full; p0 += 16) {
+    const int64_t cnt = std::min<int64_t>(16, full - p0);
+    const __mmask16 mask = cnt == 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
+    for (int64_t c0 = 0; c0 < kPanel; c0 += 16) {
+      for (int i = 0; i < 16; ++i) {
+        const int64_t col = j * kPanel + c0 + i;
+        r[i] = col < n ? _mm512_maskz_loadu_epi32(mask, src + col * k + 2 * p0)
+                       : _mm512_setzero_si512();
+      }
+      transpose_16x16_words(r);
+      for (int64_t i = 0; i < cnt; ++i)
+        _mm512_storeu_si512(out + ((p0 - p_begin + i) * kPanel + c0) * 2, r[i]);
+    }
+  }
+  if (k % 2 && p_end == (k + 1) / 2) {  // an odd k's last pair: {w[col][k - 1], 0}
+    uint16_t* pair = out + (p_end - 1 - p_begin) * kPanel * 2;
+    for (int64_t c = 0; c < kPanel; ++c) {
+      const int64_t col = j * kPanel + c;
+      pair[2 * c] = col < n ? src[col * k + k - 1] : 0;
+      pair[2 * c + 1] = 0;
+    }
+  }
+}
+
+void pack_transposed_avx512(const uint16_t* src, uint16_t* dst, int64_t n, int64_t k, int64_t kp,
+                            int64_t n_panels) {
+  at::parallel_for(0, n_panels, 1, [&](int64_t jb, int64_t je) {
+    for (int64_t j = jb; j < je; ++j)
+      pack_transposed_panel_avx512(src, n, k, j, 0, kp, dst + j * kp * kPanel * 2);
+  });
+}
+
+// The straight pack of pairs [p_begin, p_end) of panels [j_begin, j_end) into out (panel j,
+// pair p at out[((j - j_begin) * stride + p - p_begin) * kPanel * 2]): for each pair of rows of
+// w and each panel, 32 values of both rows (masked past column n) are interleaved with one
+// two-source permute per 32 output values; the rows are walked front to back.
+CRYSTAL_AVX512BW void pack_pairs_avx512(const uint16_t* src, int64_t n, int64_t k, int64_t j_begin,
+                                        int64_t j_end, int64_t p_begin, int64_t p_end,
+                                        uint16_t* out, int64_t stride) {
+  alignas(64) uint16_t lo[32], hi[32];
+  for (int i = 0; i < 32; ++i) {  // output value i: row (i & 1) of the pair, column i / 2
+    lo[i] = uint16_t(i / 2 + (i & 1) * 32);
+    hi[i] = uint16_t(16 + i / 2 + (i & 1) * 32);
+  }
+  const __m512i idx_lo = _mm512_load_si512(lo), idx_hi = _mm512_load_si512(hi);
+  for (int64_t j = j_begin; j < j_end; ++j) {
+    const int64_t cnt = std::min(kPanel, n - j * kPanel);
+    const __mmask32 mask = cnt == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << cnt) - 1);
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const __m512i r0 = _mm512_maskz_loadu_epi16(mask, src + (2 * p) * n + j * kPanel);
+      const __m512i r1 = 2 * p + 1 < k
+                             ? _mm512_maskz_loadu_epi16(mask, src + (2 * p + 1) * n + j * kPanel)
+                             : _mm512_setzero_si512();
+      uint16_t* dst_pair = out + ((j - j_begin) * stride + p - p_begin) * kPanel * 2;
+      _mm512_storeu_si512(dst_pair, _mm512_permutex2var_epi16(r0, idx_lo, r1));
+      _mm512_storeu_si512(dst_pair + 32, _mm512_permutex2var_epi16(r0, idx_hi, r1));
+    }
+  }
+}
+
+void pack_avx512(const uint16_t* src, uint16_t* dst, int64_t n, int64_t k, int64_t kp,
+                 int64_t n_panels) {
+  constexpr int64_t kPairsPerTask = 8;  // 16 rows of w: 16 read streams, 1 KB runs written
+  at::parallel_for(0, (kp + kPairsPerTask - 1) / kPairsPerTask, 1, [&](int64_t tb, int64_t te) {
+    const int64_t p_begin = tb * kPairsPerTask, p_end = std::min(kp, te * kPairsPerTask);
+    pack_pairs_avx512(src, n, k, 0, n_panels, p_begin, p_end, dst + p_begin * kPanel * 2, kp);
+  });
+}
+
+// Pairs [p_begin, p_end) of panels [j_begin, j_end) of a deferred B into out, panel j at
+// out + (j - j_begin) * (p_end - p_begin) * kPanel * 2 (the layout brgemm reads).
+void pack_panels(const PackedB& b, int64_t j_begin, int64_t j_end, int64_t p_begin, int64_t p_end,
+                 uint16_t* out) {
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(b.source.data_ptr<at::BFloat16>());
+  const int64_t pairs = p_end - p_begin;
+  if (b.source_transposed) {
+    for (int64_t j = j_begin; j < j_end; ++j)
+      pack_transposed_panel_avx512(src, b.n, b.k, j, p_begin, p_end,
+                                   out + (j - j_begin) * pairs * kPanel * 2);
+  } else {
+    pack_pairs_avx512(src, b.n, b.k, j_begin, j_end, p_begin, p_end, out, pairs);
+  }
+}
+
+// The eager pack of a deferred B (the GEMM runs without AMX after all).
+void pack_eagerly(const PackedB& b, PackedB* out) {
+  *out = b;
+  out->source = at::Tensor();
+  out->data = at::empty({b.n_panels * b.k_pairs * kPanel * 2}, at::TensorOptions().dtype(at::kBFloat16));
+  pack_panels(b, 0, b.n_panels, 0, b.k_pairs, reinterpret_cast<uint16_t*>(out->data.data_ptr<at::BFloat16>()));
+}
+#endif
+
+}  // namespace
+
+void pack_transposed_into(const at::Tensor& w, PackedB* out) {
+  check_bf16_matrix(w, "w");
+  const int64_t n = w.size(0), k = w.size(1);
+  if (shape_packed(out, w, k, n, /*transposed=*/true)) return;
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out->data.data_ptr<at::BFloat16>());
+#if CRYSTAL_HAVE_BF16_GEMM
+  if (simd_pack_available()) {
+    pack_transposed_avx512(src, dst, n, k, out->k_pairs, out->n_panels);
+    return;
+  }
+#endif
+  pack_transposed_scalar(src, dst, n, k, out->k_pairs, out->n_panels);
+}
+
+void pack_into(const at::Tensor& w, PackedB* out) {
+  check_bf16_matrix(w, "w");
+  const int64_t k = w.size(0), n = w.size(1);
+  if (shape_packed(out, w, k, n, /*transposed=*/false)) return;
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out->data.data_ptr<at::BFloat16>());
+#if CRYSTAL_HAVE_BF16_GEMM
+  if (simd_pack_available()) {
+    pack_avx512(src, dst, n, k, out->k_pairs, out->n_panels);
+    return;
+  }
+#endif
+  pack_scalar(src, dst, n, k, out->k_pairs, out->n_panels);
 }
 
 PackedB pack_transposed(const at::Tensor& w) {
@@ -270,6 +459,38 @@ void gemm_amx(const at::BFloat16* a, int64_t lda, int64_t m, const PackedB& b, f
   });
 }
 
+// The AMX path on a deferred B: each thread packs kGroupPanels panels (one k pass of them,
+// about 0.9 MB at k = 3584) into its own buffer and runs every row block of A over them
+// before the next group, so the buffer is read from L2.
+constexpr int64_t kGroupPanels = 4;
+void gemm_amx_deferred(const at::BFloat16* a, int64_t lda, int64_t m, const PackedB& b, float* c,
+                       int64_t ldc, bool accumulate) {
+  const int64_t groups = (b.n_panels + kGroupPanels - 1) / kGroupPanels;
+  at::parallel_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
+    std::vector<uint16_t> buf(kGroupPanels * std::min(kPairBlock, b.k_pairs) * kPanel * 2);
+    const at::BFloat16* panels = reinterpret_cast<const at::BFloat16*>(buf.data());
+    for (int64_t g = gb; g < ge; ++g) {
+      const int64_t j0 = g * kGroupPanels, j1 = std::min(b.n_panels, j0 + kGroupPanels);
+      int64_t pairs = 0;
+      for (int64_t p0 = 0; p0 < b.k_pairs; p0 += pairs) {
+        pairs = std::min(kPairBlock, b.k_pairs - p0);
+        pack_panels(b, j0, j1, p0, p0 + pairs, buf.data());
+        const bool add = accumulate || p0 > 0;
+        for (int64_t i0 = 0; i0 < m; i0 += kAmxRows) {
+          const int64_t rows = std::min(kAmxRows, m - i0);
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t cols = std::min(kPanel, b.n - j * kPanel);
+            at::native::cpublas::brgemm(rows, cols, 2 * pairs, lda, kPanel, ldc, add,
+                                        a + i0 * lda + 2 * p0, panels + (j - j0) * pairs * kPanel * 2,
+                                        c + i0 * ldc + j * kPanel);
+          }
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+}
+
 }  // namespace
 #endif
 
@@ -282,6 +503,17 @@ void gemm_bf16_f32(const at::BFloat16* a_in, int64_t lda, int64_t m, const Packe
   if (b.k_pairs == 0) {  // an empty sum
     if (!accumulate)
       for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + b.n, 0.0f);
+    return;
+  }
+  if (b.source.defined()) {
+    if (amx_available()) {
+      gemm_amx_deferred(a_in, lda, m, b, c, ldc, accumulate);
+      return;
+    }
+    // AMX turned off since the pack was deferred: pack now.
+    PackedB eager;
+    pack_eagerly(b, &eager);
+    gemm_bf16_f32(a_in, lda, m, eager, c, ldc, accumulate);
     return;
   }
   if (amx_available()) {

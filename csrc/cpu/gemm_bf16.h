@@ -34,11 +34,25 @@ bool bf16_gemm_available();
 // benchmark can compare both paths in one process).
 bool amx_available();
 
+// True when the packs below run on AVX-512 (AVX512F + AVX512BW) and CRYSTAL_EXT_CPU_SIMD_PACK
+// is not "0" (read at each call, so a test or benchmark can compare both in one process);
+// otherwise scalar loops pack the same bits. The packs are memory-bound: they read and write
+// every weight element of a block once per GEMM.
+bool simd_pack_available();
+
 // B packed for gemm_bf16_f32: k x n, k padded to even with zeros, columns in panels of
 // kPanel (the last panel zero-padded). Panel j holds [k_pairs][kPanel][2] bf16.
+//
+// On the AMX path with the vector packs (amx_available() and simd_pack_available()) the pack of
+// w^T is deferred: `source` keeps w (no copy) and gemm_bf16_f32 packs a few panels at a time
+// into a buffer that stays in L2 just before the tiles read them, so the packed copy of a
+// weight block is never written to memory and read back. CRYSTAL_EXT_CPU_PACK_IN_GEMM=0 packs
+// eagerly instead (read when packing).
 constexpr int64_t kPanel = 32;
 struct PackedB {
-  at::Tensor data;  // bf16, n_panels * k_pairs * kPanel * 2 elements
+  at::Tensor data;    // bf16, n_panels * k_pairs * kPanel * 2 elements (eager packs)
+  at::Tensor source;  // deferred packs: w itself, contiguous bf16
+  bool source_transposed = false;  // source is w [n, k] (B = w^T), else w [k, n] (B = w)
   int64_t k = 0, n = 0, k_pairs = 0, n_panels = 0;
 };
 
