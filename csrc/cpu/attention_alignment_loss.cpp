@@ -129,6 +129,100 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_in, const at:
   return {loss, lse};
 }
 
+// Backward step 1: the latent masses of both paths from the saved log-sum-exp (only the D columns).
+template <typename acc_t>
+void latent_masses_from_lse(const at::Tensor& q, const at::Tensor& k, const AlignmentPlan& plan,
+                            const Problem& p, const HostSegments& h, double scale,
+                            at::ScalarType acc, acc_t* lse_ptr, acc_t* mass_ptr) {
+  using scalar_t = acc_t;
+  const int64_t g = p.heads / p.kv_heads;
+  at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.kv_heads, j = task % p.kv_heads;
+      const Segments& seg = h.segments[b];
+      const at::Tensor kg = group_keys(k, b, j, key_columns(plan.latent_keys, b, seg.n_latent()), acc);
+      for (int path = 0; path < 2; ++path) {
+        const at::Tensor scores =
+            at::mm(group_queries(q, b, j, g, seg, path, acc), kg.t()).mul_(scale);
+        accumulate_latent_mass<scalar_t>(scores, 0, false, p, seg, b, j, path, lse_ptr,
+                                         mass_ptr);
+      }
+    }
+  });
+}
+
+// Backward step 2: dLoss / dp for each student row and latent key (the same for every head:
+// 1/H of dLoss / d(mean over heads)).
+template <typename acc_t>
+void student_mass_grads(const at::Tensor& mass, const Problem& p, const HostSegments& h, acc_t go,
+                        at::Tensor& grad_mass) {
+  using scalar_t = acc_t;
+  const at::Tensor mean_mass = head_mean(mass, p.heads);
+  const scalar_t* mm_ptr = mean_mass.data_ptr<scalar_t>();
+  scalar_t* gm_ptr = grad_mass.data_ptr<scalar_t>();
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const Segments& seg = h.segments[b];
+    const scalar_t coef = go / scalar_t(p.batch * seg.n_answer() * p.heads);
+    for (int64_t i = 0; i < seg.n_answer(); ++i) {
+      const scalar_t* teacher = mm_ptr + ((b * 2 + 0) * p.max_answer + i) * p.max_latent;
+      const scalar_t* student = mm_ptr + ((b * 2 + 1) * p.max_answer + i) * p.max_latent;
+      pair_kl_grad(teacher, student, seg.n_latent(), coef,
+                   gm_ptr + (b * p.max_answer + i) * p.max_latent);
+    }
+  }
+}
+
+// Backward step 3: the student rows' scores recomputed and turned into score gradients in
+// place, then two GEMMs give dq (F rows) and dk (the keys path 1 sees).
+template <typename acc_t>
+void student_row_grads(const at::Tensor& q, const at::Tensor& k, const AlignmentPlan& plan,
+                       const Problem& p, const HostSegments& h, double scale, at::ScalarType acc,
+                       const acc_t* lse_ptr, const acc_t* gm_ptr, at::Tensor& dq, at::Tensor& dk) {
+  using scalar_t = acc_t;
+  const int64_t g = p.heads / p.kv_heads;
+  at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.kv_heads, j = task % p.kv_heads;
+      const Segments& seg = h.segments[b];
+      const int path = 1;
+      const int64_t n_answer = seg.n_answer(), n_latent = seg.n_latent();
+      const at::Tensor columns = key_columns(plan.corrupted_keys, b, path_key_count(seg, path));
+      const at::Tensor qg = group_queries(q, b, j, g, seg, path, acc);
+      const at::Tensor kg = group_keys(k, b, j, columns, acc);
+      at::Tensor scores = at::mm(qg, kg.t()).mul_(scale);
+      const int64_t n_keys = scores.size(1);
+      const int64_t offset = path_latent_offset(seg, path);
+      scalar_t* s = scores.data_ptr<scalar_t>();
+      for (int64_t hh = 0; hh < g; ++hh) {
+        const int64_t h = j * g + hh;
+        for (int64_t i = 0; i < n_answer; ++i) {
+          scalar_t* row = s + (hh * n_answer + i) * n_keys;
+          const scalar_t row_lse = lse_ptr[(b * p.heads + h) * p.length + path_row(seg, path, i)];
+          const scalar_t* grad_p = gm_ptr + (b * p.max_answer + i) * p.max_latent;
+          scalar_t delta = scalar_t(0);
+          for (int64_t c = 0; c < n_latent; ++c)
+            delta += key_probability(row[offset + c], row_lse) * grad_p[c];
+          const int64_t visible = visible_key_count(seg, path, i);
+          for (int64_t t = 0; t < n_keys; ++t) {
+            if (t >= visible) {
+              row[t] = scalar_t(0);
+              continue;
+            }
+            const int64_t c = t - offset;
+            const scalar_t gp = (c >= 0 && c < n_latent) ? grad_p[c] : scalar_t(0);
+            row[t] = score_grad(key_probability(row[t], row_lse), gp, delta,
+                                static_cast<scalar_t>(scale));
+          }
+        }
+      }
+      const at::Tensor dq_rows = at::mm(scores, kg).view({g, n_answer, p.head_dim});
+      dq.select(0, b).narrow(0, j * g, g).narrow(1, seg.f0, n_answer).copy_(dq_rows);
+      const at::Tensor dk_rows = at::mm(scores.t(), qg);
+      dk.select(0, b).select(0, j).index_copy_(0, columns, dk_rows.to(dk.scalar_type()));
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
                                                 const at::Tensor& q_in, const at::Tensor& k_in,
                                                 at::TensorList plan_tensors,
@@ -144,7 +238,6 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor lse = lse_in.to(acc).contiguous();
-  const int64_t g = p.heads / p.kv_heads;
   // Gradients in the strides of the inputs (q is often a transposed view).
   at::Tensor dq = at::zeros_like(q_in);
   at::Tensor dk = at::zeros_like(k_in);
@@ -157,80 +250,11 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
     scalar_t* mass_ptr = mass.data_ptr<scalar_t>();
     const scalar_t go = grad_loss.to(at::kCPU).to(acc).item<scalar_t>();
 
-    // 1. Latent masses of both paths from the saved log-sum-exp: only the D columns.
-    at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / p.kv_heads, j = task % p.kv_heads;
-        const Segments& seg = h.segments[b];
-        const at::Tensor kg = group_keys(k, b, j, key_columns(plan.latent_keys, b, seg.n_latent()), acc);
-        for (int path = 0; path < 2; ++path) {
-          const at::Tensor scores =
-              at::mm(group_queries(q, b, j, g, seg, path, acc), kg.t()).mul_(scale);
-          accumulate_latent_mass<scalar_t>(scores, 0, false, p, seg, b, j, path, lse_ptr,
-                                           mass_ptr);
-        }
-      }
-    });
-
-    // 2. dLoss / dp for each student row and latent key (the same for every head: 1/H of
-    //    dLoss / d(mean over heads)).
-    const at::Tensor mean_mass = head_mean(mass, p.heads);
-    const scalar_t* mm_ptr = mean_mass.data_ptr<scalar_t>();
-    scalar_t* gm_ptr = grad_mass.data_ptr<scalar_t>();
-    for (int64_t b = 0; b < p.batch; ++b) {
-      const Segments& seg = h.segments[b];
-      const scalar_t coef = go / scalar_t(p.batch * seg.n_answer() * p.heads);
-      for (int64_t i = 0; i < seg.n_answer(); ++i) {
-        const scalar_t* teacher = mm_ptr + ((b * 2 + 0) * p.max_answer + i) * p.max_latent;
-        const scalar_t* student = mm_ptr + ((b * 2 + 1) * p.max_answer + i) * p.max_latent;
-        pair_kl_grad(teacher, student, seg.n_latent(), coef,
-                     gm_ptr + (b * p.max_answer + i) * p.max_latent);
-      }
-    }
-
-    // 3. Student rows: recompute the scores, turn them into score gradients in place, then
-    //    two GEMMs give dq (F rows) and dk (the keys path 1 sees).
-    at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / p.kv_heads, j = task % p.kv_heads;
-        const Segments& seg = h.segments[b];
-        const int path = 1;
-        const int64_t n_answer = seg.n_answer(), n_latent = seg.n_latent();
-        const at::Tensor columns = key_columns(plan.corrupted_keys, b, path_key_count(seg, path));
-        const at::Tensor qg = group_queries(q, b, j, g, seg, path, acc);
-        const at::Tensor kg = group_keys(k, b, j, columns, acc);
-        at::Tensor scores = at::mm(qg, kg.t()).mul_(scale);
-        const int64_t n_keys = scores.size(1);
-        const int64_t offset = path_latent_offset(seg, path);
-        scalar_t* s = scores.data_ptr<scalar_t>();
-        for (int64_t hh = 0; hh < g; ++hh) {
-          const int64_t h = j * g + hh;
-          for (int64_t i = 0; i < n_answer; ++i) {
-            scalar_t* row = s + (hh * n_answer + i) * n_keys;
-            const scalar_t row_lse = lse_ptr[(b * p.heads + h) * p.length + path_row(seg, path, i)];
-            const scalar_t* grad_p = gm_ptr + (b * p.max_answer + i) * p.max_latent;
-            scalar_t delta = scalar_t(0);
-            for (int64_t c = 0; c < n_latent; ++c)
-              delta += key_probability(row[offset + c], row_lse) * grad_p[c];
-            const int64_t visible = visible_key_count(seg, path, i);
-            for (int64_t t = 0; t < n_keys; ++t) {
-              if (t >= visible) {
-                row[t] = scalar_t(0);
-                continue;
-              }
-              const int64_t c = t - offset;
-              const scalar_t gp = (c >= 0 && c < n_latent) ? grad_p[c] : scalar_t(0);
-              row[t] = score_grad(key_probability(row[t], row_lse), gp, delta,
-                                  static_cast<scalar_t>(scale));
-            }
-          }
-        }
-        const at::Tensor dq_rows = at::mm(scores, kg).view({g, n_answer, p.head_dim});
-        dq.select(0, b).narrow(0, j * g, g).narrow(1, seg.f0, n_answer).copy_(dq_rows);
-        const at::Tensor dk_rows = at::mm(scores.t(), qg);
-        dk.select(0, b).select(0, j).index_copy_(0, columns, dk_rows.to(dk.scalar_type()));
-      }
-    });
+    // 1-3: the latent masses, their gradient, then the student rows' dq and dk.
+    latent_masses_from_lse<scalar_t>(q, k, plan, p, h, scale, acc, lse_ptr, mass_ptr);
+    student_mass_grads<scalar_t>(mass, p, h, go, grad_mass);
+    student_row_grads<scalar_t>(q, k, plan, p, h, scale, acc, lse_ptr,
+                                grad_mass.data_ptr<scalar_t>(), dq, dk);
   });
   return {dq, dk};
 }
