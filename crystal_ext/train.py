@@ -31,6 +31,7 @@ import sys
 import time
 
 import torch
+from transformers import set_seed
 
 from crystal_ext.data.example import SkipExample
 from crystal_ext.data.packing import DualPathCollator
@@ -331,6 +332,9 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     except ValueError as exc:
         _fail(str(exc))
     _log(f"building {'the embedded tiny model' if cargs.tiny else cargs.model}")
+    # Seeded before the model is built, not only in the Trainer: the LoRA A matrices and the new
+    # tokens' rows are drawn here, and a run must be repeatable from its --seed.
+    set_seed(targs.seed)
     try:
         model, processor, latent = build_model(cargs, targs)
     except (OSError, ValueError) as exc:  # e.g. no processor or chat template beside the weights

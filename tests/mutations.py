@@ -807,6 +807,18 @@ MUTATIONS = [
         ],
     ),
     Mutation(
+        "run_not_seeded_before_the_model",
+        "the seed is set only by the Trainer, after the LoRA matrices and new token rows were drawn",
+        [
+            (
+                "crystal_ext/train.py",
+                "    set_seed(targs.seed)\n",
+                "",
+            )
+        ],
+        ["tests/test_families_train.py::test_a_lora_run_repeats_from_its_seed"],
+    ),
+    Mutation(
         "alignment_layer_one_attention_layer_early",
         "--alignment_layer last_attention reads the attention layer before the last full-attention one",
         [
