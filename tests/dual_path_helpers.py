@@ -7,6 +7,7 @@ the two sides' gradients paired by parameter; a batch cast to another float prec
 
 from __future__ import annotations
 
+import copy
 import random
 
 import torch
@@ -116,6 +117,46 @@ def dense_mask_forward(model, batch, **kwargs):
         **batch["images"],
         **kwargs,
     )
+
+
+def dense_eager_run(model, batch, attention_mask=None):
+    """A copy of `model` through the plain attention above with a dense 4-D additive mask (the
+    dual-path mask by default; a {layer type: mask} dict for models with several layer types):
+    (full logits, the last layer's q, k, scale, the model copy)."""
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation(register_dense_eager())
+    sink = {}
+    if attention_mask is None:
+        out = dense_mask_forward(eager, batch, use_cache=False, crystal_test_sink=sink)
+    else:
+        out = eager(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            attention_mask=attention_mask,
+            use_cache=False,
+            crystal_test_sink=sink,
+            **batch["images"],
+        )
+    return out.logits, sink["q"], sink["k"], sink["scale"], eager
+
+
+def relative_error(got, want):
+    """Largest difference relative to the largest value; a value that is zero up to rounding (the
+    key-projection bias's gradient: softmax ignores a shift shared by all keys) is compared absolutely."""
+    got, want = got.detach(), want.detach()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-9))
+
+
+def objective_errors(ours, ours_model, logits, q, k, scale, reference_model, batch):
+    """(relative errors of the objective's loss, its parts and every gradient, the gradient pairs)
+    against the published formulas (plain_losses) on a reference forward's logits and last-layer
+    q, k; `ours.loss` must have been backpropagated into `ours_model` already."""
+    parts = plain_losses(logits, q, k, batch, scale)
+    errors = [relative_error(got, want) for got, want in zip((ours.ce, ours.kl_pred, ours.kl_attn), parts)]
+    sum(parts).backward()
+    errors.append(relative_error(ours.loss, sum(parts).detach()))
+    pairs = gradient_pairs(ours_model, reference_model)
+    return errors + [relative_error(got, want) for _, got, want in pairs], pairs
 
 
 def plain_losses(logits, q, k, batch, scale, probs=None):

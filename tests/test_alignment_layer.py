@@ -19,9 +19,9 @@ import json
 
 import pytest
 import torch
-from dual_path_helpers import cast_floats, gradient_pairs, plain_losses
+from dual_path_helpers import cast_floats, gradient_pairs, objective_errors
 from family_models import LFM2_LAYERS, build_linear
-from test_families import _examples, _relative_error
+from test_families import _examples
 from test_linear_families import _reference_run
 from transformers import Lfm2VlConfig
 
@@ -94,13 +94,7 @@ def _ours():
 def _errors_against_the_reference_at(layer: int):
     model, _, batch = _setup()
     ours, ours_model = _ours()
-    logits, q, k, scale, ref = _reference_run(model, batch, layer=layer)
-    parts = plain_losses(logits, q, k, batch, scale)
-    errors = [_relative_error(got, want) for got, want in zip((ours.ce, ours.kl_pred, ours.kl_attn), parts)]
-    sum(parts).backward()
-    errors.append(_relative_error(ours.loss, sum(parts).detach()))
-    pairs = gradient_pairs(ours_model, ref)
-    return errors + [_relative_error(got, want) for _, got, want in pairs], pairs
+    return objective_errors(ours, ours_model, *_reference_run(model, batch, layer=layer), batch)
 
 
 def test_last_attention_equals_the_reference_read_at_the_last_attention_layer():

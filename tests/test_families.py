@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as Fn
 from dual_path_helpers import (
     cast_floats,
-    dense_mask_forward,
+    dense_eager_run,
     gradient_pairs,
-    plain_losses,
-    register_dense_eager,
+    objective_errors,
+    relative_error,
 )
 from family_models import FAMILIES, SCALED_HEAD_FAMILIES, build
 from PIL import Image
@@ -70,37 +70,14 @@ def _setup(family):
     return model, processor, cast_floats(batch, torch.float64)
 
 
-def _eager_run(model, batch):
-    """The stock model through the plain attention above with the dense dual-path mask as a 4-D
-    additive mask: (full logits, last layer's q, k, scale, the model copy)."""
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation(register_dense_eager())
-    sink = {}
-    out = dense_mask_forward(eager, batch, use_cache=False, crystal_test_sink=sink)
-    return out.logits, sink["q"], sink["k"], sink["scale"], eager
-
-
-def _relative_error(got, want):
-    """Largest difference relative to the largest value; a value that is zero up to rounding (the
-    key-projection bias's gradient: softmax ignores a shift shared by all keys) is compared absolutely."""
-    got, want = got.detach(), want.detach()
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-9))
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_objective_and_gradients_equal_the_dense_eager_forward(family):
     model, _, batch = _setup(family)
     ours_model = copy.deepcopy(model)
     ours = crystal_objective(ours_model, batch, REFERENCE_HEAD)
     ours.loss.backward()
-    logits, q, k, scale, eager = _eager_run(model, batch)
-    parts = plain_losses(logits, q, k, batch, scale)
-    errors = [_relative_error(got, want) for got, want in zip((ours.ce, ours.kl_pred, ours.kl_attn), parts)]
     assert ours.kl_pred > 0 and ours.kl_attn > 0
-    sum(parts).backward()
-    errors.append(_relative_error(ours.loss, sum(parts).detach()))
-    pairs = gradient_pairs(ours_model, eager)
-    errors += [_relative_error(got, want) for _, got, want in pairs]
+    errors, pairs = objective_errors(ours, ours_model, *dense_eager_run(model, batch), batch)
     print(
         f"\n{family}: max relative error {max(errors):.1e} over the loss, its parts and {len(pairs)} gradients"
     )
@@ -185,7 +162,7 @@ def test_baseline_is_plain_sft_on_the_intact_path(family):
         input_ids=single["input_ids"], attention_mask=single["attention_mask"], **single["images"], **extra
     ).logits
     want = Fn.cross_entropy(logits.flatten(0, 1), single["targets"].flatten(), ignore_index=IGNORE)
-    assert _relative_error(base.ce, want) < 1e-9 and base.kl_pred == 0 and base.kl_attn == 0
+    assert relative_error(base.ce, want) < 1e-9 and base.kl_pred == 0 and base.kl_attn == 0
 
 
 # ---- models whose forward transforms the LM head's output ----------------------------------------
@@ -239,7 +216,7 @@ def test_scaled_head_path1_ce_equals_the_stock_forward_loss(family, lm_head):
     transform = family_of(model).logit_transform(model.config)
     assert transform.scale != 1.0
     ce, stock_loss, stock_ce = _path1_ce_and_stock_loss(model, batch, ObjectiveConfig(lm_head_losses=lm_head))
-    assert _relative_error(ce, stock_loss) < 1e-6 and _relative_error(ce, stock_ce) < 1e-9
+    assert relative_error(ce, stock_loss) < 1e-6 and relative_error(ce, stock_ce) < 1e-9
 
 
 @pytest.mark.parametrize("family", SCALED_HEAD_FAMILIES)
@@ -251,7 +228,7 @@ def test_scaled_head_comparison_fails_on_the_bare_head(family, monkeypatch):
     model, _, batch = _setup(family)
     monkeypatch.setattr(type(family_of(model)), "logit_transform", lambda self, config: LogitTransform())
     ce, stock_loss, _ = _path1_ce_and_stock_loss(model, batch, ObjectiveConfig(lm_head_losses="fused"))
-    assert _relative_error(ce, stock_loss) > 1e-3  # a thousand times the tolerance above
+    assert relative_error(ce, stock_loss) > 1e-3  # a thousand times the tolerance above
 
 
 @pytest.mark.parametrize("family", SCALED_HEAD_FAMILIES)
@@ -265,6 +242,6 @@ def test_scaled_head_fused_objective_equals_the_reference_objective(family):
         runs.append((loss, ours))
     (fused, fused_model), (ref, ref_model) = runs
     for got, want in zip((fused.ce, fused.kl_pred, fused.loss), (ref.ce, ref.kl_pred, ref.loss)):
-        assert _relative_error(got, want) < 1e-8  # KL_pred is ~1e-5 here: its formula cancels
+        assert relative_error(got, want) < 1e-8  # KL_pred is ~1e-5 here: its formula cancels
     pairs = gradient_pairs(fused_model, ref_model)
-    assert len(pairs) > 10 and max(_relative_error(got, want) for _, got, want in pairs) < 1e-8
+    assert len(pairs) > 10 and max(relative_error(got, want) for _, got, want in pairs) < 1e-8

@@ -29,11 +29,12 @@ from dual_path_helpers import (
     cast_floats,
     dense_visibility,
     gradient_pairs,
-    plain_losses,
+    objective_errors,
     register_dense_eager,
+    relative_error,
 )
 from family_models import LINEAR_FAMILIES, build_linear
-from test_families import _examples, _relative_error
+from test_families import _examples
 
 import crystal_ext
 from crystal_ext.data.packing import IGNORE, DualPathCollator, DualPathPacker
@@ -230,14 +231,8 @@ def _ours(family):
 def _objective_errors(family, **scan):
     model, _, batch = _setup(family)
     ours, ours_model = _ours(family)
-    logits, q, k, scale, ref = _reference_run(model, batch, **scan)
-    parts = plain_losses(logits, q, k, batch, scale)
     assert ours.kl_pred > 0 and ours.kl_attn > 0
-    errors = [_relative_error(got, want) for got, want in zip((ours.ce, ours.kl_pred, ours.kl_attn), parts)]
-    sum(parts).backward()
-    errors.append(_relative_error(ours.loss, sum(parts).detach()))
-    pairs = gradient_pairs(ours_model, ref)
-    return errors + [_relative_error(got, want) for _, got, want in pairs], pairs
+    return objective_errors(ours, ours_model, *_reference_run(model, batch, **scan), batch)
 
 
 @pytest.mark.parametrize("family", LINEAR_FAMILIES)
@@ -298,7 +293,7 @@ def test_path1_equals_the_stock_forward(family):
         ).hidden_states[-1]
     for b, seg in enumerate(segments_of(batch["layout"])):
         path1 = seg.path1()
-        assert _relative_error(hidden[b, path1], want[b, : len(path1)]) < 1e-10
+        assert relative_error(hidden[b, path1], want[b, : len(path1)]) < 1e-10
 
 
 @pytest.mark.parametrize("family", LINEAR_FAMILIES)
@@ -315,7 +310,7 @@ def test_baseline_is_plain_sft_on_the_intact_path(family):
         **single["images"],
     ).logits
     want = Fn.cross_entropy(logits.flatten(0, 1), single["targets"].flatten(), ignore_index=IGNORE)
-    assert _relative_error(base.ce, want) < 1e-9
+    assert relative_error(base.ce, want) < 1e-9
 
 
 @pytest.mark.parametrize("family", LINEAR_FAMILIES)
@@ -431,9 +426,9 @@ def test_activation_checkpointing_recomputes_the_same_two_scans():
     checkpointed.train()
     again = crystal_objective(checkpointed, batch, REFERENCE_HEAD)
     again.loss.backward()
-    assert _relative_error(again.loss, ours.loss.detach()) < 1e-12
+    assert relative_error(again.loss, ours.loss.detach()) < 1e-12
     pairs = gradient_pairs(checkpointed, ours_model)
-    assert len(pairs) > 20 and max(_relative_error(got, want) for _, got, want in pairs) < 1e-10
+    assert len(pairs) > 20 and max(relative_error(got, want) for _, got, want in pairs) < 1e-10
 
 
 def test_a_scanned_layer_refuses_a_cache_and_a_malformed_input():

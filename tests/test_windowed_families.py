@@ -22,13 +22,13 @@ import torch.nn.functional as Fn
 from dual_path_helpers import (
     additive,
     cast_floats,
+    dense_eager_run,
     dense_visibility,
-    gradient_pairs,
-    plain_losses,
-    register_dense_eager,
+    objective_errors,
+    relative_error,
 )
 from family_models import GEMMA3_WINDOW, WINDOWED_FAMILIES, build_windowed
-from test_families import _examples, _relative_error
+from test_families import _examples
 
 import crystal_ext
 from crystal_ext.data.packing import IGNORE, DualPathCollator, DualPathPacker
@@ -84,32 +84,16 @@ def _dense_masks(model, batch):
 
 
 def _dense_eager_run(model, batch):
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation(register_dense_eager())
-    sink = {}
-    out = eager(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        attention_mask=_dense_masks(model, batch),
-        use_cache=False,
-        crystal_test_sink=sink,
-        **batch["images"],
-    )
-    return out.logits, sink["q"], sink["k"], sink["scale"], eager
+    return dense_eager_run(model, batch, _dense_masks(model, batch))
 
 
 def _objective_errors(model, batch):
     ours_model = copy.deepcopy(model)
     ours = crystal_objective(ours_model, batch, REFERENCE_HEAD)
     ours.loss.backward()
-    logits, q, k, scale, eager = _dense_eager_run(model, batch)
-    parts = plain_losses(logits, q, k, batch, scale)
     assert ours.kl_pred > 0 and ours.kl_attn > 0
-    errors = [_relative_error(got, want) for got, want in zip((ours.ce, ours.kl_pred, ours.kl_attn), parts)]
-    sum(parts).backward()
-    errors.append(_relative_error(ours.loss, sum(parts).detach()))
-    pairs = gradient_pairs(ours_model, eager)
-    return errors + [_relative_error(got, want) for _, got, want in pairs], len(pairs)
+    errors, pairs = objective_errors(ours, ours_model, *_dense_eager_run(model, batch), batch)
+    return errors, len(pairs)
 
 
 @pytest.mark.parametrize("family", WINDOWED_FAMILIES)
@@ -162,7 +146,7 @@ def test_path1_equals_the_stock_forward(family):
         want = _stock_single_path(model, single, output_hidden_states=True).hidden_states[-1]
     for b, seg in enumerate(segments_of(batch["layout"])):
         path1 = seg.path1()
-        assert _relative_error(hidden[b, path1], want[b, : len(path1)]) < 1e-12
+        assert relative_error(hidden[b, path1], want[b, : len(path1)]) < 1e-12
 
 
 @pytest.mark.parametrize("family", WINDOWED_FAMILIES)
@@ -172,7 +156,7 @@ def test_baseline_is_plain_sft_on_the_intact_path(family):
     single = intact_path_batch(batch)
     logits = _stock_single_path(model, single).logits  # the model's own (scaled) logits
     want = Fn.cross_entropy(logits.flatten(0, 1), single["targets"].flatten(), ignore_index=IGNORE)
-    assert _relative_error(base.ce, want) < 1e-9
+    assert relative_error(base.ce, want) < 1e-9
 
 
 LAST_SLIDING = ("sliding_attention", "full_attention", "sliding_attention")
