@@ -254,6 +254,14 @@ def _idefics3(tok, hidden: int, smol: bool):
     return transformers.Idefics3ForConditionalGeneration, config, processor
 
 
+def _instantiate(cls, config, tok, processor, seed: int, attn_implementation: str, **kwargs):
+    """The random float32 model of `config`, drawn from `seed`; the processor takes the tokenizer's
+    chat template."""
+    processor.chat_template = tok.chat_template
+    torch.manual_seed(seed)
+    return cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32, **kwargs)
+
+
 def build(
     family: str,
     attn_implementation: str = "eager",
@@ -287,9 +295,7 @@ def build(
         tok, cls, config, processor, latent = _POSITIONS_BRANCH_BUILDERS[family](hidden, k)
     else:
         raise ValueError(f"unknown family {family!r}")
-    processor.chat_template = tok.chat_template
-    torch.manual_seed(seed)
-    model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    model = _instantiate(cls, config, tok, processor, seed, attn_implementation)
     if family == "qwen3_vl_moe":
         model.set_experts_implementation("eager")  # the grouped-GEMM kernel has no float64
     return model.eval(), processor, latent
@@ -641,9 +647,7 @@ def build_scaled_head(
         cls, config, processor = _granite_docling(tok, hidden, logits_scaling=0.5)
     else:
         raise ValueError(f"unknown family {family!r}")
-    processor.chat_template = tok.chat_template
-    torch.manual_seed(seed)
-    model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    model = _instantiate(cls, config, tok, processor, seed, attn_implementation)
     with torch.no_grad():  # slow decay (A in [0.01, 0.1]): the state remembers across segments
         for module in model.modules():
             if hasattr(module, "A_log"):
@@ -775,9 +779,7 @@ def build_windowed(
         cls, config, processor = _aya_vision(tok, hidden, logit_scale=4.0, text=text)
     else:
         raise ValueError(f"unknown family {family!r}")
-    processor.chat_template = tok.chat_template
-    torch.manual_seed(seed)
-    model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    model = _instantiate(cls, config, tok, processor, seed, attn_implementation)
     if family == "gemma3":
         with torch.no_grad():  # Gemma 3 initialises its projection to zeros: images would be invisible
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
@@ -876,9 +878,7 @@ def build_linear(
         tok, cls, config, processor, latent = _lfm2_vl(hidden, k, layer_types or LFM2_LAYERS)
     else:
         raise ValueError(f"unknown family {family!r}")
-    processor.chat_template = tok.chat_template
-    torch.manual_seed(seed)
-    model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    model = _instantiate(cls, config, tok, processor, seed, attn_implementation)
     with torch.no_grad():  # slow decay (A in [0.01, 0.1]): the state remembers across segments
         for module in model.modules():
             if hasattr(module, "A_log"):
@@ -1096,11 +1096,9 @@ def build_gemma4(
     """(model [float32, eval], processor, latent tokens) of a tiny random Gemma 4 (`moe`: with
     mixture-of-experts blocks)."""
     tok, cls, config, processor, latent = _gemma4(hidden, k, layer_types, window, kv_shared, moe)
-    processor.chat_template = tok.chat_template
-    torch.manual_seed(seed)
     # The experts' loop in plain PyTorch: the default grouped matmul takes no float64.
     experts = {"experts_implementation": "eager"} if moe else {}
-    model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32, **experts)
+    model = _instantiate(cls, config, tok, processor, seed, attn_implementation, **experts)
     with torch.no_grad():
         # At the default initialisation the logits are so small that every token is about equally
         # likely, and the image features small beside the text: a wrong mask would hardly show.
