@@ -112,16 +112,22 @@ def _logit_rows(targets: torch.Tensor, samples: tuple[Segments, ...]):
 
 
 def dual_path_hidden(
-    backbone, batch: dict, layout: CheckedLayout | None = None, alignment_layer: str = "last"
+    backbone,
+    batch: dict,
+    layout: CheckedLayout | None = None,
+    alignment_layer: str = "last",
+    outputs: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(last hidden states [batch, length, hidden], attention-alignment loss) of a collated
     dual-path batch; the backbone's text layers must run the dual-path attention. `layout`: the
     batch's layout already checked (crystal_ext.ops.layout.check_layout), which the text layers
     then take as it is; without it the first text layer checks the layout. `alignment_layer`:
     the layer whose attention the loss reads (crystal_ext.model.alignment_layer; its index goes
-    to the layers in the output slot, the model's config is left as it is)."""
+    to the layers in the output slot, the model's config is left as it is). `outputs`: the
+    forward's output slot, for a caller that reads more from it than the loss (the pictures' probe)."""
     index = alignment_layer_index(backbone.config, alignment_layer)
-    slot: dict = {ALIGNMENT_LAYER_KEY: index}
+    slot: dict = {} if outputs is None else outputs
+    slot[ALIGNMENT_LAYER_KEY] = index
     if layout is not None:
         slot[CHECKED_LAYOUT_KEY] = layout
     # attention_mask=None on purpose: the layout marks padding, and without a 2-D mask the

@@ -22,7 +22,6 @@ import os
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from crystal_ext.model.alignment_layer import alignment_layer_index
 from crystal_ext.model.attention_registration import (
     ALIGNMENT_LAYER_KEY,
     LAYOUT_KWARG,
@@ -32,8 +31,8 @@ from crystal_ext.model.attention_registration import (
     is_text_decoder_attention,
 )
 from crystal_ext.model.families import family_of
+from crystal_ext.model.objective import dual_path_hidden
 from crystal_ext.model.parts import backbone_and_head, text_config
-from crystal_ext.model.path_scan import use_path_scans
 from crystal_ext.ops.layout import Segments, dual_path_mask
 
 PROBE = "crystal_dual_path_probe"
@@ -108,26 +107,21 @@ def attention_maps(model, batch: dict, alignment_layer: str = "last") -> dict:
     alignment loss reads (`alignment_layer`, crystal_ext.model.alignment_layer; its index is
     under "layer")."""
     base, backbone, _ = backbone_and_head(model)
-    index = alignment_layer_index(backbone.config, alignment_layer)
     previous = text_config(base)._attn_implementation
     _register_probe()
     base.set_attn_implementation(PROBE)
-    slot: dict = {ALIGNMENT_LAYER_KEY: index}
+    slot: dict = {}
     was_training = model.training
     model.eval()
-    # The same forward as the objective's (crystal_ext.model.objective.dual_path_hidden): the
-    # family's own inputs and the two scans of linear / convolution layers.
-    use_path_scans(backbone)
-    family_inputs = family_of(backbone.config).dual_path_inputs(backbone.config, batch["input_ids"][:1])
+    first = {
+        "input_ids": batch["input_ids"][:1],
+        "position_ids": batch["position_ids"][..., :1, :],
+        "images": batch["images"],
+        "layout": batch["layout"][:1],
+    }
     try:
-        backbone(
-            input_ids=batch["input_ids"][:1],
-            position_ids=batch["position_ids"][..., :1, :],
-            use_cache=False,
-            **{"attention_mask": None, **family_inputs},
-            **batch["images"],
-            **{LAYOUT_KWARG: batch["layout"][:1], OUTPUTS_KWARG: slot},
-        )
+        # The objective's own forward (the family's inputs, the two scans of linear layers).
+        dual_path_hidden(backbone, first, alignment_layer=alignment_layer, outputs=slot)
     finally:
         base.set_attn_implementation(previous)
         model.train(was_training)
@@ -152,7 +146,7 @@ def attention_maps(model, batch: dict, alignment_layer: str = "last") -> dict:
         "intact": renorm(probs[slice(*seg.e), latent]),
         "corrupted": renorm(probs[slice(*seg.f), latent]),
         "latent_to_image": latent_to_image,
-        "layer": index,
+        "layer": slot[ALIGNMENT_LAYER_KEY],
     }
 
 
