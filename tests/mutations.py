@@ -769,6 +769,50 @@ MUTATIONS = [
         ["tests/test_linear_families.py::test_objective_and_gradients_equal_the_per_path_recurrence"],
     ),
     Mutation(
+        "linear_path2_prefix_state_detached",
+        "path 2 continues from A's shared-prefix state detached: the same outputs, but A's rows get no "
+        "gradient from path 2",
+        [
+            (
+                "crystal_ext/model/path_scan.py",
+                "initial_state=torch.cat([state, state])",
+                "initial_state=torch.cat([state, state.detach()])",
+            )
+        ],
+        [
+            "tests/test_linear_families.py::test_both_paths_carry_the_shared_prefix_state_and_its_gradient",
+            "tests/test_linear_families.py::test_a_long_prefix_scanned_once_equals_the_per_path_recurrence",
+        ],
+    ),
+    Mutation(
+        "linear_path2_starts_from_zero",
+        "path 2 continues from a zero state instead of the state at the end of A's shared prefix",
+        [
+            (
+                "crystal_ext/model/path_scan.py",
+                "initial_state=torch.cat([state, state])",
+                "initial_state=torch.cat([state, torch.zeros_like(state)])",
+            )
+        ],
+        [
+            "tests/test_linear_families.py::test_both_paths_carry_the_shared_prefix_state_and_its_gradient",
+            "tests/test_linear_families.py::test_a_long_prefix_scanned_once_equals_the_per_path_recurrence",
+        ],
+    ),
+    Mutation(
+        "linear_prefix_not_whole_chunks",
+        "the shared prefix is all of A, not its whole chunks: the delta rule's chunks start elsewhere "
+        "than in the stock single-path scan, so float32 rounding differs from the stock model",
+        [
+            (
+                "crystal_ext/model/path_scan.py",
+                '    return CHUNK * (min(seg.size("a") for seg in segments) // CHUNK)',
+                '    return min(seg.size("a") for seg in segments)',
+            )
+        ],
+        ["tests/test_linear_families.py::test_path1_equals_the_stock_forward"],
+    ),
+    Mutation(
         "kv_shared_layer_reads_one_path",
         "a KV-shared layer (Gemma 4) reads shared keys and values of path 1 only: B's and F's slots hold "
         "C's and E's, so path 2 sees C",

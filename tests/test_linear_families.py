@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -40,6 +41,7 @@ import crystal_ext
 from crystal_ext.data.packing import IGNORE, DualPathCollator, DualPathPacker
 from crystal_ext.model.alignment_layer import alignment_layer_index
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
+from crystal_ext.model.dual_path_attention import DualPathPlan
 from crystal_ext.model.families import UnsupportedModel, family_of
 from crystal_ext.model.objective import (
     ObjectiveConfig,
@@ -48,7 +50,14 @@ from crystal_ext.model.objective import (
     intact_path_batch,
 )
 from crystal_ext.model.parts import backbone_and_head
-from crystal_ext.ops.layout import segments_of
+from crystal_ext.model.path_scan import (
+    CHUNK,
+    builds_from_parts,
+    gated_delta_rule_paths,
+    path_scan,
+    shared_prefix,
+)
+from crystal_ext.ops.layout import check_layout, segments_of
 
 pytestmark = pytest.mark.skipif(
     not crystal_ext.extension_available(), reason="the attention-alignment loss needs the compiled extension"
@@ -56,12 +65,18 @@ pytestmark = pytest.mark.skipif(
 REFERENCE_HEAD = ObjectiveConfig(lm_head_losses="reference")
 
 
+SYSTEM = "you are a helpful assistant"
+# A system prompt that makes A longer than the delta rule's chunk: its whole chunks are scanned once
+# for both paths (crystal_ext.model.path_scan.shared_prefix).
+LONG_SYSTEM = " ".join([SYSTEM] * 15)
+
+
 @functools.cache
-def _setup(family):
+def _setup(family, system=SYSTEM):
     register_dual_path_attention()
     model, processor, latent = build_linear(family, ATTN_IMPLEMENTATION)
     model = model.double()
-    packer = DualPathPacker(processor, latent, model, system="you are a helpful assistant")
+    packer = DualPathPacker(processor, latent, model, system=system)
     batch = DualPathCollator(packer, processor.tokenizer.pad_token_id)(_examples())
     assert len(batch["keys"]) == 3
     return model, processor, cast_floats(batch, torch.float64)
@@ -220,17 +235,17 @@ def _reference_run(model, batch, layer=None, **scan):
 
 
 @functools.cache
-def _ours(family):
-    model, _, batch = _setup(family)
+def _ours(family, system=SYSTEM):
+    model, _, batch = _setup(family, system)
     ours_model = copy.deepcopy(model)
     ours = crystal_objective(ours_model, batch, REFERENCE_HEAD)
     ours.loss.backward()
     return ours, ours_model
 
 
-def _objective_errors(family, **scan):
-    model, _, batch = _setup(family)
-    ours, ours_model = _ours(family)
+def _objective_errors(family, system=SYSTEM, **scan):
+    model, _, batch = _setup(family, system)
+    ours, ours_model = _ours(family, system)
     assert ours.kl_pred > 0 and ours.kl_attn > 0
     return objective_errors(ours, ours_model, *_reference_run(model, batch, **scan), batch)
 
@@ -266,6 +281,45 @@ def test_the_comparison_sees_a_wrong_path2_scan(family, wrong):
     assert max(errors) > 1e-2
 
 
+def test_a_long_prefix_scanned_once_equals_the_per_path_recurrence():
+    """A longer than the delta rule's chunk: its whole chunks are scanned once and both paths go on
+    from the state at their end; the objective and every gradient still equal the per-path
+    recurrence."""
+    _, _, batch = _setup("qwen3_5", LONG_SYSTEM)
+    assert shared_prefix(segments_of(batch["layout"])) == CHUNK
+    errors, pairs = _objective_errors("qwen3_5", LONG_SYSTEM)
+    assert len(pairs) > 20 and max(errors) < 1e-5
+
+
+def test_both_paths_carry_the_shared_prefix_state_and_its_gradient():
+    """One Gated DeltaNet layer on the long-A layout, its decay slowed so that A's state lives on
+    into B and F: the output rows and the gradient of every input row equal the per-path
+    recurrence; A's rows, which reach path 2 only through the state at the shared prefix's end,
+    are compared on their own as well."""
+    model, _, batch = _setup("qwen3_5", LONG_SYSTEM)
+    layer = copy.deepcopy(backbone_and_head(model)[1].language_model.layers[0].linear_attn)
+    with torch.no_grad():
+        layer.A_log.fill_(math.log(0.01))  # exp(g) ~ 0.99 a token
+    layout = batch["layout"]
+    size, length = layout.shape[0], batch["input_ids"].shape[1]
+    plan = DualPathPlan(check_layout(layout, size, length, "test"), "cpu")
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(size, length, layer.hidden_size, generator=generator, dtype=torch.float64)
+    weights = torch.randn(hidden.shape, generator=generator, dtype=torch.float64)
+    hidden.requires_grad_(True)
+    ours = gated_delta_rule_paths(layer, hidden, plan)
+    want = _reference_forward(layer, layout)(hidden)
+    grads = [torch.autograd.grad((out * weights).sum(), hidden)[0] for out in (ours, want)]
+    a_rows = [(b, t) for b, seg in enumerate(segments_of(layout)) for t in seg.span("a")]
+    a_grads = [g[tuple(zip(*a_rows, strict=True))] for g in grads]
+    assert relative_error(ours, want) < 1e-5
+    assert relative_error(*grads) < 1e-5 and relative_error(*a_grads) < 1e-5
+    # The stock forward on each whole path (what transformers releases without the kernel entry
+    # points get) gives the same rows.
+    assert builds_from_parts(layer)
+    assert relative_error(path_scan(type(layer).forward.__get__(layer), hidden, plan), ours) < 1e-5
+
+
 def _position_inputs(model, single) -> dict:
     """What the stock model needs to number positions itself: the processor's mm_token_type_ids (1
     on image tokens) where it has a position function of its own, nothing where it counts 0, 1, 2."""
@@ -275,10 +329,12 @@ def _position_inputs(model, single) -> dict:
 
 
 @pytest.mark.parametrize("family", LINEAR_FAMILIES)
-def test_path1_equals_the_stock_forward(family):
+@pytest.mark.parametrize("system", [SYSTEM, LONG_SYSTEM], ids=["short_a", "long_a"])
+def test_path1_equals_the_stock_forward(family, system):
     """The dual path's rows A, C, D, E hold the stock model's last hidden states of [A, C, D, E]
-    (its own positions, SDPA attention and linear-attention kernels, right-padded batch)."""
-    model, _, batch = _setup(family)
+    (its own positions, SDPA attention and linear-attention kernels, right-padded batch), also where
+    A's first chunk is scanned once for both paths (the same chunk boundaries as the stock scan)."""
+    model, _, batch = _setup(family, system)
     single = intact_path_batch(batch)
     stock = copy.deepcopy(model)
     stock.set_attn_implementation("sdpa")
@@ -433,7 +489,7 @@ def test_activation_checkpointing_recomputes_the_same_two_scans():
 
 def test_a_scanned_layer_refuses_a_cache_and_a_malformed_input():
     from crystal_ext.model.attention_registration import LAYOUT_KWARG
-    from crystal_ext.model.path_scan import path_scan, use_path_scans
+    from crystal_ext.model.path_scan import use_path_scans
 
     model, _, batch = _setup("qwen3_5")
     backbone = copy.deepcopy(backbone_and_head(model)[1])
@@ -448,6 +504,10 @@ def test_a_scanned_layer_refuses_a_cache_and_a_malformed_input():
         ValueError, match=r"path_scan: hidden_states must be \[batch, length, hidden\], got \[4\]"
     ):
         path_scan(mixer.forward, torch.zeros(4), plan=None)
+    with pytest.raises(
+        ValueError, match=r"path_scan: hidden_states must be \[batch, length, hidden\], got \[4\]"
+    ):
+        gated_delta_rule_paths(mixer, torch.zeros(4), plan=None)
     # Without a layout the stock forward runs, on the packed sequence as it is.
     assert torch.equal(mixer(hidden_states=hidden), type(mixer).forward(mixer, hidden))
 

@@ -30,9 +30,11 @@ stays installed, so gradient checkpointing's recomputation runs the same rule.
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
+import torch.nn.functional as F
 
 from crystal_ext.model.attention_registration import (
     _PLAN_KEY,
@@ -71,24 +73,114 @@ def _plan(hidden: torch.Tensor, layout, outputs: dict | None, image_tokens) -> D
     return plan
 
 
+def _path_rows(plan: DualPathPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, index), both [2 * batch, P]: packed row index[i, t] of sample rows[i] is slot t of
+    path 1 of every sample, then path 2 of every sample."""
+    index = torch.cat([plan.idx1, plan.idx2])
+    rows = torch.arange(plan.batch, device=index.device).repeat(2)[:, None]
+    return rows.expand_as(index), index
+
+
+def _to_packed(out: torch.Tensor, plan: DualPathPlan) -> torch.Tensor:
+    """Per-path outputs [2 * batch, P, ...] back to packed rows [batch, length, ...]: A, C, D, E
+    from path 1, B and F from path 2, zeros after F.end."""
+    batch, trailing = plan.batch, out.shape[2:]
+    out = out.flatten(2)
+    zero_row = out.new_zeros(batch, 1, out.shape[-1])
+    # plan.src points into [path 1 slots, path 2 slots, zero row] of each sample.
+    both = torch.cat([out[:batch], out[batch:], zero_row], dim=1)
+    packed = both.gather(1, plan.src[:, :, None].expand(-1, -1, out.shape[-1]))
+    return packed.unflatten(2, trailing)
+
+
 def path_scan(stock_forward, hidden_states: torch.Tensor, plan: DualPathPlan, **kwargs) -> torch.Tensor:
     """The dual-path output [batch, length, hidden] of a sequence mixer whose stock forward is
-    `stock_forward(hidden_states=..., cache=None, attention_mask=..., **kwargs)`; rows after F.end
-    are zeros."""
+    `stock_forward(hidden_states=..., cache=None, attention_mask=..., **kwargs)`, run on both paths
+    whole; rows after F.end are zeros."""
     if hidden_states.dim() != 3:
         raise ValueError(
             f"{_OP}: hidden_states must be [batch, length, hidden], got {list(hidden_states.shape)}"
         )
-    batch = hidden_states.shape[0]
-    index = torch.cat([plan.idx1, plan.idx2])  # [2 * batch, P]: path 1 of each sample, then path 2
-    rows = torch.arange(batch, device=index.device).repeat(2)[:, None]
-    paths = hidden_states[rows, index]
+    rows, index = _path_rows(plan)
     valid = torch.cat([plan.valid, plan.valid]).long()
-    out = stock_forward(hidden_states=paths, cache=None, attention_mask=valid, **kwargs)
-    zero_row = out.new_zeros(batch, 1, out.shape[-1])
-    # plan.src points into [path 1 slots, path 2 slots, zero row] of each sample.
-    both = torch.cat([out[:batch], out[batch:], zero_row], dim=1)
-    return both.gather(1, plan.src[:, :, None].expand(-1, -1, out.shape[-1]))
+    out = stock_forward(hidden_states=hidden_states[rows, index], cache=None, attention_mask=valid, **kwargs)
+    return _to_packed(out, plan)
+
+
+# The chunk length of the gated delta rule's chunked kernels (transformers' torch fallback and
+# fla's): a prefix of whole chunks ends where the single-path scan's chunk loop carries its state.
+CHUNK = 64
+
+
+def shared_prefix(segments) -> int:
+    """How many leading tokens of A the gated delta rule scans once for both paths: the whole
+    chunks of the batch's shortest A (`segments`: the Segments of each sample)."""
+    return CHUNK * (min(seg.size("a") for seg in segments) // CHUNK)
+
+
+def gated_delta_rule_paths(mixer, hidden_states: torch.Tensor, plan: DualPathPlan) -> torch.Tensor:
+    """The dual-path output [batch, length, hidden] of a Gated DeltaNet layer (Qwen3.5), from its
+    own modules and its modelling file's kernels: the per-token projections, gates, norm and
+    output projection once per packed row; the causal convolution on each path; the delta rule
+    over A's shared prefix once, then over the rest of both paths from the state at its end."""
+    if hidden_states.dim() != 3:
+        raise ValueError(
+            f"{_OP}: hidden_states must be [batch, length, hidden], got {list(hidden_states.shape)}"
+        )
+    # The modelling file's kernel entry points pick fla / causal_conv1d when installed.
+    kernels = sys.modules[type(mixer).__module__]
+    batch, length, _ = hidden_states.shape
+    qkv = mixer.in_proj_qkv(hidden_states)
+    z = mixer.in_proj_z(hidden_states).unflatten(-1, (-1, mixer.head_v_dim))
+    beta = mixer.in_proj_b(hidden_states).sigmoid()
+    # In float32 as the stock forward computes it: A_log.exp() could overflow in half precision.
+    g = -mixer.A_log.float().exp() * F.softplus(mixer.in_proj_a(hidden_states).float() + mixer.dt_bias)
+
+    rows, index = _path_rows(plan)
+    # The 4-tap convolution is no scan: run over each whole path, A included.
+    mixed = kernels.causal_conv1d_forward(
+        mixer.conv1d, qkv[rows, index].transpose(1, 2), None, mixer.layer_idx, activation=mixer.activation
+    ).transpose(1, 2)
+    q, k, v = mixed.split([mixer.key_dim, mixer.key_dim, mixer.value_dim], dim=-1)
+    q, k = (t.unflatten(-1, (-1, mixer.head_k_dim)) for t in (q, k))
+    v = v.unflatten(-1, (-1, mixer.head_v_dim))
+    g, beta = g[rows, index], beta[rows, index]
+
+    def delta_rule(span: slice, paths: slice, initial_state=None, final_state=False):
+        return kernels.torch_chunk_gated_delta_rule(
+            *(t[paths, span] for t in (q, k, v)),
+            g=g[paths, span],
+            beta=beta[paths, span],
+            initial_state=initial_state,
+            output_final_state=final_state,
+            use_qk_l2norm_in_kernel=True,
+        )
+
+    n = shared_prefix(plan.segments)
+    if n:
+        # A's first n tokens are the same on both paths: path 1's slots hold them.
+        prefix, state = delta_rule(slice(0, n), slice(0, batch), final_state=True)
+        rest, _ = delta_rule(slice(n, None), slice(None), initial_state=torch.cat([state, state]))
+        core = torch.cat([torch.cat([prefix, prefix]), rest], dim=1)
+    else:
+        core, _ = delta_rule(slice(None), slice(None))
+
+    core = _to_packed(core, plan)  # [batch, length, value heads, head_v_dim]
+    out = mixer.norm(core.flatten(0, 2), z.flatten(0, 2)).reshape(batch, length, -1)
+    return mixer.out_proj(out)
+
+
+GATED_DELTA_NETS = frozenset({"Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet"})
+# The modelling file's entry points that gated_delta_rule_paths calls (transformers 5.25 has them;
+# earlier releases keep the kernels as module attributes instead).
+KERNEL_ENTRY_POINTS = ("causal_conv1d_forward", "torch_chunk_gated_delta_rule")
+
+
+def builds_from_parts(mixer) -> bool:
+    """Whether `mixer`'s dual path is gated_delta_rule_paths (A's prefix scanned once); otherwise
+    path_scan runs its stock forward on each whole path."""
+    kernels = sys.modules[type(mixer).__module__]
+    return type(mixer).__name__ in GATED_DELTA_NETS and all(hasattr(kernels, n) for n in KERNEL_ENTRY_POINTS)
 
 
 def _dual_path_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
@@ -107,6 +199,8 @@ def _dual_path_forward(self, hidden_states, cache=None, attention_mask=None, **k
         )
     # attention_mask is not used: the layout says which positions are padding.
     plan = _plan(hidden_states, layout, outputs, image_tokens)
+    if builds_from_parts(self):
+        return gated_delta_rule_paths(self, hidden_states, plan)
     return path_scan(stock, hidden_states, plan, **kwargs)
 
 
