@@ -4,21 +4,29 @@ LFM2's short convolution). docs/method.md, "Linear attention and short convoluti
 
 Such a layer has no mask to restrict: row r's output depends on every earlier row through the
 scan. The dual-path rule (rows of A, C, D, E see A, C, D, E; rows of B, F see A, B, D, F) is kept
-by running the layer's own stock module twice per sample, on each path gathered into its own
-contiguous sequence (the DualPathPlan's indices of crystal_ext.model.dual_path_attention):
+by scanning each path as its own contiguous sequence (the DualPathPlan's indices of
+crystal_ext.model.dual_path_attention):
 
-  path 1 = [A, C, D, E] -> one scan; gives the outputs of rows A, C, D, E
-  path 2 = [A, B, D, F] -> one scan; gives the outputs of rows B, F (its A and D outputs are
-                           discarded: the scan state at D differs, having run through B)
+  path 1 = [A, C, D, E] -> gives the outputs of rows A, C, D, E
+  path 2 = [A, B, D, F] -> gives the outputs of rows B, F (its A and D outputs are discarded:
+                           the scan state at D differs, having run through B)
 
 D's inputs at that layer are the packed sequence's, i.e. path 1's (D exists once), so path 2's
 scan reads the latents computed on the intact path, as path 2's attention rows read path 1's D
-keys. The two paths of a sample have the same length (|B| = |C|, |E| = |F|), so the whole batch
-runs as ONE call of the stock module on [2 * batch, P, hidden] (path 1 of every sample, then
-path 2 of every sample): each sample's path is its own sequence of that batch, so no state
-crosses samples or paths, and the module's own kernels run (transformers' torch fallback, or the
-fast `fla` / `causal_conv1d` kernels when installed). Paths are padded at their END, which a
-causal scan never reads back; the module also gets the valid slots as its 2-D padding mask.
+keys. The two paths of a sample have the same length (|B| = |C|, |E| = |F|), so they run as two
+sequences of one batch of 2 * batch (path 1 of every sample, then path 2 of every sample): no
+state crosses samples or paths. Paths are padded at their END, which a causal scan never reads
+back. Two ways to run them:
+
+- gated_delta_rule_paths (Qwen3.5, Qwen3.5-MoE): the layer's own modules and its modelling file's
+  kernel entry points (fla / causal_conv1d when installed, transformers' torch fallback
+  otherwise). Per-token parts once per packed row, the convolution over each path, and the delta
+  rule over A's whole chunks (shared_prefix) once, both paths continuing from the state at their
+  end, so A's rows get gradient from both paths through it. Whole chunks keep the single-path
+  scan's chunk boundaries, so path 1 keeps the stock model's float32 rounding.
+- path_scan (LFM2, whose only state is a 3-tap convolution's last inputs; Qwen3.5 on transformers
+  releases without those entry points): the stock forward on [2 * batch, P, hidden], with the
+  valid slots as its 2-D padding mask.
 
 Wiring: `use_path_scans(backbone)` (idempotent; called where the dual-path forward starts,
 crystal_ext.model.objective.dual_path_hidden) gives every mixer module of the text decoder an

@@ -4,8 +4,9 @@ Qwen3_5MoeForConditionalGeneration). Facts from transformers 5.25's modelling co
 - Text layers by `text_config.layer_types`: `linear_attention` (Qwen3_5GatedDeltaNet: in_proj_qkv,
   a short causal depthwise conv1d over q/k/v, the gated delta-rule recurrence, a gated RMS norm,
   out_proj) and `full_attention` (causal attention with a gated output). The linear layers run
-  the dual path as two scans of the stock module (crystal_ext.model.path_scan), the attention
-  layers through the dual-path attention.
+  the dual path as two scans built from the layer's own modules and kernels, A's whole chunks
+  scanned once for both (crystal_ext.model.path_scan), the attention layers through the
+  dual-path attention.
 - The alignment loss reads the last layer's attention (the published configurations end on a
   full-attention layer); a configuration ending on a linear layer is refused unless the run reads
   the last full-attention layer (`--alignment_layer last_attention`,
