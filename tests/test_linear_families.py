@@ -9,6 +9,9 @@ processors, float64:
   over [A, B, D, F] with D's inputs as the packed sequence holds them (path 1's);
 - the same reference, with path 2 scanned wrongly (over the packed sequence; F continuing path 1's
   state; D's outputs taken from path 2), differs from the objective: the comparison sees each;
+- with A longer than the delta rule's chunk (a long system prompt), whose whole chunks Qwen3.5's
+  layer scans once for both paths: the same comparison, and one layer's output rows and input
+  gradients (A's rows included, which reach path 2 through the shared state) equal the recurrence;
 - path 1 equals the stock model's own forward on [A, C, D, E], and the single-path baseline its loss;
 - a configuration whose last layer is linear is refused with the default --alignment_layer (the
   flag named; tests/test_alignment_layer.py runs the other choice), and so is a text layer the
