@@ -625,9 +625,8 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/model/dual_path_attention.py",
-                "out2 = _sdpa(*(_path_rows(t, plan.rows2, p2) for t in (q, k, v)), scale, mask2)",
-                "out2 = _sdpa(_path_rows(q, plan.rows2, p2), *(_path_rows(t, plan.rows1, p1) for t in (k, v)), "
-                "scale, mask2)",
+                "out2 = _sdpa(q2, k2, v2, scale, mask2)",
+                "out2 = _sdpa(q2, k1, v1, scale, mask2)",
             )
         ],
         [
@@ -654,8 +653,8 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/model/dual_path_attention.py",
-                "on_device = copy_to_device((idx1, idx2, src, valid.long(), *rows), self.device)",
-                "on_device = copy_to_device((idx1, idx2, src, valid, *rows), self.device)",
+                "on_device = copy_to_device((idx1, idx2, src, valid.long(), path_rows, output_rows), self.device)",
+                "on_device = copy_to_device((idx1, idx2, src, valid, path_rows, output_rows), self.device)",
             ),
             (
                 "crystal_ext/model/dual_path_attention.py",

@@ -14,11 +14,12 @@ lengths are batched by padding each gathered sequence at its END: under a causal
 real row never sees a later padded key, so no mask is needed and SDPA may use its
 flash-class kernels. Packed positions after F.end (batch padding) output zeros.
 No L x L mask is ever built; the only copies are the gathered q/k/v and the outputs.
-The gathers are row selections (index_select) in the [batch, length, heads, head_dim] layout the
-model's projections produce (q/k/v arrive as its transposed views), and the output is returned in
-that layout too: a row copy whose backward adds rows back, and no transposing copy on either side
-(an elementwise gather over [batch, heads, length, head_dim] and its scatter-add backward cost
-about twice as much, measured on the CPU).
+The gathers are row selections (one index_select of both paths' rows per tensor) in the
+[batch, length, heads, head_dim] layout the model's projections produce (q/k/v arrive as its
+transposed views), and the output is returned in that layout too: row copies whose backward adds
+rows back, and no transposing copy on either side (an elementwise gather per path over
+[batch, heads, length, head_dim] and its scatter-add backward cost about twice as much, measured on
+the CPU).
 
 Layers that are not plain causal attention (Gemma 3: docs/method.md, "Sliding windows and image
 blocks") run each path with a path-local boolean mask [P, P] instead of `is_causal`:
@@ -34,7 +35,11 @@ makes them bidirectional on its sliding layers only) by the plan, and only for s
 
 Layers that reuse an earlier layer's keys and values (Gemma 4's KV-shared layers) are handed that
 layer's packed k/v [batch, kv_heads, length, head_dim] and gather them like their own: path 2 reads
-the A, B, D, F keys of the layer that computed them, with the same visibility there as here.
+the A, B, D, F keys of the layer that computed them, with the same visibility there as here. The
+storing layer's gathered rows are not kept for them: selecting k/v again is a small part of a
+layer's work (about 0.3% of the Gemma 4 step of benchmarks/test_windowed_family_step.py on the
+CPU), and keeping them would hold both paths' k/v through the forward, under activation
+checkpointing too.
 """
 
 from __future__ import annotations
@@ -114,12 +119,15 @@ def flat_rows(idx: torch.Tensor, length: int) -> torch.Tensor:
     return (idx + torch.arange(idx.shape[0])[:, None] * length).flatten()
 
 
-def _path_rows(x: torch.Tensor, rows: torch.Tensor, path_length: int) -> torch.Tensor:
-    """x [batch, heads, length, dim] -> [batch, heads, path_length, dim]: the packed rows `rows`
-    (flat_rows) of every head, as a view of a contiguous [batch, path_length, heads, dim]."""
+def _both_paths(x: torch.Tensor, plan: "DualPathPlan") -> tuple[torch.Tensor, torch.Tensor]:
+    """x [batch, heads, length, dim] -> (path 1 [batch, heads, P1, dim], path 2 [batch, heads, P2,
+    dim]): both paths' rows in one row selection, so the backward adds the gradients of A's and D's
+    rows from both paths in one pass; each path a view of a contiguous [batch, P, heads, dim]."""
     batch, heads, length, dim = x.shape
-    picked = x.transpose(1, 2).reshape(batch * length, heads, dim).index_select(0, rows)
-    return picked.view(batch, path_length, heads, dim).transpose(1, 2)
+    picked = x.transpose(1, 2).reshape(batch * length, heads, dim).index_select(0, plan.path_rows)
+    sizes = (plan.idx1.shape[1], plan.idx2.shape[1])
+    parts = picked.split([batch * p for p in sizes])
+    return tuple(part.view(batch, p, heads, dim).transpose(1, 2) for part, p in zip(parts, sizes))
 
 
 def _sdpa(q, k, v, scale, mask=None):
@@ -182,13 +190,10 @@ class DualPathPlan:
         self.longest_path = idx1.shape[1]  # |A|+|C|+|D|+|E| = |A|+|B|+|D|+|F| of the longest sample
         lengths = torch.tensor([len(s.path1()) for s in self.segments])
         valid = torch.arange(self.longest_path)[None] < lengths[:, None]  # the real slots of each path
-        rows = (
-            flat_rows(idx1, length),
-            flat_rows(idx2, length),
-            _output_rows(src, idx1.shape[1], idx2.shape[1]),
-        )
-        on_device = copy_to_device((idx1, idx2, src, valid.long(), *rows), self.device)
-        self.idx1, self.idx2, self.src, valid, self.rows1, self.rows2, self.output_rows = on_device
+        path_rows = torch.cat([flat_rows(idx1, length), flat_rows(idx2, length)])  # path 1's, then path 2's
+        output_rows = _output_rows(src, idx1.shape[1], idx2.shape[1])
+        on_device = copy_to_device((idx1, idx2, src, valid.long(), path_rows, output_rows), self.device)
+        self.idx1, self.idx2, self.src, valid, self.path_rows, self.output_rows = on_device
         self.valid = valid.bool()
         if image_tokens is not None and tuple(image_tokens.shape) != (batch, length):
             raise ValueError(
@@ -253,9 +258,9 @@ def dual_path_attention_planned(
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"{_OP}: window must be a positive int or None, got {window!r}")
     mask1, mask2 = plan.masks(window, image_blocks) or (None, None)
-    p1, p2 = plan.idx1.shape[1], plan.idx2.shape[1]
-    out1 = _sdpa(*(_path_rows(t, plan.rows1, p1) for t in (q, k, v)), scale, mask1)
-    out2 = _sdpa(*(_path_rows(t, plan.rows2, p2) for t in (q, k, v)), scale, mask2)
+    (q1, q2), (k1, k2), (v1, v2) = (_both_paths(t, plan) for t in (q, k, v))
+    out1 = _sdpa(q1, k1, v1, scale, mask1)
+    out2 = _sdpa(q2, k2, v2, scale, mask2)
     batch, heads, length, dim = q.shape
     rows = [out.transpose(1, 2).reshape(-1, heads, dim) for out in (out1, out2)]
     rows = torch.cat([*rows, q.new_zeros(1, heads, dim)]).index_select(0, plan.output_rows)
