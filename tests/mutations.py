@@ -625,14 +625,44 @@ MUTATIONS = [
         [
             (
                 "crystal_ext/model/dual_path_attention.py",
-                "_gather(k, plan.idx2), _gather(v, plan.idx2), scale, mask2)",
-                "_gather(k, plan.idx1), _gather(v, plan.idx1), scale, mask2)",
+                "out2 = _sdpa(q2, k2, v2, scale, mask2)",
+                "out2 = _sdpa(q2, k1, v1, scale, mask2)",
             )
         ],
         [
             "tests/test_dual_path_windows.py::test_no_image_block_crosses_the_paths",
             "tests/test_windowed_families.py::test_objective_and_gradients_equal_the_dense_eager_forward",
         ],
+    ),
+    Mutation(
+        "path_masks_built_in_every_layer",
+        "the path-local masks are built again in every sliding layer instead of once per forward",
+        [
+            (
+                "crystal_ext/model/dual_path_attention.py",
+                "        if (window, blocks) not in self._masks:\n",
+                "        if True:\n",
+            )
+        ],
+        ["tests/test_gemma4.py::test_path_masks_are_built_once_per_forward"],
+    ),
+    Mutation(
+        "plan_slot_flags_sent_as_bool",
+        "the plan's real-slot flags go to the device as they are: to a GPU they travel in one int64 buffer "
+        "and come back as integers, which the image blocks cannot be found from",
+        [
+            (
+                "crystal_ext/model/dual_path_attention.py",
+                "on_device = copy_to_device((idx1, idx2, src, valid.long(), path_rows, output_rows), self.device)",
+                "on_device = copy_to_device((idx1, idx2, src, valid, path_rows, output_rows), self.device)",
+            ),
+            (
+                "crystal_ext/model/dual_path_attention.py",
+                "        self.valid = valid.bool()\n",
+                "        self.valid = valid\n",
+            ),
+        ],
+        ["tests/test_dual_path_windows.py::test_the_image_blocks_survive_the_plans_copy_to_a_gpu"],
     ),
     Mutation(
         "lora_defaults_diverge",

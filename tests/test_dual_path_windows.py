@@ -10,6 +10,7 @@ import pytest
 import torch
 from dual_path_helpers import dense_visibility, random_layout
 
+from crystal_ext.model import dual_path_attention as dual_path_attention_module
 from crystal_ext.model.dual_path_attention import dual_path_attention
 from crystal_ext.ops.layout import segments_of
 
@@ -119,3 +120,20 @@ def test_bad_window_and_image_tokens_are_named():
         dual_path_attention(q, k, v, layout, window=0)
     with pytest.raises(ValueError, match="image_tokens must be"):
         dual_path_attention(q, k, v, layout, image_tokens=image[:, :-1])
+
+
+def _one_int64_buffer(host, device):
+    """copy_to_device's way to a GPU (crystal_ext.ops.layout), on the CPU: every tensor through one
+    int64 buffer, so a bool tensor comes back as integers."""
+    flat = torch.cat([t.reshape(-1) for t in host])
+    return tuple(part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in host]), host))
+
+
+def test_the_image_blocks_survive_the_plans_copy_to_a_gpu(monkeypatch):
+    """To a GPU the plan's index tensors travel as one int64 buffer; the real-slot flags its image
+    blocks are found from must still work as flags there."""
+    q, k, v, layout, length, _, image = _case(5)
+    want = dual_path_attention(q, k, v, layout, 0.3, window=3, image_tokens=image)
+    monkeypatch.setattr(dual_path_attention_module, "copy_to_device", _one_int64_buffer)
+    got = dual_path_attention(q, k, v, layout, 0.3, window=3, image_tokens=image)
+    assert torch.equal(got, want)

@@ -167,6 +167,22 @@ def test_kv_shared_layers_get_the_storing_layers_packed_keys_and_values(monkeypa
     assert [w for _, _, w in calls] == [None, GEMMA3_WINDOW, None, GEMMA3_WINDOW, None]
 
 
+def test_path_masks_are_built_once_per_forward(monkeypatch):
+    """The path-local masks are built once per forward for each window and image-block choice, not
+    in every layer: here one choice (the sliding layers' window with image blocks) for two sliding
+    layers, one mask per path; the full layers are plain causal and take none."""
+    from crystal_ext.model import dual_path_attention as module
+
+    model, _, batch = _setup()
+    built = []
+    path_mask = module.path_mask
+    monkeypatch.setattr(module, "path_mask", lambda *args: built.append(args[2]) or path_mask(*args))
+    with torch.no_grad():
+        dual_path_hidden(backbone_and_head(model)[1], batch)
+    assert model.config.text_config.layer_types.count("sliding_attention") == 2
+    assert built == [GEMMA3_WINDOW, GEMMA3_WINDOW]
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     """The recipes checkpoint activations: the storing layers are recomputed in the backward pass and
     the KV-shared layers' gradients still reach them."""

@@ -14,6 +14,12 @@ lengths are batched by padding each gathered sequence at its END: under a causal
 real row never sees a later padded key, so no mask is needed and SDPA may use its
 flash-class kernels. Packed positions after F.end (batch padding) output zeros.
 No L x L mask is ever built; the only copies are the gathered q/k/v and the outputs.
+The gathers are row selections (one index_select of both paths' rows per tensor) in the
+[batch, length, heads, head_dim] layout the model's projections produce (q/k/v arrive as its
+transposed views), and the output is returned in that layout too: row copies whose backward adds
+rows back, and no transposing copy on either side (an elementwise gather per path over
+[batch, heads, length, head_dim] and its scatter-add backward cost about twice as much, measured on
+the CPU).
 
 Layers that are not plain causal attention (Gemma 3: docs/method.md, "Sliding windows and image
 blocks") run each path with a path-local boolean mask [P, P] instead of `is_causal`:
@@ -29,7 +35,11 @@ makes them bidirectional on its sliding layers only) by the plan, and only for s
 
 Layers that reuse an earlier layer's keys and values (Gemma 4's KV-shared layers) are handed that
 layer's packed k/v [batch, kv_heads, length, head_dim] and gather them like their own: path 2 reads
-the A, B, D, F keys of the layer that computed them, with the same visibility there as here.
+the A, B, D, F keys of the layer that computed them, with the same visibility there as here. The
+storing layer's gathered rows are not kept for them: selecting k/v again is a small part of a
+layer's work (about 0.3% of the Gemma 4 step of benchmarks/test_windowed_family_step.py on the
+CPU), and keeping them would hold both paths' k/v through the forward, under activation
+checkpointing too.
 """
 
 from __future__ import annotations
@@ -103,9 +113,21 @@ def path_indices(
     return idx1, idx2, src
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    batch, heads, _, dim = x.shape
-    return x.gather(2, idx[:, None, :, None].expand(batch, heads, idx.shape[1], dim))
+def flat_rows(idx: torch.Tensor, length: int) -> torch.Tensor:
+    """[batch * P]: the rows idx [batch, P] (positions in each sample) as indices into the
+    [batch * length] rows of the whole batch."""
+    return (idx + torch.arange(idx.shape[0])[:, None] * length).flatten()
+
+
+def _both_paths(x: torch.Tensor, plan: "DualPathPlan") -> tuple[torch.Tensor, torch.Tensor]:
+    """x [batch, heads, length, dim] -> (path 1 [batch, heads, P1, dim], path 2 [batch, heads, P2,
+    dim]): both paths' rows in one row selection, so the backward adds the gradients of A's and D's
+    rows from both paths in one pass; each path a view of a contiguous [batch, P, heads, dim]."""
+    batch, heads, length, dim = x.shape
+    picked = x.transpose(1, 2).reshape(batch * length, heads, dim).index_select(0, plan.path_rows)
+    sizes = (plan.idx1.shape[1], plan.idx2.shape[1])
+    parts = picked.split([batch * p for p in sizes])
+    return tuple(part.view(batch, p, heads, dim).transpose(1, 2) for part, p in zip(parts, sizes))
 
 
 def _sdpa(q, k, v, scale, mask=None):
@@ -138,6 +160,16 @@ def path_mask(order: torch.Tensor, blocks: torch.Tensor | None, window: int | No
     return visible[:, None]
 
 
+def _output_rows(src: torch.Tensor, p1: int, p2: int) -> torch.Tensor:
+    """[batch * length]: where each packed row's output lives in the rows of
+    cat([path 1's batch * p1 rows, path 2's batch * p2 rows, one zero row]); `src` as path_indices
+    returns it (per sample: [path 1 slots, path 2 slots, zero row])."""
+    batch = src.shape[0]
+    sample = torch.arange(batch)[:, None]
+    rows = torch.where(src < p1, sample * p1 + src, batch * p1 + sample * p2 + src - p1)
+    return torch.where(src < p1 + p2, rows, batch * (p1 + p2)).flatten()
+
+
 class DualPathPlan:
     """What every layer of one forward needs from the layout: the checked layout
     (crystal_ext.ops.layout.CheckedLayout: its host copy and Segments), the gather / scatter-back
@@ -154,11 +186,15 @@ class DualPathPlan:
         self.segments = layout.segments
         self.batch, self.length, self.device = layout.batch, layout.length, torch.device(device)
         batch, length = self.batch, self.length
-        idx = path_indices(self.segments, length)
-        self.longest_path = idx[0].shape[1]  # |A|+|C|+|D|+|E| = |A|+|B|+|D|+|F| of the longest sample
+        idx1, idx2, src = path_indices(self.segments, length)
+        self.longest_path = idx1.shape[1]  # |A|+|C|+|D|+|E| = |A|+|B|+|D|+|F| of the longest sample
         lengths = torch.tensor([len(s.path1()) for s in self.segments])
         valid = torch.arange(self.longest_path)[None] < lengths[:, None]  # the real slots of each path
-        self.idx1, self.idx2, self.src, self.valid = copy_to_device((*idx, valid), self.device)
+        path_rows = torch.cat([flat_rows(idx1, length), flat_rows(idx2, length)])  # path 1's, then path 2's
+        output_rows = _output_rows(src, idx1.shape[1], idx2.shape[1])
+        on_device = copy_to_device((idx1, idx2, src, valid.long(), path_rows, output_rows), self.device)
+        self.idx1, self.idx2, self.src, valid, self.path_rows, self.output_rows = on_device
+        self.valid = valid.bool()
         if image_tokens is not None and tuple(image_tokens.shape) != (batch, length):
             raise ValueError(
                 f"{_OP}: image_tokens must be [batch, length] = [{batch}, {length}], got {list(image_tokens.shape)}"
@@ -222,10 +258,13 @@ def dual_path_attention_planned(
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"{_OP}: window must be a positive int or None, got {window!r}")
     mask1, mask2 = plan.masks(window, image_blocks) or (None, None)
-    out1 = _sdpa(_gather(q, plan.idx1), _gather(k, plan.idx1), _gather(v, plan.idx1), scale, mask1)
-    out2 = _sdpa(_gather(q, plan.idx2), _gather(k, plan.idx2), _gather(v, plan.idx2), scale, mask2)
-    zero_row = q.new_zeros(q.shape[0], q.shape[1], 1, q.shape[3])
-    return _gather(torch.cat([out1, out2, zero_row], dim=2), plan.src)
+    (q1, q2), (k1, k2), (v1, v2) = (_both_paths(t, plan) for t in (q, k, v))
+    out1 = _sdpa(q1, k1, v1, scale, mask1)
+    out2 = _sdpa(q2, k2, v2, scale, mask2)
+    batch, heads, length, dim = q.shape
+    rows = [out.transpose(1, 2).reshape(-1, heads, dim) for out in (out1, out2)]
+    rows = torch.cat([*rows, q.new_zeros(1, heads, dim)]).index_select(0, plan.output_rows)
+    return rows.view(batch, length, heads, dim).transpose(1, 2)
 
 
 def dual_path_attention(
@@ -249,7 +288,8 @@ def dual_path_attention(
             bidirectional inside its own path (None: plain causal).
 
     Returns:
-        [batch, heads, length, head_dim] in q's dtype; rows after F.end are zeros.
+        [batch, heads, length, head_dim] in q's dtype (a view of a contiguous
+        [batch, length, heads, head_dim]); rows after F.end are zeros.
     """
     _check_qkv(q, k, v, _OP)
     plan = DualPathPlan(check_layout(layout, q.shape[0], q.shape[2], _OP), q.device, image_tokens)
