@@ -439,6 +439,35 @@ MUTATIONS = [
         csrc=True,
     ),
     Mutation(
+        "vector_exp_nan_at_minus_inf",
+        "the AVX-512 exp of the LM-head row passes returns its polynomial at -inf (NaN) instead of 0",
+        [
+            (
+                "csrc/cpu/vocab_rows.cpp",
+                "return _mm512_mask_mov_ps(y, zero, _mm512_setzero_ps());",
+                "return zero == 0 ? y : y;",
+            )
+        ],
+        [
+            "tests/test_cpu_vocab_rows.py::test_exp_edges",
+            "tests/test_cpu_vocab_rows.py::test_bf16_op_with_neg_inf_columns",
+        ],
+        csrc=True,
+    ),
+    Mutation(
+        "mkl_product_overwrites",
+        "MKL's P W product overwrites the running expectation instead of adding to it",
+        [
+            (
+                "csrc/cpu/gemm_bf16.cpp",
+                "accumulate ? 1.0f : 0.0f, c, static_cast<int>(ldc));",
+                "0.0f, c, static_cast<int>(ldc));",
+            )
+        ],
+        ["tests/test_cpu_gemm_bf16.py::test_accumulates_into_out", "tests/test_cpu_vocab_rows.py"],
+        csrc=True,
+    ),
+    Mutation(
         "vector_transpose_repeats_a_lane",
         "the 16 x 16 word transpose of the AVX-512 pack of w^T writes column 0 where column 8 goes",
         [

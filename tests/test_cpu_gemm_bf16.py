@@ -1,8 +1,9 @@
 """The CPU bf16 x bf16 -> fp32 GEMM (csrc/cpu/gemm_bf16) that the fused LM-head losses use
 for bf16 inputs: exact against an fp32 GEMM of the same bf16 values (up to summation order)
-on every edge of its blocking, on both of its paths (AMX tiles where the CPU has them, the
-AVX512-BF16 kernel otherwise or with CRYSTAL_EXT_CPU_AMX=0; on a CPU without AMX both ids run
-the AVX512-BF16 kernel). Skipped where the CPU has no AVX512-BF16."""
+on every edge of its blocking, on each of its paths (MKL's GEMM for products by w and AMX tiles
+where the CPU has AMX, AMX tiles alone with CRYSTAL_EXT_CPU_MKL_GEMM=0, the AVX512-BF16 kernel
+otherwise or with CRYSTAL_EXT_CPU_AMX=0; on a CPU without AMX every id runs the AVX512-BF16
+kernel). Skipped where the CPU has no AVX512-BF16."""
 
 from __future__ import annotations
 
@@ -37,10 +38,13 @@ SIZES = [
 ]
 
 
-@pytest.fixture(params=["amx", "avx512bf16"])
+@pytest.fixture(params=["mkl", "amx", "avx512bf16"])
 def path(request, monkeypatch):
-    """The GEMM path under test (read by the extension at each call)."""
-    monkeypatch.setenv("CRYSTAL_EXT_CPU_AMX", "1" if request.param == "amx" else "0")
+    """The GEMM path under test (read by the extension at each call): products by w through
+    MKL and by w^T on AMX tiles ("mkl", the default where the CPU has AMX), both on AMX tiles,
+    or both on the AVX512-BF16 kernel."""
+    monkeypatch.setenv("CRYSTAL_EXT_CPU_AMX", "0" if request.param == "avx512bf16" else "1")
+    monkeypatch.setenv("CRYSTAL_EXT_CPU_MKL_GEMM", "1" if request.param == "mkl" else "0")
     return request.param
 
 
