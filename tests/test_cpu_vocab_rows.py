@@ -55,8 +55,13 @@ def test_exp_edges():
         torch.testing.assert_close(_C.cpu_rows_exp(x), torch.exp(x), rtol=3e-7, atol=0)
 
 
+# The op's shapes, and one with more logit rows than the few-rows product takes (64) over two
+# vocabulary blocks: P W through MKL, accumulating across blocks.
+OP_SHAPES = SHAPES + [(100, 12, 9001, [20, 9], True, 0.2)]
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-Hd{s[1]}-V{s[2]}-M{sum(s[3])}")
+@pytest.mark.parametrize("shape", OP_SHAPES, ids=lambda s: f"N{s[0]}-Hd{s[1]}-V{s[2]}-M{sum(s[3])}")
 def test_bf16_op_matches_reference(shape, variant, monkeypatch):
     """Every variant gives the losses of the scalar, packed path to fp32 rounding and d hidden
     as close to a float64 run as that path's (P enters the expectation GEMM in bf16, so a 1-ulp

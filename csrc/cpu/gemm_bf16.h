@@ -57,7 +57,10 @@ bool mkl_gemm_available();
 // B packed for gemm_bf16_f32: k x n, k padded to even with zeros, columns in panels of
 // kPanel (the last panel zero-padded). Panel j holds [k_pairs][kPanel][2] bf16.
 //
-// Where mkl_gemm_available(), pack / pack_into pack nothing: `source` keeps w for MKL's GEMM. On
+// Where mkl_gemm_available(), pack / pack_into pack nothing: `source` keeps w for the product,
+// which runs through MKL, or, for at most 64 rows of A on the AMX path with the vector packs,
+// packs w's rows k-block by k-block into L2 inside the GEMM (C stays in L2 while w streams past
+// once; CRYSTAL_EXT_CPU_PACK_IN_GEMM=0 sends those to MKL too). On
 // the AMX path with the vector packs (amx_available() and simd_pack_available()) the pack of
 // w^T is deferred: `source` keeps w (no copy) and gemm_bf16_f32 packs a few panels at a time
 // into a buffer that stays in L2 just before the tiles read them, so the packed copy of a

@@ -51,7 +51,8 @@ CRYSTAL_AVX512_ROWS inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   const __m512 y = _mm512_scalef_ps(p, n);
-  // Below -104, expf is 0 (under the smallest denormal); at -inf the reduction above is NaN.
+  // Below -104 expf is 0 (under the smallest denormal): set it so, rather than rely on what
+  // VSCALEFPS makes of the NaN that the reduction above gives at -inf.
   const __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_LT_OQ);
   return _mm512_mask_mov_ps(y, zero, _mm512_setzero_ps());
 }
