@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/gemm_bf16.h"
+#include "cpu/vocab_rows.h"
 #include "lm_head_losses_host.h"
 #include "lm_head_losses_tiling.h"
 
@@ -87,6 +88,9 @@ void register_test_entry_points(pybind11::module_& m) {
   m.def("parallel_for_threads", &parallel_for_threads,
         "Internal, for tests: distinct threads that ran an at::parallel_for over n items",
         pybind11::arg("n"));
+  m.def("cpu_rows_exp", &crystal_ext::cpu_rows::exp_for_tests,
+        "Internal, for tests: exp of a float32 tensor by the LM-head op's AVX-512 row passes",
+        pybind11::arg("x"));
   m.def("cpu_gemm_bf16", &cpu_gemm_bf16,
         "Internal, for tests: a x B in bf16 with fp32 output on the CPU's AVX512-BF16 kernel",
         pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("transposed"),

@@ -439,6 +439,39 @@ MUTATIONS = [
         csrc=True,
     ),
     Mutation(
+        "vector_exp_drops_ln2_low_part",
+        "the AVX-512 exp reduces its argument by the high part of ln 2 only (n * 2.1e-4 relative off)",
+        [
+            (
+                "csrc/cpu/vocab_rows.cpp",
+                "r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);",
+                "r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.0f), r);",
+            )
+        ],
+        ["tests/test_cpu_vocab_rows.py::test_exp_within_two_ulp_of_float64"],
+        csrc=True,
+    ),
+    Mutation(
+        "mkl_product_overwrites",
+        "MKL's P W product overwrites the running expectation instead of adding to it",
+        [
+            (
+                "csrc/cpu/gemm_bf16.cpp",
+                "accumulate ? 1.0f : 0.0f, c, static_cast<int>(ldc));",
+                "0.0f, c, static_cast<int>(ldc));",
+            )
+        ],
+        ["tests/test_cpu_gemm_bf16.py::test_accumulates_into_out", "tests/test_cpu_vocab_rows.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "few_rows_product_rereads_first_k_block",
+        "the few-rows AMX product by w multiplies every k-block of w by A's first k-block",
+        [("csrc/cpu/gemm_bf16.cpp", "ldc, add, a + 2 * p0,", "ldc, add, a,")],
+        ["tests/test_cpu_gemm_bf16.py"],
+        csrc=True,
+    ),
+    Mutation(
         "vector_transpose_repeats_a_lane",
         "the 16 x 16 word transpose of the AVX-512 pack of w^T writes column 0 where column 8 goes",
         [

@@ -1,8 +1,9 @@
 """The CPU bf16 x bf16 -> fp32 GEMM (csrc/cpu/gemm_bf16) that the fused LM-head losses use
 for bf16 inputs: exact against an fp32 GEMM of the same bf16 values (up to summation order)
-on every edge of its blocking, on both of its paths (AMX tiles where the CPU has them, the
-AVX512-BF16 kernel otherwise or with CRYSTAL_EXT_CPU_AMX=0; on a CPU without AMX both ids run
-the AVX512-BF16 kernel). Skipped where the CPU has no AVX512-BF16."""
+on every edge of its blocking, on each of its paths (MKL's GEMM for products by w and AMX tiles
+where the CPU has AMX, AMX tiles alone with CRYSTAL_EXT_CPU_MKL_GEMM=0, the AVX512-BF16 kernel
+otherwise or with CRYSTAL_EXT_CPU_AMX=0; on a CPU without AMX every id runs the AVX512-BF16
+kernel). Skipped where the CPU has no AVX512-BF16."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.skipif(
 # 2 KB (padded).
 SIZES = [
     (63, 40, 33),
+    (64, 601, 97),
     (65, 130, 64),
     (129, 7, 95),
     (779, 96, 70),
@@ -37,10 +39,13 @@ SIZES = [
 ]
 
 
-@pytest.fixture(params=["amx", "avx512bf16"])
+@pytest.fixture(params=["mkl", "amx", "avx512bf16"])
 def path(request, monkeypatch):
-    """The GEMM path under test (read by the extension at each call)."""
-    monkeypatch.setenv("CRYSTAL_EXT_CPU_AMX", "1" if request.param == "amx" else "0")
+    """The GEMM path under test (read by the extension at each call): products by w through
+    MKL and by w^T on AMX tiles ("mkl", the default where the CPU has AMX), both on AMX tiles,
+    or both on the AVX512-BF16 kernel."""
+    monkeypatch.setenv("CRYSTAL_EXT_CPU_AMX", "0" if request.param == "avx512bf16" else "1")
+    monkeypatch.setenv("CRYSTAL_EXT_CPU_MKL_GEMM", "1" if request.param == "mkl" else "0")
     return request.param
 
 
@@ -68,11 +73,12 @@ def test_empty_k_gives_zeros(path):
     assert torch.equal(got, torch.zeros(3, 5))
 
 
-def test_accumulates_into_out(path):
+@pytest.mark.parametrize("m", [17, 100])  # the few-rows AMX product by w, and MKL's
+def test_accumulates_into_out(path, m):
     g = torch.Generator().manual_seed(1)
-    a = torch.randn(17, 40, generator=g).bfloat16()
+    a = torch.randn(m, 40, generator=g).bfloat16()
     w = torch.randn(40, 45, generator=g).bfloat16()
-    out = torch.randn(17, 45, generator=g)
+    out = torch.randn(m, 45, generator=g)
     expected = out.double() + a.double() @ w.double()
     got = _C.cpu_gemm_bf16(a, w, False, out)
     assert got.data_ptr() == out.data_ptr()
@@ -141,9 +147,14 @@ def test_every_pack_gives_the_same_bits(m, k, n, transposed, path, monkeypatch):
         for name in ("CRYSTAL_EXT_CPU_PACK_IN_GEMM", "CRYSTAL_EXT_CPU_SIMD_PACK"):
             monkeypatch.setenv(name, env.get(name, "1"))
         got[mode] = _C.cpu_gemm_bf16(a, w, transposed)
+    # On the MKL path a product by w runs through MKL except in the deferred mode with few rows
+    # (our k-outer AMX path): two summations, so values are compared there, not bits.
+    mkl_products = path == "mkl" and not transposed
     for mode in PACK_MODES:
-        assert torch.equal(got[mode], got["scalar"]), mode
+        if not mkl_products:
+            assert torch.equal(got[mode], got["scalar"]), mode
     b = w.double().t() if transposed else w.double()
     gold = a.double() @ b
     bound = 4 * k**0.5 * 2.0**-24 * (a.double().abs() @ b.abs()) + 1e-30
-    assert ((got["deferred"].double() - gold).abs() <= bound).all()
+    for mode in PACK_MODES:
+        assert ((got[mode].double() - gold).abs() <= bound).all(), mode

@@ -16,6 +16,14 @@
 // and a 14 x 32 block of C lives in 28 zmm accumulators. Products are exact in fp32 and
 // accumulate in fp32, so the result equals an fp32 GEMM of the same bf16 values up to the
 // order of summation.
+//
+// Where the CPU has AMX, a product by B = w (the expectation GEMM P W) runs instead through the
+// cblas_gemm_bf16bf16f32 of the MKL that libtorch_cpu bundles on x86-64 (the kernel that
+// aten::mm's bf16 matmul runs there, with the fp32 output kept; ATen's own bf16 x bf16 -> fp32
+// cpublas::gemm is not exported to extensions). Our pack of w walks two rows at a time into the
+// VNNI layout and is written out whole before the product; MKL packs its blocks as it goes.
+// With it the LM-head op at |E| = 384 (781 rows, 7B widths, bf16, one thread) measured 1.21x
+// faster, with the logits GEMM (B = w^T) left on our deferred pack, which was as fast.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -40,10 +48,20 @@ bool amx_available();
 // every weight element of a block once per GEMM.
 bool simd_pack_available();
 
+// True when products by B = w (pack / pack_into) run through MKL's cblas_gemm_bf16bf16f32 (see
+// the top of the file): amx_available() (MKL's AMX kernels; without AMX, on AMD CPUs, it measured
+// at fp32 speed), libtorch_cpu exports the function, and CRYSTAL_EXT_CPU_MKL_GEMM is not "0"
+// (read when packing and at each call, like CRYSTAL_EXT_CPU_AMX).
+bool mkl_gemm_available();
+
 // B packed for gemm_bf16_f32: k x n, k padded to even with zeros, columns in panels of
 // kPanel (the last panel zero-padded). Panel j holds [k_pairs][kPanel][2] bf16.
 //
-// On the AMX path with the vector packs (amx_available() and simd_pack_available()) the pack of
+// Where mkl_gemm_available(), pack / pack_into pack nothing: `source` keeps w for the product,
+// which runs through MKL, or, for at most 64 rows of A on the AMX path with the vector packs,
+// packs w's rows k-block by k-block into L2 inside the GEMM (C stays in L2 while w streams past
+// once; CRYSTAL_EXT_CPU_PACK_IN_GEMM=0 sends those to MKL too). On
+// the AMX path with the vector packs (amx_available() and simd_pack_available()) the pack of
 // w^T is deferred: `source` keeps w (no copy) and gemm_bf16_f32 packs a few panels at a time
 // into a buffer that stays in L2 just before the tiles read them, so the packed copy of a
 // weight block is never written to memory and read back. CRYSTAL_EXT_CPU_PACK_IN_GEMM=0 packs
@@ -53,6 +71,7 @@ struct PackedB {
   at::Tensor data;    // bf16, n_panels * k_pairs * kPanel * 2 elements (eager packs)
   at::Tensor source;  // deferred packs: w itself, contiguous bf16
   bool source_transposed = false;  // source is w [n, k] (B = w^T), else w [k, n] (B = w)
+  bool for_mkl = false;            // source is B as it is, for MKL's GEMM (nothing packed)
   int64_t k = 0, n = 0, k_pairs = 0, n_panels = 0;
 };
 

@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "cpu/gemm_bf16.h"
+#include "cpu/vocab_rows.h"
 #include "lm_head_losses.h"
 #include "lm_head_losses_checks.h"
 #include "lm_head_losses_host.h"
@@ -67,6 +68,23 @@ bool use_bf16_gemm(const at::Tensor& hidden, const Problem& p) {
     return false;
   const char* env = std::getenv("CRYSTAL_EXT_CPU_BF16_GEMM");
   return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
+// The rows' passes over a block on AVX-512 (csrc/cpu/vocab_rows.h) for float accumulation.
+template <typename acc_t>
+bool simd_rows() {
+  return std::is_same<acc_t, float>::value && cpu_rows::available();
+}
+
+// max(init, the row's logits), NaN ignored.
+template <typename acc_t>
+acc_t row_max(const acc_t* s, int64_t vb, acc_t init, bool simd) {
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (simd) return cpu_rows::max_of(s, vb, init);
+  }
+  acc_t m = init;
+  for (int64_t v = 0; v < vb; ++v) m = s[v] > m ? s[v] : m;
+  return m;
 }
 
 // S = H W_blk^T (+ b_blk) for the vocabulary block [v0, v0 + vb): fp32 out (fp64 for fp64).
@@ -162,13 +180,17 @@ double fill_p_row(acc_t* pr, const acc_t* s, int64_t vb, acc_t shift, const Prob
 // P on the bf16 path: p~ rounded to bf16 (hi) and, for a paired row (lo not null), the
 // remainder rounded (lo). Returns the block's sum of p~ in double.
 inline double fill_p_row_bf16(at::BFloat16* hi, at::BFloat16* lo, const float* s, int64_t vb,
-                              float shift, int64_t lda_p) {
+                              float shift, int64_t lda_p, bool simd) {
   double sum = 0.0;
-  for (int64_t v = 0; v < vb; ++v) {
-    const float pv = static_cast<float>(unnormalised_prob(s[v], shift));
-    sum += pv;
-    hi[v] = at::BFloat16(pv);
-    if (lo != nullptr) lo[v] = at::BFloat16(pv - static_cast<float>(hi[v]));
+  if (simd) {
+    sum = cpu_rows::exp_to_bf16(s, vb, shift, hi, lo);
+  } else {
+    for (int64_t v = 0; v < vb; ++v) {
+      const float pv = static_cast<float>(unnormalised_prob(s[v], shift));
+      sum += pv;
+      hi[v] = at::BFloat16(pv);
+      if (lo != nullptr) lo[v] = at::BFloat16(pv - static_cast<float>(hi[v]));
+    }
   }
   // The A operand's pad columns meet zeros of B, but must not be NaN.
   for (int64_t v = vb; v < lda_p; ++v) {
@@ -349,11 +371,11 @@ struct Forward {
     at::BFloat16* p16_ptr = c.bf16_gemm ? c.p_buf.template data_ptr<at::BFloat16>() : nullptr;
     acc_t* e_ptr = grad_hidden ? c.expect.template data_ptr<acc_t>() : nullptr;
     const int64_t Hd = p.hidden_dim;
+    const bool simd = simd_rows<acc_t>();
     at::parallel_for(0, c.R, 16, [&](int64_t rb, int64_t re) {
       for (int64_t j = rb; j < re; ++j) {
         const acc_t* s = s_ptr + j * vb;
-        acc_t bmax = c.run_max[j];
-        for (int64_t v = 0; v < vb; ++v) bmax = s[v] > bmax ? s[v] : bmax;
+        const acc_t bmax = row_max(s, vb, c.run_max[j], simd);
         const acc_t a = block_rescale(c.run_max[j], bmax);
         const acc_t shift = exp_shift(bmax);
         double sum = 0.0;
@@ -361,7 +383,7 @@ struct Forward {
           sum = fill_p_row(p_ptr + j * vb, s, vb, shift, p);
         } else if constexpr (std::is_same<acc_t, float>::value) {  // (bf16_gemm implies float)
           at::BFloat16* lo = j < c.n_lo ? p16_ptr + (c.R + j) * c.lda_p : nullptr;
-          sum = fill_p_row_bf16(p16_ptr + j * c.lda_p, lo, s, vb, shift, c.lda_p);
+          sum = fill_p_row_bf16(p16_ptr + j * c.lda_p, lo, s, vb, shift, c.lda_p, simd);
         }
         c.run_sum[j] = c.run_sum[j] * static_cast<double>(a) + sum;
         c.run_max[j] = bmax;
@@ -384,6 +406,7 @@ struct Forward {
     const std::vector<int64_t>& pair_s = h_plan.pair_s;
     const acc_t cap = static_cast<acc_t>(p.logit_softcap);
     const int64_t Hd = p.hidden_dim;
+    const bool simd = simd_rows<acc_t>();
     at::parallel_for(0, p.n_pairs, 4, [&](int64_t ib, int64_t ie) {
       for (int64_t i = ib; i < ie; ++i) {
         const acc_t* st = s_ptr + pair_t[i] * vb;
@@ -392,10 +415,14 @@ struct Forward {
         const acc_t t_max = exp_shift(c.run_max[pair_t[i]]);
         acc_t* pc = c.cross_expect ? c.pc_buf.template data_ptr<acc_t>() + i * vb : nullptr;
         double sum = 0.0;  // in double, as the row sums
-        for (int64_t v = 0; v < vb; ++v) {
-          const acc_t e = unnormalised_prob(st[v], t_max);
-          sum += kl_cross_term(e, st[v], ss[v]);
-          if (pc != nullptr) pc[v] = e * softcap_slope(ss[v], cap);
+        if (simd && pc == nullptr) {
+          if constexpr (std::is_same<acc_t, float>::value) sum = cpu_rows::kl_cross_sum(st, ss, vb, t_max);
+        } else {
+          for (int64_t v = 0; v < vb; ++v) {
+            const acc_t e = unnormalised_prob(st[v], t_max);
+            sum += kl_cross_term(e, st[v], ss[v]);
+            if (pc != nullptr) pc[v] = e * softcap_slope(ss[v], cap);
+          }
         }
         const acc_t a = c.alpha[pair_t[i]];
         c.cross[i] = c.cross[i] * static_cast<double>(a) + sum;
