@@ -1,5 +1,6 @@
-"""One whole CrystaL training step on a model with linear-attention layers (Qwen3.5): the
-dual-path step (each linear layer scanned once per path, A's whole 64-token chunks once for both,
+"""One whole CrystaL training step on a model with linear-attention layers (Qwen3.5) and on one
+with short-convolution layers (LFM2-VL): the dual-path step (each linear layer scanned once per
+path, A's whole 64-token chunks once for both; each convolution layer run on each whole path:
 crystal_ext.model.path_scan; attention layers through the dual-path attention) against the
 single-path SFT step, measured in the same run.
 
@@ -9,7 +10,9 @@ Shape: a small Qwen3.5 (hidden 1024; 3 Gated DeltaNet layers with 8 key / 16 val
 and a 4-tap convolution, then 1 full-attention layer with 8 heads / 2 kv heads of 128; vocabulary
 32,768, embedding and LM head frozen), one 448 x 448 image (196 visual tokens after the 2 x 2
 merge), |E| = |F| = 45: L = 556 with no system prompt (|A| = 2: nothing of A is shared), L = 759
-with a 200-word one (|A| = 205: 192 tokens scanned once). On CPUs transformers runs its torch
+with a 200-word one (|A| = 205: 192 tokens scanned once). LFM2-VL: the tests' tiny model at hidden
+512, conv, conv, attention twice (3-tap convolutions; 8 heads), a 64 x 64 image (16 tokens), 180
+question and 90 answer words (L about 580). On CPUs transformers runs its torch
 fallbacks of the linear layer's kernels (the `fla` / `causal_conv1d` packages are not installed),
 in both steps alike. Target: the dual-path step at most 2.0x the time of the single-path step, the
 median of the ratios of interleaved rounds (asserted only when benchmarking is enabled).
@@ -20,11 +23,12 @@ from __future__ import annotations
 import functools
 import statistics
 
+import numpy as np
 import pytest
 import step_models
 import torch
 from bench_utils import median_seconds, require_fused_ops
-from family_models import QWEN_TEMPLATE, _qwen_processor, tokenizer
+from family_models import QWEN_TEMPLATE, TASK_WORDS, _qwen_processor, build_linear, tokenizer
 from step_models import peak_step_bytes, run_step
 
 import crystal_ext
@@ -102,6 +106,23 @@ def prepared(system_words=0):
     return model, DualPathCollator(packer, tok.pad_token_id)([example])
 
 
+LFM2_LAYERS = ("conv", "conv", "full_attention") * 2
+
+
+@functools.cache
+def prepared_lfm2_vl():
+    crystal_ext.register_dual_path_attention()
+    model, processor, latent = build_linear(
+        "lfm2_vl", crystal_ext.ATTN_IMPLEMENTATION, hidden=512, k=8, layer_types=LFM2_LAYERS
+    )
+    for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+        emb.weight.requires_grad_(False)
+    words = lambda n, seed: " ".join(np.random.default_rng(seed).choice(TASK_WORDS[4:], size=n))  # noqa: E731
+    packer = DualPathPacker(processor, latent, model, max_length=4096)
+    example = Example("ex0", step_models._image(0, 64), words(180, 0), words(90, 100))
+    return model.train(), DualPathCollator(packer, processor.tokenizer.pad_token_id)([example])
+
+
 def dual(model, batch):
     return crystal_objective(model, batch)
 
@@ -110,13 +131,20 @@ def single(model, batch):
     return crystal_objective(model, batch, ObjectiveConfig(crystal=False))
 
 
-@pytest.mark.parametrize("system_words", [0, 200], ids=["short_a", "long_a"])
-def test_linear_family_dual_path_vs_single_path(benchmark, system_words):
+CASES = {
+    "short_a": "qwen3_5 small, 0-word system prompt",
+    "long_a": "qwen3_5 small, 200-word system prompt",
+    "lfm2_vl": "lfm2_vl small",
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_linear_family_dual_path_vs_single_path(benchmark, case):
     require_fused_ops()
-    model, batch = prepared(system_words)
+    model, batch = prepared_lfm2_vl() if case == "lfm2_vl" else prepared(200 if case == "long_a" else 0)
     run_dual = lambda: run_step(dual, model, batch)  # noqa: E731
     run_single = lambda: run_step(single, model, batch)  # noqa: E731
-    benchmark.group = f"crystal step qwen3_5 small, {system_words}-word system prompt"
+    benchmark.group = f"crystal step {CASES[case]}"
     benchmark.pedantic(run_dual, rounds=2, warmup_rounds=1)
     if benchmark.disabled:
         return
@@ -138,7 +166,7 @@ def test_linear_family_dual_path_vs_single_path(benchmark, system_words):
         "single_peak_MB": round(single_peak / 2**20, 1),
     }
     benchmark.extra_info.update(info)
-    print(f"\ndual vs single path qwen3_5 small, {system_words}-word system prompt: {info}")
+    print(f"\ndual vs single path {CASES[case]}: {info}")
     assert info["time_ratio"] <= DUAL_PATH_PRICE, info
 
 

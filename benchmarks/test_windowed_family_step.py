@@ -1,7 +1,8 @@
 """One whole CrystaL training step (forward + backward, all three losses) on small models of the
-families with sliding-window layers: Gemma 3 (5 sliding : 1 full, image blocks on every layer) and
+families with sliding-window layers: Gemma 3 (5 sliding : 1 full, image blocks on every layer),
 Gemma 4 (sliding and full layers, two KV-shared layers, per-layer inputs, image blocks on the
-sliding layers). Each against, in the same run:
+sliding layers) and Aya Vision's Cohere2 text (sliding and full layers, no image blocks, a logit scale).
+Each against, in the same run:
   - the single-path SFT step on [A, C, D, E] (goal: the dual-path step at most 2.0x its time);
   - the published way: every layer under a dense [B, 1, L, L] additive mask of its layer type
     (window on positions and image blocks written in, built once outside the step as the
@@ -35,12 +36,14 @@ from crystal_ext.data.packing import DualPathCollator, DualPathPacker, Example
 from crystal_ext.model.objective import CrystalLoss, ObjectiveConfig, crystal_objective
 from crystal_ext.model.parts import text_config
 
-FAMILIES = ["gemma3", "gemma4"]
+FAMILIES = ["gemma3", "gemma4", "aya_vision_cohere2"]
 HIDDEN, WINDOW, QUESTION, ANSWER, ROUNDS = 512, 128, 180, 90, 4
 LAYERS = {
     "gemma3": ("sliding_attention",) * 5 + ("full_attention",),
     # Layers 4 and 5 reuse the keys and values of layers 3 and 2.
     "gemma4": ("sliding_attention", "sliding_attention", "full_attention") * 2,
+    # Cohere2 alternates 3 sliding : 1 full over 32 layers; 6 layers here, the last one full.
+    "aya_vision_cohere2": ("sliding_attention", "sliding_attention", "full_attention") * 2,
 }
 DUAL_PATH_PRICE = 2.0
 
@@ -54,10 +57,10 @@ def prepared(family):
     crystal_ext.register_dual_path_attention()
     attn = crystal_ext.ATTN_IMPLEMENTATION
     shape = {"hidden": HIDDEN, "k": 8, "layer_types": LAYERS[family], "window": WINDOW}
-    if family == "gemma3":
-        model, processor, latent = build_windowed("gemma3", attn, **shape)
-    else:
+    if family == "gemma4":
         model, processor, latent = build_gemma4(attn, **shape)
+    else:
+        model, processor, latent = build_windowed(family, attn, **shape)
     model.train()
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     packer = DualPathPacker(processor, latent, model, max_length=4096)
@@ -71,11 +74,15 @@ def _dense_masks(model, batch):
     text = text_config(model)
     length = batch["input_ids"].shape[1]
     images = batch["input_ids"] == model.config.image_token_id
-    full_blocks = images if model.config.model_type == "gemma3" else None  # Gemma 4: sliding layers only
+    kind = model.config.model_type
+    full_blocks = images if kind == "gemma3" else None  # Gemma 4: sliding layers only
+    sliding_blocks = images if kind in ("gemma3", "gemma4") else None  # Cohere2: none
     args = (batch["layout"], length, batch["position_ids"])
     return {
         "full_attention": additive(dense_visibility(*args, None, full_blocks), model.dtype),
-        "sliding_attention": additive(dense_visibility(*args, text.sliding_window, images), model.dtype),
+        "sliding_attention": additive(
+            dense_visibility(*args, text.sliding_window, sliding_blocks), model.dtype
+        ),
     }
 
 
