@@ -1,5 +1,5 @@
-"""One whole CrystaL training step on a model with linear-attention layers (Qwen3.5) and on one
-with short-convolution layers (LFM2-VL): the dual-path step (each linear layer scanned once per
+"""One whole CrystaL training step on models with linear-attention layers (Qwen3.5, Qwen3.5-MoE)
+and with short-convolution layers (LFM2-VL): the dual-path step (each linear layer scanned once per
 path, A's whole 64-token chunks once for both; each convolution layer run on each whole path:
 crystal_ext.model.path_scan; attention layers through the dual-path attention) against the
 single-path SFT step, measured in the same run.
@@ -10,9 +10,10 @@ Shape: a small Qwen3.5 (hidden 1024; 3 Gated DeltaNet layers with 8 key / 16 val
 and a 4-tap convolution, then 1 full-attention layer with 8 heads / 2 kv heads of 128; vocabulary
 32,768, embedding and LM head frozen), one 448 x 448 image (196 visual tokens after the 2 x 2
 merge), |E| = |F| = 45: L = 556 with no system prompt (|A| = 2: nothing of A is shared), L = 759
-with a 200-word one (|A| = 205: 192 tokens scanned once). LFM2-VL: the tests' tiny model at hidden
-512, conv, conv, attention twice (3-tap convolutions; 8 heads), a 64 x 64 image (16 tokens), 180
-question and 90 answer words (L about 580). On CPUs transformers runs its torch
+with a 200-word one (|A| = 205: 192 tokens scanned once). LFM2-VL and Qwen3.5-MoE: the tests' tiny
+models (tests/family_models.py build_linear) at hidden 512 (LFM2-VL: conv, conv, attention twice,
+3-tap convolutions; Qwen3.5-MoE: 3 linear + 1 attention layers with the tests' experts), a 64 x 64
+image, 180 question and 90 answer words (L about 600). On CPUs transformers runs its torch
 fallbacks of the linear layer's kernels (the `fla` / `causal_conv1d` packages are not installed),
 in both steps alike. Target: the dual-path step at most 2.0x the time of the single-path step, the
 median of the ratios of interleaved rounds (asserted only when benchmarking is enabled).
@@ -110,10 +111,13 @@ LFM2_LAYERS = ("conv", "conv", "full_attention") * 2
 
 
 @functools.cache
-def prepared_lfm2_vl():
+def prepared_tiny(family):
+    """The tests' tiny model of `family` at hidden 512 (LFM2-VL: LFM2_LAYERS; Qwen3.5-MoE: its
+    3 linear + 1 attention layers with the tests' experts) with a 64 x 64 image."""
     crystal_ext.register_dual_path_attention()
+    layers = LFM2_LAYERS if family == "lfm2_vl" else None
     model, processor, latent = build_linear(
-        "lfm2_vl", crystal_ext.ATTN_IMPLEMENTATION, hidden=512, k=8, layer_types=LFM2_LAYERS
+        family, crystal_ext.ATTN_IMPLEMENTATION, hidden=512, k=8, layer_types=layers
     )
     for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
         emb.weight.requires_grad_(False)
@@ -135,13 +139,17 @@ CASES = {
     "short_a": "qwen3_5 small, 0-word system prompt",
     "long_a": "qwen3_5 small, 200-word system prompt",
     "lfm2_vl": "lfm2_vl small",
+    "qwen3_5_moe": "qwen3_5_moe tiny",
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_linear_family_dual_path_vs_single_path(benchmark, case):
     require_fused_ops()
-    model, batch = prepared_lfm2_vl() if case == "lfm2_vl" else prepared(200 if case == "long_a" else 0)
+    if case in ("lfm2_vl", "qwen3_5_moe"):
+        model, batch = prepared_tiny(case)
+    else:
+        model, batch = prepared(200 if case == "long_a" else 0)
     run_dual = lambda: run_step(dual, model, batch)  # noqa: E731
     run_single = lambda: run_step(single, model, batch)  # noqa: E731
     benchmark.group = f"crystal step {CASES[case]}"

@@ -805,6 +805,20 @@ MUTATIONS = [
         ["tests/test_linear_families.py::test_objective_and_gradients_equal_the_per_path_recurrence"],
     ),
     Mutation(
+        "short_conv_one_packed_scan",
+        "an LFM2 short-convolution layer convolves the packed sequence (path 2's B and F see C and E)",
+        [
+            (
+                "crystal_ext/model/path_scan.py",
+                "        mixer.conv, (b * x)[rows, index].transpose(1, 2), None, mixer.layer_idx\n    )\n"
+                "    return mixer.out_proj(c * _to_packed(conv.transpose(1, 2), plan))",
+                "        mixer.conv, (b * x).transpose(1, 2), None, mixer.layer_idx\n    )\n"
+                "    return mixer.out_proj(c * conv.transpose(1, 2))",
+            )
+        ],
+        ["tests/test_linear_families.py::test_short_conv_layer_from_parts_equals_the_per_path_recurrence"],
+    ),
+    Mutation(
         "linear_f_continues_path1",
         "a linear-attention layer's F scan starts from path 1's state after [A, C, D], not path 2's",
         [

@@ -55,10 +55,11 @@ from crystal_ext.model.objective import (
 from crystal_ext.model.parts import backbone_and_head
 from crystal_ext.model.path_scan import (
     CHUNK,
-    builds_from_parts,
     gated_delta_rule_paths,
+    parts_forward,
     path_scan,
     shared_prefix,
+    short_conv_paths,
 )
 from crystal_ext.ops.layout import check_layout, segments_of
 
@@ -319,8 +320,34 @@ def test_both_paths_carry_the_shared_prefix_state_and_its_gradient():
     assert relative_error(*grads) < 1e-5 and relative_error(*a_grads) < 1e-5
     # The stock forward on each whole path (what transformers releases without the kernel entry
     # points get) gives the same rows.
-    assert builds_from_parts(layer)
+    assert parts_forward(layer) is gated_delta_rule_paths
     assert relative_error(path_scan(type(layer).forward.__get__(layer), hidden, plan), ours) < 1e-5
+
+
+def test_short_conv_layer_from_parts_equals_the_per_path_recurrence():
+    """One LFM2 short-convolution layer built from its parts (projections and gates once per packed
+    row, the convolution per path): its output rows and the gradient of every input row equal the
+    per-path recurrence and the stock forward on each whole path."""
+    model, _, batch = _setup("lfm2_vl")
+    layer = next(m for m in backbone_and_head(model)[1].modules() if type(m).__name__ == "Lfm2ShortConv")
+    layout = batch["layout"]
+    size, length = layout.shape[0], batch["input_ids"].shape[1]
+    plan = DualPathPlan(check_layout(layout, size, length, "test"), "cpu")
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(size, length, layer.in_proj.in_features, generator=generator, dtype=torch.float64)
+    weights = torch.randn(hidden.shape, generator=generator, dtype=torch.float64)
+    hidden.requires_grad_(True)
+    assert parts_forward(layer) is short_conv_paths
+    ours = short_conv_paths(layer, hidden, plan)
+    want = _reference_forward(layer, layout)(hidden)
+    grads = [torch.autograd.grad((out * weights).sum(), hidden)[0] for out in (ours, want)]
+    real = torch.zeros(size, length, dtype=torch.bool)
+    for b, seg in enumerate(segments_of(layout)):
+        real[b, : seg.f[1]] = True
+    assert relative_error(ours[real], want[real]) < 1e-10
+    assert relative_error(*grads) < 1e-10
+    stock = path_scan(type(layer).forward.__get__(layer), hidden, plan)
+    assert relative_error(stock[real], ours[real]) < 1e-10
 
 
 def _position_inputs(model, single) -> dict:

@@ -24,9 +24,10 @@ back. Two ways to run them:
   rule over A's whole chunks (shared_prefix) once, both paths continuing from the state at their
   end, so A's rows get gradient from both paths through it. Whole chunks keep the single-path
   scan's chunk boundaries, so path 1 keeps the stock model's float32 rounding.
-- path_scan (LFM2, whose only state is a 3-tap convolution's last inputs; Qwen3.5 on transformers
-  releases without those entry points): the stock forward on [2 * batch, P, hidden], with the
-  valid slots as its 2-D padding mask.
+- short_conv_paths (LFM2): the input projection, gates and output projection once per packed row,
+  the 3-tap convolution over each path (its only state is its last inputs: nothing to share).
+- path_scan (either family on transformers releases without those entry points): the stock
+  forward on [2 * batch, P, hidden], with the valid slots as its 2-D padding mask.
 
 Wiring: `use_path_scans(backbone)` (idempotent; called where the dual-path forward starts,
 crystal_ext.model.objective.dual_path_hidden) gives every mixer module of the text decoder an
@@ -178,17 +179,49 @@ def gated_delta_rule_paths(mixer, hidden_states: torch.Tensor, plan: DualPathPla
     return mixer.out_proj(out)
 
 
-GATED_DELTA_NETS = frozenset({"Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet"})
-# The modelling file's entry points that gated_delta_rule_paths calls (transformers 5.25 has them;
-# earlier releases keep the kernels as module attributes instead).
-KERNEL_ENTRY_POINTS = ("causal_conv1d_forward", "torch_chunk_gated_delta_rule")
-
-
-def builds_from_parts(mixer) -> bool:
-    """Whether `mixer`'s dual path is gated_delta_rule_paths (A's prefix scanned once); otherwise
-    path_scan runs its stock forward on each whole path."""
+def short_conv_paths(mixer, hidden_states: torch.Tensor, plan: DualPathPlan) -> torch.Tensor:
+    """The dual-path output [batch, length, hidden] of an LFM2 short-convolution layer, from its own
+    modules and its modelling file's causal_conv1d_forward: the input projection, the gates and the
+    output projection once per packed row (as the stock forward computes them, per token), the
+    causal convolution on each path. Its only state is the last kernel_size - 1 inputs, so nothing of
+    A is scanned once: the gain over path_scan is the per-token work on |A| + |D| rows fewer."""
+    if hidden_states.dim() != 3:
+        raise ValueError(
+            f"{_OP}: hidden_states must be [batch, length, hidden], got {list(hidden_states.shape)}"
+        )
     kernels = sys.modules[type(mixer).__module__]
-    return type(mixer).__name__ in GATED_DELTA_NETS and all(hasattr(kernels, n) for n in KERNEL_ENTRY_POINTS)
+    b, c, x = mixer.in_proj(hidden_states).chunk(3, dim=-1)
+    rows, index = _path_rows(plan)
+    conv = kernels.causal_conv1d_forward(
+        mixer.conv, (b * x)[rows, index].transpose(1, 2), None, mixer.layer_idx
+    )
+    return mixer.out_proj(c * _to_packed(conv.transpose(1, 2), plan))
+
+
+# The mixers whose dual path is put together from their parts, and the modelling file's entry
+# points that needs (transformers 5.25 has them; earlier releases keep the kernels as module
+# attributes instead, and path_scan runs the stock forward on each whole path there).
+FROM_PARTS = {
+    "Qwen3_5GatedDeltaNet": (
+        gated_delta_rule_paths,
+        ("causal_conv1d_forward", "torch_chunk_gated_delta_rule"),
+    ),
+    "Qwen3_5MoeGatedDeltaNet": (
+        gated_delta_rule_paths,
+        ("causal_conv1d_forward", "torch_chunk_gated_delta_rule"),
+    ),
+    "Lfm2ShortConv": (short_conv_paths, ("causal_conv1d_forward",)),
+}
+
+
+def parts_forward(mixer):
+    """The function that runs `mixer`'s dual path from its parts (gated_delta_rule_paths,
+    short_conv_paths), or None: then path_scan runs its stock forward on each whole path."""
+    entry = FROM_PARTS.get(type(mixer).__name__)
+    kernels = sys.modules[type(mixer).__module__]
+    if entry is None or not all(hasattr(kernels, name) for name in entry[1]):
+        return None
+    return entry[0]
 
 
 def _dual_path_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
@@ -207,8 +240,9 @@ def _dual_path_forward(self, hidden_states, cache=None, attention_mask=None, **k
         )
     # attention_mask is not used: the layout says which positions are padding.
     plan = _plan(hidden_states, layout, outputs, image_tokens)
-    if builds_from_parts(self):
-        return gated_delta_rule_paths(self, hidden_states, plan)
+    from_parts = parts_forward(self)
+    if from_parts is not None:
+        return from_parts(self, hidden_states, plan)
     return path_scan(stock, hidden_states, plan, **kwargs)
 
 

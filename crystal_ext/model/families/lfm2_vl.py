@@ -3,7 +3,8 @@
 - Text layers (LFM2) by `text_config.layer_types`: `conv` (Lfm2ShortConv: in_proj to three
   streams B, C, x; a short causal depthwise convolution of B * x; C times its output; out_proj) and
   `full_attention` (causal attention with q/k layer norms). The conv layers run the dual path as
-  two scans of the stock module (crystal_ext.model.path_scan), the attention layers through the
+  one convolution per path, the projections once per packed row (crystal_ext.model.path_scan
+  short_conv_paths), the attention layers through the
   dual-path attention. The alignment loss reads the last layer's attention; the released LFM2 text
   configurations (350M, 1.2B, 2.6B) end on a conv layer, so their checkpoints train with
   `--alignment_layer last_attention` (the loss read at the last full-attention layer,
