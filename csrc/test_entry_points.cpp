@@ -19,9 +19,10 @@ namespace {
 
 // a [m, k] x B -> fp32 [m, n] through the CPU bf16 GEMM, for its tests: B = w^T for w [n, k]
 // (transposed=true, the logits GEMM) or B = w for w [k, n] (the expectation GEMM). With
-// `out` given, accumulates into it.
+// `out` given, accumulates into it. With `a2` ([m2 <= m, k]), its product adds into the first
+// m2 rows too (the LM-head op's lo parts of P, gemm_bf16_f32_two).
 at::Tensor cpu_gemm_bf16(const at::Tensor& a, const at::Tensor& w, bool transposed,
-                         const c10::optional<at::Tensor>& out) {
+                         const c10::optional<at::Tensor>& out, const c10::optional<at::Tensor>& a2) {
   namespace g = crystal_ext::cpu_gemm;
   TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.scalar_type() == at::kBFloat16 &&
                   w.scalar_type() == at::kBFloat16 && a.device().is_cpu() && w.device().is_cpu(),
@@ -35,8 +36,18 @@ at::Tensor cpu_gemm_bf16(const at::Tensor& a, const at::Tensor& w, bool transpos
   TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.size(0) == a.size(0) &&
                   c.size(1) == b.n,
               "cpu_gemm_bf16: out must be a contiguous float32 [", a.size(0), ", ", b.n, "]");
-  g::gemm_bf16_f32(a_op.data_ptr<at::BFloat16>(), a_op.size(1), a.size(0), b, c.data_ptr<float>(),
-                   b.n, /*accumulate=*/out.has_value());
+  if (!a2.has_value()) {
+    g::gemm_bf16_f32(a_op.data_ptr<at::BFloat16>(), a_op.size(1), a.size(0), b, c.data_ptr<float>(),
+                     b.n, /*accumulate=*/out.has_value());
+    return c;
+  }
+  TORCH_CHECK(a2->dim() == 2 && a2->scalar_type() == at::kBFloat16 && a2->size(1) == a.size(1) &&
+                  a2->size(0) <= a.size(0),
+              "cpu_gemm_bf16: a2 must be bf16 [m2 <= ", a.size(0), ", ", a.size(1), "]");
+  const at::Tensor both = g::a_operand(at::cat({a, *a2}));  // one lda for both
+  g::gemm_bf16_f32_two(both.data_ptr<at::BFloat16>(), both.size(1), a.size(0),
+                       both.data_ptr<at::BFloat16>() + a.size(0) * both.size(1), a2->size(0), b,
+                       c.data_ptr<float>(), b.n, /*accumulate=*/out.has_value());
   return c;
 }
 
@@ -94,7 +105,7 @@ void register_test_entry_points(pybind11::module_& m) {
   m.def("cpu_gemm_bf16", &cpu_gemm_bf16,
         "Internal, for tests: a x B in bf16 with fp32 output on the CPU's AVX512-BF16 kernel",
         pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("transposed"),
-        pybind11::arg("out") = pybind11::none());
+        pybind11::arg("out") = pybind11::none(), pybind11::arg("a2") = pybind11::none());
   m.def("lm_head_losses_tiling", &lm_head_losses_tiling,
         "Internal, for tests: (max_chunk_rows, vocab_block) of lm_head_losses on a device",
         pybind11::arg("cuda"), pybind11::arg("rows"), pybind11::arg("vocab"),

@@ -472,6 +472,39 @@ MUTATIONS = [
         csrc=True,
     ),
     Mutation(
+        "few_rows_product_drops_the_second_a",
+        "the few-rows AMX product by w packs w once but never adds the second A (the lo parts of P)",
+        [
+            (
+                "csrc/cpu/gemm_bf16.cpp",
+                "        if (m2 > 0)\n          at::native::cpublas::brgemm(m2,",
+                "        if (m2 < 0)\n          at::native::cpublas::brgemm(m2,",
+            )
+        ],
+        ["tests/test_cpu_gemm_bf16.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "w_as_a_product_overwrites",
+        "the few-rows product by w^T (w as the tiles' A operand) overwrites c where it must accumulate",
+        [
+            (
+                "csrc/cpu/gemm_bf16.cpp",
+                "for (int64_t i = 0; i < rows; ++i) row[i] += c_t[i * cols + r];",
+                "for (int64_t i = 0; i < rows; ++i) row[i] = c_t[i * cols + r];",
+            )
+        ],
+        ["tests/test_cpu_gemm_bf16.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "w_as_a_product_restarts_each_k_pass",
+        "the few-rows product by w^T starts every k-pass of 4096 pairs from zero",
+        [("csrc/cpu/gemm_bf16.cpp", "/*add_C=*/p0 > 0,", "/*add_C=*/false,")],
+        ["tests/test_cpu_gemm_bf16.py"],
+        csrc=True,
+    ),
+    Mutation(
         "vector_transpose_repeats_a_lane",
         "the 16 x 16 word transpose of the AVX-512 pack of w^T writes column 0 where column 8 goes",
         [

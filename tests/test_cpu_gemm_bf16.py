@@ -73,16 +73,45 @@ def test_empty_k_gives_zeros(path):
     assert torch.equal(got, torch.zeros(3, 5))
 
 
-@pytest.mark.parametrize("m", [17, 100])  # the few-rows AMX product by w, and MKL's
-def test_accumulates_into_out(path, m):
+# The few-rows AMX products (by w, and by w^T with w as the tiles' A operand), and MKL's / the
+# packed AMX path's.
+@pytest.mark.parametrize("m", [17, 100])
+@pytest.mark.parametrize("transposed", [True, False], ids=["w^T", "w"])
+def test_accumulates_into_out(path, m, transposed):
     g = torch.Generator().manual_seed(1)
     a = torch.randn(m, 40, generator=g).bfloat16()
-    w = torch.randn(40, 45, generator=g).bfloat16()
+    w = (
+        torch.randn(45, 40, generator=g).bfloat16()
+        if transposed
+        else torch.randn(40, 45, generator=g).bfloat16()
+    )
     out = torch.randn(m, 45, generator=g)
-    expected = out.double() + a.double() @ w.double()
-    got = _C.cpu_gemm_bf16(a, w, False, out)
+    expected = out.double() + a.double() @ (w.double().t() if transposed else w.double())
+    got = _C.cpu_gemm_bf16(a, w, transposed, out)
     assert got.data_ptr() == out.data_ptr()
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "m,m2,k,n", [(61, 48, 3584 // 8, 300), (17, 17, 40, 45), (64, 1, 9000, 33), (100, 70, 64, 40)]
+)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_second_a_adds_into_the_first_rows(path, m, m2, k, n, accumulate):
+    # The LM-head op's lo parts of P: a2's product adds into c's first m2 rows, in one pass over w
+    # on the few-rows path (m, m2 <= 64), as two GEMMs otherwise.
+    g = torch.Generator().manual_seed(m + m2 + k)
+    a = torch.randn(m, k, generator=g).bfloat16()
+    a2 = torch.randn(m2, k, generator=g).bfloat16()
+    w = torch.randn(k, n, generator=g).bfloat16()
+    out = torch.randn(m, n, generator=g) if accumulate else None
+    gold = a.double() @ w.double()
+    gold[:m2] += a2.double() @ w.double()
+    if accumulate:
+        gold += out.double()
+    got = _C.cpu_gemm_bf16(a, w, False, out, a2)
+    size = a.double().abs() @ w.double().abs()
+    size[:m2] += a2.double().abs() @ w.double().abs()
+    assert ((got.double() - gold).abs() <= 4 * (2 * k) ** 0.5 * 2.0**-24 * size + 1e-5 * accumulate).all()
 
 
 def test_non_finite_values_propagate_and_pad_is_clean(path):

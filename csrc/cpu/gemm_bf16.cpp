@@ -261,6 +261,19 @@ void pack_transposed_avx512(const uint16_t* src, uint16_t* dst, int64_t n, int64
   });
 }
 
+// The two-source permute indices of pack_pairs_avx512: output value i is row (i & 1) of the
+// pair, column i / 2 (of the panel's first 16 columns for lo, its last 16 for hi). Built once:
+// the few-rows GEMM calls the pack once per pair of rows.
+constexpr std::array<uint16_t, 32> interleave_indices(int first_column) {
+  std::array<uint16_t, 32> idx{};
+  for (int i = 0; i < 32; ++i) idx[i] = uint16_t(first_column + i / 2 + (i & 1) * 32);
+  return idx;
+}
+alignas(64) constexpr std::array<uint16_t, 32> kInterleaveLoTable = interleave_indices(0);
+alignas(64) constexpr std::array<uint16_t, 32> kInterleaveHiTable = interleave_indices(16);
+const void* const kInterleaveLo = kInterleaveLoTable.data();
+const void* const kInterleaveHi = kInterleaveHiTable.data();
+
 // The straight pack of pairs [p_begin, p_end) of panels [j_begin, j_end) into out (panel j,
 // pair p at out[((j - j_begin) * stride + p - p_begin) * kPanel * 2]): for each pair of rows of
 // w and each panel, 32 values of both rows (masked past column n) are interleaved with one
@@ -268,12 +281,7 @@ void pack_transposed_avx512(const uint16_t* src, uint16_t* dst, int64_t n, int64
 CRYSTAL_AVX512BW void pack_pairs_avx512(const uint16_t* src, int64_t n, int64_t k, int64_t j_begin,
                                         int64_t j_end, int64_t p_begin, int64_t p_end,
                                         uint16_t* out, int64_t stride) {
-  alignas(64) uint16_t lo[32], hi[32];
-  for (int i = 0; i < 32; ++i) {  // output value i: row (i & 1) of the pair, column i / 2
-    lo[i] = uint16_t(i / 2 + (i & 1) * 32);
-    hi[i] = uint16_t(16 + i / 2 + (i & 1) * 32);
-  }
-  const __m512i idx_lo = _mm512_load_si512(lo), idx_hi = _mm512_load_si512(hi);
+  const __m512i idx_lo = _mm512_load_si512(kInterleaveLo), idx_hi = _mm512_load_si512(kInterleaveHi);
   for (int64_t j = j_begin; j < j_end; ++j) {
     const int64_t cnt = std::min(kPanel, n - j * kPanel);
     const __mmask32 mask = cnt == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << cnt) - 1);
@@ -518,23 +526,101 @@ void gemm_amx_deferred(const at::BFloat16* a, int64_t lda, int64_t m, const Pack
 // panels of kFewPairs pairs of w's rows (two whole row runs per pair, read once) into its buffer
 // and runs its C panels over them. MKL's GEMM and the eager pack both copy the whole block of w
 // before the product, and at few rows that copy costs more than the product (perf at 61 rows,
-// 7B widths: MKL's copy 51% of the LM-head op's samples, its AMX kernel 16%).
+// 7B widths: MKL's copy 51% of the LM-head op's samples, its AMX kernel 16%). A second A
+// (a2, m2 rows, same lda) adds into c's first m2 rows from the same packed panels: the LM-head
+// op's lo parts of P, which would otherwise pack the block of w a second time.
 constexpr int64_t kFewRows = 64, kFewPairs = 128;
-void gemm_amx_few_rows(const at::BFloat16* a, int64_t lda, int64_t m, const PackedB& b, float* c,
-                       int64_t ldc, bool accumulate) {
+// Panels per brgemm call: one call spans kFewGroupPanels panels ([pairs][kFewGroupPanels *
+// kPanel][2] in the buffer), as a call per 32-column panel spent more in the calls than in the
+// tiles at 61 rows.
+constexpr int64_t kFewGroupPanels = 8;
+
+// Pair p of w's rows, panels [j_begin, j_end), into the few-rows buffer: panel j's 64 values at
+// group (j - j_begin) / kFewGroupPanels, row p - p0 of that group's [pairs][group width][2].
+CRYSTAL_AVX512BW void pack_pair_grouped(const uint16_t* src, int64_t n, int64_t k, int64_t p,
+                                        int64_t j_begin, int64_t j_end, int64_t p0, int64_t pairs,
+                                        uint16_t* out) {
+  const __m512i idx_lo = _mm512_load_si512(kInterleaveLo), idx_hi = _mm512_load_si512(kInterleaveHi);
+  const uint16_t* row0 = src + (2 * p) * n;
+  const uint16_t* row1 = 2 * p + 1 < k ? src + (2 * p + 1) * n : nullptr;
+  for (int64_t j = j_begin; j < j_end; ++j) {
+    const int64_t cnt = std::min(kPanel, n - j * kPanel);
+    const __mmask32 mask = cnt == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << cnt) - 1);
+    const __m512i r0 = _mm512_maskz_loadu_epi16(mask, row0 + j * kPanel);
+    const __m512i r1 = row1 ? _mm512_maskz_loadu_epi16(mask, row1 + j * kPanel) : _mm512_setzero_si512();
+    const int64_t q = j - j_begin, group = q / kFewGroupPanels;
+    uint16_t* dst = out + (group * pairs * kFewGroupPanels + (p - p0) * kFewGroupPanels + q % kFewGroupPanels) * kPanel * 2;
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(r0, idx_lo, r1));
+    _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(r0, idx_hi, r1));
+  }
+}
+
+void gemm_amx_few_rows(const at::BFloat16* a, int64_t lda, int64_t m, const at::BFloat16* a2,
+                       int64_t m2, const PackedB& b, float* c, int64_t ldc, bool accumulate) {
   const uint16_t* src = reinterpret_cast<const uint16_t*>(b.source.data_ptr<at::BFloat16>());
-  at::parallel_for(0, b.n_panels, 1, [&](int64_t jb, int64_t je) {
-    std::vector<uint16_t> buf((je - jb) * std::min(kFewPairs, b.k_pairs) * kPanel * 2);
-    const at::BFloat16* panels = reinterpret_cast<const at::BFloat16*>(buf.data());
+  const int64_t groups = (b.n_panels + kFewGroupPanels - 1) / kFewGroupPanels;
+  at::parallel_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
+    const int64_t jb = gb * kFewGroupPanels, je = std::min(b.n_panels, ge * kFewGroupPanels);
+    const int64_t width = kFewGroupPanels * kPanel;  // the buffer's row of a group, in columns
+    std::vector<uint16_t> buf((ge - gb) * std::min(kFewPairs, b.k_pairs) * width * 2);
+    const at::BFloat16* packed = reinterpret_cast<const at::BFloat16*>(buf.data());
     for (int64_t p0 = 0; p0 < b.k_pairs; p0 += kFewPairs) {
       const int64_t pairs = std::min(kFewPairs, b.k_pairs - p0);
       for (int64_t p = p0; p < p0 + pairs; ++p)  // pair by pair: along w's rows
-        pack_pairs_avx512(src, b.n, b.k, jb, je, p, p + 1, buf.data() + (p - p0) * kPanel * 2, pairs);
+        pack_pair_grouped(src, b.n, b.k, p, jb, je, p0, pairs, buf.data());
       const bool add = accumulate || p0 > 0;
-      for (int64_t j = jb; j < je; ++j) {
-        const int64_t cols = std::min(kPanel, b.n - j * kPanel);
-        at::native::cpublas::brgemm(m, cols, 2 * pairs, lda, kPanel, ldc, add, a + 2 * p0,
-                                    panels + (j - jb) * pairs * kPanel * 2, c + j * kPanel);
+      for (int64_t g = gb; g < ge; ++g) {
+        const int64_t col0 = g * width, cols = std::min(width, b.n - col0);
+        const at::BFloat16* group = packed + (g - gb) * pairs * width * 2;
+        at::native::cpublas::brgemm(m, cols, 2 * pairs, lda, width, ldc, add, a + 2 * p0, group,
+                                    c + col0);
+        if (m2 > 0)
+          at::native::cpublas::brgemm(m2, cols, 2 * pairs, lda, width, ldc, /*add_C=*/true,
+                                      a2 + 2 * p0, group, c + col0);
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+}
+
+// The AMX path for B = w^T (w [n, k], k even) with few rows of A (m <= kFewRows): C^T = w a^T,
+// with w itself as the tiles' A operand (its rows are k-contiguous, the layout AMX reads for
+// A), so w is not packed at all; a^T (at most 64 columns) is packed into VNNI pairs once per
+// call and each thread transposes its rows of C^T into c's columns. At few rows the pack of
+// w^T cost as much as the tiles (perf, 61 rows, 7B widths: 14.5% of the LM-head op's samples).
+constexpr int64_t kWRowsPerCall = 32;   // rows of w (columns of c) per brgemm call
+constexpr int64_t kWRowsPerTask = 512;  // per parallel task: its C^T block is 128 KB in fp32
+void gemm_amx_w_as_a(const at::BFloat16* a, int64_t lda, int64_t m, const PackedB& b, float* c,
+                     int64_t ldc, bool accumulate) {
+  const int64_t cols = (m + 15) / 16 * 16;  // columns of C^T (rows of c), whole 16-column tiles
+  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
+  std::vector<uint16_t> a_t(b.k_pairs * cols * 2, 0);  // [k_pairs][cols][2]
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t q = 0; q < 2 * b.k_pairs; ++q) a_t[((q / 2) * cols + r) * 2 + q % 2] = a16[r * lda + q];
+  const at::BFloat16* a_t_ptr = reinterpret_cast<const at::BFloat16*>(a_t.data());
+  const at::BFloat16* w = b.source.data_ptr<at::BFloat16>();
+  const int64_t tasks = (b.n + kWRowsPerTask - 1) / kWRowsPerTask;
+  at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
+    std::vector<float> c_t(kWRowsPerTask * cols);
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t v0 = t * kWRowsPerTask, rows = std::min(kWRowsPerTask, b.n - v0);
+      for (int64_t i0 = 0; i0 < rows; i0 += kWRowsPerCall) {
+        const int64_t call_rows = std::min(kWRowsPerCall, rows - i0);
+        int64_t pairs = 0;
+        for (int64_t p0 = 0; p0 < b.k_pairs; p0 += pairs) {
+          pairs = std::min(kPairBlock, b.k_pairs - p0);
+          at::native::cpublas::brgemm(call_rows, cols, 2 * pairs, b.k, cols, cols, /*add_C=*/p0 > 0,
+                                      w + (v0 + i0) * b.k + 2 * p0, a_t_ptr + p0 * cols * 2,
+                                      c_t.data() + i0 * cols);
+        }
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        float* row = c + r * ldc + v0;
+        if (accumulate) {
+          for (int64_t i = 0; i < rows; ++i) row[i] += c_t[i * cols + r];
+        } else {
+          for (int64_t i = 0; i < rows; ++i) row[i] = c_t[i * cols + r];
+        }
       }
     }
     at::native::cpublas::brgemm_release();
@@ -559,6 +645,22 @@ void gemm_mkl(const at::BFloat16* a, int64_t lda, int64_t m, const PackedB& b, f
 }  // namespace
 #endif
 
+void gemm_bf16_f32_two(const at::BFloat16* a, int64_t lda, int64_t m, const at::BFloat16* a2,
+                       int64_t m2, const PackedB& b, float* c, int64_t ldc, bool accumulate) {
+  TORCH_CHECK(m2 >= 0 && m2 <= m, "cpu_gemm: the second A's rows ", m2, " not in [0, ", m, "]");
+#if CRYSTAL_HAVE_BF16_GEMM
+  if (b.for_mkl && m > 0 && b.n > 0 && b.k_pairs > 0 && m <= kFewRows && m2 <= kFewRows &&
+      defer_pack()) {
+    TORCH_CHECK(bf16_gemm_available(), "cpu_gemm: this CPU has no AVX512-BF16");
+    TORCH_CHECK(lda >= 2 * b.k_pairs, "cpu_gemm: lda ", lda, " < padded k ", 2 * b.k_pairs);
+    gemm_amx_few_rows(a, lda, m, a2, m2, b, c, ldc, accumulate);
+    return;
+  }
+#endif
+  gemm_bf16_f32(a, lda, m, b, c, ldc, accumulate);
+  if (m2 > 0) gemm_bf16_f32(a2, lda, m2, b, c, ldc, /*accumulate=*/true);
+}
+
 void gemm_bf16_f32(const at::BFloat16* a_in, int64_t lda, int64_t m, const PackedB& b, float* c,
                    int64_t ldc, bool accumulate) {
 #if CRYSTAL_HAVE_BF16_GEMM
@@ -572,7 +674,7 @@ void gemm_bf16_f32(const at::BFloat16* a_in, int64_t lda, int64_t m, const Packe
   }
   if (b.for_mkl) {
     if (m <= kFewRows && defer_pack()) {
-      gemm_amx_few_rows(a_in, lda, m, b, c, ldc, accumulate);
+      gemm_amx_few_rows(a_in, lda, m, nullptr, 0, b, c, ldc, accumulate);
       return;
     }
     if (mkl_gemm_available()) {
@@ -585,6 +687,10 @@ void gemm_bf16_f32(const at::BFloat16* a_in, int64_t lda, int64_t m, const Packe
     return;
   }
   if (b.source.defined()) {
+    if (amx_available() && b.source_transposed && m <= kFewRows && b.k % 2 == 0) {
+      gemm_amx_w_as_a(a_in, lda, m, b, c, ldc, accumulate);
+      return;
+    }
     if (amx_available()) {
       gemm_amx_deferred(a_in, lda, m, b, c, ldc, accumulate);
       return;

@@ -64,8 +64,9 @@ bool mkl_gemm_available();
 // the AMX path with the vector packs (amx_available() and simd_pack_available()) the pack of
 // w^T is deferred: `source` keeps w (no copy) and gemm_bf16_f32 packs a few panels at a time
 // into a buffer that stays in L2 just before the tiles read them, so the packed copy of a
-// weight block is never written to memory and read back. CRYSTAL_EXT_CPU_PACK_IN_GEMM=0 packs
-// eagerly instead (read when packing).
+// weight block is never written to memory and read back; with at most 64 rows of A, w is not
+// packed at all: the GEMM runs as C^T = w A^T with w's rows as the tiles' A operand.
+// CRYSTAL_EXT_CPU_PACK_IN_GEMM=0 packs eagerly instead (read when packing).
 constexpr int64_t kPanel = 32;
 struct PackedB {
   at::Tensor data;    // bf16, n_panels * k_pairs * kPanel * 2 elements (eager packs)
@@ -88,6 +89,11 @@ void pack_into(const at::Tensor& w, PackedB* out);
 // b.k of every row must be readable (it meets a zero of B: make it a finite value, e.g. 0).
 void gemm_bf16_f32(const at::BFloat16* a, int64_t lda, int64_t m, const PackedB& b, float* c,
                    int64_t ldc, bool accumulate);
+
+// c[0, m) (+)= a * B, then c[0, m2) += a2 * B (a2: m2 <= m rows with the same lda), in one pass
+// over B where the GEMM packs w itself (the few-rows path), else as two GEMMs.
+void gemm_bf16_f32_two(const at::BFloat16* a, int64_t lda, int64_t m, const at::BFloat16* a2,
+                       int64_t m2, const PackedB& b, float* c, int64_t ldc, bool accumulate);
 
 // Leading dimension for an A operand of k columns: even, and not a multiple of 2 KB.
 int64_t operand_lda(int64_t k);

@@ -438,14 +438,12 @@ struct Forward {
   void expectation_gemms(Chunk<acc_t>& c, const at::Tensor& w, int64_t vb) {
     if (grad_hidden && c.bf16_gemm) {
       if constexpr (std::is_same<acc_t, float>::value) {  // (bf16_gemm implies acc_t float)
-        // O += P_hi W for every row, then O += P_lo W for the paired rows (0 .. n_lo - 1).
+        // O += P_hi W for every row and O += P_lo W for the paired rows (0 .. n_lo - 1), from
+        // one pass over the block where the GEMM packs it itself.
         const at::BFloat16* p16_ptr = c.p_buf.template data_ptr<at::BFloat16>();
-        float* e_ptr = c.expect.template data_ptr<float>();
-        cpu_gemm::gemm_bf16_f32(p16_ptr, c.lda_p, c.R, c.packed_expect, e_ptr, p.hidden_dim,
-                                /*accumulate=*/true);
-        if (c.n_lo > 0)
-          cpu_gemm::gemm_bf16_f32(p16_ptr + c.R * c.lda_p, c.lda_p, c.n_lo, c.packed_expect, e_ptr,
-                                  p.hidden_dim, /*accumulate=*/true);
+        cpu_gemm::gemm_bf16_f32_two(p16_ptr, c.lda_p, c.R, p16_ptr + c.R * c.lda_p, c.n_lo,
+                                    c.packed_expect, c.expect.template data_ptr<float>(),
+                                    p.hidden_dim, /*accumulate=*/true);
       }
     } else if (grad_hidden) {
       c.expect.addmm_(front(c.p_buf, c.R, vb), w);
