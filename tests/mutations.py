@@ -465,20 +465,20 @@ MUTATIONS = [
         csrc=True,
     ),
     Mutation(
-        "few_rows_product_rereads_first_k_block",
-        "the few-rows AMX product by w multiplies every k-block of w by A's first k-block",
-        [("csrc/cpu/gemm_bf16.cpp", "ldc, add, a + 2 * p0,", "ldc, add, a,")],
+        "k_outer_product_rereads_first_k_block",
+        "the k-outer AMX product by w multiplies every k-block of w by A's first k-block",
+        [("csrc/cpu/gemm_bf16.cpp", "add, a + i0 * lda + 2 * p0, group,", "add, a + i0 * lda, group,")],
         ["tests/test_cpu_gemm_bf16.py"],
         csrc=True,
     ),
     Mutation(
-        "few_rows_product_drops_the_second_a",
-        "the few-rows AMX product by w packs w once but never adds the second A (the lo parts of P)",
+        "k_outer_product_drops_the_second_a",
+        "the k-outer AMX product by w packs w once but never adds the second A (the lo parts of P)",
         [
             (
                 "csrc/cpu/gemm_bf16.cpp",
-                "        if (m2 > 0)\n          at::native::cpublas::brgemm(m2,",
-                "        if (m2 < 0)\n          at::native::cpublas::brgemm(m2,",
+                "for (int64_t i0 = 0; i0 < m2; i0 += kAmxRows)",
+                "for (int64_t i0 = 0; i0 < 0; i0 += kAmxRows)",
             )
         ],
         ["tests/test_cpu_gemm_bf16.py"],

@@ -521,22 +521,23 @@ void gemm_amx_deferred(const at::BFloat16* a, int64_t lda, int64_t m, const Pack
   });
 }
 
-// The AMX path for B = w with few rows of A (m <= kFewRows), where C (m x n fp32, 0.9 MB at
-// 64 x 3584) stays in L2 while w streams past once: k-block by k-block, each thread packs its
-// panels of kFewPairs pairs of w's rows (two whole row runs per pair, read once) into its buffer
-// and runs its C panels over them. MKL's GEMM and the eager pack both copy the whole block of w
-// before the product, and at few rows that copy costs more than the product (perf at 61 rows,
-// 7B widths: MKL's copy 51% of the LM-head op's samples, its AMX kernel 16%). A second A
-// (a2, m2 rows, same lda) adds into c's first m2 rows from the same packed panels: the LM-head
-// op's lo parts of P, which would otherwise pack the block of w a second time.
-constexpr int64_t kFewRows = 64, kFewPairs = 128;
-// Panels per brgemm call: one call spans kFewGroupPanels panels ([pairs][kFewGroupPanels *
-// kPanel][2] in the buffer), as a call per 32-column panel spent more in the calls than in the
-// tiles at 61 rows.
-constexpr int64_t kFewGroupPanels = 8;
+// The AMX path for B = w with up to kKOuterRows rows of A, k-block outer: each thread packs its
+// columns of kKOuterPairs pairs of w's rows (two whole row runs per pair, read once) into its
+// buffer and runs every row of A over them before the next k-block, so w streams past once and
+// nothing but this pack copies it. MKL's GEMM copies the whole block of w before the product,
+// and below a few hundred rows that copy costs more than the product (perf at 61 rows, 7B
+// widths: MKL's copy 51% of the LM-head op's samples, its AMX kernel 16%; P W of 205 + 192 rows
+// over the vocabulary, 1 thread: 0.74 s here vs 1.27 s through MKL, 397 + 384 rows 1.48 vs 1.69 s,
+// 781 + 768 rows 3.48 vs 3.12 s). A second A (a2, m2 rows, same lda) adds into c's first m2 rows
+// from the same packed panels: the LM-head op's lo parts of P, which MKL copies w again for.
+constexpr int64_t kFewRows = 64, kKOuterRows = 512, kKOuterPairs = 128;
+// Panels per brgemm call: one call spans kGroupPanelsKOuter panels ([pairs][kGroupPanelsKOuter
+// * kPanel][2] in the buffer), as a call per 32-column panel spent more in the calls than in
+// the tiles at 61 rows.
+constexpr int64_t kGroupPanelsKOuter = 8;
 
-// Pair p of w's rows, panels [j_begin, j_end), into the few-rows buffer: panel j's 64 values at
-// group (j - j_begin) / kFewGroupPanels, row p - p0 of that group's [pairs][group width][2].
+// Pair p of w's rows, panels [j_begin, j_end), into the k-outer buffer: panel j's 64 values at
+// group (j - j_begin) / kGroupPanelsKOuter, row p - p0 of that group's [pairs][group width][2].
 CRYSTAL_AVX512BW void pack_pair_grouped(const uint16_t* src, int64_t n, int64_t k, int64_t p,
                                         int64_t j_begin, int64_t j_end, int64_t p0, int64_t pairs,
                                         uint16_t* out) {
@@ -548,35 +549,37 @@ CRYSTAL_AVX512BW void pack_pair_grouped(const uint16_t* src, int64_t n, int64_t 
     const __mmask32 mask = cnt == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << cnt) - 1);
     const __m512i r0 = _mm512_maskz_loadu_epi16(mask, row0 + j * kPanel);
     const __m512i r1 = row1 ? _mm512_maskz_loadu_epi16(mask, row1 + j * kPanel) : _mm512_setzero_si512();
-    const int64_t q = j - j_begin, group = q / kFewGroupPanels;
-    uint16_t* dst = out + (group * pairs * kFewGroupPanels + (p - p0) * kFewGroupPanels + q % kFewGroupPanels) * kPanel * 2;
+    const int64_t q = j - j_begin, group = q / kGroupPanelsKOuter;
+    uint16_t* dst = out + (group * pairs * kGroupPanelsKOuter + (p - p0) * kGroupPanelsKOuter + q % kGroupPanelsKOuter) * kPanel * 2;
     _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(r0, idx_lo, r1));
     _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(r0, idx_hi, r1));
   }
 }
 
-void gemm_amx_few_rows(const at::BFloat16* a, int64_t lda, int64_t m, const at::BFloat16* a2,
-                       int64_t m2, const PackedB& b, float* c, int64_t ldc, bool accumulate) {
+void gemm_amx_k_outer(const at::BFloat16* a, int64_t lda, int64_t m, const at::BFloat16* a2,
+                      int64_t m2, const PackedB& b, float* c, int64_t ldc, bool accumulate) {
   const uint16_t* src = reinterpret_cast<const uint16_t*>(b.source.data_ptr<at::BFloat16>());
-  const int64_t groups = (b.n_panels + kFewGroupPanels - 1) / kFewGroupPanels;
+  const int64_t groups = (b.n_panels + kGroupPanelsKOuter - 1) / kGroupPanelsKOuter;
   at::parallel_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
-    const int64_t jb = gb * kFewGroupPanels, je = std::min(b.n_panels, ge * kFewGroupPanels);
-    const int64_t width = kFewGroupPanels * kPanel;  // the buffer's row of a group, in columns
-    std::vector<uint16_t> buf((ge - gb) * std::min(kFewPairs, b.k_pairs) * width * 2);
+    const int64_t jb = gb * kGroupPanelsKOuter, je = std::min(b.n_panels, ge * kGroupPanelsKOuter);
+    const int64_t width = kGroupPanelsKOuter * kPanel;  // the buffer's row of a group, in columns
+    std::vector<uint16_t> buf((ge - gb) * std::min(kKOuterPairs, b.k_pairs) * width * 2);
     const at::BFloat16* packed = reinterpret_cast<const at::BFloat16*>(buf.data());
-    for (int64_t p0 = 0; p0 < b.k_pairs; p0 += kFewPairs) {
-      const int64_t pairs = std::min(kFewPairs, b.k_pairs - p0);
+    for (int64_t p0 = 0; p0 < b.k_pairs; p0 += kKOuterPairs) {
+      const int64_t pairs = std::min(kKOuterPairs, b.k_pairs - p0);
       for (int64_t p = p0; p < p0 + pairs; ++p)  // pair by pair: along w's rows
         pack_pair_grouped(src, b.n, b.k, p, jb, je, p0, pairs, buf.data());
       const bool add = accumulate || p0 > 0;
       for (int64_t g = gb; g < ge; ++g) {
         const int64_t col0 = g * width, cols = std::min(width, b.n - col0);
         const at::BFloat16* group = packed + (g - gb) * pairs * width * 2;
-        at::native::cpublas::brgemm(m, cols, 2 * pairs, lda, width, ldc, add, a + 2 * p0, group,
-                                    c + col0);
-        if (m2 > 0)
-          at::native::cpublas::brgemm(m2, cols, 2 * pairs, lda, width, ldc, /*add_C=*/true,
-                                      a2 + 2 * p0, group, c + col0);
+        for (int64_t i0 = 0; i0 < m; i0 += kAmxRows)
+          at::native::cpublas::brgemm(std::min(kAmxRows, m - i0), cols, 2 * pairs, lda, width, ldc,
+                                      add, a + i0 * lda + 2 * p0, group, c + i0 * ldc + col0);
+        for (int64_t i0 = 0; i0 < m2; i0 += kAmxRows)  // the second A adds into the first rows
+          at::native::cpublas::brgemm(std::min(kAmxRows, m2 - i0), cols, 2 * pairs, lda, width,
+                                      ldc, /*add_C=*/true, a2 + i0 * lda + 2 * p0, group,
+                                      c + i0 * ldc + col0);
       }
     }
     at::native::cpublas::brgemm_release();
@@ -649,11 +652,10 @@ void gemm_bf16_f32_two(const at::BFloat16* a, int64_t lda, int64_t m, const at::
                        int64_t m2, const PackedB& b, float* c, int64_t ldc, bool accumulate) {
   TORCH_CHECK(m2 >= 0 && m2 <= m, "cpu_gemm: the second A's rows ", m2, " not in [0, ", m, "]");
 #if CRYSTAL_HAVE_BF16_GEMM
-  if (b.for_mkl && m > 0 && b.n > 0 && b.k_pairs > 0 && m <= kFewRows && m2 <= kFewRows &&
-      defer_pack()) {
+  if (b.for_mkl && m > 0 && b.n > 0 && b.k_pairs > 0 && m <= kKOuterRows && defer_pack()) {
     TORCH_CHECK(bf16_gemm_available(), "cpu_gemm: this CPU has no AVX512-BF16");
     TORCH_CHECK(lda >= 2 * b.k_pairs, "cpu_gemm: lda ", lda, " < padded k ", 2 * b.k_pairs);
-    gemm_amx_few_rows(a, lda, m, a2, m2, b, c, ldc, accumulate);
+    gemm_amx_k_outer(a, lda, m, a2, m2, b, c, ldc, accumulate);
     return;
   }
 #endif
@@ -673,8 +675,8 @@ void gemm_bf16_f32(const at::BFloat16* a_in, int64_t lda, int64_t m, const Packe
     return;
   }
   if (b.for_mkl) {
-    if (m <= kFewRows && defer_pack()) {
-      gemm_amx_few_rows(a_in, lda, m, nullptr, 0, b, c, ldc, accumulate);
+    if (m <= kKOuterRows && defer_pack()) {
+      gemm_amx_k_outer(a_in, lda, m, nullptr, 0, b, c, ldc, accumulate);
       return;
     }
     if (mkl_gemm_available()) {
