@@ -548,9 +548,11 @@ CRYSTAL_AVX512BW void pack_pair_grouped(const uint16_t* src, int64_t n, int64_t 
     const int64_t cnt = std::min(kPanel, n - j * kPanel);
     const __mmask32 mask = cnt == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << cnt) - 1);
     const __m512i r0 = _mm512_maskz_loadu_epi16(mask, row0 + j * kPanel);
-    const __m512i r1 = row1 ? _mm512_maskz_loadu_epi16(mask, row1 + j * kPanel) : _mm512_setzero_si512();
+    const __m512i r1 =
+        row1 ? _mm512_maskz_loadu_epi16(mask, row1 + j * kPanel) : _mm512_setzero_si512();
     const int64_t q = j - j_begin, group = q / kGroupPanelsKOuter;
-    uint16_t* dst = out + (group * pairs * kGroupPanelsKOuter + (p - p0) * kGroupPanelsKOuter + q % kGroupPanelsKOuter) * kPanel * 2;
+    const int64_t panel_slot = (group * pairs + p - p0) * kGroupPanelsKOuter + q % kGroupPanelsKOuter;
+    uint16_t* dst = out + panel_slot * kPanel * 2;
     _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(r0, idx_lo, r1));
     _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(r0, idx_hi, r1));
   }
@@ -599,7 +601,8 @@ void gemm_amx_w_as_a(const at::BFloat16* a, int64_t lda, int64_t m, const Packed
   const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
   std::vector<uint16_t> a_t(b.k_pairs * cols * 2, 0);  // [k_pairs][cols][2]
   for (int64_t r = 0; r < m; ++r)
-    for (int64_t q = 0; q < 2 * b.k_pairs; ++q) a_t[((q / 2) * cols + r) * 2 + q % 2] = a16[r * lda + q];
+    for (int64_t q = 0; q < 2 * b.k_pairs; ++q)
+      a_t[((q / 2) * cols + r) * 2 + q % 2] = a16[r * lda + q];
   const at::BFloat16* a_t_ptr = reinterpret_cast<const at::BFloat16*>(a_t.data());
   const at::BFloat16* w = b.source.data_ptr<at::BFloat16>();
   const int64_t tasks = (b.n + kWRowsPerTask - 1) / kWRowsPerTask;
