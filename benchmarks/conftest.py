@@ -3,8 +3,23 @@ terminal summary that prints what each benchmark recorded in `benchmark.extra_in
 reference's time, the ratios and the peak memory, which pytest-benchmark's own table (time
 only) does not show."""
 
+import gc
+
 import pytest
 from bench_utils import peak_memory_bytes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_cached_models(request):
+    """Each benchmark file keeps its models in functools caches for its own tests; they are
+    released when the file is done, so that one run of every file fits in 24 GB (a model with
+    the 7B vocabulary holds 2-4 GB of embedding and head, and a full run once died of it)."""
+    yield
+    for value in list(vars(request.module).values()):
+        own = getattr(value, "__module__", None) == request.module.__name__
+        if own and callable(getattr(value, "cache_clear", None)):
+            value.cache_clear()
+    gc.collect()
 
 
 @pytest.fixture

@@ -47,6 +47,11 @@ def _g(value: float, digits: int = 3) -> str:
     return f"{float(f'{value:.{digits}g}'):g}"
 
 
+def _roofline(step: dict) -> str:
+    fraction = step.get("roofline_fraction")
+    return "" if fraction is None else f"; ours at {fraction:.2f} of the GEMM roofline"
+
+
 def rows(text: str) -> list[str]:
     out = []
     attn = _dict_after(text, "qwen7b_L708 torch.bfloat16")
@@ -79,7 +84,7 @@ def rows(text: str) -> list[str]:
             "| whole step (forward + backward), embedding and head frozen, Qwen 7B attention and vocabulary, "
             f"2 layers, L = {step['length']} | {_g(step['ours_s'])} s, {step['ours_peak_MB']:.0f} MB "
             f"| published recipe: {_g(step['published_s'])} s, {step['published_peak_MB']:.0f} MB "
-            f"| {step['speedup']:.1f}x faster, {step['memory_ratio']:.2f} of the memory |"
+            f"| {step['speedup']:.1f}x faster, {step['memory_ratio']:.2f} of the memory{_roofline(step)} |"
         )
     for shape in ("E24", "E96", "E384", "image1024"):
         row = _dict_after(text, f"answer length {shape}, ours vs published")

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
     reason="no compiled extension or no AVX512-BF16 on this CPU",
 )
 
-# (m, k, n): rows around the 14-row micro-kernel, the AMX path's 64-row blocks and the 512 rows
+# (m, k, n): rows around the 14-row micro-kernel, the AMX path's 64-row blocks and the 96 rows
 # up to which a product by w runs k-block outer instead of through MKL, row counts
 # that are multiples of neither (779: the LM-head rows at |E| = 384), n around the 32-column
 # panel, odd k (pad pair), k over one 4096-pair pass, and a k whose row stride is a multiple of
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.skipif(
 SIZES = [
     (63, 40, 33),
     (64, 601, 97),
-    (512, 70, 40),
-    (513, 70, 40),
+    (96, 70, 40),
+    (97, 70, 40),
     (65, 130, 64),
     (129, 7, 95),
     (779, 96, 70),
@@ -77,8 +77,8 @@ def test_empty_k_gives_zeros(path):
 
 
 # The few-rows AMX product by w^T (w as the tiles' A operand, m <= 64), the k-outer one by w
-# (m <= 512), and MKL's / the packed AMX path's.
-@pytest.mark.parametrize("m", [17, 100, 600])
+# (m <= 96), and MKL's / the packed AMX path's.
+@pytest.mark.parametrize("m", [17, 90, 100])
 @pytest.mark.parametrize("transposed", [True, False], ids=["w^T", "w"])
 def test_accumulates_into_out(path, m, transposed):
     g = torch.Generator().manual_seed(1)
@@ -97,12 +97,12 @@ def test_accumulates_into_out(path, m, transposed):
 
 @pytest.mark.parametrize(
     "m,m2,k,n",
-    [(61, 48, 3584 // 8, 300), (17, 17, 40, 45), (64, 1, 9000, 33), (205, 192, 64, 40), (600, 520, 40, 33)],
+    [(61, 48, 3584 // 8, 300), (17, 17, 40, 45), (64, 1, 9000, 33), (90, 70, 64, 40), (205, 192, 40, 33)],
 )
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_second_a_adds_into_the_first_rows(path, m, m2, k, n, accumulate):
     # The LM-head op's lo parts of P: a2's product adds into c's first m2 rows, in one pass over w
-    # on the k-outer path (m <= 512), as two GEMMs otherwise.
+    # on the k-outer path (m <= 96), as two GEMMs otherwise.
     g = torch.Generator().manual_seed(m + m2 + k)
     a = torch.randn(m, k, generator=g).bfloat16()
     a2 = torch.randn(m2, k, generator=g).bfloat16()
@@ -181,7 +181,7 @@ def test_every_pack_gives_the_same_bits(m, k, n, transposed, path, monkeypatch):
             monkeypatch.setenv(name, env.get(name, "1"))
         got[mode] = _C.cpu_gemm_bf16(a, w, transposed)
     # On the MKL path a product by w runs through MKL except in the deferred mode with at most
-    # 512 rows (our k-outer AMX path): two summations, so values are compared there, not bits.
+    # 96 rows (our k-outer AMX path): two summations, so values are compared there, not bits.
     mkl_products = path == "mkl" and not transposed
     for mode in PACK_MODES:
         if not mkl_products:

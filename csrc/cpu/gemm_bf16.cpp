@@ -522,15 +522,16 @@ void gemm_amx_deferred(const at::BFloat16* a, int64_t lda, int64_t m, const Pack
 }
 
 // The AMX path for B = w with up to kKOuterRows rows of A, k-block outer: each thread packs its
-// columns of kKOuterPairs pairs of w's rows (two whole row runs per pair, read once) into its
-// buffer and runs every row of A over them before the next k-block, so w streams past once and
-// nothing but this pack copies it. MKL's GEMM copies the whole block of w before the product,
-// and below a few hundred rows that copy costs more than the product (perf at 61 rows, 7B
-// widths: MKL's copy 51% of the LM-head op's samples, its AMX kernel 16%; P W of 205 + 192 rows
-// over the vocabulary, 1 thread: 0.74 s here vs 1.27 s through MKL, 397 + 384 rows 1.48 vs 1.69 s,
-// 781 + 768 rows 3.48 vs 3.12 s). A second A (a2, m2 rows, same lda) adds into c's first m2 rows
+// columns of kKOuterPairs pairs of w's rows (two row runs per pair, read once) into its buffer
+// and runs every row of A over them before the next k-block, so w streams past once and nothing
+// but this pack copies it. MKL's GEMM copies the whole block of w before the product, and at few
+// rows that copy costs more than the product (perf at 61 rows, 7B widths: MKL's copy 51% of the
+// LM-head op's samples, its AMX kernel 16%). P W over the 7B vocabulary with the op's hi + lo
+// rows, here vs MKL: 2 threads, 61 + 48 rows 0.17 vs 0.31 s, 96 + 72 0.29 vs 0.32 s, 128 + 96
+// 0.35 vs 0.34 s, 205 + 192 0.60 vs 0.43 s (1 thread: 0.57 vs 0.78 s; with two threads each
+// reads half of every row of w). A second A (a2, m2 rows, same lda) adds into c's first m2 rows
 // from the same packed panels: the LM-head op's lo parts of P, which MKL copies w again for.
-constexpr int64_t kFewRows = 64, kKOuterRows = 512, kKOuterPairs = 128;
+constexpr int64_t kFewRows = 64, kKOuterRows = 96, kKOuterPairs = 128;
 // Panels per brgemm call: one call spans kGroupPanelsKOuter panels ([pairs][kGroupPanelsKOuter
 // * kPanel][2] in the buffer), as a call per 32-column panel spent more in the calls than in
 // the tiles at 61 rows.

@@ -58,7 +58,7 @@ bool mkl_gemm_available();
 // kPanel (the last panel zero-padded). Panel j holds [k_pairs][kPanel][2] bf16.
 //
 // Where mkl_gemm_available(), pack / pack_into pack nothing: `source` keeps w for the product,
-// which runs through MKL, or, for at most 512 rows of A on the AMX path with the vector packs,
+// which runs through MKL, or, for at most 96 rows of A on the AMX path with the vector packs,
 // packs w's rows k-block by k-block into L2 inside the GEMM (w streams past once;
 // CRYSTAL_EXT_CPU_PACK_IN_GEMM=0 sends those to MKL too). On the AMX path with the vector
 // packs (amx_available() and simd_pack_available()) the pack of w^T is deferred: `source` keeps w (no copy) and gemm_bf16_f32 packs a few panels at a time
@@ -90,7 +90,7 @@ void gemm_bf16_f32(const at::BFloat16* a, int64_t lda, int64_t m, const PackedB&
                    int64_t ldc, bool accumulate);
 
 // c[0, m) (+)= a * B, then c[0, m2) += a2 * B (a2: m2 <= m rows with the same lda), in one pass
-// over B where the GEMM packs w itself (at most 512 rows), else as two GEMMs.
+// over B where the GEMM packs w itself (at most 96 rows), else as two GEMMs.
 void gemm_bf16_f32_two(const at::BFloat16* a, int64_t lda, int64_t m, const at::BFloat16* a2,
                        int64_t m2, const PackedB& b, float* c, int64_t ldc, bool accumulate);
 
