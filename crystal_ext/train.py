@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     """Parse, train, evaluate, draw. Returns a summary dict (also printed). `extra_callbacks`
     are added to the Trainer (tests use them to stop or slow a run)."""
     started = time.monotonic()
+    had_process_group = _process_group_up()
     try:
         cargs, targs = parse_args(argv)
     except ValueError as exc:
@@ -365,6 +366,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         config, cargs, targs, model, processor, packer, train_set, no_decay, extra_callbacks, held_out
     )
     if not _is_main():
+        _close_process_group(had_process_group)
         return summary
     summary.update(evaluate_and_draw(config, cargs, targs, model, processor, packer, held_out))
     out = targs.output_dir
@@ -379,7 +381,22 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     summary["tensorboard"] = os.environ["TENSORBOARD_LOGGING_DIR"]
     summary["wall_seconds"] = round(time.monotonic() - started, 1)
     print_summary(summary)
+    _close_process_group(had_process_group)
     return summary
+
+
+def _process_group_up() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _close_process_group(had_one: bool) -> None:
+    """Destroys the process group the run set up (torchrun: the Trainer's, through accelerate), on
+    every rank once its work is done. Left alive, its gloo threads are torn down at interpreter
+    exit, and a rank could abort there ("terminate called without an active exception", seen on
+    rank 1 of a 2-process CPU run whose training had finished), so torchrun reported a failed
+    run. A process group the caller had before main() is the caller's to close."""
+    if not had_one and _process_group_up():
+        torch.distributed.destroy_process_group()
 
 
 def print_summary(s: dict) -> None:

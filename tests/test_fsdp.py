@@ -48,6 +48,10 @@ def compute_loss(self, model, inputs, *args, **kwargs):
 
 CrystalTrainer.compute_loss = compute_loss
 main(sys.argv[1:])
+import torch.distributed as dist
+rank = os.environ["RANK"]
+with open(os.path.join(sys.argv[sys.argv.index("--output_dir") + 1], f"group_after_main_rank{rank}.txt"), "w") as f:
+    f.write(str(dist.is_initialized()))
 """
 
 
@@ -62,6 +66,9 @@ def test_trainer_fsdp_flag_on_the_cpu(tmp_path):
     args = ["--use_lora", "true", "--max_steps", "2", "--per_device_train_batch_size", "2"]
     args += ["--fsdp", "full_shard auto_wrap", "--save_strategy", "no", "--output_dir", str(out), *FAST]
     run(args, prefix=TORCHRUN + [str(script)], timeout=300)
+    # main() closed the process group it set up, on both ranks (left to the interpreter's exit,
+    # a rank could abort there after a finished run).
+    assert [(out / f"group_after_main_rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
     wrapper = (out / "wrapper_rank0.txt").read_text()
     if wrapper != "FullyShardedDataParallel":
         pytest.skip(
