@@ -652,23 +652,14 @@ void gemm_mkl(const at::BFloat16* a, int64_t lda, int64_t m, const PackedB& b, f
 }  // namespace
 #endif
 
-void gemm_bf16_f32_two(const at::BFloat16* a, int64_t lda, int64_t m, const at::BFloat16* a2,
-                       int64_t m2, const PackedB& b, float* c, int64_t ldc, bool accumulate) {
-  TORCH_CHECK(m2 >= 0 && m2 <= m, "cpu_gemm: the second A's rows ", m2, " not in [0, ", m, "]");
-#if CRYSTAL_HAVE_BF16_GEMM
-  if (b.for_mkl && m > 0 && b.n > 0 && b.k_pairs > 0 && m <= kKOuterRows && defer_pack()) {
-    TORCH_CHECK(bf16_gemm_available(), "cpu_gemm: this CPU has no AVX512-BF16");
-    TORCH_CHECK(lda >= 2 * b.k_pairs, "cpu_gemm: lda ", lda, " < padded k ", 2 * b.k_pairs);
-    gemm_amx_k_outer(a, lda, m, a2, m2, b, c, ldc, accumulate);
-    return;
-  }
-#endif
-  gemm_bf16_f32(a, lda, m, b, c, ldc, accumulate);
-  if (m2 > 0) gemm_bf16_f32(a2, lda, m2, b, c, ldc, /*accumulate=*/true);
+void gemm_bf16_f32(const at::BFloat16* a, int64_t lda, int64_t m, const PackedB& b, float* c,
+                   int64_t ldc, bool accumulate) {
+  gemm_bf16_f32_two(a, lda, m, nullptr, 0, b, c, ldc, accumulate);
 }
 
-void gemm_bf16_f32(const at::BFloat16* a_in, int64_t lda, int64_t m, const PackedB& b, float* c,
-                   int64_t ldc, bool accumulate) {
+void gemm_bf16_f32_two(const at::BFloat16* a_in, int64_t lda, int64_t m, const at::BFloat16* a2,
+                       int64_t m2, const PackedB& b, float* c, int64_t ldc, bool accumulate) {
+  TORCH_CHECK(m2 >= 0 && m2 <= m, "cpu_gemm: the second A's rows ", m2, " not in [0, ", m, "]");
 #if CRYSTAL_HAVE_BF16_GEMM
   TORCH_CHECK(bf16_gemm_available(), "cpu_gemm: this CPU has no AVX512-BF16");
   TORCH_CHECK(lda >= 2 * b.k_pairs, "cpu_gemm: lda ", lda, " < padded k ", 2 * b.k_pairs);
@@ -678,9 +669,15 @@ void gemm_bf16_f32(const at::BFloat16* a_in, int64_t lda, int64_t m, const Packe
       for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + b.n, 0.0f);
     return;
   }
+  const bool k_outer = b.for_mkl && m <= kKOuterRows && defer_pack();
+  if (m2 > 0 && !k_outer) {  // only the k-outer product takes both A's over one pass of w
+    gemm_bf16_f32(a_in, lda, m, b, c, ldc, accumulate);
+    gemm_bf16_f32(a2, lda, m2, b, c, ldc, /*accumulate=*/true);
+    return;
+  }
   if (b.for_mkl) {
-    if (m <= kKOuterRows && defer_pack()) {
-      gemm_amx_k_outer(a_in, lda, m, nullptr, 0, b, c, ldc, accumulate);
+    if (k_outer) {
+      gemm_amx_k_outer(a_in, lda, m, a2, m2, b, c, ldc, accumulate);
       return;
     }
     if (mkl_gemm_available()) {
