@@ -106,6 +106,10 @@ void register_test_entry_points(pybind11::module_& m) {
         "Internal, for tests: a x B in bf16 with fp32 output on the CPU's AVX512-BF16 kernel",
         pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("transposed"),
         pybind11::arg("out") = pybind11::none(), pybind11::arg("a2") = pybind11::none());
+  m.def("cpu_gemm_two_a_share_one_pass", &crystal_ext::cpu_gemm::two_a_share_one_pass,
+        "Internal, for tests: whether m rows of the LM-head op's P W take two A's in one pass "
+        "(else its bf16 path sweeps the kept pairs' rows for their KL gradient)",
+        pybind11::arg("m"));
   m.def("lm_head_losses_tiling", &lm_head_losses_tiling,
         "Internal, for tests: (max_chunk_rows, vocab_block) of lm_head_losses on a device",
         pybind11::arg("cuda"), pybind11::arg("rows"), pybind11::arg("vocab"),

@@ -485,6 +485,33 @@ MUTATIONS = [
         csrc=True,
     ),
     Mutation(
+        "kept_pair_sweep_drops_override_columns",
+        "the kept pairs' own sweep (bf16, many rows) takes the override columns out of D but never "
+        "multiplies their rows",
+        [
+            (
+                "csrc/cpu/lm_head_losses.cpp",
+                "        diff.addmm_(d_cols, ov_rows.index_select(0, long_tensor(which)));",
+                "",
+            )
+        ],
+        ["tests/test_lm_head_override.py", "tests/test_lm_head_losses.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "kept_pair_sweep_uses_the_teacher_lse_twice",
+        "the kept pairs' own sweep normalises the students' rows with their teachers' log-sum-exps",
+        [
+            (
+                "csrc/cpu/lm_head_losses.cpp",
+                "row_lse[j] = static_cast<acc_t>(c.lse[local[j]]);",
+                "row_lse[j] = static_cast<acc_t>(c.lse[local[j % K]]);",
+            )
+        ],
+        ["tests/test_lm_head_losses.py"],
+        csrc=True,
+    ),
+    Mutation(
         "w_as_a_product_overwrites",
         "the few-rows product by w^T (w as the tiles' A operand) overwrites c where it must accumulate",
         [

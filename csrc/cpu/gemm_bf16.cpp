@@ -657,6 +657,10 @@ void gemm_bf16_f32(const at::BFloat16* a, int64_t lda, int64_t m, const PackedB&
   gemm_bf16_f32_two(a, lda, m, nullptr, 0, b, c, ldc, accumulate);
 }
 
+bool two_a_share_one_pass(int64_t m) {
+  return m <= kKOuterRows && mkl_gemm_available() && defer_pack();
+}
+
 void gemm_bf16_f32_two(const at::BFloat16* a_in, int64_t lda, int64_t m, const at::BFloat16* a2,
                        int64_t m2, const PackedB& b, float* c, int64_t ldc, bool accumulate) {
   TORCH_CHECK(m2 >= 0 && m2 <= m, "cpu_gemm: the second A's rows ", m2, " not in [0, ", m, "]");
@@ -669,7 +673,7 @@ void gemm_bf16_f32_two(const at::BFloat16* a_in, int64_t lda, int64_t m, const a
       for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + b.n, 0.0f);
     return;
   }
-  const bool k_outer = b.for_mkl && m <= kKOuterRows && defer_pack();
+  const bool k_outer = b.for_mkl && two_a_share_one_pass(m);
   if (m2 > 0 && !k_outer) {  // only the k-outer product takes both A's over one pass of w
     gemm_bf16_f32(a_in, lda, m, b, c, ldc, accumulate);
     gemm_bf16_f32(a2, lda, m2, b, c, ldc, /*accumulate=*/true);

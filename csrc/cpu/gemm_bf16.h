@@ -94,6 +94,10 @@ void gemm_bf16_f32(const at::BFloat16* a, int64_t lda, int64_t m, const PackedB&
 void gemm_bf16_f32_two(const at::BFloat16* a, int64_t lda, int64_t m, const at::BFloat16* a2,
                        int64_t m2, const PackedB& b, float* c, int64_t ldc, bool accumulate);
 
+// True when gemm_bf16_f32_two over m rows of A and a B from pack_into runs both A's over one
+// pass of w (the k-outer product); otherwise the second A costs a GEMM of its own.
+bool two_a_share_one_pass(int64_t m);
+
 // Leading dimension for an A operand of k columns: even, and not a multiple of 2 KB.
 int64_t operand_lda(int64_t k);
 // Copy of a bf16 [m, k] matrix as an A operand: [m, operand_lda(k)], zeros after column k.

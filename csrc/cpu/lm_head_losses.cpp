@@ -8,8 +8,9 @@
 //                             rescale of the running expectation O
 //   pairs (at::parallel_for): KL cross term A += sum_v P_teacher (S_teacher - S_student)
 //   O += P W_blk                           one GEMM (only when hidden needs a gradient)
-// so the forward does exactly two GEMM passes over the head (the same as a plain
-// linear + cross-entropy forward and its hidden-gradient backward) and ends with the losses
+// so the forward does two GEMM passes over the head (the same as a plain linear +
+// cross-entropy forward and its hidden-gradient backward; on the bf16 path with many rows, a
+// third for the kept pairs' rows only, below) and ends with the losses
 // AND d ce / d hidden, d KL_i / d hidden for every pair (csrc/lm_head_losses.h). The top-k
 // selection then only picks coefficients; the backward multiplies by the upstream gradients
 // and never recomputes logits for hidden. Only when weight (or bias) requires grad does the
@@ -20,10 +21,17 @@
 // bf16 inputs on a CPU with AVX512-BF16 take both GEMMs through csrc/cpu/gemm_bf16 (bf16
 // operands, fp32 accumulation and output) instead of an fp32 GEMM on converted copies: the
 // logits are the same fp32 values, at bf16 GEMM speed. There P enters the second GEMM as bf16,
-// as in FlashAttention's P V product; for the paired rows, whose KL gradient E_s - E_teacher
-// is a difference of nearly equal expectations, P is split into bf16 hi + lo parts (two
-// products, error ~2^-17 instead of 2^-9 relative) so that the difference keeps fp32 accuracy.
-// The weight-gradient sweep uses it too. CRYSTAL_EXT_CPU_BF16_GEMM=0 turns the path off
+// as in FlashAttention's P V product. A pair's KL gradient E_s - E_teacher is a difference of
+// nearly equal expectations, which P in bf16 would leave ~15x less accurate, so it is formed
+// one of two ways. Where the chunk's rows are few enough for the k-outer P W (the GEMM packs
+// each block of W once for two A operands: cpu_gemm::two_a_share_one_pass), P of every paired
+// row is split into bf16 hi + lo parts (error ~2^-17 instead of 2^-9 relative) that ride in
+// that pass. With more rows the lo parts would cost P W a GEMM of their own (a third of the
+// op at 205 and 781 logit rows), so instead, once the top-k has picked its pairs (10% of them
+// under the published setting), one more sweep over the vocabulary for the kept pairs' rows
+// only forms D = p_student - p_teacher in fp32 from the known lse and rounds it to bf16 once
+// (as the weight-gradient sweep does with its D), then O_diff += D W_blk: the difference keeps
+// bf16's accuracy relative to itself. CRYSTAL_EXT_CPU_BF16_GEMM=0 turns the bf16 path off
 // (ATen fp32 GEMMs on converted blocks, as for fp16 inputs).
 //
 // Override rows (csrc/lm_head_override.h): the ids are read on the host, and in each block that
@@ -148,6 +156,9 @@ struct Chunk {
   // the paired rows (local rows 0 .. n_lo - 1).
   bool bf16_gemm = false;
   int64_t n_lo = 0, lda_p = 0;
+  // bf16 path where the lo rows would cost P W a GEMM of their own: no lo parts; the kept pairs'
+  // KL gradient comes from a sweep of their own rows after the top-k (kept_pair_differences).
+  bool kl_grad_sweep = false;
   // Under a soft-cap the KL gradient needs each pair's cross expectation
   // X_i = sum_v p_av g_sv W_v (csrc/lm_head_losses.h): its unnormalised rows, rescaled with
   // the teacher's running max, and their block of P_teacher * g_student.
@@ -261,7 +272,8 @@ struct Forward {
     c.s_buf = at::empty({R * c.Vb}, opts);
     c.has_pairs = begin == 0 && p.n_pairs > 0;
     c.bf16_gemm = std::is_same<acc_t, float>::value && use_bf16_gemm(hidden, p);
-    c.n_lo = c.bf16_gemm && c.has_pairs ? p.n_paired_rows : 0;
+    c.kl_grad_sweep = c.bf16_gemm && c.has_pairs && grad_hidden && !cpu_gemm::two_a_share_one_pass(R);
+    c.n_lo = c.bf16_gemm && c.has_pairs && grad_hidden && !c.kl_grad_sweep ? p.n_paired_rows : 0;
     const at::Tensor chunk_hidden = hidden.index_select(0, long_tensor(c.rows));
     c.h = c.bf16_gemm ? cpu_gemm::a_operand(chunk_hidden) : chunk_hidden.to(acc).contiguous();
     if (ov.given()) {
@@ -296,7 +308,7 @@ struct Forward {
     if (c.bf16_gemm && grad_hidden) cpu_gemm::pack_into(weight.narrow(0, v0, vb), &c.packed_expect);
     acc_t* s_ptr = S.data_ptr<acc_t>();
     const BlockColumns columns = override_columns(v0, vb);
-    write_override_logits(c, s_ptr, vb, columns);
+    write_override_logits(c.ov_logits, c.R, s_ptr, vb, columns);
     transform_rows(s_ptr, c.R, vb, p);
     row_statistics(c, s_ptr, vb, v0);
     if (c.has_pairs) pair_cross_terms(c, s_ptr, vb);
@@ -318,12 +330,13 @@ struct Forward {
     return columns;
   }
 
-  // The head's output of the override columns, before the model's transform.
-  void write_override_logits(Chunk<acc_t>& c, acc_t* s_ptr, int64_t vb, const BlockColumns& columns) {
+  // The head's output of the override columns (ov_logits [rows, n]), before the model's transform.
+  void write_override_logits(const at::Tensor& ov_logits, int64_t rows, acc_t* s_ptr, int64_t vb,
+                             const BlockColumns& columns) {
     if (columns.empty()) return;
-    const acc_t* ov_ptr = c.ov_logits.template data_ptr<acc_t>();
-    const int64_t n = c.ov_logits.size(1);
-    for (int64_t j = 0; j < c.R; ++j)
+    const acc_t* ov_ptr = ov_logits.template data_ptr<acc_t>();
+    const int64_t n = ov_logits.size(1);
+    for (int64_t j = 0; j < rows; ++j)
       for (const auto& jc : columns) s_ptr[j * vb + jc.second] = ov_ptr[j * n + jc.first];
   }
 
@@ -522,10 +535,28 @@ struct Forward {
     if (!grad_hidden) return;
     const acc_t* co = coef.data_ptr<acc_t>();
     const int64_t Hd = p.hidden_dim;
+    const acc_t scale = static_cast<acc_t>(p.logit_scale);
+    if constexpr (std::is_same<acc_t, float>::value) {
+      if (c.kl_grad_sweep) {
+        std::vector<int64_t> kept;
+        for (int64_t i = 0; i < p.n_pairs; ++i)
+          if (co[i] != acc_t(0)) kept.push_back(i);
+        if (kept.empty()) return;
+        const at::Tensor diff = kept_pair_differences(c, kept);
+        const float* d_ptr = diff.data_ptr<float>();
+        float* g_ptr = grad_kl.data_ptr<float>();
+        for (size_t k = 0; k < kept.size(); ++k) {  // d = E_s - E_teacher, formed by the sweep
+          const int64_t i = kept[k];
+          float* g = g_ptr + h_plan.student[i] * Hd;
+          const float* d = d_ptr + static_cast<int64_t>(k) * Hd;
+          for (int64_t x = 0; x < Hd; ++x) g[x] += scale * co[i] * d[x];
+        }
+        return;
+      }
+    }
     const acc_t* e_ptr = c.expect.template data_ptr<acc_t>();
     const acc_t* x_ptr = c.cross_expect ? c.x_expect.template data_ptr<acc_t>() : nullptr;
     acc_t* g_ptr = grad_kl.data_ptr<acc_t>();
-    const acc_t scale = static_cast<acc_t>(p.logit_scale);
     for (int64_t i = 0; i < p.n_pairs; ++i) {
       if (co[i] == acc_t(0)) continue;
       const acc_t* es = e_ptr + pair_s[i] * Hd;
@@ -533,6 +564,79 @@ struct Forward {
       acc_t* g = g_ptr + h_plan.student[i] * Hd;
       for (int64_t d = 0; d < Hd; ++d) g[d] += kl_hidden_grad(es[d], et[d], scale * co[i]);
     }
+  }
+
+  // bf16 path: E_student - E_teacher of the kept pairs (the top of the file says why), [K, Hd].
+  // One more sweep over the vocabulary for their two rows only, their lse known: each block's
+  // logit rows D = p_student - p_teacher formed in float and rounded to bf16 once, then D W_blk.
+  at::Tensor kept_pair_differences(const Chunk<acc_t>& c, const std::vector<int64_t>& kept) {
+    const int64_t K = static_cast<int64_t>(kept.size()), Hd = p.hidden_dim;
+    const auto opts = hidden.options().dtype(acc);
+    // Local rows: the teachers', then the students'.
+    std::vector<int64_t> local(2 * K), hidden_rows(2 * K);
+    std::vector<acc_t> row_lse(2 * K);
+    for (int64_t k = 0; k < K; ++k) {
+      local[k] = h_plan.pair_t[kept[k]];
+      local[K + k] = h_plan.pair_s[kept[k]];
+    }
+    for (int64_t j = 0; j < 2 * K; ++j) {
+      hidden_rows[j] = c.rows[local[j]];
+      row_lse[j] = static_cast<acc_t>(c.lse[local[j]]);
+    }
+    const at::Tensor h = cpu_gemm::a_operand(hidden.index_select(0, long_tensor(hidden_rows)));
+    const at::Tensor ov_logits =
+        ov.given() ? c.ov_logits.index_select(0, long_tensor(local)) : at::Tensor();
+    const int64_t Vb = vocab_block(2 * K, p.vocab), lda = cpu_gemm::operand_lda(Vb);
+    const at::Tensor s_buf = at::empty({2 * K * Vb}, opts);
+    const at::Tensor d_buf = at::empty({K * lda}, hidden.options());
+    at::Tensor diff = at::zeros({K, Hd}, opts);
+    cpu_gemm::PackedB packed_logits, packed_w;
+    const bool simd = simd_rows<acc_t>();
+    // d = p_student - p_teacher for logit columns s (student) and t (teacher) of pair k.
+    auto d_of = [&](int64_t k, acc_t s, acc_t t) {
+      return kl_logit_grad(softmax_prob(s, row_lse[K + k]), softmax_prob(t, row_lse[k]), acc_t(1));
+    };
+    for (int64_t v0 = 0; v0 < p.vocab; v0 += Vb) {
+      const int64_t vb = std::min(Vb, p.vocab - v0);
+      const at::Tensor S = front(s_buf, 2 * K, vb);
+      logits_block(S, h, weight, bias, v0, vb, /*bf16_gemm=*/true, &packed_logits, acc);
+      acc_t* s_ptr = S.data_ptr<acc_t>();
+      const BlockColumns columns = override_columns(v0, vb);
+      write_override_logits(ov_logits, 2 * K, s_ptr, vb, columns);
+      transform_rows(s_ptr, 2 * K, vb, p);
+      at::BFloat16* d_ptr = d_buf.data_ptr<at::BFloat16>();
+      at::parallel_for(0, K, 4, [&](int64_t kb, int64_t ke) {
+        for (int64_t k = kb; k < ke; ++k) {
+          const acc_t* st = s_ptr + k * vb;
+          const acc_t* ss = s_ptr + (K + k) * vb;
+          at::BFloat16* d = d_ptr + k * lda;
+          if (simd) {
+            cpu_rows::prob_difference_to_bf16(ss, st, vb, row_lse[K + k], row_lse[k], d);
+          } else {
+            for (int64_t v = 0; v < vb; ++v) d[v] = at::BFloat16(d_of(k, ss[v], st[v]));
+          }
+          for (int64_t v = vb; v < lda; ++v) d[v] = at::BFloat16(0.0f);  // pads meet zeros of B
+        }
+      });
+      if (!columns.empty()) {  // the override columns multiply their rows, not the weight's
+        const int64_t nb = static_cast<int64_t>(columns.size());
+        at::Tensor d_cols = at::empty({K, nb}, opts);
+        acc_t* dc = d_cols.template data_ptr<acc_t>();
+        std::vector<int64_t> which;
+        for (const auto& jc : columns) which.push_back(jc.first);
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t q = 0; q < nb; ++q) {
+            const int64_t col = columns[q].second;
+            dc[k * nb + q] = d_of(k, s_ptr[(K + k) * vb + col], s_ptr[k * vb + col]);
+            d_ptr[k * lda + col] = at::BFloat16(0.0f);
+          }
+        diff.addmm_(d_cols, ov_rows.index_select(0, long_tensor(which)));
+      }
+      cpu_gemm::pack_into(weight.narrow(0, v0, vb), &packed_w);
+      cpu_gemm::gemm_bf16_f32(d_ptr, lda, K, packed_w, diff.template data_ptr<float>(), Hd,
+                              /*accumulate=*/true);
+    }
+    return diff;
   }
 };
 

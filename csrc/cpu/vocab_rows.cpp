@@ -118,6 +118,17 @@ CRYSTAL_AVX512_ROWS double kl_cross_sum_avx512(const float* st, const float* ss,
   return sum_of(acc_lo, acc_hi);
 }
 
+CRYSTAL_AVX512_ROWS void prob_difference_to_bf16_avx512(const float* ss, const float* st, int64_t n,
+                                                         float lse_s, float lse_t, at::BFloat16* d) {
+  const __m512 ls = _mm512_set1_ps(lse_s), lt = _mm512_set1_ps(lse_t);
+  for (int64_t v = 0; v < n; v += kLanes) {
+    const __mmask16 k = tail_mask(n - v);
+    const __m512 ps = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, ss + v), ls));
+    const __m512 pt = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, st + v), lt));
+    _mm256_mask_storeu_epi16(d + v, k, bits_of(_mm512_cvtneps_pbh(_mm512_sub_ps(ps, pt))));
+  }
+}
+
 CRYSTAL_AVX512_ROWS void exp_avx512(const float* x, float* y, int64_t n) {
   for (int64_t v = 0; v < n; v += kLanes) {
     const __mmask16 k = tail_mask(n - v);
@@ -147,6 +158,15 @@ double exp_to_bf16(const float* s, int64_t n, float shift, at::BFloat16* hi, at:
 double kl_cross_sum(const float* st, const float* ss, int64_t n, float shift) {
 #if CRYSTAL_HAVE_SIMD_ROWS
   return kl_cross_sum_avx512(st, ss, n, shift);
+#else
+  TORCH_CHECK(false, "cpu_rows: built without the AVX-512 passes");
+#endif
+}
+
+void prob_difference_to_bf16(const float* ss, const float* st, int64_t n, float lse_s, float lse_t,
+                             at::BFloat16* d) {
+#if CRYSTAL_HAVE_SIMD_ROWS
+  prob_difference_to_bf16_avx512(ss, st, n, lse_s, lse_t, d);
 #else
   TORCH_CHECK(false, "cpu_rows: built without the AVX-512 passes");
 #endif

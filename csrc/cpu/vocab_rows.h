@@ -34,6 +34,11 @@ double exp_to_bf16(const float* s, int64_t n, float shift, at::BFloat16* hi, at:
 // may be -inf there), added in double.
 double kl_cross_sum(const float* st, const float* ss, int64_t n, float shift);
 
+// d[v] = bf16(exp(ss[v] - lse_s) - exp(st[v] - lse_t)): a student row's softmax minus its
+// teacher's, formed in float and rounded once (the KL gradient's logit rows).
+void prob_difference_to_bf16(const float* ss, const float* st, int64_t n, float lse_s, float lse_t,
+                             at::BFloat16* d);
+
 // exp(x) for the tests: the same vector code on a contiguous float tensor.
 at::Tensor exp_for_tests(const at::Tensor& x);
 
