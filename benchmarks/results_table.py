@@ -54,7 +54,7 @@ def _roofline(step: dict) -> str:
 
 def _step_bound(row: dict) -> str:
     """The speed-up with the LM-head op at that bound and the rest of ours' step as measured."""
-    return f"; with the op at it, {row['step_bound']:.1f}x" if "step_bound" in row else ""
+    return f"; with the op at it, {row['step_bound']:.2f}x" if "step_bound" in row else ""
 
 
 def rows(text: str) -> list[str]:
