@@ -31,23 +31,27 @@ at::Tensor cpu_gemm_bf16(const at::Tensor& a, const at::Tensor& w, bool transpos
   const g::PackedB b = transposed ? g::pack_transposed(wc) : g::pack(wc);
   TORCH_CHECK(a.size(1) == b.k, "cpu_gemm_bf16: a has ", a.size(1), " columns, B has ", b.k,
               " rows");
-  const at::Tensor a_op = g::a_operand(a);
+  const int64_t m2 = a2.has_value() ? a2->size(0) : 0;
+  if (a2.has_value()) {
+    TORCH_CHECK(a2->dim() == 2 && a2->scalar_type() == at::kBFloat16 && a2->size(1) == a.size(1) &&
+                    m2 <= a.size(0),
+                "cpu_gemm_bf16: a2 must be bf16 [m2 <= ", a.size(0), ", ", a.size(1), "]");
+  }
   at::Tensor c = out.has_value() ? *out : at::empty({a.size(0), b.n}, a.options().dtype(at::kFloat));
   TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.size(0) == a.size(0) &&
                   c.size(1) == b.n,
               "cpu_gemm_bf16: out must be a contiguous float32 [", a.size(0), ", ", b.n, "]");
-  if (!a2.has_value()) {
-    g::gemm_bf16_f32(a_op.data_ptr<at::BFloat16>(), a_op.size(1), a.size(0), b, c.data_ptr<float>(),
-                     b.n, /*accumulate=*/out.has_value());
-    return c;
+  // One operand for a and a2 (one lda for both, as in the op's P buffer).
+  const at::Tensor a_op = g::a_operand(a2.has_value() ? at::cat({a, *a2}) : a);
+  const at::BFloat16* a_ptr = a_op.data_ptr<at::BFloat16>();
+  const int64_t lda = a_op.size(1);
+  const bool accumulate = out.has_value();
+  if (m2 == 0) {
+    g::gemm_bf16_f32(a_ptr, lda, a.size(0), b, c.data_ptr<float>(), b.n, accumulate);
+  } else {
+    g::gemm_bf16_f32_two(a_ptr, lda, a.size(0), a_ptr + a.size(0) * lda, m2, b,
+                         c.data_ptr<float>(), b.n, accumulate);
   }
-  TORCH_CHECK(a2->dim() == 2 && a2->scalar_type() == at::kBFloat16 && a2->size(1) == a.size(1) &&
-                  a2->size(0) <= a.size(0),
-              "cpu_gemm_bf16: a2 must be bf16 [m2 <= ", a.size(0), ", ", a.size(1), "]");
-  const at::Tensor both = g::a_operand(at::cat({a, *a2}));  // one lda for both
-  g::gemm_bf16_f32_two(both.data_ptr<at::BFloat16>(), both.size(1), a.size(0),
-                       both.data_ptr<at::BFloat16>() + a.size(0) * both.size(1), a2->size(0), b,
-                       c.data_ptr<float>(), b.n, /*accumulate=*/out.has_value());
   return c;
 }
 
