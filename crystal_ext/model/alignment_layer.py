@@ -20,6 +20,8 @@ saved config.json, never change.
 
 from __future__ import annotations
 
+from crystal_ext.model.parts import text_config_of
+
 ALIGNMENT_LAYERS = ("last", "last_attention")
 FLAG = "--alignment_layer"
 FULL_ATTENTION = "full_attention"
@@ -36,7 +38,7 @@ def check_choice(choice: str) -> str:
 
 def text_layer_types(config) -> list[str]:
     """The kind of each text layer, in the decoder's order."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config_of(config)
     types = list(getattr(text, "layer_types", None) or ())
     return types or [FULL_ATTENTION] * int(text.num_hidden_layers)
 

@@ -30,10 +30,14 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module
     return model, backbone, head
 
 
+def text_config_of(config):
+    """The text decoder's part of a model config (the config itself when it has no sub-configs)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def text_config(model: nn.Module):
     """The config of `model`'s text decoder (the model's own config when it has no sub-configs)."""
-    config = unwrap_peft(model).config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text_config_of(unwrap_peft(model).config)
 
 
 def embedding_and_head_weights(model: nn.Module) -> list[torch.Tensor]:

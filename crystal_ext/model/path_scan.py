@@ -53,6 +53,7 @@ from crystal_ext.model.attention_registration import (
     _checked_layout,
 )
 from crystal_ext.model.dual_path_attention import DualPathPlan
+from crystal_ext.model.parts import text_config_of
 
 _OP = "path_scan"
 _INSTALLED = "_crystal_path_scan"
@@ -256,7 +257,7 @@ def use_path_scans(module: torch.nn.Module) -> int:
     holds known mixers: such a layer would scan the packed sequence, both paths as one."""
     mixers = sequence_mixers(module)
     config = getattr(module, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config_of(config)
     layer_types = list(getattr(text, "layer_types", None) or ())
     scanned = sum(t in SCANNED_LAYER_TYPES for t in layer_types)
     if scanned > len(mixers):

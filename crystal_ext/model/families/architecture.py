@@ -13,10 +13,7 @@ from __future__ import annotations
 
 from crystal_ext.model.families.own_positions import model_class_of, own_position_function
 from crystal_ext.model.families.router_loss import router_loss_requested, unsupported_router_loss
-
-
-def text_config_of(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+from crystal_ext.model.parts import text_config_of
 
 
 def encoder_decoder_problem(config) -> str | None:

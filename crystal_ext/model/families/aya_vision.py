@@ -11,6 +11,7 @@ window on the sequence's indices; the dual path counts it on path positions
 from __future__ import annotations
 
 from crystal_ext.model.families.generic import GenericFamily
+from crystal_ext.model.parts import text_config_of
 
 AYA_VISION_MODEL_TYPES = ("aya_vision",)
 
@@ -19,7 +20,7 @@ class AyaVisionFamily(GenericFamily):
     attention_kinds = frozenset({"full_attention", "sliding_attention"})
 
     def dual_path_inputs(self, config, input_ids):
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config_of(config)
         kinds = set(getattr(text, "layer_types", None) or ())
         if "sliding_attention" not in kinds:
             return {}  # Cohere: no sliding layer, and its model takes no dict of masks

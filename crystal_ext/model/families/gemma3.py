@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 from crystal_ext.model.families.base import Family
+from crystal_ext.model.parts import text_config_of
 
 GEMMA3_MODEL_TYPES = ("gemma3",)
 
@@ -29,7 +30,7 @@ class Gemma3Family(Family):
     attention_kinds = frozenset({"full_attention", "sliding_attention"})
 
     def problem(self, config):
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config_of(config)
         if getattr(text, "use_bidirectional_attention", False):
             return (
                 "its text config sets use_bidirectional_attention (every text token attends in both "

@@ -40,12 +40,9 @@
 from __future__ import annotations
 
 from crystal_ext.model.families.base import Family
+from crystal_ext.model.parts import text_config_of
 
 GEMMA4_MODEL_TYPES = ("gemma4",)
-
-
-def _text(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 class Gemma4Family(Family):
@@ -54,7 +51,7 @@ class Gemma4Family(Family):
     tests = "tests/test_gemma4.py"
 
     def problem(self, config):
-        text = _text(config)
+        text = text_config_of(config)
         if getattr(text, "use_bidirectional_attention", None) == "all":
             return (
                 "its text config sets use_bidirectional_attention='all' (every text token attends in both "
@@ -66,7 +63,7 @@ class Gemma4Family(Family):
         return input_ids == int(config.image_token_id)
 
     def _bidirectional_images(self, config) -> bool:
-        return getattr(_text(config), "use_bidirectional_attention", None) == "vision"
+        return getattr(text_config_of(config), "use_bidirectional_attention", None) == "vision"
 
     def dual_path_inputs(self, config, input_ids):
         from crystal_ext.model.attention_registration import (

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from crystal_ext.model.parts import text_config_of
 from crystal_ext.ops.model_logits import check_logit_transform, model_logits
 
 # The config fields through which the models above transform their logits, with the value that
@@ -101,7 +102,7 @@ PLAIN = frozenset(
 
 def _field(config, name: str):
     """`name` from the text config, else from the top-level config (None when neither has it)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config_of(config)
     for source in (text, config):
         value = getattr(source, name, None)
         if value is not None:

@@ -16,6 +16,7 @@ import sys
 import torch
 
 from crystal_ext.model.families.base import Family
+from crystal_ext.model.parts import text_config_of
 
 POSITION_FUNCTIONS = ("get_rope_index",)
 # rope_parameters keys that only multimodal (several-row) RoPE reads.
@@ -67,7 +68,7 @@ def own_position_function(model_or_config) -> str | None:
         for name in POSITION_FUNCTIONS:
             if callable(getattr(cls, name, None)):
                 return f"{cls.__name__}.{name}"
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config_of(config)
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
     for key in MULTIMODAL_ROPE_KEYS:
         if isinstance(rope, dict) and rope.get(key) is not None:

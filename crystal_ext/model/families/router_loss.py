@@ -18,16 +18,12 @@ from contextlib import contextmanager
 
 import torch
 
-from crystal_ext.model.parts import unwrap_distributed, unwrap_peft
+from crystal_ext.model.parts import text_config_of, unwrap_distributed, unwrap_peft
 from crystal_ext.ops.layout import segments_of
 
 
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def router_loss_requested(config) -> bool:
-    text = _text_config(config)
+    text = text_config_of(config)
     return bool(getattr(text, "output_router_logits", False) and getattr(text, "router_aux_loss_coef", 0))
 
 
@@ -48,7 +44,7 @@ def _router_spec(language):
 
 def unsupported_router_loss(model_class, config) -> str | None:
     """Why the requested router loss cannot be reproduced for this model class (None if it can)."""
-    text = _text_config(config)
+    text = text_config_of(config)
     if load_balancing_function(model_class) is None:
         return f"{model_class.__name__}'s modelling module has no load_balancing_loss_func"
     missing = [k for k in ("num_experts", "num_experts_per_tok") if getattr(text, k, None) is None]
@@ -125,7 +121,7 @@ def recording_router_logits(model, family):
             f"the config of {type(base).__name__} asks for a router load-balancing loss that the objective "
             f"cannot reproduce: {problem or 'its text model records no router_logits'}"
         )
-    text = _text_config(base.config)
+    text = text_config_of(base.config)
     record = RouterLogits(type(base), text.router_aux_loss_coef, text.num_experts, text.num_experts_per_tok)
     target, position = spec
 
