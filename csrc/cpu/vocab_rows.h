@@ -1,6 +1,7 @@
 // The per-row passes of the CPU LM-head forward over a block of logits, on AVX-512: the row's
 // max, its unnormalised probabilities p = exp(s - shift) rounded to bf16 for the expectation
-// GEMM (with their sum), and a pair's KL cross term sum_v p_teacher (s_teacher - s_student).
+// GEMM (with their sum), a pair's KL cross term sum_v p_teacher (s_teacher - s_student), and a
+// kept pair's probability difference p_student - p_teacher in bf16 (its KL gradient's row).
 //
 // Why hand-written: these passes touch every logit of every row once or twice, and with libm's
 // scalar expf they took about a fifth of the op's time at 781 rows (perf, 7B widths); ATen's
