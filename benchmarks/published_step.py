@@ -1,7 +1,9 @@
 """The published way of computing one CrystaL step, in plain PyTorch, for comparison only.
 
-Same stock model, same batch, same loss as crystal_ext.model.objective.crystal_objective, computed
-as the authors' code does:
+Same model weights, same batch, same loss as crystal_ext.model.objective.crystal_objective,
+computed as the authors' code does:
+  - the stock modules: a patch embedding that crystal_ext loads as transformers' fused Linear
+    (crystal_ext.model.runtime_fusions) runs as the stock Conv3d, on the same weight;
   - every text layer: SDPA with the dense [B, 1, L, L] additive dual-path mask;
   - the last layer: additionally the full [B, H, L, L] attention probabilities, from which
     the alignment loss reads the E/F rows and D columns;
@@ -17,12 +19,16 @@ other row (dense [V, Hd] gradients and optimizer states).
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import torch
 import torch.nn.functional as F
 
 from crystal_ext.model.attention_registration import is_last_layer, is_text_decoder_attention
 from crystal_ext.model.objective import CrystalLoss
 from crystal_ext.model.parts import backbone_and_head, embedding_and_head_weights, text_config
+from crystal_ext.model.runtime_fusions import fusion_supported
 from crystal_ext.ops.layout import IGNORE, dual_path_mask, segments_of
 
 PUBLISHED_ATTN = "crystal_published_dense"
@@ -52,13 +58,55 @@ def register_published_attention() -> str:
     return PUBLISHED_ATTN
 
 
+class _StockConv3d(torch.nn.Module):
+    """A fused patch embedding's Linear run as the stock Conv3d (F.conv3d on a view of its weight,
+    so that the gradient reaches the Linear's weight)."""
+
+    def __init__(self, linear, in_channels: int, kernel: tuple):
+        super().__init__()
+        self.__dict__["linear"] = linear  # not registered: the fused module already owns it
+        self.kernel = tuple(kernel)
+        self.in_channels = in_channels
+
+    @property
+    def weight(self):
+        return self.linear.weight.view(self.linear.out_features, self.in_channels, *self.kernel)
+
+    def forward(self, x):
+        return F.conv3d(x, self.weight, self.linear.bias, stride=self.kernel)
+
+
+@contextlib.contextmanager
+def stock_modules(model):
+    """Inside, every fused patch embedding of `model` runs its stock class's forward with the
+    stock Conv3d on the fused Linear's weight: the model as the stock from_pretrained builds it."""
+    if not fusion_supported():
+        yield model
+        return
+    from transformers.fusion_mapping import PatchEmbeddingsFusionSpec
+
+    spec = PatchEmbeddingsFusionSpec()
+    fused = [m for m in model.modules() if spec.is_fused(m)]
+    for m in fused:
+        stock_class = type(m).__mro__[2]  # (Fused<class>, the fusion's mixin, <class>, ...)
+        m.proj = _StockConv3d(m.linear_proj, m.proj_in_channels, m.proj_kernel_size)
+        m.forward = types.MethodType(stock_class.forward, m)
+    try:
+        yield model
+    finally:
+        for m in fused:
+            del m.proj, m.forward
+
+
 def published_step_loss_switched(model, batch) -> CrystalLoss:
     """published_step_loss on a model set up for our attention: switches its attention
-    implementation to the published one for the call and back afterwards (same weights)."""
+    implementation to the published one and its modules to the stock ones (stock_modules) for
+    the call and back afterwards (same weights)."""
     previous = text_config(model)._attn_implementation
     model.set_attn_implementation(register_published_attention())
     try:
-        return published_step_loss(model, batch)
+        with stock_modules(model):
+            return published_step_loss(model, batch)
     finally:
         model.set_attn_implementation(previous)
 

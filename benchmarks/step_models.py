@@ -5,7 +5,9 @@
 head_dim 128) and vocabulary (152,064) with few layers and a small MLP and vision tower, so
 one step fits this CPU; images of 448x448 give 256 visual tokens each, like the recipe.
 Embedding and LM head are frozen (as in the recipe, where only new rows train), the rest
-trains.
+trains. The models are built as crystal_ext builds them (crystal_ext.model.runtime_fusions: the
+Conv3d patch embedding as a Linear); the published step runs them with the stock modules
+(published_step.stock_modules).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from family_models import TASK_WORDS, qwen_tokenizer, tiny_qwen25vl  # noqa: E40
 
 from crystal_ext.data.packing import DualPathCollator, DualPathPacker, Example  # noqa: E402
 from crystal_ext.model.latent_tokens import add_latent_tokens  # noqa: E402
+from crystal_ext.model.runtime_fusions import from_config  # noqa: E402
 from crystal_ext.training import tiny_model  # noqa: E402
 
 
@@ -44,7 +47,7 @@ def qwen7b_attention_model(
     )
     config = tiny_model.qwen2_5_vl_config(tokenizer, text, vision_hidden=64, vision_depth=1, window_size=112)
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
+    model = from_config(Qwen2_5_VLForConditionalGeneration, config, attn_implementation=attn, dtype=dtype)
     model.get_input_embeddings().weight.requires_grad_(False)
     model.get_output_embeddings().weight.requires_grad_(False)
     return model

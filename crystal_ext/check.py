@@ -81,13 +81,14 @@ def _fail(message: str) -> None:
 
 def load(args):
     """(model with the dual-path attention on, packer) as crystal_ext.train builds them."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
     from crystal_ext.data.packing import DualPathPacker
     from crystal_ext.model.alignment_layer import alignment_layer_index
     from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
     from crystal_ext.model.families import UnsupportedModel, family_of
     from crystal_ext.model.latent_tokens import add_latent_tokens
+    from crystal_ext.model.runtime_fusions import load_pretrained
 
     try:  # refused before any weight is loaded
         config = AutoConfig.from_pretrained(args.model)
@@ -99,9 +100,7 @@ def load(args):
         _fail(f"--model {args.model}: {exc}")
     register_dual_path_attention()
     processor = AutoProcessor.from_pretrained(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(
-        args.model, dtype=DTYPES[args.dtype], attn_implementation="sdpa"
-    )
+    model = load_pretrained(args.model, DTYPES[args.dtype])
     latent = add_latent_tokens(processor.tokenizer, model, k=args.num_latent_tokens)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     model.to(args.device)

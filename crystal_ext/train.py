@@ -142,10 +142,11 @@ def build_model(cargs, targs):
         tok = tiny_tokenizer()
         latent = add_latent_tokens(tok, None, k=cargs.num_latent_tokens)  # before the model: sized to fit
         return tiny_model(tok, seed=targs.seed), tiny_processor(tok, cargs.image_size), latent
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
     from crystal_ext.model.alignment_layer import alignment_layer_index
     from crystal_ext.model.families import UnsupportedModel, family_of
+    from crystal_ext.model.runtime_fusions import load_pretrained
 
     try:  # refused before any weight is loaded
         config = AutoConfig.from_pretrained(cargs.model)
@@ -158,7 +159,7 @@ def build_model(cargs, targs):
     # on a GPU the published recipe trains LoRA on bf16 weights (the adapter itself stays fp32).
     dtype = torch.bfloat16 if targs.bf16 else torch.float16 if targs.fp16 else torch.float32
     processor = AutoProcessor.from_pretrained(cargs.model)
-    model = AutoModelForImageTextToText.from_pretrained(cargs.model, dtype=dtype, attn_implementation="sdpa")
+    model = load_pretrained(cargs.model, dtype)
     latent = add_latent_tokens(processor.tokenizer, model, k=cargs.num_latent_tokens)
     return model, processor, latent
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import transformers
 
+from crystal_ext.model.runtime_fusions import from_config
 from crystal_ext.training import tiny_model
 
 # ---- families added with the model-own-positions work (builders at the end of this file) ----
@@ -103,8 +104,11 @@ def qwen2_5_vl_config(tok, hidden: int = 64, layers: int = 2):
 def tiny_qwen25vl(tok, attn_implementation="eager", seed=0, hidden=64, layers=2):
     """A randomly initialised tiny Qwen2.5-VL (float32, eval) of a few hundred k params."""
     torch.manual_seed(seed)
-    model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(
-        qwen2_5_vl_config(tok, hidden, layers), attn_implementation=attn_implementation, dtype=torch.float32
+    model = from_config(
+        transformers.Qwen2_5_VLForConditionalGeneration,
+        qwen2_5_vl_config(tok, hidden, layers),
+        attn_implementation=attn_implementation,
+        dtype=torch.float32,
     )
     return model.eval()
 
@@ -255,11 +259,11 @@ def _idefics3(tok, hidden: int, smol: bool):
 
 
 def _instantiate(cls, config, tok, processor, seed: int, attn_implementation: str, **kwargs):
-    """The random float32 model of `config`, drawn from `seed`; the processor takes the tokenizer's
-    chat template."""
+    """The random float32 model of `config`, drawn from `seed`, built as crystal_ext builds and loads
+    models (crystal_ext.model.runtime_fusions); the processor takes the tokenizer's chat template."""
     processor.chat_template = tok.chat_template
     torch.manual_seed(seed)
-    return cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32, **kwargs)
+    return from_config(cls, config, attn_implementation=attn_implementation, dtype=torch.float32, **kwargs)
 
 
 def build(

@@ -211,7 +211,11 @@ def test_train_stops_before_training_and_keeps_the_previous_run(tmp_path):
     args = ["--output_dir", str(out), "--overwrite_output_dir", "--max_steps", "2", *FAST]
     proc = run(args, prefix=prefix, check=False, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "crystal_ext.train: error: crystal_ext.check: qwen2_5_vl: path-1 logits" in proc.stderr
+    # The check's first failing comparison: the path-1 CE or, where the CE happens to agree, the
+    # logits (which one depends on the tiny model's random weights).
+    assert re.search(
+        r"crystal_ext\.train: error: crystal_ext\.check: qwen2_5_vl: path-1 (CE|logits)", proc.stderr
+    )
     assert "the run stopped before training: no optimizer step was taken" in proc.stderr
     assert "--skip_objective_check" in proc.stderr and "Traceback" not in proc.stderr
     assert (out / "checkpoint-1").is_dir() and (

@@ -43,3 +43,33 @@ def test_published_step_equals_ours_fp32():
     trainable = sum(p.requires_grad for p in model.parameters())
     assert len(pairs) == trainable, f"gradients compared for {len(pairs)} of {trainable} trainable parameters"
     assert model.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0  # the loss reaches the image side
+
+
+def test_published_step_runs_the_stock_conv3d_patch_embedding():
+    """Ours builds the model with the patch embedding as transformers' fused Linear
+    (crystal_ext.model.runtime_fusions); the published step switches it back to the stock Conv3d
+    for its call, on the same weight, whose gradient it fills."""
+    from published_step import published_step_loss_switched
+
+    crystal_ext.register_dual_path_attention()
+    model, batch = step_models.build("tiny", crystal_ext.ATTN_IMPLEMENTATION, batch_size=2)
+    patch_embed = model.model.visual.patch_embed
+    assert hasattr(patch_embed, "linear_proj"), "the benchmark model is built fused"
+    convolutions = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: (
+            convolutions.append(type(m).__name__) if m is getattr(patch_embed, "proj", None) else None
+        )
+    )
+    try:
+        theirs = published_step_loss_switched(model, batch)
+    finally:
+        hook.remove()
+    assert convolutions == ["_StockConv3d"] and not hasattr(patch_embed, "proj")
+    theirs.loss.backward()
+    want = patch_embed.linear_proj.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    ours = crystal_objective(model, batch)
+    ours.loss.backward()
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(patch_embed.linear_proj.weight.grad, want, rtol=1e-4, atol=1e-6)

@@ -204,10 +204,15 @@ def tiny_model(tokenizer, seed: int = 0, attn_implementation: str = "sdpa"):
     """A randomly initialised tiny Qwen2.5-VL (fp32), deterministic for a seed."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from crystal_ext.model.runtime_fusions import from_config
+
     config = tiny_config(tokenizer)
     torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration._from_config(
-        config, attn_implementation=attn_implementation, dtype=torch.float32
+    return from_config(
+        Qwen2_5_VLForConditionalGeneration,
+        config,
+        attn_implementation=attn_implementation,
+        dtype=torch.float32,
     )
 
 
