@@ -201,18 +201,17 @@ def tiny_config(
 
 
 def tiny_model(tokenizer, seed: int = 0, attn_implementation: str = "sdpa"):
-    """A randomly initialised tiny Qwen2.5-VL (fp32), deterministic for a seed."""
+    """A randomly initialised tiny Qwen2.5-VL (fp32), deterministic for a seed. Built without
+    the patch-embedding fusion (crystal_ext.model.runtime_fusions): at its 64 patches an image the
+    Conv3d costs nothing, and the fused class draws its initial weights in another order, so a
+    seed would give another model than the one the embedded default's results were measured on.
+    Loaded back from a run's folder it is fused like any other model."""
     from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from crystal_ext.model.runtime_fusions import from_config
 
     config = tiny_config(tokenizer)
     torch.manual_seed(seed)
-    return from_config(
-        Qwen2_5_VLForConditionalGeneration,
-        config,
-        attn_implementation=attn_implementation,
-        dtype=torch.float32,
+    return Qwen2_5_VLForConditionalGeneration._from_config(
+        config, attn_implementation=attn_implementation, dtype=torch.float32
     )
 
 
