@@ -19,11 +19,18 @@ from crystal_ext.data.example import Example
 from crystal_ext.data.packing import DualPathCollator, DualPathPacker
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
 from crystal_ext.model.objective import ObjectiveConfig, crystal_objective
-from crystal_ext.model.runtime_fusions import fusion_supported, load_pretrained, without_fusion_config
+from crystal_ext.model.runtime_fusions import (
+    fuses_models_built_from_config,
+    load_pretrained,
+    without_fusion_config,
+)
 from crystal_ext.training.run_loading import merge
 
 pytestmark = [
-    pytest.mark.skipif(not fusion_supported(), reason="this transformers has no fusion mapping"),
+    pytest.mark.skipif(
+        not fuses_models_built_from_config(),
+        reason="this transformers cannot fuse a model built from a config",
+    ),
     pytest.mark.skipif(
         not crystal_ext.extension_available(), reason="the objective needs the compiled extension"
     ),

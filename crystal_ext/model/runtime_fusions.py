@@ -44,23 +44,29 @@ def load_pretrained(path: str, dtype, attn_implementation: str = "sdpa"):
 
 
 def from_config(model_class, config, **kwargs):
-    """model_class._from_config(config, **kwargs) with FUSION_CONFIG (what `from_pretrained`
-    does for a checkpoint, for a model built from a config: `_from_config` does not read
-    config.fusion_config)."""
-    with _fusion_patches(model_class, config):
-        model = model_class._from_config(config, **kwargs)
-    if fusion_supported():
-        model.config.fusion_config = dict(FUSION_CONFIG)  # as from_pretrained leaves it
-    return model
-
-
-def _fusion_patches(model_class, config):
-    if not fusion_supported():
-        return contextlib.nullcontext()
+    """model_class._from_config(config, **kwargs) with FUSION_CONFIG where this transformers can
+    apply it to a model built from a config (`_from_config` does not read config.fusion_config;
+    transformers before the per-call `get_fusion_patch_mapping`, e.g. 5.17, registers fusions
+    globally from `from_pretrained` only): otherwise the stock model."""
+    if not fuses_models_built_from_config():
+        return model_class._from_config(config, **kwargs)
     from transformers.fusion_mapping import get_fusion_patch_mapping
     from transformers.monkey_patching import apply_patches
 
-    return apply_patches(get_fusion_patch_mapping(model_class, config, FUSION_CONFIG))
+    with apply_patches(get_fusion_patch_mapping(model_class, config, FUSION_CONFIG)):
+        model = model_class._from_config(config, **kwargs)
+    model.config.fusion_config = dict(FUSION_CONFIG)  # as from_pretrained leaves it
+    return model
+
+
+def fuses_models_built_from_config() -> bool:
+    """Whether from_config applies FUSION_CONFIG with this transformers."""
+    try:
+        from transformers.fusion_mapping import get_fusion_patch_mapping  # noqa: F401
+        from transformers.monkey_patching import apply_patches  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def without_fusion_config(model):
@@ -83,6 +89,7 @@ __all__ = [
     "FUSION_CONFIG",
     "fusion_kwargs",
     "fusion_supported",
+    "fuses_models_built_from_config",
     "from_config",
     "load_pretrained",
     "without_fusion_config",
