@@ -6,7 +6,7 @@ stride (no padding, no dilation, one group: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen
 matrix product of each flattened patch with the flattened kernel, and runs as that Linear. The
 convolution is the slow way to compute it: in bf16 on the development CPU its forward + weight
 gradient for 2,048 patches takes 65 ms against 1.4 ms as a Linear (fp32: 12 ms vs 2.7 ms), and
-cuDNN has no good kernel for this degenerate shape either (transformers issue 45750). Other
+cuDNN has no good kernel for this degenerate shape either. Other
 families' modules are left as they are. `save_pretrained` writes the weight back in the Conv3d
 layout, so checkpoints and merged models load with plain `from_pretrained`.
 
