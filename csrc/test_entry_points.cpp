@@ -45,13 +45,8 @@ at::Tensor cpu_gemm_bf16(const at::Tensor& a, const at::Tensor& w, bool transpos
   const at::Tensor a_op = g::a_operand(a2.has_value() ? at::cat({a, *a2}) : a);
   const at::BFloat16* a_ptr = a_op.data_ptr<at::BFloat16>();
   const int64_t lda = a_op.size(1);
-  const bool accumulate = out.has_value();
-  if (m2 == 0) {
-    g::gemm_bf16_f32(a_ptr, lda, a.size(0), b, c.data_ptr<float>(), b.n, accumulate);
-  } else {
-    g::gemm_bf16_f32_two(a_ptr, lda, a.size(0), a_ptr + a.size(0) * lda, m2, b,
-                         c.data_ptr<float>(), b.n, accumulate);
-  }
+  g::gemm_bf16_f32_two(a_ptr, lda, a.size(0), m2 > 0 ? a_ptr + a.size(0) * lda : nullptr, m2, b,
+                       c.data_ptr<float>(), b.n, /*accumulate=*/out.has_value());
   return c;
 }
 

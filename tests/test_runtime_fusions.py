@@ -6,16 +6,14 @@ their modules."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from dual_path_helpers import cast_floats
 from family_models import FAMILIES, LINEAR_FAMILIES, build, build_linear
-from PIL import Image
 from safetensors import safe_open
+from test_families import _examples
 
 import crystal_ext
-from crystal_ext.data.example import Example
 from crystal_ext.data.packing import DualPathCollator, DualPathPacker
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
 from crystal_ext.model.objective import ObjectiveConfig, crystal_objective
@@ -50,17 +48,10 @@ def _conv3d_patch_embeddings(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv3d)]
 
 
-def _image(seed, w, h):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
 def _batch(model, processor, latent):
     packer = DualPathPacker(processor, latent, model, system="you are a helpful assistant")
-    examples = [
-        Example("a", _image(0, 40, 50), "what is the shape", "red circle"),
-        Example("b", _image(1, 60, 30), "how many", "two red square blue triangle"),
-    ]
-    return cast_floats(DualPathCollator(packer, processor.tokenizer.pad_token_id)(examples), torch.float64)
+    batch = DualPathCollator(packer, processor.tokenizer.pad_token_id)(_examples())
+    return cast_floats(batch, torch.float64)
 
 
 def _stock_twin(model, folder):

@@ -6,9 +6,9 @@ stride (no padding, no dilation, one group: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen
 matrix product of each flattened patch with the flattened kernel, and runs as that Linear. The
 convolution is the slow way to compute it: in bf16 on the development CPU its forward + weight
 gradient for 2,048 patches takes 65 ms against 1.4 ms as a Linear (fp32: 12 ms vs 2.7 ms), and
-cuDNN has no good kernel for this degenerate shape either. Other
-families' modules are left as they are. `save_pretrained` writes the weight back in the Conv3d
-layout, so checkpoints and merged models load with plain `from_pretrained`.
+cuDNN has no good kernel for this degenerate shape either. Other families' modules are left as
+they are. `save_pretrained` writes the weight back in the Conv3d layout, so checkpoints and
+merged models load with plain `from_pretrained`.
 
 Where the installed transformers has no fusion mapping, models load as they are.
 """
@@ -69,20 +69,16 @@ def fuses_models_built_from_config() -> bool:
     return True
 
 
+@contextlib.contextmanager
 def without_fusion_config(model):
     """Context in which model.config has no fusion_config (writing a stock config.json: the
     weights are saved in the stock layout anyway)."""
-
-    @contextlib.contextmanager
-    def context():
-        saved = model.config.__dict__.pop("fusion_config", None)
-        try:
-            yield model
-        finally:
-            if saved is not None:
-                model.config.fusion_config = saved
-
-    return context()
+    saved = model.config.__dict__.pop("fusion_config", None)
+    try:
+        yield model
+    finally:
+        if saved is not None:
+            model.config.fusion_config = saved
 
 
 __all__ = [
