@@ -465,6 +465,19 @@ MUTATIONS = [
         csrc=True,
     ),
     Mutation(
+        "mkl_product_by_w_t_overwrites",
+        "the product by w^T of an A too big for the deferred pack (MKL) overwrites c instead of adding",
+        [
+            (
+                "csrc/cpu/gemm_bf16.cpp",
+                "ldc, accumulate);  // B = w^T, A too big",
+                "ldc, false);  // B = w^T, A too big",
+            )
+        ],
+        ["tests/test_cpu_gemm_bf16.py::test_accumulates_into_out"],
+        csrc=True,
+    ),
+    Mutation(
         "k_outer_product_rereads_first_k_block",
         "the k-outer AMX product by w multiplies every k-block of w by A's first k-block",
         [("csrc/cpu/gemm_bf16.cpp", "add, a + i0 * lda + 2 * p0, group,", "add, a + i0 * lda, group,")],

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.skipif(
 # (m, k, n): rows around the 14-row micro-kernel, the AMX path's 64-row blocks and the 96 rows
 # up to which a product by w runs k-block outer instead of through MKL, row counts
 # that are multiples of neither (779: the LM-head rows at |E| = 384), n around the 32-column
-# panel, odd k (pad pair), k over one 4096-pair pass, and a k whose row stride is a multiple of
-# 2 KB (padded).
+# panel, odd k (pad pair), k over one 4096-pair pass, a k whose row stride is a multiple of
+# 2 KB (padded), and an A of over 3 MB (620 x 2600: a product by w^T that goes to MKL).
 SIZES = [
     (63, 40, 33),
     (64, 601, 97),
@@ -39,6 +39,7 @@ SIZES = [
     (3, 8193, 17),
     (30, 2048, 64),
     (2, 9000, 5),
+    (620, 2600, 70),
 ]
 
 
@@ -77,22 +78,24 @@ def test_empty_k_gives_zeros(path):
 
 
 # The few-rows AMX product by w^T (w as the tiles' A operand, m <= 64), the k-outer one by w
-# (m <= 96), and MKL's / the packed AMX path's.
-@pytest.mark.parametrize("m", [17, 90, 100])
+# (m <= 96), MKL's / the packed AMX path's, and (400 x 4100: A over 3 MB) MKL's product by w^T.
+@pytest.mark.parametrize("m,k", [(17, 40), (90, 40), (100, 40), (400, 4100)])
 @pytest.mark.parametrize("transposed", [True, False], ids=["w^T", "w"])
-def test_accumulates_into_out(path, m, transposed):
+def test_accumulates_into_out(path, m, k, transposed):
     g = torch.Generator().manual_seed(1)
-    a = torch.randn(m, 40, generator=g).bfloat16()
+    a = torch.randn(m, k, generator=g).bfloat16()
     w = (
-        torch.randn(45, 40, generator=g).bfloat16()
+        torch.randn(45, k, generator=g).bfloat16()
         if transposed
-        else torch.randn(40, 45, generator=g).bfloat16()
+        else torch.randn(k, 45, generator=g).bfloat16()
     )
     out = torch.randn(m, 45, generator=g)
-    expected = out.double() + a.double() @ (w.double().t() if transposed else w.double())
+    b = w.double().t() if transposed else w.double()
+    expected = out.double() + a.double() @ b
     got = _C.cpu_gemm_bf16(a, w, transposed, out)
     assert got.data_ptr() == out.data_ptr()
-    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
+    size = a.double().abs() @ b.abs() + out.double().abs()
+    assert ((got.double() - expected).abs() <= 4 * (k + 1) ** 0.5 * 2.0**-24 * size + 1e-6).all()
 
 
 @pytest.mark.parametrize(
