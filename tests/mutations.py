@@ -113,6 +113,18 @@ MUTATIONS = [
         ["tests/test_model_dual_path.py::test_peft_wrapped_model_trains_lora_merger_and_new_rows"],
     ),
     Mutation(
+        "lora_on_the_fused_patch_embedding",
+        "LoRA targets GLM-4V's fused patch embedding, a layer the stock model does not have",
+        [
+            (
+                "crystal_ext/model/lora.py",
+                "for name in family.lora_targets(model) if name not in fused]",
+                "for name in family.lora_targets(model)]",
+            )
+        ],
+        ["tests/test_runtime_fusions.py::test_lora_targets_only_layers_the_stock_model_has"],
+    ),
+    Mutation(
         "accuracies_swapped",
         "every accuracy (blurred, latent-carried) reports the intact images' answers",
         [

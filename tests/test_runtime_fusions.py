@@ -16,6 +16,7 @@ from test_families import _examples
 import crystal_ext
 from crystal_ext.data.packing import DualPathCollator, DualPathPacker
 from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, register_dual_path_attention
+from crystal_ext.model.lora import apply_lora
 from crystal_ext.model.objective import ObjectiveConfig, crystal_objective
 from crystal_ext.model.runtime_fusions import (
     fuses_models_built_from_config,
@@ -108,6 +109,21 @@ def test_what_is_saved_is_the_stock_checkpoint_and_loads_fused_again(family, tmp
     assert torch.allclose(
         plain.model.visual.patch_embed(pixels), fused.model.visual.patch_embed(pixels), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("family", CONV3D_FAMILIES)
+def test_lora_targets_only_layers_the_stock_model_has(family, tmp_path):
+    # GLM-4V's family targets every linear layer of the vision tower: the fused patch embedding
+    # would be one, and its adapter would not load onto the stock model (a Conv3d there).
+    fused, _, _ = _build(family)
+    stock_names = {name for name, _ in _stock_twin(fused, tmp_path).named_modules()}
+    wrapped = {
+        name.removeprefix("base_model.model.")
+        for name, module in apply_lora(fused).named_modules()
+        if hasattr(module, "lora_A")
+    }
+    assert wrapped and wrapped <= stock_names, sorted(wrapped - stock_names)
+    assert not any("patch_embed" in name for name in wrapped)
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in CONV3D_FAMILIES])

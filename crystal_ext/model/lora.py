@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from crystal_ext.model.families import family_of
+from crystal_ext.model.runtime_fusions import fused_module_names
 
 LORA_RANK = 16
 LORA_ALPHA = 32
@@ -18,15 +19,18 @@ LORA_DROPOUT = 0.01
 
 def apply_lora(model: nn.Module, r: int = LORA_RANK, alpha: int = LORA_ALPHA, dropout: float = LORA_DROPOUT):
     """Wrap `model` with peft LoRA on the family's target layers; the family's projector is
-    trained in full."""
+    trained in full. Layers that only a load-time fusion created (crystal_ext.model.runtime_fusions:
+    GLM-4V's patch embedding as a Linear) are not targets: the stock model has a Conv3d there, so
+    an adapter on them would not load onto it, and the stock Conv3d was never a target."""
     from peft import LoraConfig, get_peft_model
 
     family = family_of(model)
+    fused = fused_module_names(model)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=family.lora_targets(model),
+        target_modules=[name for name in family.lora_targets(model) if name not in fused],
         modules_to_save=family.trained_in_full(model),
         bias="none",
     )

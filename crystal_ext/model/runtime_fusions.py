@@ -69,6 +69,25 @@ def fuses_models_built_from_config() -> bool:
     return True
 
 
+def fused_module_names(model) -> set[str]:
+    """Names of the modules that a fusion put in place of stock ones, and of their children (the
+    fused patch embedding's `linear_proj`): modules the stock model does not have."""
+    fused = [name for name, module in model.named_modules() if _is_fused(module)]
+    return {
+        name for name, _ in model.named_modules() if any(name == f or name.startswith(f + ".") for f in fused)
+    }
+
+
+def _is_fused(module) -> bool:
+    try:
+        from transformers.fusion_mapping import PatchEmbeddingsFusionSpec
+
+        return PatchEmbeddingsFusionSpec().is_fused(module)
+    except (ImportError, AttributeError):
+        # transformers without the spec's is_fused (5.17) names its fused classes the same way.
+        return type(module).__name__.startswith("Fused")
+
+
 @contextlib.contextmanager
 def without_fusion_config(model):
     """Context in which model.config has no fusion_config (writing a stock config.json: the
@@ -87,6 +106,7 @@ __all__ = [
     "fusion_supported",
     "fuses_models_built_from_config",
     "from_config",
+    "fused_module_names",
     "load_pretrained",
     "without_fusion_config",
 ]
