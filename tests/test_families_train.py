@@ -7,12 +7,15 @@ any weight is loaded, naming the model type and the reason."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from family_models import FAMILIES, MODEL_TYPE, SCALED_HEAD_FAMILIES, WINDOWED_FAMILIES, build
 from PIL import Image
-from train_helpers import metrics, run
+from safetensors.torch import load_file
+from train_helpers import FAST, loss_at, metrics, run
 
 import crystal_ext
 
@@ -179,3 +182,32 @@ def test_a_lora_run_repeats_from_its_seed(tmp_path):
         )
         losses.append([r["loss"] for r in metrics(out) if "loss" in r])
     assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+def test_a_fully_trained_fused_model_resumes_where_it_stopped(tmp_path):
+    # Qwen2.5-VL loads with its patch embedding fused into a Linear (crystal_ext.model.runtime_fusions)
+    # and is saved in the stock Conv3d layout; trained in full, the patch embedding's weight is in
+    # every checkpoint. Resuming from step 2 must retrace the run that went on: the same losses and
+    # the same final weights, the patch embedding included.
+    model_dir = save_family("qwen2_5_vl", tmp_path / "model")
+    data = write_data(tmp_path)
+    common = ["--model", model_dir, "--data", data, "--use_lora", "false", "--max_steps", "4"]
+    common += ["--save_steps", "2", "--per_device_train_batch_size", "2", "--num_latent_tokens", "2"]
+    common += ["--learning_rate", "5e-3", "--cpu_threads", "1", *FAST]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run([*common, "--output_dir", str(straight)], timeout=600)
+    proc = run(
+        [*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(straight / "checkpoint-2")],
+        timeout=600,
+    )
+    assert "resuming from" in proc.stdout
+    for step in (3, 4):
+        want = loss_at(straight, step)
+        assert abs(loss_at(resumed, step) - want) <= 1e-5 * max(1.0, abs(want)), f"step {step}"
+    want, got = (load_file(folder / "model.safetensors") for folder in (straight, resumed))
+    assert want.keys() == got.keys()
+    kernel = [k for k in want if k.endswith("patch_embed.proj.weight")]
+    assert kernel and want[kernel[0]].dim() == 5  # the stock layout
+    assert not torch.equal(want[kernel[0]], load_file(Path(model_dir) / "model.safetensors")[kernel[0]])
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
