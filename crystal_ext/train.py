@@ -39,6 +39,8 @@ from crystal_ext.model.attention_registration import ATTN_IMPLEMENTATION, regist
 from crystal_ext.model.latent_tokens import add_latent_tokens
 from crystal_ext.model.lora import apply_lora
 from crystal_ext.model.new_token_rows import attach_new_token_rows
+from crystal_ext.model.parts import unwrap_distributed, unwrap_peft
+from crystal_ext.model.runtime_fusions import without_fusion_config
 from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training.arguments import parse_args
 from crystal_ext.training.callbacks import JsonlMetricsCallback, TimeBudgetCallback
@@ -250,7 +252,11 @@ def train(
     if targs.resume_from_checkpoint:
         _log(f"resuming from {targs.resume_from_checkpoint}")
     result = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
-    trainer.save_model(out)  # the final model at the top of the output folder
+    # The final model at the top of the output folder, with the stock config.json: the fusion is how
+    # crystal_ext loads a model, not part of the model (checkpoints keep it: the resume reloads
+    # them fused, to match the fused model it loads them into).
+    with without_fusion_config(unwrap_peft(unwrap_distributed(trainer.model))):
+        trainer.save_model(out)
     history = trainer.state.log_history
     return trainer.model, {
         "output_dir": out,
