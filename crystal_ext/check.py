@@ -120,9 +120,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from crystal_ext.data.records import load_examples
     from crystal_ext.model.objective import ObjectiveConfig
+    from crystal_ext.model.transformers_support import transformers_problem
     from crystal_ext.ops import extension_available, extension_error
     from crystal_ext.training.objective_check import ObjectiveCheckFailed, check_objective
 
+    problem = transformers_problem()
+    if problem is not None:
+        _fail(problem)
     if not extension_available():
         _fail(f"the compiled extension is missing ({extension_error()}); the objective's fused ops need it")
     try:

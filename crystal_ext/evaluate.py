@@ -31,6 +31,7 @@ import sys
 import torch
 
 from crystal_ext.model.attention_registration import register_dual_path_attention
+from crystal_ext.model.transformers_support import transformers_problem
 from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training.evaluation import evaluate_held_out, headline
 from crystal_ext.training.run_config import held_out_data, make_packer, read_run_config
@@ -84,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     command = parser()
     args = command.parse_args(argv)
+    problem = transformers_problem()
+    if problem is not None:
+        command.error(problem)
     if args.eval_examples is not None and args.eval_examples < 0:
         command.error(f"--eval_examples must be >= 0, got {args.eval_examples}")
     if args.eval_examples == 0 and not args.merge:

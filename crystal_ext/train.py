@@ -41,6 +41,7 @@ from crystal_ext.model.lora import apply_lora
 from crystal_ext.model.new_token_rows import attach_new_token_rows
 from crystal_ext.model.parts import unwrap_distributed, unwrap_peft
 from crystal_ext.model.runtime_fusions import without_fusion_config
+from crystal_ext.model.transformers_support import transformers_problem
 from crystal_ext.ops import extension_available, extension_error
 from crystal_ext.training.arguments import parse_args
 from crystal_ext.training.callbacks import JsonlMetricsCallback, TimeBudgetCallback
@@ -324,6 +325,9 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     are added to the Trainer (tests use them to stop or slow a run)."""
     started = time.monotonic()
     had_process_group = _process_group_up()
+    problem = transformers_problem()
+    if problem is not None:
+        _fail(problem)
     try:
         cargs, targs = parse_args(argv)
     except ValueError as exc:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import torch
 
 from crystal_ext.model.dual_path_attention import DualPathPlan, dual_path_attention_planned
+from crystal_ext.model.transformers_support import require_supported_transformers
 from crystal_ext.ops import attention_alignment_loss
 from crystal_ext.ops.layout import CheckedLayout, check_layout
 
@@ -146,7 +147,10 @@ def _checked_layout(layout, outputs: dict | None, query: torch.Tensor) -> Checke
 
 
 def register_dual_path_attention(name: str = ATTN_IMPLEMENTATION) -> str:
-    """Register the attention function and its mask function under `name` (idempotent)."""
+    """Register the attention function and its mask function under `name` (idempotent).
+    RuntimeError where the installed transformers is older than crystal_ext's models run on
+    (crystal_ext.model.transformers_support)."""
+    require_supported_transformers()
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
