@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from crystal_ext.model.attention_registration import is_last_layer, is_text_decoder_attention
 from crystal_ext.model.objective import CrystalLoss
 from crystal_ext.model.parts import backbone_and_head, embedding_and_head_weights, text_config
-from crystal_ext.model.runtime_fusions import fuses_models_built_from_config
+from crystal_ext.model.runtime_fusions import fused_modules
 from crystal_ext.ops.layout import IGNORE, dual_path_mask, segments_of
 
 PUBLISHED_ATTN = "crystal_published_dense"
@@ -80,13 +80,7 @@ class _StockConv3d(torch.nn.Module):
 def stock_modules(model):
     """Inside, every fused patch embedding of `model` runs its stock class's forward with the
     stock Conv3d on the fused Linear's weight: the model as the stock from_pretrained builds it."""
-    if not fuses_models_built_from_config():  # the benchmarks' models are built stock then
-        yield model
-        return
-    from transformers.fusion_mapping import PatchEmbeddingsFusionSpec
-
-    spec = PatchEmbeddingsFusionSpec()
-    fused = [m for m in model.modules() if spec.is_fused(m)]
+    fused = list(fused_modules(model).values())
     for m in fused:
         stock_class = type(m).__mro__[2]  # (Fused<class>, the fusion's mixin, <class>, ...)
         m.proj = _StockConv3d(m.linear_proj, m.proj_in_channels, m.proj_kernel_size)

@@ -13,7 +13,6 @@ from dual_path_helpers import gradient_pairs
 
 import crystal_ext
 from crystal_ext.model.objective import crystal_objective
-from crystal_ext.model.runtime_fusions import fuses_models_built_from_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import step_models  # noqa: E402
@@ -46,9 +45,6 @@ def test_published_step_equals_ours_fp32():
     assert model.model.visual.merger.mlp[0].weight.grad.abs().sum() > 0  # the loss reaches the image side
 
 
-@pytest.mark.skipif(
-    not fuses_models_built_from_config(), reason="this transformers cannot fuse a model built from a config"
-)
 def test_published_step_runs_the_stock_conv3d_patch_embedding():
     """Ours builds the model with the patch embedding as transformers' fused Linear
     (crystal_ext.model.runtime_fusions); the published step switches it back to the stock Conv3d

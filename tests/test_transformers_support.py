@@ -8,9 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from crystal_ext.model import transformers_support
 from crystal_ext.model.attention_registration import register_dual_path_attention
+from crystal_ext.model.runtime_fusions import load_pretrained
 from crystal_ext.model.transformers_support import MIN_TRANSFORMERS, transformers_problem
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +32,8 @@ def test_an_older_transformers_is_refused_by_name(old_transformers):
     assert problem is not None and "5.17.0" in problem and f">= {MIN_TRANSFORMERS}" in problem
     with pytest.raises(RuntimeError, match="5.17.0"):
         register_dual_path_attention()
+    with pytest.raises(RuntimeError, match="5.17.0"):  # before anything is read from the folder
+        load_pretrained("/nonexistent", torch.float32)
 
 
 @pytest.mark.parametrize("module", ["crystal_ext.train", "crystal_ext.evaluate", "crystal_ext.check"])

@@ -10,46 +10,34 @@ cuDNN has no good kernel for this degenerate shape either. Other families' modul
 they are. `save_pretrained` writes the weight back in the Conv3d layout, so checkpoints and
 merged models load with plain `from_pretrained`.
 
-Where the installed transformers has no fusion mapping, models load as they are.
+The fusion mapping is part of every transformers crystal_ext runs models with
+(crystal_ext.model.transformers_support); with an older one these functions refuse like the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+from crystal_ext.model.transformers_support import require_supported_transformers
+
 FUSION_CONFIG = {"patch_embeddings": True}
-
-
-def fusion_supported() -> bool:
-    """Whether this transformers can load a model with FUSION_CONFIG."""
-    try:
-        from transformers.fusion_mapping import PatchEmbeddingsFusionSpec  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def fusion_kwargs() -> dict:
-    """Keyword arguments of `from_pretrained` that load a model with FUSION_CONFIG."""
-    return {"fusion_config": dict(FUSION_CONFIG)} if fusion_supported() else {}
 
 
 def load_pretrained(path: str, dtype, attn_implementation: str = "sdpa"):
     """AutoModelForImageTextToText.from_pretrained with FUSION_CONFIG."""
+    require_supported_transformers()
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, **fusion_kwargs()
+        path, dtype=dtype, attn_implementation=attn_implementation, fusion_config=dict(FUSION_CONFIG)
     )
 
 
 def from_config(model_class, config, **kwargs):
-    """model_class._from_config(config, **kwargs) with FUSION_CONFIG where this transformers can
-    apply it to a model built from a config (`_from_config` does not read config.fusion_config;
-    transformers before the per-call `get_fusion_patch_mapping`, e.g. 5.17, registers fusions
-    globally from `from_pretrained` only): otherwise the stock model."""
-    if not fuses_models_built_from_config():
-        return model_class._from_config(config, **kwargs)
+    """model_class._from_config(config, **kwargs) with FUSION_CONFIG (what `from_pretrained`
+    does for a checkpoint, for a model built from a config: `_from_config` does not read
+    config.fusion_config)."""
+    require_supported_transformers()
     from transformers.fusion_mapping import get_fusion_patch_mapping
     from transformers.monkey_patching import apply_patches
 
@@ -59,33 +47,21 @@ def from_config(model_class, config, **kwargs):
     return model
 
 
-def fuses_models_built_from_config() -> bool:
-    """Whether from_config applies FUSION_CONFIG with this transformers."""
-    try:
-        from transformers.fusion_mapping import get_fusion_patch_mapping  # noqa: F401
-        from transformers.monkey_patching import apply_patches  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def fused_modules(model) -> dict:
+    """The modules of `model` that a fusion put in place of stock ones, by name."""
+    from transformers.fusion_mapping import PatchEmbeddingsFusionSpec
+
+    spec = PatchEmbeddingsFusionSpec()
+    return {name: module for name, module in model.named_modules() if spec.is_fused(module)}
 
 
 def fused_module_names(model) -> set[str]:
-    """Names of the modules that a fusion put in place of stock ones, and of their children (the
-    fused patch embedding's `linear_proj`): modules the stock model does not have."""
-    fused = [name for name, module in model.named_modules() if _is_fused(module)]
+    """Names of the fused modules and of their children (the fused patch embedding's
+    `linear_proj`): modules the stock model does not have."""
+    fused = fused_modules(model)
     return {
         name for name, _ in model.named_modules() if any(name == f or name.startswith(f + ".") for f in fused)
     }
-
-
-def _is_fused(module) -> bool:
-    try:
-        from transformers.fusion_mapping import PatchEmbeddingsFusionSpec
-
-        return PatchEmbeddingsFusionSpec().is_fused(module)
-    except (ImportError, AttributeError):
-        # transformers without the spec's is_fused (5.17) names its fused classes the same way.
-        return type(module).__name__.startswith("Fused")
 
 
 @contextlib.contextmanager
@@ -102,11 +78,9 @@ def without_fusion_config(model):
 
 __all__ = [
     "FUSION_CONFIG",
-    "fusion_kwargs",
-    "fusion_supported",
-    "fuses_models_built_from_config",
     "from_config",
     "fused_module_names",
+    "fused_modules",
     "load_pretrained",
     "without_fusion_config",
 ]
