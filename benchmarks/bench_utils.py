@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -96,6 +97,11 @@ class Side:
     run: Callable[[], object]
     enter: Callable[[], None] | None = None
     seconds: list[float] = field(default_factory=list)
+    # Per timed call: the page faults the process took and the CPU seconds spent in the kernel.
+    # A call that allocates gigabytes of fresh tensors (the published recipe's fp32 logits) pays
+    # for every 4 KB page in the kernel, at a price that differs from host to host.
+    page_faults: list[int] = field(default_factory=list)
+    system_seconds: list[float] = field(default_factory=list)
 
     @property
     def min(self) -> float:
@@ -132,21 +138,31 @@ class Alternated:
             f"{theirs_name}_s_min": r(self.theirs.min),
             "ratio_median": round(self.ratio_median, 2),
             "ratio_min": round(self.ratio_min, 2),
+            f"{ours_name}_page_faults": round(statistics.median(self.ours.page_faults)),
+            f"{theirs_name}_page_faults": round(statistics.median(self.theirs.page_faults)),
+            f"{ours_name}_system_s": r(statistics.median(self.ours.system_seconds)),
+            f"{theirs_name}_system_s": r(statistics.median(self.theirs.system_seconds)),
             "rounds": len(self.ours.seconds),
             "threads": self.threads,
             "load_average": f"{self.load[0]:.1f} -> {self.load[1]:.1f}",
         }
 
 
-def _timed_call(side: Side) -> float:
+def _timed_call(side: Side, record: bool = True) -> None:
     if side.enter is not None:
         side.enter()
     # The other side's garbage (reference cycles holding large tensors) is freed here, not
     # inside the timed call.
     gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     side.run()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    if record:
+        side.seconds.append(seconds)
+        side.page_faults.append(after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt)
+        side.system_seconds.append(after.ru_stime - before.ru_stime)
 
 
 def alternate(ours, theirs, rounds: int = 3, warmup: int = 1) -> Alternated:
@@ -160,7 +176,9 @@ def alternate(ours, theirs, rounds: int = 3, warmup: int = 1) -> Alternated:
     as often as its own: memory the other side returned to the OS (glibc gives large blocks
     back on free, so the next call page-faults them in again) costs both the same. Threads are
     fixed (benchmark_threads) for both. Report min and median of each: the min is the least
-    disturbed call, the median the typical one; their gap is the noise of this run.
+    disturbed call, the median the typical one; their gap is the noise of this run. Beside the
+    times, each side's page faults and kernel CPU seconds per call (medians): where the kernel
+    time of one side is large, the ratio depends on this host's price of a fresh page.
     """
     ours = ours if isinstance(ours, Side) else Side(ours)
     theirs = theirs if isinstance(theirs, Side) else Side(theirs)
@@ -168,10 +186,10 @@ def alternate(ours, theirs, rounds: int = 3, warmup: int = 1) -> Alternated:
     load_before = os.getloadavg()[0]
     for _ in range(warmup):
         for side in (ours, theirs):
-            _timed_call(side)
+            _timed_call(side, record=False)
     for i in range(rounds):
         for side in (ours, theirs) if i % 2 == 0 else (theirs, ours):
-            side.seconds.append(_timed_call(side))
+            _timed_call(side)
     return Alternated(ours, theirs, threads, (load_before, os.getloadavg()[0]))
 
 
