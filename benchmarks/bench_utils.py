@@ -173,12 +173,13 @@ def alternate(ours, theirs, rounds: int = 3, warmup: int = 1) -> Alternated:
     the first step) land in neither side's times. Then `rounds` rounds, each timing one call of
     both, in the order ours-theirs, theirs-ours, ... so that a load that drifts over the run
     (the machine is shared) falls on both alike, and each call follows the other side's call
-    as often as its own: memory the other side returned to the OS (glibc gives large blocks
-    back on free, so the next call page-faults them in again) costs both the same. Threads are
-    fixed (benchmark_threads) for both. Report min and median of each: the min is the least
-    disturbed call, the median the typical one; their gap is the noise of this run. Beside the
-    times, each side's page faults and kernel CPU seconds per call (medians): where the kernel
-    time of one side is large, the ratio depends on this host's price of a fresh page.
+    as often as its own. Threads are fixed (benchmark_threads) for both. Report min and median
+    of each: the min is the least disturbed call, the median the typical one; their gap is the
+    noise of this run. Beside the times, each side's page faults and kernel CPU seconds per call
+    (medians): glibc maps every block above its mmap threshold (at most 32 MB) fresh and unmaps
+    it on free, so a side that allocates large tensors anew in every call faults each of their
+    pages in every call, and where that kernel time is large the ratio depends on this host's
+    price of a fresh page.
     """
     ours = ours if isinstance(ours, Side) else Side(ours)
     theirs = theirs if isinstance(theirs, Side) else Side(theirs)

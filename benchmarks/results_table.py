@@ -57,15 +57,17 @@ def _step_bound(row: dict) -> str:
     return f"; with the op at it, {row['step_bound']:.2f}x" if "step_bound" in row else ""
 
 
-def _published_kernel(row: dict) -> str:
-    """The published step's time in the kernel (faulting in its fresh fp32 logits and dense
-    probabilities, page by page), printed beside its time: a host-dependent part of it."""
-    if "published_system_s" not in row:
-        return ""
-    return (
-        f" ({row['published_system_s']:.1f} CPU-s of it in the kernel, "
-        f"{row['published_page_faults'] / 1e6:.2f} M page faults)"
-    )
+def _published(seconds: float, row: dict) -> str:
+    """The published step's cell: its time, the part of it spent in the kernel (faulting in its
+    fresh fp32 logits and dense probabilities page by page: host-dependent) where the row has it,
+    and its peak memory."""
+    kernel = ""
+    if "published_system_s" in row:
+        kernel = (
+            f" ({row['published_system_s']:.1f} CPU-s of it in the kernel, "
+            f"{row['published_page_faults'] / 1e6:.2f} M page faults)"
+        )
+    return f"published recipe: {_g(seconds)} s{kernel}, {row['published_peak_MB']:.0f} MB"
 
 
 def rows(text: str) -> list[str]:
@@ -91,8 +93,7 @@ def rows(text: str) -> list[str]:
             "| whole training step with optimizer.step(), published trainable set (LoRA, merger, new rows), "
             f"Qwen 7B widths, 2 layers, L = {published['length']}, bf16 "
             f"| {_g(published['ours_s'])} s, {published['ours_peak_MB']:.0f} MB "
-            f"| published recipe: {_g(published['published_s'])} s{_published_kernel(published)}, "
-            f"{published['published_peak_MB']:.0f} MB "
+            f"| {_published(published['published_s'], published)} "
             f"| {published['speedup']:.1f}x faster, {published['memory_ratio']:.3f} of the memory |"
         )
     step = _dict_after(text, "ours vs published qwen7b_L1400")
@@ -100,8 +101,7 @@ def rows(text: str) -> list[str]:
         out.append(
             "| whole step (forward + backward), embedding and head frozen, Qwen 7B attention and vocabulary, "
             f"2 layers, L = {step['length']} | {_g(step['ours_s'])} s, {step['ours_peak_MB']:.0f} MB "
-            f"| published recipe: {_g(step['published_s'])} s{_published_kernel(step)}, "
-            f"{step['published_peak_MB']:.0f} MB "
+            f"| {_published(step['published_s'], step)} "
             f"| {step['speedup']:.1f}x faster, {step['memory_ratio']:.2f} of the memory{_roofline(step)} |"
         )
     for shape in ("E24", "E96", "E384", "image1024"):
@@ -110,8 +110,7 @@ def rows(text: str) -> list[str]:
             out.append(
                 f"| whole step, bf16, \\|E\\| = {row['answer_rows']}, L = {row['length']}, Qwen 7B attention "
                 f"and vocabulary, 2 layers | {_g(row['ours_s_median'])} s, {row['ours_peak_MB']:.0f} MB "
-                f"| published recipe: {_g(row['published_s_median'])} s{_published_kernel(row)}, "
-                f"{row['published_peak_MB']:.0f} MB "
+                f"| {_published(row['published_s_median'], row)} "
                 f"| {row['speedup']:.1f}x faster (LM-head bound {row['bound']:.1f}x{_step_bound(row)}), "
                 f"{row['memory_ratio']:.2f} of the memory |"
             )
