@@ -9,14 +9,24 @@ the GEMM FLOPs of a step, and the time of the LM-head GEMMs that ours must compu
 - LM-head bound = the published step's time / the time of the LM-head GEMMs ours must compute
   (logits of the rows that need them, then P W, each [R, Hd] x [Hd, V]): however well the rest
   is done, ours cannot beat the published step by more than that.
+- GEMM floor = the time of every GEMM of a step (the same ops FlopCounterMode counts, plus the
+  fused LM-head op's two passes) run alone as torch runs it, each at its own shape, strides and
+  dtype. The matmul rate comes from one large square product; the step's GEMMs have other shapes
+  (the LM-head's R rows, weight gradients with the sequence as the inner dimension, attention),
+  which torch runs slower. So (the step's FLOPs / the matmul rate) / the GEMM floor is the highest
+  roofline fraction the step can reach without GEMMs faster than torch's own (the ceiling), and
+  the published step's time / the GEMM floor the highest speed-up.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from crystal_ext.ops.layout import IGNORE, segments_of
 
@@ -93,3 +103,75 @@ def step_gemm_flops(step, lm_head_rows: int, weight: torch.Tensor) -> int:
         step()
     vocab, hidden = weight.shape
     return counter.get_total_flops() + 2 * 2 * lm_head_rows * hidden * vocab
+
+
+# The ops whose FLOPs step_gemm_flops counts (higher-order ops such as flex attention left out).
+_GEMM_OPS = {op for op in flop_registry if isinstance(op, torch._ops.OpOverloadPacket)} | set(_CPU_SDPA)
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+    def make(self) -> torch.Tensor:
+        t = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+        return t.normal_() if t.is_floating_point() else t.zero_()
+
+
+def _spec(value):
+    if isinstance(value, torch.Tensor):
+        return _TensorSpec(tuple(value.shape), value.stride(), value.dtype, value.device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_spec(v) for v in value)
+    return value
+
+
+def _made(value):
+    if isinstance(value, _TensorSpec):
+        return value.make()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_made(v) for v in value)
+    return value
+
+
+class _GemmRecorder(TorchDispatchMode):
+    """Keeps (op, argument shapes) of every GEMM-type op a step runs; runs everything unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in _GEMM_OPS:
+            self.calls.append((func, _spec(args), _spec(kwargs)))
+        return func(*args, **kwargs)
+
+
+def step_gemm_calls(step) -> list:
+    """The GEMM-type ops one call of step() runs, as (op, args, kwargs) with tensors replaced by
+    their shape, strides, dtype and device. The fused LM-head op's own GEMMs run inside its
+    kernel and are not among them (lm_head_gemm_seconds times them)."""
+    with _GemmRecorder() as recorder:
+        step()
+    return recorder.calls
+
+
+def gemm_calls_seconds(calls, rounds: int = 2) -> float:
+    """Sum over `calls` (from step_gemm_calls) of each op's best time alone on fresh random
+    tensors of the recorded layout."""
+    total = 0.0
+    for func, args, kwargs in calls:
+        total += _min_seconds(functools.partial(func, *_made(args), **_made(kwargs)), rounds)
+    return total
+
+
+def step_gemm_floor_seconds(step, lm_head_rows: int, weight: torch.Tensor) -> float:
+    """The GEMM floor of step(): its GEMM-type ops, each alone at its own layout, plus the fused
+    LM-head op's two GEMMs over `lm_head_rows` rows (0: the step computes its logits in aten ops,
+    which are among the recorded ones)."""
+    floor = gemm_calls_seconds(step_gemm_calls(step))
+    return floor + (lm_head_gemm_seconds(lm_head_rows, weight) if lm_head_rows else 0.0)

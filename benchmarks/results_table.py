@@ -48,13 +48,22 @@ def _g(value: float, digits: int = 3) -> str:
 
 
 def _roofline(step: dict) -> str:
+    """Ours' fraction of the GEMM roofline and, where the row has it, the ceiling: the fraction a
+    step of nothing but its own GEMMs at torch's speed for their shapes would reach."""
     fraction = step.get("roofline_fraction")
-    return "" if fraction is None else f"; ours at {fraction:.2f} of the GEMM roofline"
+    if fraction is None:
+        return ""
+    ceiling = step.get("roofline_ceiling")
+    return f"; ours at {fraction:.2f} of the GEMM roofline" + (
+        "" if ceiling is None else f" (its GEMMs alone at torch's speed: {ceiling:.2f})"
+    )
 
 
 def _step_bound(row: dict) -> str:
-    """The speed-up with the LM-head op at that bound and the rest of ours' step as measured."""
-    return f"; with the op at it, {row['step_bound']:.2f}x" if "step_bound" in row else ""
+    """The speed-up with the LM-head op at that bound and the rest of ours' step as measured, and
+    the speed-up of a step of ours that did nothing but its GEMMs at torch's speed."""
+    out = f"; with the op at it, {row['step_bound']:.2f}x" if "step_bound" in row else ""
+    return out + (f"; ours' GEMMs alone, {row['floor_bound']:.2f}x" if "floor_bound" in row else "")
 
 
 def _published(seconds: float, row: dict) -> str:

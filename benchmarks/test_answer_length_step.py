@@ -14,8 +14,11 @@ benchmarking is enabled: ours at least 3x faster, or, where the bound is below 4
 of the bound; and at most 0.25 of the published peak memory. Also printed, not asserted: the
 fused LM-head op's own time inside ours' step (its forward, which does all of its work) and
 `step_bound`, the speed-up ours would have with that op at the GEMM bound and the rest of its
-step (the model's layers, attention, vision tower, alignment op) as it is. With
---benchmark-disable only one step of ours at the smallest shape runs.
+step (the model's layers, attention, vision tower, alignment op) as it is; and `floor_bound`, the
+published step's time over ours' GEMM floor (every GEMM of ours' step run alone at its own shape,
+the LM-head's two included: gemm_costs.step_gemm_floor_seconds), the speed-up of a step of ours
+that did nothing but its GEMMs at torch's speed. With --benchmark-disable only one step of ours at
+the smallest shape runs.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from unittest import mock
 import pytest
 import torch
 from bench_utils import alternate, require_fused_ops
-from gemm_costs import lm_head_gemm_seconds, logit_rows
+from gemm_costs import gemm_calls_seconds, lm_head_gemm_seconds, logit_rows, step_gemm_calls
 from published_step import published_step_loss_switched
 from step_models import make_batch, peak_step_bytes, qwen7b_attention_parts, run_step
 
@@ -91,6 +94,7 @@ def test_answer_length(benchmark, shape):
     gemm_s = lm_head_gemm_seconds(rows, model.get_output_embeddings().weight)
     op_s = op_seconds(run_ours, rounds=ROUNDS[shape])
     rest_s = max(times.ours.median - op_s, 0.0)
+    floor_s = gemm_calls_seconds(step_gemm_calls(run_ours)) + gemm_s  # the GEMM floor (gemm_costs.py)
     ours_peak = peak_step_bytes(crystal_objective, model, batch)
     theirs_peak = peak_step_bytes(published_step_loss_switched, model, batch)
     layout = batch["layout"][0]
@@ -104,6 +108,8 @@ def test_answer_length(benchmark, shape):
         "bound": round(times.theirs.median / gemm_s, 2),
         "lm_head_op_s": round(op_s, 3),
         "step_bound": round(times.theirs.median / (rest_s + gemm_s), 2),
+        "gemm_floor_s": round(floor_s, 3),
+        "floor_bound": round(times.theirs.median / floor_s, 2),
         "ours_peak_MB": round(ours_peak / 2**20, 1),
         "published_peak_MB": round(theirs_peak / 2**20, 1),
         "memory_ratio": round(ours_peak / theirs_peak, 3),

@@ -10,7 +10,10 @@ the time of the single-path SFT step. Asserted only when benchmarking is enabled
 of the median times of the two sides timed alternately in this process (bench_utils.alternate:
 same warm-up, same threads, min and median both printed); pytest-benchmark's own rounds give
 the reported time of ours. The ours-vs-published benchmark also prints the step's roofline
-fraction: its GEMM FLOPs at the matmul rate measured in this run (gemm_costs.py) over its time.
+fraction: its GEMM FLOPs at the matmul rate measured in this run (gemm_costs.py) over its time,
+and beside it the ceiling of that fraction: the same ideal time over the step's GEMM floor (each of
+its GEMMs run alone at its own shape, as torch runs it), the fraction a step of nothing but those
+GEMMs would reach.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pytest
 import step_models
 import torch
 from bench_utils import alternate, require_fused_ops
-from gemm_costs import logit_rows, matmul_rate, step_gemm_flops
+from gemm_costs import logit_rows, matmul_rate, step_gemm_floor_seconds, step_gemm_flops
 from published_step import published_step_loss_switched
 from step_models import peak_step_bytes, run_step
 
@@ -78,6 +81,7 @@ def test_ours_vs_published(benchmark, shape):
     weight = model.get_output_embeddings().weight
     flops = step_gemm_flops(run_ours, logit_rows(batch), weight)
     rate = matmul_rate(weight.dtype)
+    floor = step_gemm_floor_seconds(run_ours, logit_rows(batch), weight)
     info = {
         "length": batch["input_ids"].shape[1],
         "ours_s": round(times.ours.median, 3),
@@ -90,6 +94,9 @@ def test_ours_vs_published(benchmark, shape):
         "gemm_GFLOP": round(flops / 1e9, 1),
         "matmul_GFLOPs": round(rate / 1e9, 1),
         "roofline_fraction": round(flops / rate / times.ours.min, 3),
+        "gemm_floor_s": round(floor, 3),
+        "roofline_ceiling": round(flops / rate / floor, 3),
+        "of_gemm_floor": round(floor / times.ours.min, 3),
         **times.info(),
     }
     benchmark.extra_info.update(info)
