@@ -120,7 +120,7 @@ def rows(text: str) -> list[str]:
                 f"| whole step, bf16, \\|E\\| = {row['answer_rows']}, L = {row['length']}, Qwen 7B attention "
                 f"and vocabulary, 2 layers | {_g(row['ours_s_median'])} s, {row['ours_peak_MB']:.0f} MB "
                 f"| {_published(row['published_s_median'], row)} "
-                f"| {row['speedup']:.1f}x faster (LM-head bound {row['bound']:.1f}x{_step_bound(row)}), "
+                f"| {_g(row['speedup'])}x faster (LM-head bound {row['bound']:.1f}x{_step_bound(row)}), "
                 f"{row['memory_ratio']:.2f} of the memory |"
             )
     return out
