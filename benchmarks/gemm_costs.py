@@ -126,6 +126,8 @@ def _spec(value):
         return _TensorSpec(tuple(value.shape), value.stride(), value.dtype, value.device)
     if isinstance(value, (list, tuple)):
         return type(value)(_spec(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _spec(v) for k, v in value.items()}
     return value
 
 
@@ -134,6 +136,8 @@ def _made(value):
         return value.make()
     if isinstance(value, (list, tuple)):
         return type(value)(_made(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _made(v) for k, v in value.items()}
     return value
 
 
@@ -169,9 +173,8 @@ def gemm_calls_seconds(calls, rounds: int = 2) -> float:
     return total
 
 
-def step_gemm_floor_seconds(step, lm_head_rows: int, weight: torch.Tensor) -> float:
-    """The GEMM floor of step(): its GEMM-type ops, each alone at its own layout, plus the fused
-    LM-head op's two GEMMs over `lm_head_rows` rows (0: the step computes its logits in aten ops,
-    which are among the recorded ones)."""
-    floor = gemm_calls_seconds(step_gemm_calls(step))
-    return floor + (lm_head_gemm_seconds(lm_head_rows, weight) if lm_head_rows else 0.0)
+def step_gemm_floor_seconds(step, lm_head_seconds: float) -> float:
+    """The GEMM floor of step(): its GEMM-type ops, each alone at its own layout, plus
+    `lm_head_seconds`, the fused LM-head op's two GEMMs (lm_head_gemm_seconds; 0 when the step
+    computes its logits in aten ops, which are then among the recorded ones)."""
+    return gemm_calls_seconds(step_gemm_calls(step)) + lm_head_seconds

@@ -35,3 +35,13 @@ def test_the_replay_keeps_each_operands_strides():
     assert (args[0].shape, args[0].stride) == ((30, 70), (1, 30))
     assert args[0].make().stride() == (1, 30)
     assert gemm_calls_seconds(calls, rounds=1) > 0
+
+
+def test_keyword_tensors_are_kept_as_layouts_not_as_the_tensors():
+    q = k = v = torch.randn(1, 2, 9, 8)
+    mask = torch.randn(1, 1, 9, 9)  # attention's attn_mask is a keyword-only argument
+    sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    ((func, _, kwargs),) = step_gemm_calls(lambda: sdpa(q, k, v, attn_mask=mask))
+    assert not any(isinstance(value, torch.Tensor) for value in kwargs.values()), kwargs
+    assert kwargs["attn_mask"].shape == (1, 1, 9, 9)
+    assert gemm_calls_seconds([(func, (q, k, v), kwargs)], rounds=1) > 0
