@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "cpu/gemm_bf16.h"
@@ -48,6 +49,34 @@ at::Tensor cpu_gemm_bf16(const at::Tensor& a, const at::Tensor& w, bool transpos
   g::gemm_bf16_f32_two(a_ptr, lda, a.size(0), m2 > 0 ? a_ptr + a.size(0) * lda : nullptr, m2, b,
                        c.data_ptr<float>(), b.n, /*accumulate=*/out.has_value());
   return c;
+}
+
+// The kept pairs' one-pass sweep (cpu_gemm::sweep_logits_then_product) with a D the test can
+// recompute: D[r, v] = bf16(S[r, v] * (1 + (v0 + v) % 3)) for the first d_rows rows of
+// S = a w^T, so a block given the wrong v0 or columns shows. Returns (S as the blocks saw it,
+// c = D w).
+std::tuple<at::Tensor, at::Tensor> cpu_gemm_sweep(const at::Tensor& a, const at::Tensor& w,
+                                                   int64_t d_rows) {
+  namespace g = crystal_ext::cpu_gemm;
+  TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.scalar_type() == at::kBFloat16 &&
+                  w.scalar_type() == at::kBFloat16 && a.size(1) == w.size(1),
+              "cpu_gemm_sweep: a [m, k] and w [n, k] must be bf16");
+  const int64_t m = a.size(0), n = w.size(0), k = w.size(1);
+  const at::Tensor a_op = g::a_operand(a);
+  const at::Tensor wc = w.contiguous();
+  at::Tensor s_seen = at::zeros({m, n}, a.options().dtype(at::kFloat));
+  at::Tensor c = at::empty({d_rows, k}, a.options().dtype(at::kFloat));
+  float* seen = s_seen.data_ptr<float>();
+  auto form_d = [&](int64_t v0, int64_t vb, float* s, at::BFloat16* d, int64_t ldd) {
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t v = 0; v < vb; ++v) seen[r * n + v0 + v] = s[r * vb + v];
+    for (int64_t r = 0; r < d_rows; ++r)
+      for (int64_t v = 0; v < vb; ++v)
+        d[r * ldd + v] = at::BFloat16(s[r * vb + v] * static_cast<float>(1 + (v0 + v) % 3));
+  };
+  g::sweep_logits_then_product(a_op.data_ptr<at::BFloat16>(), a_op.size(1), m, wc, d_rows, form_d,
+                               c.data_ptr<float>(), k);
+  return {s_seen, c};
 }
 
 // How many distinct threads run the chunks of an at::parallel_for over n items compiled in
@@ -105,6 +134,13 @@ void register_test_entry_points(pybind11::module_& m) {
         "Internal, for tests: a x B in bf16 with fp32 output on the CPU's AVX512-BF16 kernel",
         pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("transposed"),
         pybind11::arg("out") = pybind11::none(), pybind11::arg("a2") = pybind11::none());
+  m.def("cpu_gemm_sweep", &cpu_gemm_sweep,
+        "Internal, for tests: the LM-head op's one-pass kept pairs' sweep with a known D, "
+        "(S, D w)",
+        pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("d_rows"));
+  m.def("cpu_gemm_sweep_available", &crystal_ext::cpu_gemm::sweep_available,
+        "Internal, for tests: whether the one-pass sweep runs for m rows, d_rows rows of D and k",
+        pybind11::arg("m"), pybind11::arg("d_rows"), pybind11::arg("k"));
   m.def("cpu_gemm_two_a_share_one_pass", &crystal_ext::cpu_gemm::two_a_share_one_pass,
         "Internal, for tests: whether m rows of the LM-head op's P W take two A's in one pass "
         "(else its bf16 path sweeps the kept pairs' rows for their KL gradient)",

@@ -516,7 +516,7 @@ MUTATIONS = [
         [
             (
                 "csrc/cpu/lm_head_losses.cpp",
-                "        diff.addmm_(d_cols, ov_rows.index_select(0, long_tensor(which)));",
+                "    if (n_ov > 0) diff.addmm_(d_ov, ov_rows);",
                 "",
             )
         ],
@@ -534,6 +534,34 @@ MUTATIONS = [
             )
         ],
         ["tests/test_lm_head_losses.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "one_pass_sweep_overwrites_its_partial_product",
+        "the one-pass sweep's second product overwrites the thread's partial D w where it must add "
+        "each block's",
+        [
+            (
+                "csrc/cpu/gemm_bf16.cpp",
+                "width, k, /*add_C=*/true, d_ptr + i0 * ldd, group,",
+                "width, k, /*add_C=*/false, d_ptr + i0 * ldd, group,",
+            )
+        ],
+        ["tests/test_cpu_gemm_sweep.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "one_pass_sweep_keeps_one_thread_partial",
+        "the one-pass sweep sums only the first thread's partial product",
+        [
+            (
+                "csrc/cpu/gemm_bf16.cpp",
+                "  for (const auto& part : partials)\n",
+                "  for (const auto& part : std::vector<std::pair<int64_t, std::vector<float>>>(\n"
+                "           partials.begin(), partials.begin() + 1))\n",
+            )
+        ],
+        ["tests/test_cpu_gemm_sweep.py"],
         csrc=True,
     ),
     Mutation(

@@ -270,14 +270,18 @@ def test_bf16_gemm_path_as_accurate_as_fp32_gemm_path(shape, monkeypatch):
 
 
 @bf16_gemm
+@pytest.mark.parametrize("one_pass", ["1", "0"], ids=["one-pass-sweep", "two-gemm-sweep"])
 @pytest.mark.parametrize("n_pairs", [29, 61])
-def test_bf16_gemm_path_keeps_the_kl_gradient_of_near_equal_pairs(n_pairs, monkeypatch):
+def test_bf16_gemm_path_keeps_the_kl_gradient_of_near_equal_pairs(n_pairs, one_pass, monkeypatch):
     """The KL gradient of a pair is E_student - E_teacher, a difference of nearly equal
     expectations when the two rows' distributions almost agree. Rounding P to bf16 for the
     expectation GEMM would leave it ~15x less accurate than fp32 GEMMs (measured 3.4e-2 vs
     2.3e-3 relative here). Both ways the bf16 path keeps it at the fp32 path's error: the paired
     rows' hi + lo split (58 rows, where the CPU runs P W's two A's in one pass) and the kept
-    pairs' own sweep of D = p_student - p_teacher (122 rows; every case on other CPUs)."""
+    pairs' own sweep of D = p_student - p_teacher (122 rows; every case on other CPUs), in one
+    pass over the weight where the CPU has AMX or as two GEMMs per block
+    (CRYSTAL_EXT_CPU_ONE_PASS_SWEEP)."""
+    monkeypatch.setenv("CRYSTAL_EXT_CPU_ONE_PASS_SWEEP", one_pass)
     prob = make_problem(2 * n_pairs, 96, 20011, [n_pairs], seed=3, weight_grad=False, ignore_fraction=1.0)
     prob["teacher_rows"] = torch.arange(n_pairs)
     prob["student_rows"] = torch.arange(n_pairs, 2 * n_pairs)

@@ -29,6 +29,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 
 namespace crystal_ext {
 namespace cpu_gemm {
@@ -100,6 +101,23 @@ void gemm_bf16_f32_two(const at::BFloat16* a, int64_t lda, int64_t m, const at::
 // True when gemm_bf16_f32_two over m rows of A and a B from pack_into runs both A's over one
 // pass of w (the k-outer product); otherwise the second A costs a GEMM of its own.
 bool two_a_share_one_pass(int64_t m);
+
+// The LM-head op's kept pairs' sweep (csrc/cpu/lm_head_losses.cpp) in one pass over w [n, k]:
+// for each block of a few hundred rows of w, S = a w_blk^T (m rows of a, fp32), then the
+// caller's form_d turns S into D [d_rows, vb] (bf16), then c += D w_blk. Each thread walks its
+// own blocks of w, so the second product reads w_blk from the L2 where the first left it and w
+// streams from memory once instead of twice (as two GEMMs over the vocabulary it does: at few
+// rows both are bound by that stream). form_d(v0, vb, s, d, ldd): s is [m, vb] row-major and
+// may be changed; it writes d's rows [d_rows, vb] at stride ldd; it runs on the threads at
+// once, for disjoint blocks. c [d_rows, k] (stride ldc) is set to the threads' partial
+// products, summed in block order. Only where sweep_available(m, d_rows, k): AMX and the
+// vector packs, m <= 128, d_rows <= m, an even k, and CRYSTAL_EXT_CPU_ONE_PASS_SWEEP not "0"
+// (read at each call, so a test or benchmark can compare it with the two GEMMs in one process).
+using SweepFormD =
+    std::function<void(int64_t v0, int64_t vb, float* s, at::BFloat16* d, int64_t ldd)>;
+bool sweep_available(int64_t m, int64_t d_rows, int64_t k);
+void sweep_logits_then_product(const at::BFloat16* a, int64_t lda, int64_t m, const at::Tensor& w,
+                               int64_t d_rows, const SweepFormD& form_d, float* c, int64_t ldc);
 
 // Leading dimension for an A operand of k columns: even, and not a multiple of 2 KB.
 int64_t operand_lda(int64_t k);

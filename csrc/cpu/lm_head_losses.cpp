@@ -31,7 +31,8 @@
 // under the published setting), one more sweep over the vocabulary for the kept pairs' rows
 // only forms D = p_student - p_teacher in fp32 from the known lse and rounds it to bf16 once
 // (as the weight-gradient sweep does with its D), then O_diff += D W_blk: the difference keeps
-// bf16's accuracy relative to itself. CRYSTAL_EXT_CPU_BF16_GEMM=0 turns the bf16 path off
+// bf16's accuracy relative to itself. With AMX that sweep is one pass over W: each thread takes
+// a block of W's rows through both products while it is in L2 (cpu_gemm::sweep_logits_then_product). CRYSTAL_EXT_CPU_BF16_GEMM=0 turns the bf16 path off
 // (ATen fp32 GEMMs on converted blocks, as for fp16 inputs).
 //
 // Override rows (csrc/lm_head_override.h): the ids are read on the host, and in each block that
@@ -569,6 +570,8 @@ struct Forward {
   // bf16 path: E_student - E_teacher of the kept pairs (the top of the file says why), [K, Hd].
   // One more sweep over the vocabulary for their two rows only, their lse known: each block's
   // logit rows D = p_student - p_teacher formed in float and rounded to bf16 once, then D W_blk.
+  // With AMX, both products of a block run on one thread while its rows of W are in L2
+  // (cpu_gemm::sweep_logits_then_product): W streams from memory once, not twice.
   at::Tensor kept_pair_differences(const Chunk<acc_t>& c, const std::vector<int64_t>& kept) {
     const int64_t K = static_cast<int64_t>(kept.size()), Hd = p.hidden_dim;
     const auto opts = hidden.options().dtype(acc);
@@ -586,56 +589,70 @@ struct Forward {
     const at::Tensor h = cpu_gemm::a_operand(hidden.index_select(0, long_tensor(hidden_rows)));
     const at::Tensor ov_logits =
         ov.given() ? c.ov_logits.index_select(0, long_tensor(local)) : at::Tensor();
-    const int64_t Vb = vocab_block(2 * K, p.vocab), lda = cpu_gemm::operand_lda(Vb);
-    const at::Tensor s_buf = at::empty({2 * K * Vb}, opts);
-    const at::Tensor d_buf = at::empty({K * lda}, hidden.options());
-    at::Tensor diff = at::zeros({K, Hd}, opts);
-    cpu_gemm::PackedB packed_logits, packed_w;
+    const bool has_bias = bias.has_value() && bias->defined();
+    const at::Tensor bias_acc = has_bias ? bias->to(acc).contiguous() : at::Tensor();
+    const acc_t* bias_ptr = has_bias ? bias_acc.template data_ptr<acc_t>() : nullptr;
+    // The override columns' D [K, n_ov]: they multiply their rows, not the weight's (each
+    // column lies in one block, so the blocks write disjoint entries).
+    const int64_t n_ov = static_cast<int64_t>(ov_ids.size());
+    at::Tensor d_ov = at::zeros({K, n_ov}, opts);
+    acc_t* d_ov_ptr = d_ov.template data_ptr<acc_t>();
     const bool simd = simd_rows<acc_t>();
     // d = p_student - p_teacher for logit columns s (student) and t (teacher) of pair k.
     auto d_of = [&](int64_t k, acc_t s, acc_t t) {
       return kl_logit_grad(softmax_prob(s, row_lse[K + k]), softmax_prob(t, row_lse[k]), acc_t(1));
     };
-    for (int64_t v0 = 0; v0 < p.vocab; v0 += Vb) {
-      const int64_t vb = std::min(Vb, p.vocab - v0);
-      const at::Tensor S = front(s_buf, 2 * K, vb);
-      logits_block(S, h, weight, bias, v0, vb, /*bf16_gemm=*/true, &packed_logits, acc);
-      acc_t* s_ptr = S.data_ptr<acc_t>();
+    // The head's raw output of the block's 2K rows (s [2K, vb]) -> the pairs' rows of D at
+    // stride ldd, the override columns' entries into d_ov.
+    auto form_d = [&](int64_t v0, int64_t vb, acc_t* s_ptr, at::BFloat16* d_ptr, int64_t ldd) {
+      if (has_bias)
+        for (int64_t j = 0; j < 2 * K; ++j)
+          for (int64_t v = 0; v < vb; ++v) s_ptr[j * vb + v] += bias_ptr[v0 + v];
       const BlockColumns columns = override_columns(v0, vb);
       write_override_logits(ov_logits, 2 * K, s_ptr, vb, columns);
       transform_rows(s_ptr, 2 * K, vb, p);
-      at::BFloat16* d_ptr = d_buf.data_ptr<at::BFloat16>();
       at::parallel_for(0, K, 4, [&](int64_t kb, int64_t ke) {
         for (int64_t k = kb; k < ke; ++k) {
           const acc_t* st = s_ptr + k * vb;
           const acc_t* ss = s_ptr + (K + k) * vb;
-          at::BFloat16* d = d_ptr + k * lda;
+          at::BFloat16* d = d_ptr + k * ldd;
           if (simd) {
             cpu_rows::prob_difference_to_bf16(ss, st, vb, row_lse[K + k], row_lse[k], d);
           } else {
             for (int64_t v = 0; v < vb; ++v) d[v] = at::BFloat16(d_of(k, ss[v], st[v]));
           }
-          for (int64_t v = vb; v < lda; ++v) d[v] = at::BFloat16(0.0f);  // pads meet zeros of B
         }
       });
-      if (!columns.empty()) {  // the override columns multiply their rows, not the weight's
-        const int64_t nb = static_cast<int64_t>(columns.size());
-        at::Tensor d_cols = at::empty({K, nb}, opts);
-        acc_t* dc = d_cols.template data_ptr<acc_t>();
-        std::vector<int64_t> which;
-        for (const auto& jc : columns) which.push_back(jc.first);
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t q = 0; q < nb; ++q) {
-            const int64_t col = columns[q].second;
-            dc[k * nb + q] = d_of(k, s_ptr[(K + k) * vb + col], s_ptr[k * vb + col]);
-            d_ptr[k * lda + col] = at::BFloat16(0.0f);
-          }
-        diff.addmm_(d_cols, ov_rows.index_select(0, long_tensor(which)));
+      for (const auto& jc : columns)
+        for (int64_t k = 0; k < K; ++k) {
+          d_ov_ptr[k * n_ov + jc.first] = d_of(k, s_ptr[(K + k) * vb + jc.second], s_ptr[k * vb + jc.second]);
+          d_ptr[k * ldd + jc.second] = at::BFloat16(0.0f);
+        }
+    };
+    at::Tensor diff = at::zeros({K, Hd}, opts);
+    if (cpu_gemm::sweep_available(2 * K, K, Hd)) {
+      cpu_gemm::sweep_logits_then_product(h.data_ptr<at::BFloat16>(), h.size(1), 2 * K, weight, K,
+                                          form_d, diff.template data_ptr<float>(), Hd);
+    } else {
+      const int64_t Vb = vocab_block(2 * K, p.vocab), lda = cpu_gemm::operand_lda(Vb);
+      const at::Tensor s_buf = at::empty({2 * K * Vb}, opts);
+      const at::Tensor d_buf = at::empty({K * lda}, hidden.options());
+      cpu_gemm::PackedB packed_logits, packed_w;
+      for (int64_t v0 = 0; v0 < p.vocab; v0 += Vb) {
+        const int64_t vb = std::min(Vb, p.vocab - v0);
+        const at::Tensor S = front(s_buf, 2 * K, vb);
+        logits_block(S, h, weight, /*bias=*/c10::nullopt, v0, vb, /*bf16_gemm=*/true,
+                     &packed_logits, acc);
+        at::BFloat16* d_ptr = d_buf.data_ptr<at::BFloat16>();
+        form_d(v0, vb, S.data_ptr<acc_t>(), d_ptr, lda);
+        for (int64_t k = 0; k < K; ++k)  // pads meet zeros of B
+          for (int64_t v = vb; v < lda; ++v) d_ptr[k * lda + v] = at::BFloat16(0.0f);
+        cpu_gemm::pack_into(weight.narrow(0, v0, vb), &packed_w);
+        cpu_gemm::gemm_bf16_f32(d_ptr, lda, K, packed_w, diff.template data_ptr<float>(), Hd,
+                                /*accumulate=*/true);
       }
-      cpu_gemm::pack_into(weight.narrow(0, v0, vb), &packed_w);
-      cpu_gemm::gemm_bf16_f32(d_ptr, lda, K, packed_w, diff.template data_ptr<float>(), Hd,
-                              /*accumulate=*/true);
     }
+    if (n_ov > 0) diff.addmm_(d_ov, ov_rows);
     return diff;
   }
 };
