@@ -557,8 +557,7 @@ MUTATIONS = [
             (
                 "csrc/cpu/gemm_bf16.cpp",
                 "  for (const auto& part : partials)\n",
-                "  for (const auto& part : std::vector<std::pair<int64_t, std::vector<float>>>(\n"
-                "           partials.begin(), partials.begin() + 1))\n",
+                "  for (const auto& part : decltype(partials)(partials.begin(), partials.begin() + 1))\n",
             )
         ],
         ["tests/test_cpu_gemm_sweep.py"],

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -97,6 +98,30 @@ constexpr int64_t kPairBlock = 4096;
 // Rows of A per brgemm call on the AMX path: 64 rows of a k = 3584 A (450 KB) stay in L2 while
 // the thread's panels stream past them; measured faster than 32 (fewer, longer tile loops).
 constexpr int64_t kAmxRows = 64;
+
+// Buffers that AMX tiles load or store: 64-byte aligned, so that a tile row (64 bytes) is one
+// cache line. std::vector's own memory is only 16-byte aligned: with the deferred pack's panels
+// there, the LM-head op's logits GEMM (205 rows, 7B widths, 2 threads) took 0.21-0.25 s in some
+// processes and 0.15 s in others, by where malloc put the buffer; 64-byte aligned, 0.15 s in each.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+template <typename T>
+using TileBuffer = std::vector<T, CacheLineAllocator<T>>;
 
 void check_bf16_matrix(const at::Tensor& w, const char* what) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
@@ -503,7 +528,7 @@ void gemm_amx_deferred(const at::BFloat16* a, int64_t lda, int64_t m, const Pack
                        int64_t ldc, bool accumulate) {
   const int64_t groups = (b.n_panels + kGroupPanels - 1) / kGroupPanels;
   at::parallel_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
-    std::vector<uint16_t> buf(kGroupPanels * std::min(kPairBlock, b.k_pairs) * kPanel * 2);
+    TileBuffer<uint16_t> buf(kGroupPanels * std::min(kPairBlock, b.k_pairs) * kPanel * 2);
     const at::BFloat16* panels = reinterpret_cast<const at::BFloat16*>(buf.data());
     for (int64_t g = gb; g < ge; ++g) {
       const int64_t j0 = g * kGroupPanels, j1 = std::min(b.n_panels, j0 + kGroupPanels);
@@ -572,7 +597,7 @@ void gemm_amx_k_outer(const at::BFloat16* a, int64_t lda, int64_t m, const at::B
   at::parallel_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
     const int64_t jb = gb * kGroupPanelsKOuter, je = std::min(b.n_panels, ge * kGroupPanelsKOuter);
     const int64_t width = kGroupPanelsKOuter * kPanel;  // the buffer's row of a group, in columns
-    std::vector<uint16_t> buf((ge - gb) * std::min(kKOuterPairs, b.k_pairs) * width * 2);
+    TileBuffer<uint16_t> buf((ge - gb) * std::min(kKOuterPairs, b.k_pairs) * width * 2);
     const at::BFloat16* packed = reinterpret_cast<const at::BFloat16*>(buf.data());
     for (int64_t p0 = 0; p0 < b.k_pairs; p0 += kKOuterPairs) {
       const int64_t pairs = std::min(kKOuterPairs, b.k_pairs - p0);
@@ -606,7 +631,7 @@ void gemm_amx_w_as_a(const at::BFloat16* a, int64_t lda, int64_t m, const Packed
                      int64_t ldc, bool accumulate) {
   const int64_t cols = (m + 15) / 16 * 16;  // columns of C^T (rows of c), whole 16-column tiles
   const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
-  std::vector<uint16_t> a_t(b.k_pairs * cols * 2, 0);  // [k_pairs][cols][2]
+  TileBuffer<uint16_t> a_t(b.k_pairs * cols * 2, 0);  // [k_pairs][cols][2]
   for (int64_t r = 0; r < m; ++r)
     for (int64_t q = 0; q < 2 * b.k_pairs; ++q)
       a_t[((q / 2) * cols + r) * 2 + q % 2] = a16[r * lda + q];
@@ -614,7 +639,7 @@ void gemm_amx_w_as_a(const at::BFloat16* a, int64_t lda, int64_t m, const Packed
   const at::BFloat16* w = b.source.data_ptr<at::BFloat16>();
   const int64_t tasks = (b.n + kWRowsPerTask - 1) / kWRowsPerTask;
   at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
-    std::vector<float> c_t(kWRowsPerTask * cols);
+    TileBuffer<float> c_t(kWRowsPerTask * cols);
     for (int64_t t = tb; t < te; ++t) {
       const int64_t v0 = t * kWRowsPerTask, rows = std::min(kWRowsPerTask, b.n - v0);
       for (int64_t i0 = 0; i0 < rows; i0 += kWRowsPerCall) {
@@ -748,10 +773,10 @@ void gemm_bf16_f32_two(const at::BFloat16* a_in, int64_t lda, int64_t m, const a
 
 
 // Rows of w per block of the sweep (459 KB at k = 3584, so that the pack of the second product
-// reads them from L2). The LM-head op's kept pairs' sweep at 7B widths (9 pairs, 2 threads):
-// 0.095 s against 0.135 s as two GEMMs per 8,192-row block; of it the first product 0.043 s
-// (about one stream of w from memory), the pack 0.029 s, the second product's tiles 0.027 s.
-// Blocks of 32, 96, 128 and 256 rows measured the same or slower.
+// reads them from L2). The LM-head op on inputs captured from the |E| = 96 step (7B widths, 205
+// logit rows, 9 kept pairs, 2 threads, min of 10 alternated): 0.459 s with the sweep in one pass,
+// 0.496 s with two GEMMs per block (the sweep about 0.075 against 0.11 s). Blocks of 32, 96, 128
+// and 256 rows measured the same or slower.
 constexpr int64_t kSweepBlock = 64;
 // At most this many rows of a: C^T = w_blk a^T has them as its columns (tiles of 16).
 constexpr int64_t kSweepRows = 128;
@@ -780,7 +805,7 @@ void sweep_logits_then_product(const at::BFloat16* a, int64_t lda, int64_t m, co
   // a^T in VNNI pairs [k_pairs][cols][2]: the B operand of C^T = w_blk a^T, w's rows being the
   // tiles' A operand as they lie (as in gemm_amx_w_as_a).
   const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
-  std::vector<uint16_t> a_t(k_pairs * cols * 2, 0);
+  TileBuffer<uint16_t> a_t(k_pairs * cols * 2, 0);
   for (int64_t r = 0; r < m; ++r)
     for (int64_t q = 0; q < k; ++q) a_t[((q / 2) * cols + r) * 2 + q % 2] = a16[r * lda + q];
   const at::BFloat16* a_t_ptr = reinterpret_cast<const at::BFloat16*>(a_t.data());
@@ -788,13 +813,14 @@ void sweep_logits_then_product(const at::BFloat16* a, int64_t lda, int64_t m, co
   const uint16_t* w16 = reinterpret_cast<const uint16_t*>(w_ptr);
   const int64_t blocks = (n + kSweepBlock - 1) / kSweepBlock, ldd = operand_lda(kSweepBlock);
   const int64_t width = kGroupPanelsKOuter * kPanel, n_panels = (k + kPanel - 1) / kPanel;
-  std::vector<std::pair<int64_t, std::vector<float>>> partials;
+  std::vector<std::pair<int64_t, TileBuffer<float>>> partials;
   std::mutex partials_mutex;
   at::parallel_for(0, blocks, 1, [&](int64_t bb, int64_t be) {
-    std::vector<float> c_t(kSweepBlock * cols), s(m * kSweepBlock), part(d_rows * k, 0.0f);
-    std::vector<uint16_t> d(std::max<int64_t>(d_rows, 1) * ldd, 0);
+    TileBuffer<float> c_t(kSweepBlock * cols), part(d_rows * k, 0.0f);
+    std::vector<float> s(m * kSweepBlock);
+    TileBuffer<uint16_t> d(std::max<int64_t>(d_rows, 1) * ldd, 0);
     const int64_t n_groups = (n_panels + kGroupPanelsKOuter - 1) / kGroupPanelsKOuter;
-    std::vector<uint16_t> packed(n_groups * (kSweepBlock / 2) * width * 2);
+    TileBuffer<uint16_t> packed(n_groups * (kSweepBlock / 2) * width * 2);
     at::BFloat16* d_ptr = reinterpret_cast<at::BFloat16*>(d.data());
     const at::BFloat16* packed_ptr = reinterpret_cast<const at::BFloat16*>(packed.data());
     for (int64_t blk = bb; blk < be; ++blk) {
