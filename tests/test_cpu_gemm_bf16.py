@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 # up to which a product by w runs k-block outer instead of through MKL, row counts
 # that are multiples of neither (779: the LM-head rows at |E| = 384), n around the 32-column
 # panel, odd k (pad pair), k over one 4096-pair pass, a k whose row stride is a multiple of
-# 2 KB (padded), and an A of over 3 MB (620 x 2600: a product by w^T that goes to MKL).
+# 2 KB (padded), and an A of over 3 MB (620 x 2600: more than L2 holds while panels stream past).
 SIZES = [
     (63, 40, 33),
     (64, 601, 97),
@@ -89,7 +89,7 @@ def test_accumulates_into_out(path, m, transposed):
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
 
 
-# An A of over 3 MB (400 x 4100): MKL's product by w^T. The fixed tolerance above does not hold
+# An A of over 3 MB (400 x 4100), more than L2 holds. The fixed tolerance above does not hold
 # at k = 4100; the bound is the sqrt(k) one of test_matches_fp32_gemm_of_the_same_values.
 @pytest.mark.parametrize("transposed", [True, False], ids=["w^T", "w"])
 def test_accumulates_into_out_with_a_large_a(path, transposed):

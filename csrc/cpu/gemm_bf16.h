@@ -66,9 +66,7 @@ bool mkl_gemm_available();
 // keeps w (no copy) and gemm_bf16_f32 packs a few panels at a time into a buffer that stays in
 // L2 just before the tiles read them, so the packed copy of a weight block is never written to
 // memory and read back; with at most 64 rows of A, w is not packed at all: the GEMM runs as
-// C^T = w A^T with w's rows as the tiles' A operand; with an A of more than 3 MB (too big to
-// stay in L2 while the panels stream past) the product by w^T runs through MKL where
-// mkl_gemm_available().
+// C^T = w A^T with w's rows as the tiles' A operand.
 // CRYSTAL_EXT_CPU_PACK_IN_GEMM=0 packs eagerly instead (read when packing).
 constexpr int64_t kPanel = 32;
 struct PackedB {
