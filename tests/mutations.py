@@ -477,13 +477,16 @@ MUTATIONS = [
         csrc=True,
     ),
     Mutation(
-        "mkl_product_by_w_t_overwrites",
-        "the product by w^T of an A too big for the deferred pack (MKL) overwrites c instead of adding",
+        "deferred_product_overwrites",
+        "the product by w^T on the deferred pack (any A above 64 rows, one over 3 MB included) "
+        "overwrites c instead of adding",
         [
             (
                 "csrc/cpu/gemm_bf16.cpp",
-                "ldc, accumulate);  // B = w^T, A too big",
-                "ldc, false);  // B = w^T, A too big",
+                "        pack_panels(b, j0, j1, p0, p0 + pairs, buf.data());\n"
+                "        const bool add = accumulate || p0 > 0;",
+                "        pack_panels(b, j0, j1, p0, p0 + pairs, buf.data());\n"
+                "        const bool add = p0 > 0;",
             )
         ],
         ["tests/test_cpu_gemm_bf16.py::test_accumulates_into_out_with_a_large_a"],
