@@ -767,7 +767,6 @@ void gemm_bf16_f32_two(const at::BFloat16* a_in, int64_t lda, int64_t m, const a
 #endif
 }
 
-
 // Rows of w per block of the sweep (459 KB at k = 3584, so that the pack of the second product
 // reads them from L2). The LM-head op on inputs captured from the |E| = 96 step (7B widths, 205
 // logit rows, 9 kept pairs, 2 threads, min of 10 alternated): 0.459 s with the sweep in one pass,

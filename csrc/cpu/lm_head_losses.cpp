@@ -32,7 +32,8 @@
 // only forms D = p_student - p_teacher in fp32 from the known lse and rounds it to bf16 once
 // (as the weight-gradient sweep does with its D), then O_diff += D W_blk: the difference keeps
 // bf16's accuracy relative to itself. With AMX that sweep is one pass over W: each thread takes
-// a block of W's rows through both products while it is in L2 (cpu_gemm::sweep_logits_then_product). CRYSTAL_EXT_CPU_BF16_GEMM=0 turns the bf16 path off
+// a block of W's rows through both products while it is in L2
+// (cpu_gemm::sweep_logits_then_product). CRYSTAL_EXT_CPU_BF16_GEMM=0 turns the bf16 path off
 // (ATen fp32 GEMMs on converted blocks, as for fp16 inputs).
 //
 // Override rows (csrc/lm_head_override.h): the ids are read on the host, and in each block that
@@ -625,7 +626,8 @@ struct Forward {
       });
       for (const auto& jc : columns)
         for (int64_t k = 0; k < K; ++k) {
-          d_ov_ptr[k * n_ov + jc.first] = d_of(k, s_ptr[(K + k) * vb + jc.second], s_ptr[k * vb + jc.second]);
+          const acc_t s = s_ptr[(K + k) * vb + jc.second], t = s_ptr[k * vb + jc.second];
+          d_ov_ptr[k * n_ov + jc.first] = d_of(k, s, t);
           d_ptr[k * ldd + jc.second] = at::BFloat16(0.0f);
         }
     };
