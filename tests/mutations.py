@@ -581,28 +581,16 @@ MUTATIONS = [
     ),
     Mutation(
         "w_as_a_product_restarts_each_k_pass",
-        "the few-rows product by w^T starts every k-pass of 4096 pairs from zero",
+        "the product with w's rows as the tiles' A operand (the few-rows logits, the one-pass "
+        "sweep's logits) starts every k-pass of 4096 pairs from zero",
         [
             (
                 "csrc/cpu/gemm_bf16.cpp",
-                "b.k, cols, cols, /*add_C=*/p0 > 0,",
-                "b.k, cols, cols, /*add_C=*/false,",
+                "k, cols, cols, /*add_C=*/p0 > 0,",
+                "k, cols, cols, /*add_C=*/false,",
             )
         ],
-        ["tests/test_cpu_gemm_bf16.py"],
-        csrc=True,
-    ),
-    Mutation(
-        "one_pass_sweep_restarts_each_k_pass",
-        "the one-pass sweep's logits of the kept rows start every k-pass of 4096 pairs from zero",
-        [
-            (
-                "csrc/cpu/gemm_bf16.cpp",
-                "pairs, k, cols, cols, /*add_C=*/p0 > 0,",
-                "pairs, k, cols, cols, /*add_C=*/false,",
-            )
-        ],
-        ["tests/test_cpu_gemm_sweep.py"],
+        ["tests/test_cpu_gemm_bf16.py", "tests/test_cpu_gemm_sweep.py"],
         csrc=True,
     ),
     Mutation(

@@ -627,14 +627,38 @@ void gemm_amx_k_outer(const at::BFloat16* a, int64_t lda, int64_t m, const at::B
 // w^T cost as much as the tiles (perf, 61 rows, 7B widths: 14.5% of the LM-head op's samples).
 constexpr int64_t kWRowsPerCall = 32;   // rows of w (columns of c) per brgemm call
 constexpr int64_t kWRowsPerTask = 512;  // per parallel task: its C^T block is 128 KB in fp32
+
+// a [m, k] (k even, row stride lda) as the B operand of C^T = w a^T: VNNI pairs [k / 2][cols][2],
+// zeros past row m (cols: m rounded up to whole 16-column tiles).
+TileBuffer<uint16_t> a_transposed_pairs(const at::BFloat16* a, int64_t lda, int64_t m, int64_t k,
+                                        int64_t cols) {
+  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
+  TileBuffer<uint16_t> a_t(k / 2 * cols * 2, 0);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t q = 0; q < k; ++q) a_t[((q / 2) * cols + r) * 2 + q % 2] = a16[r * lda + q];
+  return a_t;
+}
+
+// C^T [rows, cols] = w_rows a^T for `rows` consecutive rows of w [*, k] (k even), w's rows as the
+// tiles' A operand as they lie; a_t from a_transposed_pairs.
+void w_rows_times_a_t(const at::BFloat16* w_rows, int64_t rows, int64_t k,
+                      const at::BFloat16* a_t, int64_t cols, float* c_t) {
+  const int64_t k_pairs = k / 2;
+  for (int64_t i0 = 0; i0 < rows; i0 += kWRowsPerCall) {
+    const int64_t call_rows = std::min(kWRowsPerCall, rows - i0);
+    int64_t pairs = 0;
+    for (int64_t p0 = 0; p0 < k_pairs; p0 += pairs) {
+      pairs = std::min(kPairBlock, k_pairs - p0);
+      at::native::cpublas::brgemm(call_rows, cols, 2 * pairs, k, cols, cols, /*add_C=*/p0 > 0,
+                                  w_rows + i0 * k + 2 * p0, a_t + p0 * cols * 2, c_t + i0 * cols);
+    }
+  }
+}
+
 void gemm_amx_w_as_a(const at::BFloat16* a, int64_t lda, int64_t m, const PackedB& b, float* c,
                      int64_t ldc, bool accumulate) {
   const int64_t cols = (m + 15) / 16 * 16;  // columns of C^T (rows of c), whole 16-column tiles
-  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
-  TileBuffer<uint16_t> a_t(b.k_pairs * cols * 2, 0);  // [k_pairs][cols][2]
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t q = 0; q < 2 * b.k_pairs; ++q)
-      a_t[((q / 2) * cols + r) * 2 + q % 2] = a16[r * lda + q];
+  const TileBuffer<uint16_t> a_t = a_transposed_pairs(a, lda, m, b.k, cols);
   const at::BFloat16* a_t_ptr = reinterpret_cast<const at::BFloat16*>(a_t.data());
   const at::BFloat16* w = b.source.data_ptr<at::BFloat16>();
   const int64_t tasks = (b.n + kWRowsPerTask - 1) / kWRowsPerTask;
@@ -642,16 +666,7 @@ void gemm_amx_w_as_a(const at::BFloat16* a, int64_t lda, int64_t m, const Packed
     TileBuffer<float> c_t(kWRowsPerTask * cols);
     for (int64_t t = tb; t < te; ++t) {
       const int64_t v0 = t * kWRowsPerTask, rows = std::min(kWRowsPerTask, b.n - v0);
-      for (int64_t i0 = 0; i0 < rows; i0 += kWRowsPerCall) {
-        const int64_t call_rows = std::min(kWRowsPerCall, rows - i0);
-        int64_t pairs = 0;
-        for (int64_t p0 = 0; p0 < b.k_pairs; p0 += pairs) {
-          pairs = std::min(kPairBlock, b.k_pairs - p0);
-          at::native::cpublas::brgemm(call_rows, cols, 2 * pairs, b.k, cols, cols, /*add_C=*/p0 > 0,
-                                      w + (v0 + i0) * b.k + 2 * p0, a_t_ptr + p0 * cols * 2,
-                                      c_t.data() + i0 * cols);
-        }
-      }
+      w_rows_times_a_t(w + v0 * b.k, rows, b.k, a_t_ptr, cols, c_t.data());
       for (int64_t r = 0; r < m; ++r) {
         float* row = c + r * ldc + v0;
         if (accumulate) {
@@ -796,13 +811,8 @@ void sweep_logits_then_product(const at::BFloat16* a, int64_t lda, int64_t m, co
               "cpu_gemm sweep: needs AMX and the vector packs (and CRYSTAL_EXT_CPU_ONE_PASS_SWEEP "
               "not 0)");
   TORCH_CHECK(lda >= k && ldc >= k, "cpu_gemm: lda ", lda, " or ldc ", ldc, " < k ", k);
-  const int64_t k_pairs = k / 2, cols = (m + 15) / 16 * 16;
-  // a^T in VNNI pairs [k_pairs][cols][2]: the B operand of C^T = w_blk a^T, w's rows being the
-  // tiles' A operand as they lie (as in gemm_amx_w_as_a).
-  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
-  TileBuffer<uint16_t> a_t(k_pairs * cols * 2, 0);
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t q = 0; q < k; ++q) a_t[((q / 2) * cols + r) * 2 + q % 2] = a16[r * lda + q];
+  const int64_t cols = (m + 15) / 16 * 16;
+  const TileBuffer<uint16_t> a_t = a_transposed_pairs(a, lda, m, k, cols);
   const at::BFloat16* a_t_ptr = reinterpret_cast<const at::BFloat16*>(a_t.data());
   const at::BFloat16* w_ptr = w.data_ptr<at::BFloat16>();
   const uint16_t* w16 = reinterpret_cast<const uint16_t*>(w_ptr);
@@ -820,16 +830,7 @@ void sweep_logits_then_product(const at::BFloat16* a, int64_t lda, int64_t m, co
     const at::BFloat16* packed_ptr = reinterpret_cast<const at::BFloat16*>(packed.data());
     for (int64_t blk = bb; blk < be; ++blk) {
       const int64_t v0 = blk * kSweepBlock, vb = std::min(kSweepBlock, n - v0);
-      for (int64_t i0 = 0; i0 < vb; i0 += kWRowsPerCall) {  // C^T = w_blk a^T
-        const int64_t call_rows = std::min(kWRowsPerCall, vb - i0);
-        int64_t pairs = 0;
-        for (int64_t p0 = 0; p0 < k_pairs; p0 += pairs) {
-          pairs = std::min(kPairBlock, k_pairs - p0);
-          at::native::cpublas::brgemm(call_rows, cols, 2 * pairs, k, cols, cols, /*add_C=*/p0 > 0,
-                                      w_ptr + (v0 + i0) * k + 2 * p0, a_t_ptr + p0 * cols * 2,
-                                      c_t.data() + i0 * cols);
-        }
-      }
+      w_rows_times_a_t(w_ptr + v0 * k, vb, k, a_t_ptr, cols, c_t.data());  // C^T = w_blk a^T
       for (int64_t r = 0; r < m; ++r)
         for (int64_t i = 0; i < vb; ++i) s[r * vb + i] = c_t[i * cols + r];
       form_d(v0, vb, s.data(), d_ptr, ldd);
