@@ -358,11 +358,15 @@ def _cast(prob, dtype):
 
 
 @fused_only
+@pytest.mark.parametrize("pair_diff", ["1", "0"], ids=["difference-rows", "lo-rows-or-sweep"])
 @pytest.mark.parametrize("transform", TRANSFORMS.values(), ids=TRANSFORMS.keys())
 @pytest.mark.parametrize("case", RANDOM_CASES.values(), ids=RANDOM_CASES.keys())
-def test_fused_override_matches_the_reference_on_fresh_random_inputs(case, transform):
+def test_fused_override_matches_the_reference_on_fresh_random_inputs(case, transform, pair_diff, monkeypatch):
     """fp32 close to the reference; bf16 and fp16 no worse than twice the reference's own error
-    in the same dtype, both against a float64 run."""
+    in the same dtype, both against a float64 run. Each student row is in one pair, so the CPU
+    bf16 path forms the pairs' KL gradient from the students' difference rows (override columns
+    included), or, with CRYSTAL_EXT_CPU_PAIR_DIFF_ROWS=0, the other ways."""
+    monkeypatch.setenv("CRYSTAL_EXT_CPU_PAIR_DIFF_ROWS", pair_diff)
     n, hd, vocab, ids = case
     chunk_rows, block = crystal_ext.ops._extension._C.lm_head_losses_tiling(False, n, vocab, hd)
     if len(ids) > 100:

@@ -23,7 +23,16 @@
 // logits are the same fp32 values, at bf16 GEMM speed. There P enters the second GEMM as bf16,
 // as in FlashAttention's P V product. A pair's KL gradient E_s - E_teacher is a difference of
 // nearly equal expectations, which P in bf16 would leave ~15x less accurate, so it is formed
-// one of two ways. Where the chunk's rows are few enough for the k-outer P W (the GEMM packs
+// one of three ways. Where each student row belongs to one pair and is no pair's teacher (the
+// dual-path layout), the student's row of P holds the pair's difference p~_s - r p~_teacher at
+// the student's running max, r the running ratio of the two rows' sums, rounded to bf16 once;
+// a per-pair fp32 term u = sum over blocks of r times the teacher's block expectation (its O's
+// growth in the block) makes O_s + u the student's own sum_v p~_s W_v exactly, whatever r is,
+// and r keeps the row a small difference when the distributions agree up to a shift. So P W
+// has no more rows than the logits and nothing sweeps W again (Chunk::pair_diff;
+// CRYSTAL_EXT_CPU_PAIR_DIFF_ROWS=0 takes the two ways below: the op at |E| = 96 measured 0.42
+// vs 0.48 s, at |E| = 24 0.175 vs 0.205 s, 7B widths, 2 threads). Otherwise, where the chunk's
+// rows are few enough for the k-outer P W (the GEMM packs
 // each block of W once for two A operands: cpu_gemm::two_a_share_one_pass), P of every paired
 // row is split into bf16 hi + lo parts (error ~2^-17 instead of 2^-9 relative) that ride in
 // that pass. With more rows the lo parts would cost P W a GEMM of their own (a third of the
@@ -52,6 +61,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -161,6 +172,16 @@ struct Chunk {
   // bf16 path where the lo rows would cost P W a GEMM of their own: no lo parts; the kept pairs'
   // KL gradient comes from a sweep of their own rows after the top-k (kept_pair_differences).
   bool kl_grad_sweep = false;
+  // bf16 path where each pair has a student row of its own (pair_difference_rows): that row's P
+  // holds p~_s - r_i p~_teacher (both at the student's running max, r_i the pair's running
+  // ratio of sums Z_s / Z_teacher), so its expectation O_s gathers the pair's difference, at
+  // bf16's accuracy relative to the difference itself; u [M, Hd] adds back sum over blocks of
+  // r_i T_i (T_i: the teacher's block expectation, the growth of its O in the block, at the
+  // student's max), so that O_s + u_i = sum_v p~_s W_v exactly. No lo rows, no sweep.
+  bool pair_diff = false;
+  std::vector<int64_t> diff_pair;  // local row -> the pair whose student it is (pair_diff), or -1
+  std::vector<float> ratio, teacher_scale;  // per pair, this block: r_i, exp(m_teacher - m_s)
+  at::Tensor u, teacher_prev;               // [M, Hd] fp32: sum r_i T_i; the teachers' O before the GEMM
   // Under a soft-cap the KL gradient needs each pair's cross expectation
   // X_i = sum_v p_av g_sv W_v (csrc/lm_head_losses.h): its unnormalised rows, rescaled with
   // the teacher's running max, and their block of P_teacher * g_student.
@@ -252,6 +273,22 @@ struct Forward {
                           : acc_t(0);
   }
 
+  // The pairs' student rows as difference rows (Chunk::pair_diff): each student row belongs to one
+  // pair and is no pair's teacher (the dual-path layout: answer row F_i pairs with E_i alone), and
+  // CRYSTAL_EXT_CPU_PAIR_DIFF_ROWS is not "0" (read at each call: the tests compare both ways).
+  bool pair_difference_rows(int64_t R) const {
+    const char* env = std::getenv("CRYSTAL_EXT_CPU_PAIR_DIFF_ROWS");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    std::vector<char> role(R, 0);  // bit 1: a teacher, bit 2: a student
+    for (int64_t i = 0; i < p.n_pairs; ++i) role[h_plan.pair_t[i]] |= 1;
+    for (int64_t i = 0; i < p.n_pairs; ++i) {
+      char& r = role[h_plan.pair_s[i]];
+      if (r != 0) return false;  // a teacher, or the student of an earlier pair
+      r = 2;
+    }
+    return true;
+  }
+
   // Returns the sum of the chunk's CE terms.
   double run_chunk(int64_t begin, int64_t end) {
     Chunk<acc_t> c = start_chunk(begin, end);
@@ -274,8 +311,20 @@ struct Forward {
     c.s_buf = at::empty({R * c.Vb}, opts);
     c.has_pairs = begin == 0 && p.n_pairs > 0;
     c.bf16_gemm = std::is_same<acc_t, float>::value && use_bf16_gemm(hidden, p);
-    c.kl_grad_sweep = c.bf16_gemm && c.has_pairs && grad_hidden && !cpu_gemm::two_a_share_one_pass(R);
-    c.n_lo = c.bf16_gemm && c.has_pairs && grad_hidden && !c.kl_grad_sweep ? p.n_paired_rows : 0;
+    c.pair_diff = c.bf16_gemm && c.has_pairs && grad_hidden && pair_difference_rows(R);
+    c.kl_grad_sweep = c.bf16_gemm && c.has_pairs && grad_hidden && !c.pair_diff &&
+                      !cpu_gemm::two_a_share_one_pass(R);
+    c.n_lo = c.bf16_gemm && c.has_pairs && grad_hidden && !c.pair_diff && !c.kl_grad_sweep
+                 ? p.n_paired_rows
+                 : 0;
+    if (c.pair_diff) {
+      c.diff_pair.assign(R, -1);
+      for (int64_t i = 0; i < p.n_pairs; ++i) c.diff_pair[h_plan.pair_s[i]] = i;
+      c.ratio.assign(p.n_pairs, 0.0f);
+      c.teacher_scale.assign(p.n_pairs, 0.0f);
+      c.u = at::zeros({p.n_pairs, Hd}, opts);
+      c.teacher_prev = at::empty({p.n_pairs, Hd}, opts);
+    }
     const at::Tensor chunk_hidden = hidden.index_select(0, long_tensor(c.rows));
     c.h = c.bf16_gemm ? cpu_gemm::a_operand(chunk_hidden) : chunk_hidden.to(acc).contiguous();
     if (ov.given()) {
@@ -316,10 +365,33 @@ struct Forward {
     if (c.has_pairs) pair_cross_terms(c, s_ptr, vb);
     at::Tensor p_cols, pc_cols, rows;
     if (grad_hidden && !columns.empty()) take_override_columns(c, s_ptr, vb, columns, &p_cols, &pc_cols, &rows);
+    if (c.pair_diff) c.teacher_prev.copy_(c.expect.index_select(0, long_tensor(h_plan.pair_t)));
     expectation_gemms(c, w, vb);
     if (rows.defined()) {
       c.expect.addmm_(p_cols, rows);
       if (c.cross_expect) c.x_expect.addmm_(pc_cols, rows);
+    }
+    if (c.pair_diff) add_teacher_blocks(c);
+  }
+
+  // u_i += r_i T_i, T_i the teacher's block expectation (its O now minus before the block's GEMMs)
+  // at the student's max. Where r_i stays the final ratio, sum_i r_i T_i is r_i O_teacher, which
+  // finish_expectations' E_s - E_teacher then cancels in fp32; bf16's error of T_i enters only
+  // times the ratio's change over the blocks.
+  void add_teacher_blocks(Chunk<acc_t>& c) {
+    if constexpr (std::is_same<acc_t, float>::value) {
+      const int64_t Hd = p.hidden_dim;
+      const float* e_ptr = c.expect.template data_ptr<float>();
+      const float* prev = c.teacher_prev.template data_ptr<float>();
+      float* u = c.u.template data_ptr<float>();
+      at::parallel_for(0, p.n_pairs, 4, [&](int64_t ib, int64_t ie) {
+        for (int64_t i = ib; i < ie; ++i) {
+          const float f = c.ratio[i] * c.teacher_scale[i];
+          if (f == 0.0f) continue;
+          const float* e = e_ptr + h_plan.pair_t[i] * Hd;
+          for (int64_t d = 0; d < Hd; ++d) u[i * Hd + d] += f * (e[d] - prev[i * Hd + d]);
+        }
+      });
     }
   }
 
@@ -357,9 +429,13 @@ struct Forward {
     const acc_t cap = static_cast<acc_t>(p.logit_softcap);
     for (int64_t j = 0; j < c.R; ++j) {
       const acc_t shift = exp_shift(c.run_max[j]);
+      const int64_t pair = c.pair_diff ? c.diff_pair[j] : -1;
       for (int64_t k = 0; k < nb; ++k) {
         const int64_t col = columns[k].second;
         out[j * nb + k] = expectation_weight(s_ptr[j * vb + col], shift, cap);
+        if (pair >= 0)  // the difference row's entry (no soft-cap on the bf16 path)
+          out[j * nb + k] -= c.ratio[pair] *
+                             unnormalised_prob(s_ptr[h_plan.pair_t[pair] * vb + col], shift);
         if (c.bf16_gemm) {
           at::BFloat16* p16 = c.p_buf.template data_ptr<at::BFloat16>();
           p16[j * c.lda_p + col] = at::BFloat16(0.0f);
@@ -389,6 +465,7 @@ struct Forward {
     const bool simd = simd_rows<acc_t>();
     at::parallel_for(0, c.R, 16, [&](int64_t rb, int64_t re) {
       for (int64_t j = rb; j < re; ++j) {
+        if (c.pair_diff && c.diff_pair[j] >= 0) continue;  // after their teachers, below
         const acc_t* s = s_ptr + j * vb;
         const acc_t bmax = row_max(s, vb, c.run_max[j], simd);
         const acc_t a = block_rescale(c.run_max[j], bmax);
@@ -411,6 +488,61 @@ struct Forward {
         }
       }
     });
+    if (c.pair_diff) difference_rows(c, s_ptr, vb, v0);
+  }
+
+  // The students' rows of a block on the pair_diff path, once their teachers' statistics are
+  // updated: the running max is the larger of the student's and its teacher's (so no exp of the
+  // teacher's logits overflows), the sum Z_s as any row's, and P = p~_s - r_i p~_teacher with
+  // r_i = Z_s / Z_teacher at that max (any r_i is exact, since u adds r_i T_i back; the running
+  // ratio keeps the row a small difference when the distributions agree up to a shift).
+  void difference_rows(Chunk<acc_t>& c, const acc_t* s_ptr, int64_t vb, int64_t v0) {
+    if constexpr (std::is_same<acc_t, float>::value) {
+      at::BFloat16* p16_ptr = c.p_buf.template data_ptr<at::BFloat16>();
+      float* e_ptr = c.expect.template data_ptr<float>();
+      float* u_ptr = c.u.template data_ptr<float>();
+      const int64_t Hd = p.hidden_dim;
+      const bool simd = simd_rows<float>();
+      at::parallel_for(0, p.n_pairs, 4, [&](int64_t ib, int64_t ie) {
+        for (int64_t i = ib; i < ie; ++i) {
+          const int64_t j = h_plan.pair_s[i], t = h_plan.pair_t[i];
+          const float* s = s_ptr + j * vb;
+          const float* st = s_ptr + t * vb;
+          const float bmax = std::max(row_max(s, vb, c.run_max[j], simd), c.run_max[t]);
+          const float a = block_rescale(c.run_max[j], bmax);
+          const float shift = exp_shift(bmax);
+          at::BFloat16* row = p16_ptr + j * c.lda_p;
+          // The sum, with p~_s written to the row for the moment.
+          const double sum = fill_p_row_bf16(row, nullptr, s, vb, shift, c.lda_p, simd);
+          c.run_sum[j] = c.run_sum[j] * static_cast<double>(a) + sum;
+          c.run_max[j] = bmax;
+          c.alpha[j] = a;
+          const int64_t target = c.target[j];
+          if (target >= v0 && target < v0 + vb) c.target_logit[j] = s[target - v0];
+          const double t_scale = c.run_max[t] == neg_inf<float>()
+                                     ? 0.0
+                                     : std::exp(static_cast<double>(c.run_max[t]) - shift);
+          const double z_t = c.run_sum[t] * t_scale;
+          const double r = z_t > 0.0 ? c.run_sum[j] / z_t : 0.0;
+          c.ratio[i] = std::isfinite(r) ? static_cast<float>(r) : 0.0f;
+          c.teacher_scale[i] = static_cast<float>(t_scale);
+          // p~_s - r p~_t = exp(s - shift) - exp(st - (shift - log r)), rounded to bf16 once.
+          const float lse_t = c.ratio[i] > 0.0f ? shift - std::log(c.ratio[i])
+                                                : std::numeric_limits<float>::infinity();
+          if (simd) {
+            cpu_rows::prob_difference_to_bf16(s, st, vb, shift, lse_t, row);
+          } else {
+            for (int64_t v = 0; v < vb; ++v)
+              row[v] = at::BFloat16(unnormalised_prob(s[v], shift) -
+                                    c.ratio[i] * unnormalised_prob(st[v], shift));
+          }
+          if (a != 1.0f) {
+            for (int64_t d = 0; d < Hd; ++d) e_ptr[j * Hd + d] *= a;
+            for (int64_t d = 0; d < Hd; ++d) u_ptr[i * Hd + d] *= a;
+          }
+        }
+      });
+    }
   }
 
   // Per pair: the KL cross term A += sum_v P_teacher (S_teacher - S_student) and, under a
@@ -491,6 +623,12 @@ struct Forward {
         acc_t* e = e_ptr + j * Hd;
         const acc_t inv_z = static_cast<acc_t>(1.0 / c.run_sum[j]);
         for (int64_t d = 0; d < Hd; ++d) e[d] *= inv_z;
+        // A difference row's O_s + u_i is the student's own sum_v p~_s W_v (Chunk::pair_diff).
+        const int64_t pair = c.pair_diff ? c.diff_pair[j] : -1;
+        if (pair >= 0) {
+          const acc_t* u = c.u.template data_ptr<acc_t>() + pair * Hd;
+          for (int64_t d = 0; d < Hd; ++d) e[d] += u[d] * inv_z;
+        }
       }
     });
     if (c.cross_expect) {
