@@ -513,6 +513,67 @@ MUTATIONS = [
         csrc=True,
     ),
     Mutation(
+        "difference_rows_ratio_fixed_after_first_block",
+        "the students' difference rows keep the first ratio of sums they adopt instead of following "
+        "the running one",
+        [
+            (
+                "csrc/cpu/lm_head_losses.cpp",
+                "static constexpr double kRatioTolerance = 1.0 / 1024;",
+                "static constexpr double kRatioTolerance = 1e30;",
+            )
+        ],
+        ["tests/test_lm_head_losses.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "difference_rows_drop_the_last_teacher_term",
+        "u misses r_B S_B, the teacher's part of the student's expectation added at the end",
+        [
+            (
+                "csrc/cpu/lm_head_losses.cpp",
+                "u_ptr[i * Hd + d] += f * e_ptr[t * Hd + d];",
+                "u_ptr[i * Hd + d] += 0 * f * e_ptr[t * Hd + d];",
+            )
+        ],
+        ["tests/test_lm_head_losses.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "difference_rows_drop_a_ratio_change",
+        "a change of a pair's ratio is not summed by parts into u",
+        [
+            (
+                "csrc/cpu/lm_head_losses.cpp",
+                "u_ptr[i * Hd + d] += f * e_t[d];",
+                "u_ptr[i * Hd + d] += 0 * f * e_t[d];",
+            )
+        ],
+        ["tests/test_lm_head_losses.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "difference_rows_u_not_rescaled",
+        "u is not rescaled when the student's running max grows",
+        [("csrc/cpu/lm_head_losses.cpp", "for (int64_t d = 0; d < Hd; ++d) u_ptr[i * Hd + d] *= a;", "")],
+        ["tests/test_lm_head_losses.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "difference_rows_override_columns_keep_the_student_probability",
+        "an override column of a student's difference row multiplies its row with p~_s instead of "
+        "p~_s - r p~_teacher",
+        [
+            (
+                "csrc/cpu/lm_head_losses.cpp",
+                "out[j * nb + k] -= c.ratio[pair] *",
+                "out[j * nb + k] -= 0 * c.ratio[pair] *",
+            )
+        ],
+        ["tests/test_lm_head_override.py"],
+        csrc=True,
+    ),
+    Mutation(
         "kept_pair_sweep_drops_override_columns",
         "the kept pairs' own sweep (bf16, many rows) takes the override columns out of D but never "
         "multiplies their rows",

@@ -26,12 +26,13 @@
 // one of three ways. Where each student row belongs to one pair and is no pair's teacher (the
 // dual-path layout), the student's row of P holds the pair's difference p~_s - r p~_teacher at
 // the student's running max, r the running ratio of the two rows' sums, rounded to bf16 once;
-// a per-pair fp32 term u = sum over blocks of r times the teacher's block expectation (its O's
-// growth in the block) makes O_s + u the student's own sum_v p~_s W_v exactly, whatever r is,
-// and r keeps the row a small difference when the distributions agree up to a shift. So P W
-// has no more rows than the logits and nothing sweeps W again (Chunk::pair_diff;
-// CRYSTAL_EXT_CPU_PAIR_DIFF_ROWS=0 takes the two ways below: the op at |E| = 96 measured 0.42
-// vs 0.48 s, at |E| = 24 0.175 vs 0.205 s, 7B widths, 2 threads). Otherwise, where the chunk's
+// a per-pair fp32 term u = sum over blocks of r times the teacher's block expectation makes
+// O_s + u the student's own sum_v p~_s W_v exactly, whatever r is, and r keeps the row a small
+// difference when the distributions agree up to a shift (difference_rows). So P W has no more
+// rows than the logits and nothing sweeps W again (Chunk::pair_diff;
+// CRYSTAL_EXT_CPU_PAIR_DIFF_ROWS=0 takes the two ways below: the op on inputs captured from the
+// benchmark's steps, 7B widths, 2 threads, measured 0.175 vs 0.210 s at |E| = 24, 0.412 vs
+// 0.490 s at |E| = 96 and 1.006 vs 1.096 s at |E| = 384). Otherwise, where the chunk's
 // rows are few enough for the k-outer P W (the GEMM packs
 // each block of W once for two A operands: cpu_gemm::two_a_share_one_pass), P of every paired
 // row is split into bf16 hi + lo parts (error ~2^-17 instead of 2^-9 relative) that ride in
@@ -59,9 +60,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -173,15 +174,15 @@ struct Chunk {
   // KL gradient comes from a sweep of their own rows after the top-k (kept_pair_differences).
   bool kl_grad_sweep = false;
   // bf16 path where each pair has a student row of its own (pair_difference_rows): that row's P
-  // holds p~_s - r_i p~_teacher (both at the student's running max, r_i the pair's running
-  // ratio of sums Z_s / Z_teacher), so its expectation O_s gathers the pair's difference, at
-  // bf16's accuracy relative to the difference itself; u [M, Hd] adds back sum over blocks of
-  // r_i T_i (T_i: the teacher's block expectation, the growth of its O in the block, at the
-  // student's max), so that O_s + u_i = sum_v p~_s W_v exactly. No lo rows, no sweep.
+  // holds p~_s - r_i p~_teacher (both at the student's running max, r_i close to the pair's
+  // running ratio of sums Z_s / Z_teacher), so its expectation O_s gathers the pair's
+  // difference, at bf16's accuracy relative to the difference itself; u [M, Hd] adds back
+  // sum over blocks of r_i T_i (T_i: the teacher's block expectation at the student's max), so
+  // that O_s + u_i = sum_v p~_s W_v exactly, whatever the r_i.
   bool pair_diff = false;
   std::vector<int64_t> diff_pair;  // local row -> the pair whose student it is (pair_diff), or -1
-  std::vector<float> ratio, teacher_scale;  // per pair, this block: r_i, exp(m_teacher - m_s)
-  at::Tensor u, teacher_prev;               // [M, Hd] fp32: sum r_i T_i; the teachers' O before the GEMM
+  std::vector<float> ratio;        // per pair: the r_i of the rows so far
+  at::Tensor u;                    // [M, Hd] fp32, at the student's running max
   // Under a soft-cap the KL gradient needs each pair's cross expectation
   // X_i = sum_v p_av g_sv W_v (csrc/lm_head_losses.h): its unnormalised rows, rescaled with
   // the teacher's running max, and their block of P_teacher * g_student.
@@ -321,9 +322,7 @@ struct Forward {
       c.diff_pair.assign(R, -1);
       for (int64_t i = 0; i < p.n_pairs; ++i) c.diff_pair[h_plan.pair_s[i]] = i;
       c.ratio.assign(p.n_pairs, 0.0f);
-      c.teacher_scale.assign(p.n_pairs, 0.0f);
       c.u = at::zeros({p.n_pairs, Hd}, opts);
-      c.teacher_prev = at::empty({p.n_pairs, Hd}, opts);
     }
     const at::Tensor chunk_hidden = hidden.index_select(0, long_tensor(c.rows));
     c.h = c.bf16_gemm ? cpu_gemm::a_operand(chunk_hidden) : chunk_hidden.to(acc).contiguous();
@@ -365,33 +364,10 @@ struct Forward {
     if (c.has_pairs) pair_cross_terms(c, s_ptr, vb);
     at::Tensor p_cols, pc_cols, rows;
     if (grad_hidden && !columns.empty()) take_override_columns(c, s_ptr, vb, columns, &p_cols, &pc_cols, &rows);
-    if (c.pair_diff) c.teacher_prev.copy_(c.expect.index_select(0, long_tensor(h_plan.pair_t)));
     expectation_gemms(c, w, vb);
     if (rows.defined()) {
       c.expect.addmm_(p_cols, rows);
       if (c.cross_expect) c.x_expect.addmm_(pc_cols, rows);
-    }
-    if (c.pair_diff) add_teacher_blocks(c);
-  }
-
-  // u_i += r_i T_i, T_i the teacher's block expectation (its O now minus before the block's GEMMs)
-  // at the student's max. Where r_i stays the final ratio, sum_i r_i T_i is r_i O_teacher, which
-  // finish_expectations' E_s - E_teacher then cancels in fp32; bf16's error of T_i enters only
-  // times the ratio's change over the blocks.
-  void add_teacher_blocks(Chunk<acc_t>& c) {
-    if constexpr (std::is_same<acc_t, float>::value) {
-      const int64_t Hd = p.hidden_dim;
-      const float* e_ptr = c.expect.template data_ptr<float>();
-      const float* prev = c.teacher_prev.template data_ptr<float>();
-      float* u = c.u.template data_ptr<float>();
-      at::parallel_for(0, p.n_pairs, 4, [&](int64_t ib, int64_t ie) {
-        for (int64_t i = ib; i < ie; ++i) {
-          const float f = c.ratio[i] * c.teacher_scale[i];
-          if (f == 0.0f) continue;
-          const float* e = e_ptr + h_plan.pair_t[i] * Hd;
-          for (int64_t d = 0; d < Hd; ++d) u[i * Hd + d] += f * (e[d] - prev[i * Hd + d]);
-        }
-      });
     }
   }
 
@@ -493,9 +469,17 @@ struct Forward {
 
   // The students' rows of a block on the pair_diff path, once their teachers' statistics are
   // updated: the running max is the larger of the student's and its teacher's (so no exp of the
-  // teacher's logits overflows), the sum Z_s as any row's, and P = p~_s - r_i p~_teacher with
-  // r_i = Z_s / Z_teacher at that max (any r_i is exact, since u adds r_i T_i back; the running
-  // ratio keeps the row a small difference when the distributions agree up to a shift).
+  // teacher's logits overflows), the sum Z_s as any row's, and P = p~_s - r_i p~_teacher.
+  // Any r_i is exact: u_i = sum_b r_b T_b, kept by summation by parts as r_B S_B - sum over the
+  // changes of r of (r_new - r_old) S (S: the teacher's O when r changes, before the block's
+  // GEMM, at the student's max; r_B S_B is added in finish_expectations). r_i follows the running
+  // ratio Z_s / Z_teacher at that max, so the row stays a small difference when the two
+  // distributions agree up to a shift of every logit; it changes only when the running ratio has
+  // moved by more than kRatioTolerance relative (each change reads the teacher's O and writes
+  // u_i: per block at |E| = 384 that was as dear as the sweep it replaces). A lag of that size
+  // leaves the row bf16's error times 2^-10 of p~ (the hi + lo split's ~2^-17 is of that size).
+  static constexpr double kRatioTolerance = 1.0 / 1024;
+
   void difference_rows(Chunk<acc_t>& c, const acc_t* s_ptr, int64_t vb, int64_t v0) {
     if constexpr (std::is_same<acc_t, float>::value) {
       at::BFloat16* p16_ptr = c.p_buf.template data_ptr<at::BFloat16>();
@@ -519,13 +503,22 @@ struct Forward {
           c.alpha[j] = a;
           const int64_t target = c.target[j];
           if (target >= v0 && target < v0 + vb) c.target_logit[j] = s[target - v0];
-          const double t_scale = c.run_max[t] == neg_inf<float>()
-                                     ? 0.0
-                                     : std::exp(static_cast<double>(c.run_max[t]) - shift);
+          if (a != 1.0f) {
+            for (int64_t d = 0; d < Hd; ++d) e_ptr[j * Hd + d] *= a;
+            for (int64_t d = 0; d < Hd; ++d) u_ptr[i * Hd + d] *= a;
+          }
+          const double t_scale = teacher_scale(c, t, shift);
           const double z_t = c.run_sum[t] * t_scale;
-          const double r = z_t > 0.0 ? c.run_sum[j] / z_t : 0.0;
-          c.ratio[i] = std::isfinite(r) ? static_cast<float>(r) : 0.0f;
-          c.teacher_scale[i] = static_cast<float>(t_scale);
+          const float r = z_t > 0.0 ? static_cast<float>(c.run_sum[j] / z_t) : 0.0f;
+          const float r_new = std::isfinite(r) ? r : 0.0f;
+          const float r_old = c.ratio[i];
+          if (r_new != r_old && !(std::abs(static_cast<double>(r_new) - r_old) <= kRatioTolerance * r_old)) {
+            const float f = static_cast<float>((static_cast<double>(r_old) - r_new) * t_scale);
+            const float* e_t = e_ptr + t * Hd;  // S: the teacher's O before this block's GEMM
+            if (f != 0.0f)
+              for (int64_t d = 0; d < Hd; ++d) u_ptr[i * Hd + d] += f * e_t[d];
+            c.ratio[i] = r_new;
+          }
           // p~_s - r p~_t = exp(s - shift) - exp(st - (shift - log r)), rounded to bf16 once.
           const float lse_t = c.ratio[i] > 0.0f ? shift - std::log(c.ratio[i])
                                                 : std::numeric_limits<float>::infinity();
@@ -536,13 +529,15 @@ struct Forward {
               row[v] = at::BFloat16(unnormalised_prob(s[v], shift) -
                                     c.ratio[i] * unnormalised_prob(st[v], shift));
           }
-          if (a != 1.0f) {
-            for (int64_t d = 0; d < Hd; ++d) e_ptr[j * Hd + d] *= a;
-            for (int64_t d = 0; d < Hd; ++d) u_ptr[i * Hd + d] *= a;
-          }
         }
       });
     }
+  }
+
+  // exp(m_teacher - shift): the teacher's sums and O (at its running max) at a student's shift;
+  // 0 while the teacher's logits have all been -inf.
+  static double teacher_scale(const Chunk<acc_t>& c, int64_t t, double shift) {
+    return c.run_max[t] == neg_inf<acc_t>() ? 0.0 : std::exp(static_cast<double>(c.run_max[t]) - shift);
   }
 
   // Per pair: the KL cross term A += sum_v P_teacher (S_teacher - S_student) and, under a
@@ -618,6 +613,16 @@ struct Forward {
   void finish_expectations(Chunk<acc_t>& c) {
     const int64_t Hd = p.hidden_dim;
     acc_t* e_ptr = c.expect.template data_ptr<acc_t>();
+    if (c.pair_diff) {  // u_i += r_B S_B, the last term of u (difference_rows), before any E = O / Z
+      acc_t* u_ptr = c.u.template data_ptr<acc_t>();
+      for (int64_t i = 0; i < p.n_pairs; ++i) {
+        const int64_t t = h_plan.pair_t[i];
+        const double t_scale = teacher_scale(c, t, exp_shift(c.run_max[h_plan.pair_s[i]]));
+        const acc_t f = static_cast<acc_t>(c.ratio[i] * t_scale);
+        if (f == acc_t(0)) continue;
+        for (int64_t d = 0; d < Hd; ++d) u_ptr[i * Hd + d] += f * e_ptr[t * Hd + d];
+      }
+    }
     at::parallel_for(0, c.R, 16, [&](int64_t rb, int64_t re) {
       for (int64_t j = rb; j < re; ++j) {
         acc_t* e = e_ptr + j * Hd;
