@@ -269,6 +269,35 @@ def test_bf16_gemm_path_as_accurate_as_fp32_gemm_path(shape, monkeypatch):
         )
 
 
+def _near_equal_pairs(n, hd, vocab, n_pairs, *, seed, ignore_fraction, noise_seed):
+    """(problem, hidden to edit): rows 0 .. n_pairs - 1 teachers of rows n_pairs .. 2 n_pairs - 1,
+    each student its teacher's hidden plus 1% noise; the weight a copy the caller may edit."""
+    prob = make_problem(
+        n, hd, vocab, [n_pairs], seed=seed, weight_grad=False, ignore_fraction=ignore_fraction
+    )
+    prob["teacher_rows"] = torch.arange(n_pairs)
+    prob["student_rows"] = torch.arange(n_pairs, 2 * n_pairs)
+    prob["weight"] = prob["weight"].clone()
+    g = torch.Generator().manual_seed(noise_seed)
+    h = prob["hidden"].clone()
+    h[n_pairs : 2 * n_pairs] = h[:n_pairs] + 0.01 * torch.randn(n_pairs, hd, generator=g, dtype=h.dtype)
+    return prob, h
+
+
+def _bf16_and_fp32_path_errors(prob, hidden, monkeypatch, rows=slice(None)):
+    """(bf16 GEMM path's error, fp32 GEMM path's error, the gold's norm) of d kl / d hidden on
+    `rows`, against a float64 reference run, hidden and weight made bf16-exact first (so the only
+    errors are the op's)."""
+    prob["hidden"] = hidden.bfloat16().double()
+    prob["weight"] = prob["weight"].bfloat16().double()
+    gold = run(reference.lm_head_losses, prob, 0.3, dtype=torch.float64, g_ce=0.0)[2][rows]
+    monkeypatch.setenv("CRYSTAL_EXT_CPU_BF16_GEMM", "1")
+    fast = run(crystal_ext.lm_head_losses, prob, 0.3, dtype=torch.bfloat16, g_ce=0.0)[2][rows]
+    monkeypatch.setenv("CRYSTAL_EXT_CPU_BF16_GEMM", "0")
+    slow = run(crystal_ext.lm_head_losses, prob, 0.3, dtype=torch.bfloat16, g_ce=0.0)[2][rows]
+    return _err(fast, gold), _err(slow, gold), gold.norm().item()
+
+
 @bf16_gemm
 @pytest.mark.parametrize(
     "way",
@@ -294,28 +323,13 @@ def test_bf16_gemm_path_keeps_the_kl_gradient_of_near_equal_pairs(n_pairs, shift
     fp32 path's error."""
     monkeypatch.setenv("CRYSTAL_EXT_CPU_PAIR_DIFF_ROWS", "1" if way == "difference-rows" else "0")
     monkeypatch.setenv("CRYSTAL_EXT_CPU_ONE_PASS_SWEEP", "0" if way == "two-gemm-sweep" else "1")
-    prob = make_problem(2 * n_pairs, 96, 20011, [n_pairs], seed=3, weight_grad=False, ignore_fraction=1.0)
-    prob["teacher_rows"] = torch.arange(n_pairs)
-    prob["student_rows"] = torch.arange(n_pairs, 2 * n_pairs)
-    g = torch.Generator().manual_seed(0)
-    h = prob["hidden"].clone()
-    h[n_pairs:] = h[:n_pairs] + 0.01 * torch.randn(n_pairs, 96, generator=g, dtype=h.dtype)
+    prob, h = _near_equal_pairs(2 * n_pairs, 96, 20011, n_pairs, seed=3, ignore_fraction=1.0, noise_seed=0)
     if shift != "none":  # a weight column shared by vocabulary rows moves those student logits
-        prob["weight"] = prob["weight"].clone()
         prob["weight"][:, 0] = 1.0 if shift == "every-logit" else 0.0
         prob["weight"][:4000, 0] = 1.0
         h[n_pairs:, 0] += 0.7 if shift == "every-logit" else 0.3
-    prob["hidden"] = h.bfloat16().double()  # bf16-exact: the only errors are the op's
-    prob["weight"] = prob["weight"].bfloat16().double()
-    gold = run(reference.lm_head_losses, prob, 0.3, dtype=torch.float64, g_ce=0.0)
-    monkeypatch.setenv("CRYSTAL_EXT_CPU_BF16_GEMM", "1")
-    fast = run(crystal_ext.lm_head_losses, prob, 0.3, dtype=torch.bfloat16, g_ce=0.0)
-    monkeypatch.setenv("CRYSTAL_EXT_CPU_BF16_GEMM", "0")
-    slow = run(crystal_ext.lm_head_losses, prob, 0.3, dtype=torch.bfloat16, g_ce=0.0)
-    assert _err(fast[2], gold[2]) <= 1.2 * _err(slow[2], gold[2]), (
-        _err(fast[2], gold[2]) / gold[2].norm().item(),
-        _err(slow[2], gold[2]) / gold[2].norm().item(),
-    )
+    fast_err, slow_err, gold_norm = _bf16_and_fp32_path_errors(prob, h, monkeypatch)
+    assert fast_err <= 1.2 * slow_err, (fast_err / gold_norm, slow_err / gold_norm)
 
 
 @bf16_gemm
@@ -332,29 +346,13 @@ def test_difference_rows_follow_the_running_ratio_of_sums(monkeypatch):
     n = 2 * n_pairs + n_ce
     _, block = _C.lm_head_losses_tiling(False, n, vocab, hd)
     assert vocab / block > 15, block
-    prob = make_problem(n, hd, vocab, [n_pairs], seed=4, weight_grad=False, ignore_fraction=0.0)
-    prob["teacher_rows"] = torch.arange(n_pairs)
-    prob["student_rows"] = torch.arange(n_pairs, 2 * n_pairs)
-    g = torch.Generator().manual_seed(1)
-    h = prob["hidden"].clone()
-    h[n_pairs : 2 * n_pairs] = h[:n_pairs] + 0.01 * torch.randn(n_pairs, hd, generator=g, dtype=h.dtype)
+    prob, h = _near_equal_pairs(n, hd, vocab, n_pairs, seed=4, ignore_fraction=0.0, noise_seed=1)
     h[n_pairs : 2 * n_pairs, 0] += 0.3
-    prob["weight"] = prob["weight"].clone()
     prob["weight"][:, 0] = 0.0
     prob["weight"][:block, 0] = 1.0
-    prob["hidden"] = h.bfloat16().double()
-    prob["weight"] = prob["weight"].bfloat16().double()
-    gold = run(reference.lm_head_losses, prob, 0.3, dtype=torch.float64, g_ce=0.0)
-    monkeypatch.setenv("CRYSTAL_EXT_CPU_BF16_GEMM", "1")
-    fast = run(crystal_ext.lm_head_losses, prob, 0.3, dtype=torch.bfloat16, g_ce=0.0)
-    monkeypatch.setenv("CRYSTAL_EXT_CPU_BF16_GEMM", "0")
-    slow = run(crystal_ext.lm_head_losses, prob, 0.3, dtype=torch.bfloat16, g_ce=0.0)
     students = slice(n_pairs, 2 * n_pairs)
-    fast_err, slow_err = (
-        _err(fast[2][students], gold[2][students]),
-        _err(slow[2][students], gold[2][students]),
-    )
-    assert fast_err <= 1.2 * slow_err, (fast_err / slow_err, slow_err / gold[2][students].norm().item())
+    fast_err, slow_err, gold_norm = _bf16_and_fp32_path_errors(prob, h, monkeypatch, rows=students)
+    assert fast_err <= 1.2 * slow_err, (fast_err / slow_err, slow_err / gold_norm)
 
 
 @bf16_gemm

@@ -434,37 +434,42 @@ struct Forward {
 
   // Per row: online max / sum, P, target logit, rescale of the running expectation O.
   void row_statistics(Chunk<acc_t>& c, const acc_t* s_ptr, int64_t vb, int64_t v0) {
-    acc_t* p_ptr = c.bf16_gemm ? nullptr : c.p_buf.template data_ptr<acc_t>();
-    at::BFloat16* p16_ptr = c.bf16_gemm ? c.p_buf.template data_ptr<at::BFloat16>() : nullptr;
-    acc_t* e_ptr = grad_hidden ? c.expect.template data_ptr<acc_t>() : nullptr;
-    const int64_t Hd = p.hidden_dim;
     const bool simd = simd_rows<acc_t>();
     at::parallel_for(0, c.R, 16, [&](int64_t rb, int64_t re) {
       for (int64_t j = rb; j < re; ++j) {
         if (c.pair_diff && c.diff_pair[j] >= 0) continue;  // after their teachers, below
         const acc_t* s = s_ptr + j * vb;
-        const acc_t bmax = row_max(s, vb, c.run_max[j], simd);
-        const acc_t a = block_rescale(c.run_max[j], bmax);
-        const acc_t shift = exp_shift(bmax);
-        double sum = 0.0;
-        if (!c.bf16_gemm) {
-          sum = fill_p_row(p_ptr + j * vb, s, vb, shift, p);
-        } else if constexpr (std::is_same<acc_t, float>::value) {  // (bf16_gemm implies float)
-          at::BFloat16* lo = j < c.n_lo ? p16_ptr + (c.R + j) * c.lda_p : nullptr;
-          sum = fill_p_row_bf16(p16_ptr + j * c.lda_p, lo, s, vb, shift, c.lda_p, simd);
-        }
-        c.run_sum[j] = c.run_sum[j] * static_cast<double>(a) + sum;
-        c.run_max[j] = bmax;
-        c.alpha[j] = a;
-        const int64_t t = c.target[j];
-        if (t >= v0 && t < v0 + vb) c.target_logit[j] = s[t - v0];
-        if (e_ptr != nullptr && a != acc_t(1)) {
-          acc_t* e = e_ptr + j * Hd;
-          for (int64_t d = 0; d < Hd; ++d) e[d] *= a;
-        }
+        row_block(c, j, s, vb, v0, row_max(s, vb, c.run_max[j], simd), simd);
       }
     });
     if (c.pair_diff) difference_rows(c, s_ptr, vb, v0);
+  }
+
+  // Row j's part of a block with its running max grown to bmax: P (its row of p_buf, and its lo
+  // row if it has one), the online sum and max, the target logit, the rescale of its O. Returns
+  // the rescale factor.
+  acc_t row_block(Chunk<acc_t>& c, int64_t j, const acc_t* s, int64_t vb, int64_t v0, acc_t bmax,
+                  bool simd) {
+    const acc_t a = block_rescale(c.run_max[j], bmax);
+    const acc_t shift = exp_shift(bmax);
+    double sum = 0.0;
+    if (!c.bf16_gemm) {
+      sum = fill_p_row(c.p_buf.template data_ptr<acc_t>() + j * vb, s, vb, shift, p);
+    } else if constexpr (std::is_same<acc_t, float>::value) {  // (bf16_gemm implies float)
+      at::BFloat16* p16_ptr = c.p_buf.template data_ptr<at::BFloat16>();
+      at::BFloat16* lo = j < c.n_lo ? p16_ptr + (c.R + j) * c.lda_p : nullptr;
+      sum = fill_p_row_bf16(p16_ptr + j * c.lda_p, lo, s, vb, shift, c.lda_p, simd);
+    }
+    c.run_sum[j] = c.run_sum[j] * static_cast<double>(a) + sum;
+    c.run_max[j] = bmax;
+    c.alpha[j] = a;
+    const int64_t t = c.target[j];
+    if (t >= v0 && t < v0 + vb) c.target_logit[j] = s[t - v0];
+    if (grad_hidden && a != acc_t(1)) {
+      acc_t* e = c.expect.template data_ptr<acc_t>() + j * p.hidden_dim;
+      for (int64_t d = 0; d < p.hidden_dim; ++d) e[d] *= a;
+    }
+    return a;
   }
 
   // The students' rows of a block on the pair_diff path, once their teachers' statistics are
@@ -483,7 +488,7 @@ struct Forward {
   void difference_rows(Chunk<acc_t>& c, const acc_t* s_ptr, int64_t vb, int64_t v0) {
     if constexpr (std::is_same<acc_t, float>::value) {
       at::BFloat16* p16_ptr = c.p_buf.template data_ptr<at::BFloat16>();
-      float* e_ptr = c.expect.template data_ptr<float>();
+      const float* e_ptr = c.expect.template data_ptr<float>();
       float* u_ptr = c.u.template data_ptr<float>();
       const int64_t Hd = p.hidden_dim;
       const bool simd = simd_rows<float>();
@@ -493,20 +498,13 @@ struct Forward {
           const float* s = s_ptr + j * vb;
           const float* st = s_ptr + t * vb;
           const float bmax = std::max(row_max(s, vb, c.run_max[j], simd), c.run_max[t]);
-          const float a = block_rescale(c.run_max[j], bmax);
-          const float shift = exp_shift(bmax);
-          at::BFloat16* row = p16_ptr + j * c.lda_p;
-          // The sum, with p~_s written to the row for the moment.
-          const double sum = fill_p_row_bf16(row, nullptr, s, vb, shift, c.lda_p, simd);
-          c.run_sum[j] = c.run_sum[j] * static_cast<double>(a) + sum;
-          c.run_max[j] = bmax;
-          c.alpha[j] = a;
-          const int64_t target = c.target[j];
-          if (target >= v0 && target < v0 + vb) c.target_logit[j] = s[target - v0];
+          // As any row's (P = p~_s for the moment, overwritten below), then u at the new max too.
+          const float a = row_block(c, j, s, vb, v0, bmax, simd);
           if (a != 1.0f) {
-            for (int64_t d = 0; d < Hd; ++d) e_ptr[j * Hd + d] *= a;
             for (int64_t d = 0; d < Hd; ++d) u_ptr[i * Hd + d] *= a;
           }
+          const float shift = exp_shift(bmax);
+          at::BFloat16* row = p16_ptr + j * c.lda_p;
           const double t_scale = teacher_scale(c, t, shift);
           const double z_t = c.run_sum[t] * t_scale;
           const float r = z_t > 0.0 ? static_cast<float>(c.run_sum[j] / z_t) : 0.0f;
