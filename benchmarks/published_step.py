@@ -3,7 +3,8 @@
 Same model weights, same batch, same loss as crystal_ext.model.objective.crystal_objective,
 computed as the authors' code does:
   - the stock modules: a patch embedding that crystal_ext loads as transformers' fused Linear
-    (crystal_ext.model.runtime_fusions) runs as the stock Conv3d, on the same weight;
+    (crystal_ext.model.runtime_fusions) runs as the stock Conv3d, on the same weight, and the
+    RMSNorms that crystal_ext fuses run the stock module's forward;
   - every text layer: SDPA with the dense [B, 1, L, L] additive dual-path mask;
   - the last layer: additionally the full [B, H, L, L] attention probabilities, from which
     the alignment loss reads the E/F rows and D columns;
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from crystal_ext.model.attention_registration import is_last_layer, is_text_decoder_attention
 from crystal_ext.model.objective import CrystalLoss
 from crystal_ext.model.parts import backbone_and_head, embedding_and_head_weights, text_config
+from crystal_ext.model.rms_norm_fusion import fused_rms_norms, stock_class_of
 from crystal_ext.model.runtime_fusions import fused_modules
 from crystal_ext.ops.layout import IGNORE, dual_path_mask, segments_of
 
@@ -79,17 +81,23 @@ class _StockConv3d(torch.nn.Module):
 @contextlib.contextmanager
 def stock_modules(model):
     """Inside, every fused patch embedding of `model` runs its stock class's forward with the
-    stock Conv3d on the fused Linear's weight: the model as the stock from_pretrained builds it."""
+    stock Conv3d on the fused Linear's weight, and every fused RMSNorm its stock class's forward:
+    the model as the stock from_pretrained builds it."""
     fused = list(fused_modules(model).values())
     for m in fused:
         stock_class = type(m).__mro__[2]  # (Fused<class>, the fusion's mixin, <class>, ...)
         m.proj = _StockConv3d(m.linear_proj, m.proj_in_channels, m.proj_kernel_size)
         m.forward = types.MethodType(stock_class.forward, m)
+    norms = list(fused_rms_norms(model).values())
+    for m in norms:
+        m.forward = types.MethodType(stock_class_of(m).forward, m)
     try:
         yield model
     finally:
         for m in fused:
             del m.proj, m.forward
+        for m in norms:
+            del m.forward
 
 
 def published_step_loss_switched(model, batch) -> CrystalLoss:

@@ -6,8 +6,8 @@ head_dim 128) and vocabulary (152,064) with few layers and a small MLP and visio
 one step fits this CPU; images of 448x448 give 256 visual tokens each, like the recipe.
 Embedding and LM head are frozen (as in the recipe, where only new rows train), the rest
 trains. The models are built as crystal_ext builds them (crystal_ext.model.runtime_fusions: the
-Conv3d patch embedding as a Linear); the published step runs them with the stock modules
-(published_step.stock_modules).
+Conv3d patch embedding as a Linear, the RMSNorms fused); the published step runs them with the
+stock modules (published_step.stock_modules).
 """
 
 from __future__ import annotations

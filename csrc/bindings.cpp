@@ -60,6 +60,13 @@ TORCH_LIBRARY(crystal_ext, m) {
         "Tensor? override_rows, float logit_scale, float logit_softcap, "
         "Tensor grad_hidden_ce, Tensor grad_hidden_kl, Tensor lse, Tensor kl_coef, "
         "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // RMSNorm in transformers' Llama / Qwen2 order (crystal_ext/ops/rms_norm.py); CPU kernels
+  // only (on a GPU the module runs its own forward). Returns (y, rstd): y in x's dtype and each
+  // row's 1 / sqrt(mean(x^2) + eps), x.shape[:-1], float32 (float64 for float64 x).
+  m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // Returns (grad_x, grad_weight); grad_weight is [0] when weight_grad is false.
+  m.def("rms_norm_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, bool weight_grad) "
+        "-> (Tensor, Tensor)");
 }
 
 namespace {

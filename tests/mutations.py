@@ -1138,6 +1138,88 @@ MUTATIONS = [
             "tests/test_alignment_layer.py::test_the_pictures_read_the_chosen_layer",
         ],
     ),
+    Mutation(
+        "rms_norm_simd_drops_the_tail_of_the_mean_square",
+        "the bf16 SIMD forward sums the squares of the 16-lane body only, not of a row's tail",
+        [
+            (
+                "csrc/cpu/rms_norm.cpp",
+                "    for (int64_t i = body; i < h; ++i) squares += float(xr[i]) * float(xr[i]);\n",
+                "",
+            )
+        ],
+        ["tests/test_rms_norm.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "rms_norm_simd_backward_sums_instead_of_averaging",
+        "the bf16 SIMD backward takes sum(g w n) for mean(g w n)",
+        [("csrc/cpu/rms_norm.cpp", "const float mean_dot = dot / float(h);", "const float mean_dot = dot;")],
+        ["tests/test_rms_norm.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "rms_norm_generic_ignores_eps",
+        "the generic forward leaves eps out of the mean square",
+        [
+            (
+                "csrc/cpu/rms_norm.cpp",
+                "const acc inv = acc(1) / std::sqrt(squares / acc(h) + acc(eps));",
+                "const acc inv = acc(1) / std::sqrt(squares / acc(h));",
+            )
+        ],
+        ["tests/test_rms_norm.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "rms_norm_weight_gradient_of_one_chunk",
+        "the weight's gradient is the first chunk of rows' partial sum only",
+        [
+            (
+                "csrc/cpu/rms_norm.cpp",
+                "at::Tensor grad_weight = weight_grad ? partial.sum(0).to(weight.scalar_type())",
+                "at::Tensor grad_weight = weight_grad ? partial[0].to(weight.scalar_type())",
+            )
+        ],
+        ["tests/test_rms_norm.py"],
+        csrc=True,
+    ),
+    Mutation(
+        "rms_norm_fusion_runs_float64",
+        "the fused norm runs the kernel on float64, which the stock forward computes in float32",
+        [
+            (
+                "crystal_ext/model/rms_norm_fusion.py",
+                "_KERNEL_DTYPES = (torch.bfloat16, torch.float32)",
+                "_KERNEL_DTYPES = (torch.bfloat16, torch.float32, torch.float64)",
+            )
+        ],
+        ["tests/test_rms_norm.py"],
+    ),
+    Mutation(
+        "rms_norm_fusion_not_checked_on_the_model",
+        "from_config builds fused norms without comparing them with the stock forward",
+        [
+            (
+                "crystal_ext/model/runtime_fusions.py",
+                "as from_pretrained leaves it\n    check_fused_rms_norms(model)\n",
+                "as from_pretrained leaves it\n",
+            )
+        ],
+        ["tests/test_rms_norm.py"],
+    ),
+    Mutation(
+        "published_step_runs_the_fused_norms",
+        "the published step's stock modules leave the fused RMSNorms in place",
+        [
+            (
+                "benchmarks/published_step.py",
+                "        m.forward = types.MethodType(stock_class_of(m).forward, m)\n",
+                "        pass\n",
+            )
+        ],
+        ["tests/test_published_step.py"],
+    ),
 ]
 
 

@@ -73,3 +73,29 @@ def test_published_step_runs_the_stock_conv3d_patch_embedding():
     ours.loss.backward()
     torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(patch_embed.linear_proj.weight.grad, want, rtol=1e-4, atol=1e-6)
+
+
+def test_published_step_runs_the_stock_rms_norms(monkeypatch):
+    """Ours builds the model with the fused RMSNorm (crystal_ext.model.rms_norm_fusion); the
+    published step runs every norm's stock forward, and ours the fused op afterwards."""
+    import importlib
+
+    from published_step import published_step_loss_switched
+
+    from crystal_ext.model.rms_norm_fusion import fused_rms_norms
+
+    crystal_ext.register_dual_path_attention()
+    model, batch = step_models.build("tiny", crystal_ext.ATTN_IMPLEMENTATION, batch_size=1)
+    norms = fused_rms_norms(model)
+    assert len(norms) >= 5, "the benchmark model is built with fused norms"
+    op_module = importlib.import_module("crystal_ext.ops.rms_norm")
+    calls = []
+    real = op_module.rms_norm
+    monkeypatch.setattr(op_module, "rms_norm", lambda *a: calls.append(1) or real(*a))
+    published_step_loss_switched(model, batch)
+    assert calls == []
+    crystal_objective(model, batch)
+    assert len(calls) == len(
+        norms
+    )  # each runs once: the vision tower once, the text layers on the packed rows
+    assert all("forward" not in m.__dict__ for m in norms.values())

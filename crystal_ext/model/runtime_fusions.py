@@ -1,5 +1,6 @@
 """How crystal_ext builds and loads a model: through transformers' fusion mapping, which swaps a
-module for an equivalent faster one at load time and keeps the checkpoint's layout.
+module for an equivalent faster one at load time and keeps the checkpoint's layout, and with
+crystal_ext's fused RMSNorm.
 
 The one fusion asked for is `patch_embeddings`: a Conv3d patch embedding whose kernel equals its
 stride (no padding, no dilation, one group: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V) is a
@@ -10,6 +11,11 @@ cuDNN has no good kernel for this degenerate shape either. Other families' modul
 they are. `save_pretrained` writes the weight back in the Conv3d layout, so checkpoints and
 merged models load with plain `from_pretrained`.
 
+The second fusion is crystal_ext's own, `rms_norm` (crystal_ext.model.rms_norm_fusion): RMSNorm
+modules of the Llama / Qwen2 form run the fused CPU kernel, checked against their stock forward
+on the model's own weights when it is built. It adds no module and no weight: checkpoints are
+the stock ones.
+
 The fusion mapping is part of every transformers crystal_ext runs models with
 (crystal_ext.model.transformers_support); with an older one these functions refuse like the rest.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 
+from crystal_ext.model.rms_norm_fusion import check_fused_rms_norms, fused_rms_norm_classes
 from crystal_ext.model.transformers_support import require_supported_transformers
 
 FUSION_CONFIG = {"patch_embeddings": True}
@@ -28,9 +35,12 @@ def load_pretrained(path: str, dtype, attn_implementation: str = "sdpa"):
     require_supported_transformers()
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, fusion_config=dict(FUSION_CONFIG)
-    )
+    with fused_rms_norm_classes():
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, fusion_config=dict(FUSION_CONFIG)
+        )
+    check_fused_rms_norms(model)
+    return model
 
 
 def from_config(model_class, config, **kwargs):
@@ -41,9 +51,13 @@ def from_config(model_class, config, **kwargs):
     from transformers.fusion_mapping import get_fusion_patch_mapping
     from transformers.monkey_patching import apply_patches
 
-    with apply_patches(get_fusion_patch_mapping(model_class, config, FUSION_CONFIG)):
+    with (
+        fused_rms_norm_classes(),
+        apply_patches(get_fusion_patch_mapping(model_class, config, FUSION_CONFIG)),
+    ):
         model = model_class._from_config(config, **kwargs)
     model.config.fusion_config = dict(FUSION_CONFIG)  # as from_pretrained leaves it
+    check_fused_rms_norms(model)
     return model
 
 

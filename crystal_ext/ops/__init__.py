@@ -14,7 +14,7 @@ import sys
 import types
 
 # The ops named like the module that defines them.
-_OPS = ("attention_alignment_loss", "lm_head_losses")
+_OPS = ("attention_alignment_loss", "lm_head_losses", "rms_norm")
 _EXTENSION_FACTS = ("build_info", "extension_available", "extension_error")
 
 __all__ = sorted((*_OPS, *_EXTENSION_FACTS, "reference"))
@@ -49,6 +49,7 @@ def _op(name: str) -> property:
 class _OpsPackage(types.ModuleType):
     attention_alignment_loss = _op("attention_alignment_loss")
     lm_head_losses = _op("lm_head_losses")
+    rms_norm = _op("rms_norm")
 
 
 sys.modules[__name__].__class__ = _OpsPackage

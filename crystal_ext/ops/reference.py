@@ -140,3 +140,12 @@ def dual_path_attention(
     # Padding rows see nothing: finfo.min makes them a uniform average, so zero them.
     probs = probs * visible.any(-1, keepdim=True)
     return torch.matmul(probs, v.repeat_interleave(heads // k.shape[1], dim=1))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' Llama / Qwen2 RMSNorm computes it: in float32 (float64 for
+    float64 inputs), normalized values rounded to x's dtype, then times the weight."""
+    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x_acc = x.to(accumulate)
+    normalized = x_acc * torch.rsqrt(x_acc.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normalized.to(x.dtype)
