@@ -224,3 +224,21 @@ def test_a_norm_that_computes_otherwise_is_refused_when_the_model_is_built(monke
     monkeypatch.setattr(Qwen2_5_VLRMSNorm, "forward", gemma_like)
     with pytest.raises(ValueError, match=r"Qwen2_5_VLRMSNorm.forward.*Refusing"):
         build("qwen2_5_vl")
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_weight_gradient_sums_every_threads_rows(threads):
+    """The weight's gradient is summed over one partial per chunk of rows, a chunk per thread."""
+    x, weight, grad = _inputs((1, 45, 300), torch.bfloat16, seed=9)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, dx_one, dw_one = _grads(crystal_ext.ops.rms_norm, x, weight, grad)
+        torch.set_num_threads(threads)
+        _, dx_many, dw_many = _grads(crystal_ext.ops.rms_norm, x, weight, grad)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(dx_many, dx_one)
+    # Another summation order of the same fp32 partials: one bf16 rounding at most.
+    scale = dw_one.float().abs().max().item()
+    assert torch.allclose(dw_many.float(), dw_one.float(), rtol=2**-7, atol=1e-3 * scale)
