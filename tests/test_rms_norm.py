@@ -242,3 +242,26 @@ def test_the_weight_gradient_sums_every_threads_rows(threads):
     # Another summation order of the same fp32 partials: one bf16 rounding at most.
     scale = dw_one.float().abs().max().item()
     assert torch.allclose(dw_many.float(), dw_one.float(), rtol=2**-7, atol=1e-3 * scale)
+
+
+def test_outside_the_build_transformers_names_the_stock_classes():
+    from family_models import build
+
+    build("qwen2_5_vl")
+    for stock in _stock_classes():
+        module = importlib.import_module(rms_norm_fusion.FUSABLE_RMS_NORMS[stock.__name__])
+        assert getattr(module, stock.__name__) is stock
+    stocks = _stock_classes()
+
+    def all_fused():
+        return all(
+            getattr(importlib.import_module(rms_norm_fusion.FUSABLE_RMS_NORMS[c.__name__]), c.__name__)
+            is rms_norm_fusion.fused_class(c)
+            for c in stocks
+        )
+
+    with rms_norm_fusion.fused_rms_norm_classes():
+        with rms_norm_fusion.fused_rms_norm_classes():  # a nested one changes nothing
+            assert all_fused()
+        assert all_fused()
+    assert _stock_classes() == stocks

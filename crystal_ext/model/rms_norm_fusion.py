@@ -83,9 +83,10 @@ def _stock_classes() -> list[type]:
     classes = []
     for name, module_name in FUSABLE_RMS_NORMS.items():
         try:
-            classes.append(getattr(importlib.import_module(module_name), name))
+            cls = getattr(importlib.import_module(module_name), name)
         except (ImportError, AttributeError):
             continue
+        classes.append(cls.__mro__[2] if issubclass(cls, _FusedRMSNormMixin) else cls)  # inside a build
     return classes
 
 
@@ -95,20 +96,33 @@ def fused_rms_norm_classes():
     models built here get fused norms. transformers.monkey_patching.apply_patches does this by
     name alone; this replaces only names bound to the fusable class itself (another module's
     class of the same name keeps its own forward)."""
-    replaced = []
-    for stock in _stock_classes():
-        fused = fused_class(stock)
-        for module in list(sys.modules.values()):
-            if getattr(module, "__name__", "").startswith("transformers") and (
-                getattr(module, stock.__name__, None) is stock
-            ):
-                setattr(module, stock.__name__, fused)
-                replaced.append((module, stock))
+    global _depth
+    stocks = _stock_classes()
+    if _depth == 0:
+        _rebind(stocks, to_fused=True)
+    _depth += 1
     try:
         yield
     finally:
-        for module, stock in replaced:
-            setattr(module, stock.__name__, stock)
+        _depth -= 1
+        if _depth == 0:
+            # Also a module imported inside (one that imported a fusable class by name) gets
+            # the stock class back.
+            _rebind(stocks, to_fused=False)
+
+
+_depth = 0  # how many fused_rms_norm_classes contexts are open (a nested one changes nothing)
+
+
+def _rebind(stocks: list[type], to_fused: bool) -> None:
+    for stock in stocks:
+        fused = fused_class(stock)
+        old, new = (stock, fused) if to_fused else (fused, stock)
+        for module in list(sys.modules.values()):
+            if getattr(module, "__name__", "").startswith("transformers") and (
+                getattr(module, stock.__name__, None) is old
+            ):
+                setattr(module, stock.__name__, new)
 
 
 def is_fused_rms_norm(module) -> bool:
