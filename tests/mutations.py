@@ -1209,6 +1209,18 @@ MUTATIONS = [
         ["tests/test_rms_norm.py"],
     ),
     Mutation(
+        "rms_norm_fusion_without_the_extension",
+        "models built without the compiled extension get fused norms, which then fail in the baseline's forward",
+        [
+            (
+                "crystal_ext/model/rms_norm_fusion.py",
+                "    if not extension_available():  # the baseline without the extension keeps the stock norms\n",
+                "    if False:\n",
+            )
+        ],
+        ["tests/test_rms_norm.py"],
+    ),
+    Mutation(
         "published_step_runs_the_fused_norms",
         "the published step's stock modules leave the fused RMSNorms in place",
         [

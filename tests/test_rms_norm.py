@@ -265,3 +265,15 @@ def test_outside_the_build_transformers_names_the_stock_classes():
             assert all_fused()
         assert all_fused()
     assert _stock_classes() == stocks
+
+
+def test_without_the_extension_models_keep_the_stock_norms(monkeypatch):
+    """The baseline trains without the compiled extension (--lm_head_losses reference
+    --no_crystal): its model must not hold norms that need the extension."""
+    from family_models import build
+
+    import crystal_ext.ops._extension as extension
+
+    monkeypatch.setattr(extension, "extension_available", lambda: False)
+    model, _, _ = build("qwen2_5_vl")
+    assert rms_norm_fusion.fused_rms_norms(model) == {}

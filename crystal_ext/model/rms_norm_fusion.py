@@ -12,6 +12,9 @@ a plain CPU tensor in bfloat16 or float32 with a weight of the same dtype; anyth
 float16, float64, a mixed-dtype weight, a DTensor) runs the stock forward. (The stock forward
 computes a float64 input in float32; the kernel would compute it in float64.)
 
+Without the compiled extension (a baseline run with the plain-PyTorch references) models are
+built with the stock norms.
+
 `check_fused_rms_norms` proves the fusion on the user's own model when it is built: each fused
 class's forward is compared with its stock forward on the model's own weights, and a difference
 beyond one rounding of the dtype refuses the model (a transformers release that changed the
@@ -97,6 +100,11 @@ def fused_rms_norm_classes():
     name alone; this replaces only names bound to the fusable class itself (another module's
     class of the same name keeps its own forward)."""
     global _depth
+    from crystal_ext.ops._extension import extension_available
+
+    if not extension_available():  # the baseline without the extension keeps the stock norms
+        yield
+        return
     stocks = _stock_classes()
     if _depth == 0:
         _rebind(stocks, to_fused=True)
