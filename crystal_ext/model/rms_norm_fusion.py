@@ -89,7 +89,7 @@ def _stock_classes() -> list[type]:
             cls = getattr(importlib.import_module(module_name), name)
         except (ImportError, AttributeError):
             continue
-        classes.append(cls.__mro__[2] if issubclass(cls, _FusedRMSNormMixin) else cls)  # inside a build
+        classes.append(_stock_of(cls) if issubclass(cls, _FusedRMSNormMixin) else cls)  # inside a build
     return classes
 
 
@@ -137,9 +137,13 @@ def is_fused_rms_norm(module) -> bool:
     return isinstance(module, _FusedRMSNormMixin)
 
 
+def _stock_of(fused: type) -> type:
+    return fused.__mro__[2]  # (Fused<class>, the mixin, <class>, ...)
+
+
 def stock_class_of(module) -> type:
     """The stock class a fused norm was made from."""
-    return type(module).__mro__[2]  # (Fused<class>, the mixin, <class>, ...)
+    return _stock_of(type(module))
 
 
 def fused_rms_norms(model) -> dict:

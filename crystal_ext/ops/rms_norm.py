@@ -68,9 +68,7 @@ if _extension.extension_available():
     def _backward(ctx, grad_y, _grad_rstd):
         x, weight, rstd = ctx.saved_tensors
         weight_grad = ctx.needs_input_grad[1]
-        grad_x, grad_weight = torch.ops.crystal_ext.rms_norm_bwd(
-            grad_y.contiguous(), x, weight, rstd, weight_grad
-        )
+        grad_x, grad_weight = torch.ops.crystal_ext.rms_norm_bwd(grad_y, x, weight, rstd, weight_grad)
         return grad_x, grad_weight if weight_grad else None, None
 
     torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
